@@ -1,0 +1,128 @@
+"""DSAP: denoising-steps-aware pruning schedules.
+
+A schedule is a list of stages over the denoising steps, as fractions of the step count; each stage
+gives a keep ratio per attention block (1.0 = unpruned) and becomes one static graph. Early steps lay
+out the image and prune less; later steps refine it and prune more.
+
+Block ratios are keyed by ``fnmatch`` patterns over diffusers module names
+(``down_blocks.1.attentions.*``); later patterns override earlier ones, and a pattern that matches no
+block is an error, so a typo never silently leaves a block unpruned.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import PlanError, SpecError, format_validation_error
+from .models import AttentionBlock
+from .pruning import PruneOptions, StagePlan
+
+Ratio = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class Stage(BaseModel):
+    """One DSAP stage: the steps up to ``until`` (a fraction of all steps), and its keep ratios."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    until: float = Field(gt=0.0, le=1.0)
+    keep: Ratio = 1.0
+    blocks: dict[str, Ratio] = Field(default_factory=dict)
+
+    def ratios(self, blocks: list[AttentionBlock]) -> dict[str, float]:
+        """Keep ratio of every attention block of the model in this stage."""
+        ratios = {b.name: self.keep for b in blocks}
+        for pattern, ratio in self.blocks.items():
+            matched = fnmatch.filter(ratios, pattern)
+            if not matched:
+                raise PlanError(
+                    f"stage '{self.name}': block '{pattern}' matches no attention block; "
+                    f"the model has: {', '.join(ratios)}"
+                )
+            ratios.update(dict.fromkeys(matched, ratio))
+        return ratios
+
+
+class Schedule(BaseModel):
+    """Stages in step order; the last one ends at 1.0, so every step belongs to exactly one stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "custom"
+    description: str = ""
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Schedule:
+        ends = [s.until for s in self.stages]
+        if any(b <= a for a, b in zip(ends, ends[1:])):
+            raise ValueError(f"stage 'until' fractions must increase, got {ends}")
+        if ends[-1] != 1.0:
+            raise ValueError(f"the last stage must end at until: 1.0, got {ends[-1]}")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return self
+
+    def step_ranges(self, num_steps: int) -> list[range]:
+        """The steps of each stage for a run of ``num_steps``: consecutive, disjoint, covering all steps.
+
+        Stage j ends at step ``round(until_j × num_steps)`` (halves round up); a stage may be empty
+        when the run is too short for it.
+        """
+        if num_steps < 1:
+            raise PlanError(f"number of steps must be >= 1, got {num_steps}")
+        bounds = [0] + [min(num_steps, math.floor(s.until * num_steps + 0.5 + 1e-9)) for s in self.stages]
+        bounds[-1] = num_steps
+        return [range(a, max(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+    def stage_index(self, step: int, num_steps: int) -> int:
+        """Index of the stage that runs denoising step ``step`` (0-based) of ``num_steps``."""
+        if not 0 <= step < num_steps:
+            raise PlanError(f"step {step} is outside a run of {num_steps} steps")
+        return next(i for i, r in enumerate(self.step_ranges(num_steps)) if step in r)
+
+
+def keep_count(ratio: float, tokens: int) -> int:
+    """Static keep count of a block: ``round(ratio × N)``, at least one token."""
+    return max(1, min(tokens, round(ratio * tokens)))
+
+
+def stage_plan(stage: Stage, blocks: list[AttentionBlock], options: PruneOptions = PruneOptions()) -> StagePlan:
+    """The static plan of one stage: blocks whose keep count is below their token count are pruned."""
+    ratios = stage.ratios(blocks)
+    keep = {b.name: keep_count(ratios[b.name], b.tokens) for b in blocks}
+    return StagePlan({b.name: keep[b.name] for b in blocks if keep[b.name] < b.tokens}, options)
+
+
+def presets_dir() -> Path:
+    return Path(str(resources.files("atedm_export") / "graphs" / "schedules"))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+@cache
+def load_preset(name: str) -> Schedule:
+    """A built-in schedule (``paper``, ``uniform-63``, ``dagger``, ``none``) from ``graphs/schedules``."""
+    path = presets_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise SpecError(f"unknown schedule '{name}'; expected one of: {', '.join(preset_names())}")
+    return parse_schedule(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def parse_schedule(data: object, source: str = "schedule") -> Schedule:
+    try:
+        return Schedule.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, source)) from None

@@ -1,0 +1,38 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad spec, a missing checkpoint, a block name that does not exist)
+raises an :class:`AtedmError` whose message is one line naming what is wrong and what was expected.
+The CLI prints that line and exits non-zero; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+class AtedmError(Exception):
+    """A user error: the message is the whole story, no traceback needed."""
+
+
+class SpecError(AtedmError):
+    """A graph spec or schedule that does not validate."""
+
+
+class ModelError(AtedmError):
+    """A UNet that cannot be loaded, or that AT-EDM cannot be applied to."""
+
+
+class PlanError(AtedmError):
+    """A pruning plan that does not fit the model it is applied to."""
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """pydantic's first error as one line: where, what is wrong, what was given."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{where}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    given = err.get("input")
+    shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
+    return f"{source}: {where}: {msg}{shown}"

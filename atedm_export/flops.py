@@ -1,0 +1,101 @@
+"""FLOPs per DSAP stage, counted on the real (patched) module rather than from a formula.
+
+The UNet is built on the ``meta`` device, so the full SDXL costs no memory and no compute; torch's
+``FlopCounterMode`` records every matmul, convolution and attention the patched forward dispatches.
+Figures are per image (one batch item) and per denoising step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from .dsap import stage_plan
+from .models import AttentionBlock, attention_blocks, build_unet, example_inputs, unet_config, unet_inputs
+from .pruning import StagePlan, apply_atedm, remove_atedm
+from .spec import GraphSpec
+
+
+def count_flops(unet: UNet2DConditionModel, height: int, width: int, text_length: int, plan: StagePlan | None) -> int:
+    """FLOPs of one UNet call for one image on a ``meta`` UNet, with ``plan`` applied (None = stock)."""
+    shapes = unet_inputs(dict(unet.config), 1, height, width, text_length)
+    inputs = example_inputs(shapes, device="meta")
+    apply_atedm(unet, plan) if plan is not None else remove_atedm(unet)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            unet(**inputs)
+    finally:
+        remove_atedm(unet)
+    return counter.get_total_flops()
+
+
+@dataclass(frozen=True)
+class StageFlops:
+    name: str
+    steps: tuple[int, int]  # [first, stop) step indices for the spec's step count
+    num_steps: int
+    keep: dict[str, int]
+    tflops: float
+    saving: float
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    spec: str
+    model: str
+    schedule: str
+    height: int
+    width: int
+    steps: int
+    tokens: dict[str, int]
+    baseline_tflops: float
+    stages: list[StageFlops] = field(default_factory=list)
+
+    @property
+    def schedule_tflops(self) -> float:
+        """Average TFLOPs per image-step over the whole run (stages weighted by their step counts)."""
+        return sum(s.tflops * s.num_steps for s in self.stages) / self.steps
+
+    @property
+    def schedule_saving(self) -> float:
+        return 1.0 - self.schedule_tflops / self.baseline_tflops
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["stages"] = [{**asdict(s), "steps": list(s.steps)} for s in self.stages]
+        data["schedule_tflops"] = self.schedule_tflops
+        data["schedule_saving"] = self.schedule_saving
+        return data
+
+
+def spec_blocks(spec: GraphSpec, unet: UNet2DConditionModel) -> list[AttentionBlock]:
+    return attention_blocks(unet, spec.height, spec.width)
+
+
+def flops_report(spec: GraphSpec) -> FlopsReport:
+    """Baseline and per-stage FLOPs of a spec at its resolution and step count."""
+    unet = build_unet(unet_config(spec.model), device="meta")
+    blocks = spec_blocks(spec, unet)
+    options = spec.pruning.options()
+    baseline = count_flops(unet, spec.height, spec.width, spec.text_length, None) / 1e12
+    ranges = spec.dsap.step_ranges(spec.steps)
+    stages = []
+    for stage, steps in zip(spec.dsap.stages, ranges):
+        plan = stage_plan(stage, blocks, options)
+        tflops = count_flops(unet, spec.height, spec.width, spec.text_length, plan) / 1e12
+        keep = {b.name: plan.keep.get(b.name, b.tokens) for b in blocks}
+        stages.append(StageFlops(stage.name, (steps.start, steps.stop), len(steps), keep, tflops, 1 - tflops / baseline))
+    return FlopsReport(
+        spec=spec.name,
+        model=spec.model,
+        schedule=spec.dsap.name,
+        height=spec.height,
+        width=spec.width,
+        steps=spec.steps,
+        tokens={b.name: b.tokens for b in blocks},
+        baseline_tflops=baseline,
+        stages=stages,
+    )

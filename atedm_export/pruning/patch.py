@@ -1,0 +1,184 @@
+"""Apply AT-EDM to a diffusers UNet for one stage plan, and remove it again (tomesd-style).
+
+Each pruned ``Transformer2DModel`` has its class swapped for a subclass whose ``forward`` runs
+
+1. the first transformer layer on all N tokens, its self-attention also yielding the attention map;
+2. G-WPR over that map and rank-based top-k: ``k`` static kept tokens per batch item;
+3. the remaining layers on the ``[B, k, C]`` kept tokens (cross-attention and feed-forward included);
+4. ``proj_out`` on the k tokens and recovery to ``[B, N, C]`` by similarity copy (or skip);
+5. the block's residual, as the stock block does.
+
+The keep count is a Python int, so every shape in the pruned path is static and the module exports
+to a fixed graph. Weights are never touched: removing the patch restores the stock module exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from ..errors import PlanError
+from .attention import attention_with_map, check_supported
+from .gwpr import HeadReduce, combine_heads, cross_gwpr_scores, gwpr_scores
+from .recover import Recovery, copy_recover, recovery_sources, skip_recover
+from .select import gather_tokens, keep_indices
+
+PrunePoint = Literal["layer", "attn1"]
+Importance = Literal["self", "cross"]
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """The choices the paper leaves open, each with the default AT-EDM uses.
+
+    ``prune_point``: prune after the first layer's feed-forward (``layer``, the paper's order) or right
+    after its self-attention (``attn1``). ``importance``: rank with the self-attention map (``self``,
+    the paper's choice) or the cross-attention map to the text (``cross``, needs ``prune_point=layer``
+    because the cross-attention runs after ``attn1``).
+    """
+
+    iterations: int = 5
+    heads: HeadReduce = "mean"
+    damping: float = 1.0
+    importance: Importance = "self"
+    prune_point: PrunePoint = "layer"
+    recovery: Recovery = "copy"
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise PlanError(f"G-WPR iterations must be >= 1, got {self.iterations}")
+        if not 0.0 < self.damping <= 1.0:
+            raise PlanError(f"G-WPR damping must be in (0, 1], got {self.damping}")
+        if self.importance == "cross" and self.prune_point != "layer":
+            raise PlanError("importance 'cross' needs prune_point 'layer' (cross-attention runs after attn1)")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What one static graph prunes: the keep count of each pruned block (blocks not named run stock)."""
+
+    keep: Mapping[str, int] = field(default_factory=dict)
+    options: PruneOptions = PruneOptions()
+
+
+_ATTR = "_atedm"
+_PATCHED: dict[type, type] = {}
+
+
+@dataclass(frozen=True)
+class _BlockState:
+    keep: int
+    options: PruneOptions
+    base: type
+
+
+def _patched_class(base: type) -> type:
+    """One subclass per stock class, created once, so isinstance checks in diffusers still hold."""
+    if base not in _PATCHED:
+        _PATCHED[base] = type(f"ATEDM{base.__name__}", (base,), {"forward": _atedm_forward})
+    return _PATCHED[base]
+
+
+def transformer_blocks(unet: torch.nn.Module) -> dict[str, Transformer2DModel]:
+    return {n: m for n, m in unet.named_modules() if isinstance(m, Transformer2DModel)}
+
+
+def apply_atedm(unet: UNet2DConditionModel, plan: StagePlan) -> UNet2DConditionModel:
+    """Prune the blocks the plan names; blocks it does not name run stock. Applying again replaces the plan."""
+    blocks = transformer_blocks(unet)
+    unknown = sorted(set(plan.keep) - set(blocks))
+    if unknown:
+        raise PlanError(f"unknown attention block {unknown[0]!r}; the UNet has: {', '.join(blocks)}")
+    for name, keep in plan.keep.items():
+        if not isinstance(keep, int) or keep < 1:
+            raise PlanError(f"keep count for {name} must be a positive integer, got {keep!r}")
+        check_supported(name, blocks[name])
+    remove_atedm(unet)
+    for name, keep in plan.keep.items():
+        block = blocks[name]
+        setattr(block, _ATTR, _BlockState(keep, plan.options, type(block)))
+        block.__class__ = _patched_class(type(block))
+    return unet
+
+
+def remove_atedm(unet: torch.nn.Module) -> torch.nn.Module:
+    """Restore every patched block to its stock class; a no-op on an unpatched UNet."""
+    for block in transformer_blocks(unet).values():
+        state: _BlockState | None = getattr(block, _ATTR, None)
+        if state is not None:
+            block.__class__ = state.base
+            delattr(block, _ATTR)
+    return unet
+
+
+def patched_blocks(unet: torch.nn.Module) -> dict[str, int]:
+    """Keep count of each currently patched block."""
+    return {n: getattr(m, _ATTR).keep for n, m in transformer_blocks(unet).items() if hasattr(m, _ATTR)}
+
+
+def _cross_and_ff(layer: torch.nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The second half of a layer-norm ``BasicTransformerBlock``: cross-attention, then feed-forward."""
+    x = layer.attn2(layer.norm2(x), encoder_hidden_states=context) + x
+    return layer.ff(layer.norm3(x)) + x
+
+
+def _atedm_forward(
+    self: Transformer2DModel,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    timestep: torch.Tensor | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    class_labels: torch.Tensor | None = None,
+    cross_attention_kwargs: dict[str, Any] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+    return_dict: bool = True,
+) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+    state: _BlockState = getattr(self, _ATTR)
+    opts = state.options
+    if attention_mask is not None or encoder_attention_mask is not None:
+        raise PlanError("AT-EDM blocks do not take attention masks (SDXL pipelines pass none)")
+    batch, _, height, width = hidden_states.shape
+    if state.keep > height * width:
+        raise PlanError(f"keep count {state.keep} exceeds the block's {height * width} tokens")
+    residual = hidden_states
+    tokens, inner_dim = self._operate_on_continuous_inputs(hidden_states)
+    first, rest = self.transformer_blocks[0], self.transformer_blocks[1:]
+
+    attn_out, self_probs = attention_with_map(first.attn1, first.norm1(tokens))
+    tokens = attn_out + tokens
+    self_map = combine_heads(self_probs, opts.heads)
+    if opts.prune_point == "layer":
+        if opts.importance == "cross":
+            normed = first.norm2(tokens)
+            cross_out, cross_probs = attention_with_map(first.attn2, normed, encoder_hidden_states)
+            tokens = cross_out + tokens
+            tokens = first.ff(first.norm3(tokens)) + tokens
+            scores = cross_gwpr_scores(combine_heads(cross_probs, opts.heads), opts.iterations)
+        else:
+            tokens = _cross_and_ff(first, tokens, encoder_hidden_states)
+            scores = gwpr_scores(self_map, opts.iterations, opts.damping)
+    else:
+        scores = gwpr_scores(self_map, opts.iterations, opts.damping)
+
+    kept = keep_indices(scores, state.keep)
+    x = gather_tokens(tokens, kept)
+    if opts.prune_point == "attn1":
+        x = _cross_and_ff(first, x, encoder_hidden_states)
+    for layer in rest:
+        x = layer(x, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs)
+
+    if opts.recovery == "copy" and self.use_linear_projection:
+        # proj_out is per token: run it on the k kept tokens, then copy into the N positions.
+        out = copy_recover(self.proj_out(x), recovery_sources(self_map, kept))
+        out = out.reshape(batch, height, width, inner_dim).permute(0, 3, 1, 2).contiguous() + residual
+    else:
+        full = copy_recover(x, recovery_sources(self_map, kept)) if opts.recovery == "copy" else skip_recover(tokens, x, kept)
+        out = self._get_output_for_continuous_inputs(full, residual, batch, height, width, inner_dim)
+    return Transformer2DModelOutput(sample=out) if return_dict else (out,)

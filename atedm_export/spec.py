@@ -1,0 +1,122 @@
+"""Graph specs: one YAML file says which UNet, at which static shapes, pruned on which schedule.
+
+A spec is validated in full before any work starts. Errors name the field, the bad value and what is
+allowed, in one line: ``tiny.yaml: height: must be a multiple of 8 (got 250)``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .dsap import Schedule, load_preset, parse_schedule
+from .errors import SpecError, format_validation_error
+from .pruning import PruneOptions
+
+Precision = Literal["fp32", "fp16", "bf16"]
+TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class PruningSpec(BaseModel):
+    """The method's open choices (see ``PruneOptions``), defaults as in the paper."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    iterations: int = Field(5, ge=1, le=100, description="G-WPR power iterations (unrolled in the graph)")
+    heads: Literal["mean", "max"] = "mean"
+    damping: float = Field(1.0, gt=0.0, le=1.0)
+    importance: Literal["self", "cross"] = "self"
+    prune_point: Literal["layer", "attn1"] = "layer"
+    recovery: Literal["copy", "skip"] = "copy"
+
+    def options(self) -> PruneOptions:
+        return PruneOptions(**self.model_dump())
+
+
+class GraphSpec(BaseModel):
+    """Everything a build needs: model source, static shapes, precision, steps and DSAP schedule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    model: str = Field(min_length=1, description="built-in name, local folder, .safetensors file or hub id")
+    seed: int = Field(0, ge=0, description="weights seed for built-in models")
+    height: int = Field(1024, ge=64, le=4096)
+    width: int = Field(1024, ge=64, le=4096)
+    batch: int = Field(2, ge=1, le=64, description="2 for classifier-free guidance")
+    text_length: int = Field(77, ge=1, le=1024)
+    precision: Precision = "fp16"
+    steps: int = Field(50, ge=1, le=1000)
+    schedule: str | Schedule = "paper"
+    pruning: PruningSpec = PruningSpec()
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+        return value
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _known_schedule(cls, value: object) -> object:
+        # SpecError is no ValueError, so it leaves pydantic as it is: one line about the schedule itself
+        # rather than pydantic's report on both arms of the union.
+        if isinstance(value, str):
+            load_preset(value)
+            return value
+        return value if isinstance(value, Schedule) else parse_schedule(value, source="schedule")
+
+    @property
+    def dsap(self) -> Schedule:
+        return load_preset(self.schedule) if isinstance(self.schedule, str) else self.schedule
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.precision]
+
+    def with_schedule(self, schedule: str | None) -> GraphSpec:
+        """The same spec on another schedule (a preset name), as ``--schedule`` asks."""
+        if schedule is None:
+            return self
+        load_preset(schedule)
+        return self.model_copy(update={"schedule": schedule})
+
+
+def builtin_specs_dir() -> Path:
+    return Path(str(resources.files("atedm_export") / "graphs"))
+
+
+def builtin_spec_names() -> list[str]:
+    return sorted(p.stem for p in builtin_specs_dir().glob("*.yaml"))
+
+
+def load_spec(source: str | Path) -> GraphSpec:
+    """A spec from a YAML path, or a built-in spec by name (``tiny-sdxl``, ``sdxl-base-1024``)."""
+    path = Path(source)
+    if not path.is_file() and (builtin_specs_dir() / f"{source}.yaml").is_file():
+        path = builtin_specs_dir() / f"{source}.yaml"
+    if not path.is_file():
+        raise SpecError(f"spec '{source}' not found; expected a YAML file or one of: {', '.join(builtin_spec_names())}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of spec fields, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    return parse_spec(data, str(path))
+
+
+def parse_spec(data: dict, source: str = "spec") -> GraphSpec:
+    try:
+        return GraphSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, source)) from None
+    except SpecError as exc:
+        raise SpecError(f"{source}: {exc}") from None

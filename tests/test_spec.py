@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from atedm_export.errors import SpecError
+from atedm_export.spec import builtin_spec_names, load_spec
+
+GOOD = {"name": "t", "model": "tiny-sdxl", "height": 256, "width": 256, "precision": "fp32", "steps": 20}
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_builtin_specs_load():
+    assert {"tiny-sdxl", "sdxl-base-1024"} <= set(builtin_spec_names())
+    tiny = load_spec("tiny-sdxl")
+    assert (tiny.height, tiny.batch, tiny.text_length, tiny.dsap.name) == (256, 2, 77, "paper")
+    base = load_spec("graphs/sdxl-base-1024.yaml")
+    assert (base.height, base.precision, base.steps) == (1024, "fp16", 50)
+
+
+def test_inline_schedule_and_options(tmp_path):
+    data = {**GOOD, "schedule": {"stages": [{"name": "only", "until": 1.0, "keep": 0.5}]}, "pruning": {"iterations": 3}}
+    spec = load_spec(_write(tmp_path, data))
+    assert spec.dsap.stages[0].keep == 0.5
+    assert spec.pruning.options().iterations == 3
+    assert spec.with_schedule("none").dsap.name == "none"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"height": 250}, "height: must be a multiple of 8 .* \\(got 250\\)"),
+        ({"width": 1001}, "width: must be a multiple of 8"),
+        ({"precision": "fp8"}, "precision: Input should be 'fp32', 'fp16' or 'bf16' \\(got 'fp8'\\)"),
+        ({"colour": "red"}, "unknown key 'colour'"),
+        ({"pruning": {"iteratons": 5}}, "unknown key 'pruning.iteratons'"),
+        ({"schedule": "fast"}, "unknown schedule 'fast'"),
+        ({"schedule": {"stages": [{"name": "a", "until": 1.0, "keep": 1.2}]}}, "schedule.*keep"),
+        ({"batch": 0}, "batch: Input should be greater than or equal to 1"),
+        ({"pruning": {"recovery": "nearest"}}, "pruning.recovery: Input should be 'copy' or 'skip'"),
+    ],
+)
+def test_bad_specs_fail_with_one_line_naming_the_field(tmp_path, change, message):
+    with pytest.raises(SpecError, match=message) as info:
+        load_spec(_write(tmp_path, {**GOOD, **change}))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(SpecError, match="not found; expected a YAML file or one of: .*tiny-sdxl"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("height: [1, 2\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_spec(bad)
