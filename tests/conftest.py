@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -37,3 +39,30 @@ def tiny_inputs(tiny_unet):
 def run(unet, inputs) -> torch.Tensor:
     with torch.no_grad():
         return unet(**inputs).sample
+
+
+HAS_RTX = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
+needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="TensorRT-RTX (tensorrt-rtx-cu13-bindings) not installed")
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny spec built once per session: ONNX graphs and, where TensorRT-RTX is installed, sm89 engines."""
+    from atedm_export.build import BuildRequest, build
+    from atedm_export.spec import load_spec
+
+    out = tmp_path_factory.mktemp("builds") / "tiny"
+    backend = "tensorrt-rtx" if HAS_RTX else "onnx"
+    build(BuildRequest(load_spec("tiny-sdxl"), out, backend=backend, targets=("sm89",) if HAS_RTX else ()))
+    return out
+
+
+def small_spec(tmp_path, **changes) -> str:
+    """A one-stage tiny spec (uniform-63): two graphs to export instead of three."""
+    import yaml
+
+    data = {"name": "small", "model": "tiny-sdxl", "height": 256, "width": 256, "precision": "fp32",
+            "steps": 10, "schedule": "uniform-63", **changes}
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)

@@ -1,0 +1,207 @@
+"""``atedm-export build``: spec → model → stage plans → ONNX per stage → engines → manifest.
+
+Everything is written into a hidden sibling folder and renamed into place only when the whole build
+succeeded, so an error, a full disk or Ctrl-C never leaves a half build where a runtime could load it.
+One UNet is loaded once; each stage is applied, exported and removed in turn, so the full SDXL never
+exists twice in memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compile import BuildOptions, EngineLibrary, EngineUnavailable, load_library
+from .dsap import stage_plan
+from .errors import AtedmError
+from .export import check_onnx, export_onnx, io_specs
+from .flops import count_flops, graph_flops
+from .manifest import EngineInfo, FileEntry, GraphEntry, Manifest, TensorEntry, file_entry, tool_versions
+from .models import attention_blocks, build_unet, load_unet, unet_inputs
+from .pruning import StagePlan
+from .spec import GraphSpec
+
+ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")
+Progress = Callable[[str, str, float | None], None]  # (graph, what happened, seconds)
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    spec: GraphSpec
+    out: Path
+    backend: str = "auto"  # auto | tensorrt | tensorrt-rtx | onnx
+    targets: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ()  # empty = every stage of the schedule
+    force: bool = False
+    optimization_level: int = 3
+    workspace_gib: float | None = None
+    timing_cache: Path | None = None
+
+
+def _silent(graph: str, event: str, seconds: float | None) -> None:
+    del graph, event, seconds
+
+
+def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineInfo]:
+    """The engine library to build with, or None and the reason engines are skipped."""
+    backend = request.backend
+    if backend not in ("auto", "onnx", *ENGINE_BACKENDS):
+        raise AtedmError(f"unknown backend '{backend}'; expected one of: auto, onnx, {', '.join(ENGINE_BACKENDS)}")
+    if backend == "onnx":
+        return None, EngineInfo(backend="onnx", skipped="--backend onnx: ONNX graphs only")
+    candidates = ENGINE_BACKENDS if backend == "auto" else (backend,)
+    reasons = []
+    for name in candidates:
+        try:
+            library = load_library(name)
+            library.check_targets(request.targets)
+        except EngineUnavailable as exc:
+            reasons.append(str(exc))
+            continue
+        info = EngineInfo(backend=name, library=library.trt.__name__, version=library.version,
+                          targets=list(request.targets), optimization_level=request.optimization_level)
+        return library, info
+    return None, EngineInfo(backend="onnx", skipped="; ".join(reasons))
+
+
+def _check_destination(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise AtedmError(f"output folder {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise AtedmError(f"output path {out} exists and is not a folder")
+    parent = out.parent
+    if not parent.is_dir():
+        raise AtedmError(f"cannot create {out}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AtedmError(f"cannot write to {parent}: permission denied")
+
+
+def _select_stages(request: BuildRequest) -> list[int]:
+    names = [s.name for s in request.spec.dsap.stages]
+    unknown = [s for s in request.stages if s not in names]
+    if unknown:
+        raise AtedmError(f"unknown stage '{unknown[0]}'; the schedule has: {', '.join(names)}")
+    return [i for i, n in enumerate(names) if not request.stages or n in request.stages]
+
+
+def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
+    """Run the whole build; returns the manifest of the folder now at ``request.out``."""
+    spec, out = request.spec, request.out.resolve()
+    _check_destination(out, request.force)
+    selected = _select_stages(request)
+    library, engine_info = resolve_engine(request)
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        manifest = _build_into(work, request, selected, library, engine_info, progress)
+        _move_into_place(work, out)
+        return manifest
+    except OSError as exc:
+        raise AtedmError(f"build failed: {exc.strerror or exc} ({exc.filename or work})") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _move_into_place(work: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    work.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_into(
+    work: Path,
+    request: BuildRequest,
+    selected: list[int],
+    library: EngineLibrary | None,
+    engine_info: EngineInfo,
+    progress: Progress,
+) -> Manifest:
+    spec = request.spec
+    start = time.perf_counter()
+    tick = time.perf_counter()
+    unet = load_unet(spec.model, dtype=spec.dtype, seed=spec.seed)
+    progress("model", f"loaded {spec.model} ({spec.precision})", time.perf_counter() - tick)
+    meta = build_unet(dict(unet.config), device="meta")
+    blocks = attention_blocks(unet, spec.height, spec.width)
+    shapes = unet_inputs(dict(unet.config), spec.batch, spec.height, spec.width, spec.text_length)
+    inputs, outputs = io_specs(shapes, spec.dtype)
+    options = BuildOptions(request.targets, request.optimization_level, request.workspace_gib, request.timing_cache)
+    tokens = {b.name: b.tokens for b in blocks}
+    ranges = spec.dsap.step_ranges(spec.steps)
+
+    def make(name: str, plan: StagePlan | None, until: float | None, steps: range) -> GraphEntry:
+        folder = work / name
+        folder.mkdir()
+        tick = time.perf_counter()
+        files = export_onnx(unet, plan, shapes, spec.dtype, folder / "unet.onnx")
+        gc.collect()
+        export_seconds = time.perf_counter() - tick
+        progress(name, "exported", export_seconds)
+        tick = time.perf_counter()
+        check_onnx(files[0])
+        graph = graph_flops(str(files[0]), spec.batch) / 1e12
+        module = count_flops(meta, spec.height, spec.width, spec.text_length, plan) / 1e12
+        progress(name, f"checked: {graph * 1e3:.3f} GFLOPs/image-step in the graph", time.perf_counter() - tick)
+        engine, compile_seconds = None, None
+        if library is not None:
+            target = "-".join(request.targets) or "local"
+            engine_path = folder / f"unet.{library.backend}.{target}.plan"
+            progress(name, f"compiling with {library.backend} {library.version} for {target}", None)
+            compile_seconds = library.build(files[0], engine_path, options)
+            engine = file_entry(work, engine_path)
+            progress(name, f"engine {engine.bytes / 2**20:.1f} MiB", compile_seconds)
+        keep = {b: (plan.keep.get(b, n) if plan else n) for b, n in tokens.items()}
+        return GraphEntry(
+            name=name, until=until, steps=[steps.start, steps.stop], keep=keep,
+            onnx=[file_entry(work, f) for f in files], engine=engine, graph_tflops=graph, module_tflops=module,
+            export_seconds=export_seconds, compile_seconds=compile_seconds,
+        )
+
+    baseline = make("baseline", None, None, range(0, spec.steps))
+    stages = []
+    for index in selected:
+        stage = spec.dsap.stages[index]
+        plan = stage_plan(stage, blocks, spec.pruning.options())
+        if not plan.keep:
+            progress(stage.name, "prunes nothing: reuses the baseline graph", None)
+            steps = ranges[index]
+            stages.append(baseline.model_copy(update={
+                "name": stage.name, "until": stage.until, "steps": [steps.start, steps.stop], "same_as": "baseline",
+            }))
+            continue
+        stages.append(make(stage.name, plan, stage.until, ranges[index]))
+    del unet
+    gc.collect()
+
+    spec_data = spec.model_dump(mode="json")
+    spec_data["schedule"] = spec.dsap.model_dump(mode="json")
+    manifest = Manifest(
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        spec=spec_data,
+        unet_config={k: v for k, v in dict(meta.config).items() if not k.startswith("_")},
+        tokens=tokens,
+        inputs=[TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in inputs],
+        outputs=[TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in outputs],
+        baseline=baseline,
+        stages=stages,
+        complete=len(selected) == len(spec.dsap.stages),
+        engine=engine_info,
+        versions=tool_versions(),
+        build_seconds=time.perf_counter() - start,
+    )
+    manifest.save(work)
+    return manifest
+
+
+__all__ = ["BuildRequest", "FileEntry", "build", "resolve_engine"]

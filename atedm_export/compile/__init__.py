@@ -1,0 +1,19 @@
+"""ONNX → serialized engine, through one small seam over two libraries with the same API.
+
+``tensorrt`` (datacenter GPUs) builds for the GPU it runs on. ``tensorrt-rtx`` (``tensorrt_rtx_bindings``)
+builds ahead of time, on any machine including a CPU-only one, for explicit compute capabilities.
+Both build strongly typed networks: precision was decided at export, in the graph's tensor types.
+"""
+
+from __future__ import annotations
+
+from .library import (
+    BACKENDS,
+    BuildOptions,
+    EngineLibrary,
+    EngineUnavailable,
+    available_backends,
+    load_library,
+)
+
+__all__ = ["BACKENDS", "BuildOptions", "EngineLibrary", "EngineUnavailable", "available_backends", "load_library"]

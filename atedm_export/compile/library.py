@@ -1,0 +1,183 @@
+"""The seam: pick an engine library by name, build an engine from an ONNX file with it."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..errors import AtedmError
+
+#: backend name → (python module, pip extra that installs it)
+BACKENDS: dict[str, tuple[str, str]] = {
+    "tensorrt": ("tensorrt", "atedm-export[tensorrt]"),
+    "tensorrt-rtx": ("tensorrt_rtx_bindings", "atedm-export[rtx]"),
+}
+
+
+class EngineUnavailable(AtedmError):
+    """The engine library is not installed, or cannot build here (no GPU for datacenter TensorRT)."""
+
+
+class EngineBuildError(AtedmError):
+    """The ONNX parser or the builder refused a graph; the message names the node or the builder's error."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    targets: tuple[str, ...] = ()  # compute capabilities, e.g. ("sm89",); empty = the GPU present
+    optimization_level: int = 3
+    workspace_gib: float | None = None
+    timing_cache: Path | None = None  # tensorrt only; TensorRT-RTX has none
+
+
+class _Logger:
+    """Collects the builder's errors so a failed build can say why in its one-line message."""
+
+    def __init__(self, trt: ModuleType) -> None:
+        outer = self
+
+        class Logger(trt.ILogger):  # type: ignore[misc, name-defined]
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+
+            def log(self, severity: Any, msg: str) -> None:
+                if severity <= trt.ILogger.Severity.ERROR and "cudaError 35" not in msg:
+                    outer.errors.append(msg.strip())
+
+        self.errors: list[str] = []
+        self.logger = Logger()
+
+
+class EngineLibrary:
+    """TensorRT or TensorRT-RTX behind the same four calls: name, version, targets, build."""
+
+    def __init__(self, backend: str, module: ModuleType) -> None:
+        self.backend = backend
+        self.trt = module
+
+    @property
+    def is_rtx(self) -> bool:
+        return self.backend == "tensorrt-rtx"
+
+    @property
+    def version(self) -> str:
+        return str(self.trt.__version__)
+
+    def targets(self) -> list[str]:
+        """Compute capabilities this library can build for ahead of time (empty: only the local GPU)."""
+        if not self.is_rtx:
+            return []
+        names = [n for n in dir(self.trt.ComputeCapability) if re.fullmatch(r"SM\d+", n)]
+        return sorted((n.lower() for n in names), key=lambda n: int(n[2:]))
+
+    def check_targets(self, targets: tuple[str, ...]) -> None:
+        if self.is_rtx:
+            if not targets and not _has_cuda_gpu():
+                raise EngineUnavailable(
+                    f"tensorrt-rtx on a machine without a GPU needs --target; one of: {', '.join(self.targets())}"
+                )
+            for target in targets:
+                if target not in self.targets():
+                    raise AtedmError(f"unknown target '{target}' for tensorrt-rtx; expected one of: {', '.join(self.targets())}")
+            return
+        if not _has_cuda_gpu():
+            raise EngineUnavailable("tensorrt builds for the GPU it runs on, and this machine has no CUDA GPU")
+        local = _local_target()
+        for target in targets:
+            if target != local:
+                raise AtedmError(f"target '{target}' is not this machine's GPU ({local}); tensorrt builds only for the GPU present")
+
+    def build(self, onnx_path: Path, engine_path: Path, options: BuildOptions) -> float:
+        """Parse ``onnx_path``, build a strongly typed engine, write it to ``engine_path``; returns seconds."""
+        trt = self.trt
+        start = time.perf_counter()
+        log = _Logger(trt)
+        builder = trt.Builder(log.logger)
+        flags = 0 if self.is_rtx else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, log.logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            raise EngineBuildError(f"{onnx_path.name}: ONNX parser: {_parser_error(parser)}")
+        config = builder.create_builder_config()
+        config.builder_optimization_level = options.optimization_level
+        if options.workspace_gib is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
+        if self.is_rtx:
+            self._set_targets(config, options.targets)
+        cache = self._load_timing_cache(config, options.timing_cache)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            reason = log.errors[-1] if log.errors else "no reason given"
+            raise EngineBuildError(f"{onnx_path.name}: engine build failed: {reason}")
+        engine_path.write_bytes(memoryview(serialized))
+        if cache is not None and options.timing_cache is not None:
+            options.timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+        return time.perf_counter() - start
+
+    def _set_targets(self, config: Any, targets: tuple[str, ...]) -> None:
+        trt = self.trt
+        chosen = [getattr(trt.ComputeCapability, t.upper()) for t in targets] or [trt.ComputeCapability.CURRENT]
+        config.num_compute_capabilities = len(chosen)  # must come before set_compute_capability
+        for index, capability in enumerate(chosen):
+            if not config.set_compute_capability(capability, index):
+                raise EngineBuildError(f"tensorrt-rtx refused compute capability {capability}")
+
+    def _load_timing_cache(self, config: Any, path: Path | None) -> Any:
+        """TensorRT reuses kernel timings across builds; TensorRT-RTX compiles kernels on the GPU instead."""
+        if self.is_rtx or path is None:
+            return None
+        cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        return cache
+
+
+def _parser_error(parser: Any) -> str:
+    """The first parser error, with node name and op where the parser knows them."""
+    errors = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        where = f"node '{err.node_name()}' ({err.node_operator()})" if err.node() >= 0 else f"in {err.func()}"
+        errors.append(f"{where}: {err.desc()}")
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return (errors[0] if errors else "unknown error") + more
+
+
+def _has_cuda_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _local_target() -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm{major}{minor}"
+
+
+def available_backends() -> list[str]:
+    """Engine backends whose library imports here."""
+    found = []
+    for backend, (module, _) in BACKENDS.items():
+        try:
+            importlib.import_module(module)
+            found.append(backend)
+        except ImportError:
+            continue
+    return found
+
+
+def load_library(backend: str) -> EngineLibrary:
+    """The engine library for ``tensorrt`` or ``tensorrt-rtx``; a clear error when it is not installed."""
+    if backend not in BACKENDS:
+        raise AtedmError(f"unknown engine backend '{backend}'; expected one of: {', '.join(BACKENDS)}")
+    module, extra = BACKENDS[backend]
+    try:
+        return EngineLibrary(backend, importlib.import_module(module))
+    except ImportError as exc:
+        raise EngineUnavailable(f"{backend} is not installed ({exc.msg}); install it with: pip install '{extra}'") from None

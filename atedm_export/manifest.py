@@ -1,0 +1,158 @@
+"""``BUILD/manifest.json``: what a build holds, enough for the runtime, verify, inspect, bench and deploy.
+
+The manifest records the resolved spec (schedule inline), the UNet config, every graph's static I/O,
+keep counts, counted FLOPs, files with sha256, the engine library, its version and target, and tool
+versions. Loading checks the format version first and every checksum, so a flipped byte or a manifest
+from another format fails with one clear line, never later inside an engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import AtedmError, format_validation_error
+from .spec import GraphSpec, parse_spec
+
+FORMAT = "atedm-export.manifest/1"
+FILENAME = "manifest.json"
+
+
+class ManifestError(AtedmError):
+    """A build folder whose manifest or artifacts cannot be trusted."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileEntry(_Model):
+    path: str  # relative to the build folder
+    sha256: str
+    bytes: int
+
+
+class TensorEntry(_Model):
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+class GraphEntry(_Model):
+    """One static graph: a DSAP stage, or the unpruned baseline."""
+
+    name: str
+    until: float | None  # end of the stage as a fraction of the steps; None for the baseline
+    steps: list[int]  # [first, stop) for the spec's step count
+    keep: dict[str, int]  # kept tokens per attention block (== tokens where unpruned)
+    onnx: list[FileEntry]  # the graph, then its external data file if any
+    engine: FileEntry | None
+    graph_tflops: float  # per image-step, counted from the ONNX graph
+    module_tflops: float  # per image-step, counted on the patched torch module
+    export_seconds: float
+    compile_seconds: float | None
+    same_as: str | None = None  # a stage that prunes nothing reuses the baseline's files
+
+
+class EngineInfo(_Model):
+    backend: str  # tensorrt | tensorrt-rtx | onnx
+    library: str | None = None  # python module
+    version: str | None = None
+    targets: list[str] = []
+    optimization_level: int | None = None
+    skipped: str | None = None  # why no engines were built
+
+
+class Manifest(_Model):
+    format: str = FORMAT
+    created: str
+    spec: dict[str, Any]
+    unet_config: dict[str, Any]
+    tokens: dict[str, int]
+    inputs: list[TensorEntry]
+    outputs: list[TensorEntry]
+    baseline: GraphEntry
+    stages: list[GraphEntry]
+    complete: bool  # every stage of the schedule was built (not a --stages subset)
+    engine: EngineInfo
+    versions: dict[str, str]
+    build_seconds: float
+
+    @property
+    def graph_spec(self) -> GraphSpec:
+        return parse_spec(self.spec, "manifest spec")
+
+    def graphs(self) -> list[GraphEntry]:
+        return [self.baseline, *self.stages]
+
+    def graph(self, name: str) -> GraphEntry:
+        for entry in self.graphs():
+            if entry.name == name:
+                return entry
+        raise ManifestError(f"build has no graph '{name}'; it has: {', '.join(g.name for g in self.graphs())}")
+
+    def save(self, folder: Path) -> Path:
+        path = folder / FILENAME
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path, verify: bool = True) -> Manifest:
+        """Read and check a build folder's manifest; ``verify`` also re-hashes every artifact."""
+        folder = Path(folder)
+        path = folder / FILENAME
+        if not path.is_file():
+            raise ManifestError(f"{folder} is not a build folder: {FILENAME} not found (run atedm-export build first)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        found = data.get("format") if isinstance(data, dict) else None
+        if found != FORMAT:
+            raise ManifestError(f"{path} has format {found!r}; this atedm-export reads {FORMAT!r} (rebuild it)")
+        try:
+            manifest = cls.model_validate(data)
+        except ValidationError as exc:
+            raise ManifestError(format_validation_error(exc, str(path))) from None
+        if verify:
+            manifest.verify_files(folder)
+        return manifest
+
+    def verify_files(self, folder: Path) -> None:
+        for entry in self.graphs():
+            for item in [*entry.onnx, *([entry.engine] if entry.engine else [])]:
+                target = folder / item.path
+                if not target.is_file():
+                    raise ManifestError(f"{entry.name}: {item.path} is missing from {folder}")
+                if target.stat().st_size != item.bytes or sha256(target) != item.sha256:
+                    raise ManifestError(f"{entry.name}: {item.path} does not match its checksum (corrupted or replaced)")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entry(folder: Path, path: Path) -> FileEntry:
+    return FileEntry(path=os.path.relpath(path, folder), sha256=sha256(path), bytes=path.stat().st_size)
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("atedm-export", "torch", "diffusers", "onnx", "onnxruntime", "onnx-graphsurgeon"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions

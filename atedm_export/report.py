@@ -1,0 +1,65 @@
+"""What ``inspect`` and ``build`` show about a build: per-graph figures, schedule totals, op histograms."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .manifest import GraphEntry, Manifest
+
+
+def op_histogram(path: Path) -> dict[str, int]:
+    """Node count per ONNX op type (the graph only, never the weights)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return dict(Counter(node.op_type for node in graph.node).most_common())
+
+
+def graph_summary(manifest: Manifest, entry: GraphEntry) -> dict:
+    kept = sum(entry.keep.values())
+    tokens = sum(manifest.tokens.values())
+    base = manifest.baseline.graph_tflops
+    return {
+        "name": entry.name,
+        "steps": entry.steps,
+        "until": entry.until,
+        "pruned_blocks": sum(k < manifest.tokens[b] for b, k in entry.keep.items()),
+        "kept_fraction": kept / tokens,
+        "graph_tflops": entry.graph_tflops,
+        "module_tflops": entry.module_tflops,
+        "saving": 1 - entry.graph_tflops / base,
+        "onnx_bytes": sum(f.bytes for f in entry.onnx),
+        "engine_bytes": entry.engine.bytes if entry.engine else None,
+        "export_seconds": entry.export_seconds,
+        "compile_seconds": entry.compile_seconds,
+        "same_as": entry.same_as,
+    }
+
+
+def schedule_totals(manifest: Manifest) -> dict | None:
+    """Step-weighted average FLOPs over the spec's steps; None when the build holds only some stages."""
+    if not manifest.complete:
+        return None
+    steps = manifest.graph_spec.steps
+    tflops = sum(s.graph_tflops * (s.steps[1] - s.steps[0]) for s in manifest.stages) / steps
+    return {"steps": steps, "graph_tflops": tflops, "saving": 1 - tflops / manifest.baseline.graph_tflops}
+
+
+def inspect_build(folder: Path, manifest: Manifest) -> dict:
+    """The JSON of ``atedm-export inspect``."""
+    unique = {e.onnx[0].path: e for e in manifest.graphs()}
+    return {
+        "folder": str(folder),
+        "spec": manifest.spec,
+        "engine": manifest.engine.model_dump(),
+        "inputs": [t.model_dump() for t in manifest.inputs],
+        "outputs": [t.model_dump() for t in manifest.outputs],
+        "tokens": manifest.tokens,
+        "graphs": [{**graph_summary(manifest, e), "keep": e.keep} for e in manifest.graphs()],
+        "schedule": schedule_totals(manifest),
+        "ops": {e.name: op_histogram(folder / path) for path, e in unique.items()},
+        "total_bytes": sum(f.bytes for e in unique.values() for f in [*e.onnx, *([e.engine] if e.engine else [])]),
+        "versions": manifest.versions,
+        "build_seconds": manifest.build_seconds,
+    }

@@ -1,0 +1,131 @@
+"""``atedm-export verify``: each built graph against the eager AT-EDM module, on the same random inputs.
+
+The eager reference is the UNet the manifest names, with the same stage plan applied (the stock UNet
+for the baseline graph). Runs go through polygraphy's ``Comparator``: onnxruntime through its own
+runner, torch through a small CPU runner written to polygraphy's runner interface (polygraphy's
+``PytRunner`` moves tensors to CUDA). Besides polygraphy's max absolute/relative errors, the cosine
+similarity of the outputs is reported; pass/fail uses tolerances per precision.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .export import INPUT_NAMES, UNetGraph, graph_feed
+from .manifest import GraphEntry, Manifest
+from .models import example_inputs, load_unet, unet_inputs
+from .pruning import StagePlan, apply_atedm, remove_atedm
+
+#: (atol, rtol) per precision: an element passes when either bound holds (polygraphy's elementwise rule).
+TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (1e-1, 5e-2)}
+
+
+@dataclass(frozen=True)
+class GraphCheck:
+    graph: str
+    backend: str
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    cosine: float
+    atol: float
+    rtol: float
+    passed: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _torch_runner(graph: UNetGraph, name: str, feed: dict[str, np.ndarray]):  # noqa: ANN202 - polygraphy runner
+    from polygraphy.backend.base import BaseRunner
+
+    class TorchRunner(BaseRunner):
+        """The eager (patched) module as a polygraphy runner, on the CPU."""
+
+        def __init__(self) -> None:
+            super().__init__(name=name, prefix="torch-runner")
+
+        def activate_impl(self) -> None:
+            pass
+
+        def deactivate_impl(self) -> None:
+            pass
+
+        def get_input_metadata_impl(self):  # noqa: ANN202
+            from polygraphy.common import TensorMetadata
+
+            metadata = TensorMetadata()
+            for input_name in INPUT_NAMES:
+                metadata.add(input_name, feed[input_name].dtype, feed[input_name].shape)
+            return metadata
+
+        def infer_impl(self, feed_dict: dict) -> OrderedDict:
+            args = [torch.from_numpy(np.asarray(feed_dict[n])) for n in INPUT_NAMES]
+            with torch.no_grad():
+                out = graph(*args)
+            self.inference_time = 0.0
+            return OrderedDict(latent=out.float().numpy())
+
+    return TorchRunner()
+
+
+def _onnxrt_runner(path: Path, name: str):  # noqa: ANN202
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name=name)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def compare(reference, candidate, feed: dict[str, np.ndarray], graph: str, backend: str, precision: str) -> GraphCheck:
+    """Run both runners on ``feed`` through polygraphy's comparator and summarize the one output."""
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    atol, rtol = TOLERANCES[precision]
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        results = Comparator.run([reference, candidate], data_loader=[feed])
+        accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
+    (_, iterations), = accuracy[0].items()  # one comparison function, one runner pair
+    stats = iterations[0]["latent"]
+    (_, ref_runs), (_, cand_runs) = results.items()
+    ref_out, cand_out = ref_runs[0]["latent"], cand_runs[0]["latent"]
+    return GraphCheck(graph, backend, stats.max_absdiff, stats.max_reldiff, stats.mean_absdiff,
+                      _cosine(np.asarray(ref_out), np.asarray(cand_out)), atol, rtol, bool(stats))
+
+
+def plan_of(manifest: Manifest, entry: GraphEntry) -> StagePlan | None:
+    """The stage plan a graph was exported with (None: the stock UNet)."""
+    pruned = {b: k for b, k in entry.keep.items() if k < manifest.tokens[b]}
+    if entry.name == "baseline" or not pruned:
+        return None
+    return StagePlan(pruned, manifest.graph_spec.pruning.options())
+
+
+def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = None) -> list[GraphCheck]:
+    """Every graph of a build (or the named ones) in onnxruntime against eager AT-EDM."""
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    spec = manifest.graph_spec
+    unet = load_unet(spec.model, dtype=spec.dtype, seed=spec.seed)
+    shapes = unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, spec.text_length)
+    feed = {k: v.numpy() for k, v in graph_feed(example_inputs(shapes, dtype=spec.dtype, seed=seed)).items()}
+    checks = []
+    for entry in manifest.graphs():
+        if graphs and entry.name not in graphs:
+            continue
+        plan = plan_of(manifest, entry)
+        apply_atedm(unet, plan) if plan else remove_atedm(unet)
+        reference = _torch_runner(UNetGraph(unet).eval(), f"eager-{entry.name}", feed)
+        candidate = _onnxrt_runner(folder / entry.onnx[0].path, f"onnxruntime-{entry.name}")
+        checks.append(compare(reference, candidate, feed, entry.name, "onnxruntime", spec.precision))
+    remove_atedm(unet)
+    return checks

@@ -1,0 +1,231 @@
+"""`atedm-export build`, `inspect` and `verify` on the tiny spec: graphs, engines, manifest, errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from atedm_export import build as build_module
+from atedm_export.cli import main
+from atedm_export.flops import flops_report
+from atedm_export.manifest import FORMAT, Manifest, ManifestError
+from atedm_export.spec import load_spec
+from atedm_export.verify import verify_build
+
+from .conftest import HAS_RTX, needs_rtx, small_spec
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --- the tiny build ------------------------------------------------------------------------------
+
+
+def test_build_has_every_stage_and_the_baseline(tiny_build):
+    manifest = Manifest.load(tiny_build)
+    assert [g.name for g in manifest.graphs()] == ["baseline", "early", "main"]
+    assert manifest.complete and manifest.format == FORMAT
+    assert [i.name for i in manifest.inputs] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert manifest.inputs[0].shape == [2, 4, 32, 32] and manifest.outputs[0].shape == [2, 4, 32, 32]
+    assert manifest.inputs[2].shape == [2, 77, 64]
+    assert [s.steps for s in manifest.stages] == [[0, 2], [2, 20]]
+    main_stage = manifest.graph("main")
+    assert set(main_stage.keep.values()) == {95, 24}
+
+
+def test_graphs_match_eager_atedm_in_onnxruntime(tiny_build):
+    checks = {c.graph: c for c in verify_build(tiny_build)}
+    assert set(checks) == {"baseline", "early", "main"}
+    for check in checks.values():
+        assert check.passed and check.max_abs < 1e-4 and check.cosine > 0.999999, check
+
+
+def test_graph_flops_agree_with_the_flops_command(tiny_build):
+    manifest = Manifest.load(tiny_build)
+    report = flops_report(load_spec("tiny-sdxl"))
+    assert manifest.baseline.graph_tflops == pytest.approx(report.baseline_tflops, rel=0.02)
+    for entry, stage in zip(manifest.stages, report.stages):
+        assert entry.graph_tflops == pytest.approx(stage.tflops, rel=0.02)
+        assert entry.graph_tflops == pytest.approx(entry.module_tflops, rel=0.02)
+
+
+@needs_rtx
+def test_every_graph_has_a_tensorrt_rtx_engine(tiny_build):
+    manifest = Manifest.load(tiny_build)
+    assert manifest.engine.backend == "tensorrt-rtx" and manifest.engine.targets == ["sm89"]
+    assert manifest.engine.version and not manifest.engine.skipped
+    for entry in manifest.graphs():
+        assert entry.engine is not None and entry.engine.bytes > 1_000_000
+        assert (tiny_build / entry.engine.path).read_bytes()[:4] == b"vtrt"
+        assert entry.compile_seconds > 0
+
+
+def test_inspect_json(tiny_build):
+    result = _cli("inspect", str(tiny_build), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    graphs = {g["name"]: g for g in data["graphs"]}
+    assert graphs["main"]["keep"]["mid_block.attentions.0"] == 24
+    assert graphs["main"]["saving"] == pytest.approx(1 - graphs["main"]["graph_tflops"] / graphs["baseline"]["graph_tflops"])
+    assert data["schedule"]["saving"] > graphs["early"]["saving"]
+    assert data["ops"]["main"]["MatMul"] > 0 and "TopK" not in data["ops"]["main"]
+    assert data["total_bytes"] > 3 * 50_000_000
+    text = _cli("inspect", str(tiny_build))
+    assert text.exit_code == 0 and "kept tokens per attention block" in text.output
+
+
+def test_verify_cli(tiny_build):
+    result = _cli("verify", str(tiny_build), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["passed"] and len(data["checks"]) == 3
+
+
+# --- manifest ------------------------------------------------------------------------------------
+
+
+def test_manifest_round_trip(tiny_build, tmp_path):
+    manifest = Manifest.load(tiny_build)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    manifest.save(copy)
+    assert Manifest.load(copy, verify=False) == manifest
+
+
+@pytest.mark.parametrize("artifact", ["onnx", "engine"])
+def test_a_flipped_byte_is_caught(tiny_build, tmp_path, artifact):
+    import shutil
+
+    if artifact == "engine" and not HAS_RTX:
+        pytest.skip("no engines without TensorRT-RTX")
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_build, copy)
+    entry = Manifest.load(copy, verify=False).graph("main")
+    target = copy / (entry.onnx[0].path if artifact == "onnx" else entry.engine.path)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="main: .* does not match its checksum"):
+        Manifest.load(copy)
+    result = _cli("inspect", str(copy))
+    assert result.exit_code == 2 and "checksum" in result.output
+
+
+def test_unknown_manifest_version_and_missing_manifest(tiny_build, tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    data = json.loads((tiny_build / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**data, "format": "atedm-export.manifest/0"}))
+    with pytest.raises(ManifestError, match="has format 'atedm-export.manifest/0'; this atedm-export reads"):
+        Manifest.load(folder)
+    with pytest.raises(ManifestError, match="not a build folder"):
+        Manifest.load(tmp_path / "nothing")
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_missing_spec(tmp_path):
+    result = _cli("build", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "not found" in result.output
+    assert _leftovers(tmp_path) == []
+
+
+def test_unknown_backend_and_target(tmp_path):
+    bad_backend = _cli("build", "tiny-sdxl", "--out", str(tmp_path / "o"), "--backend", "openvino")
+    assert bad_backend.exit_code == 2 and "openvino" in bad_backend.output
+    bad_target = _cli("build", "tiny-sdxl", "--out", str(tmp_path / "o"), "--target", "volta")
+    assert bad_target.exit_code == 2 and "unknown target 'volta'" in bad_target.output
+    if HAS_RTX:
+        sm90 = _cli("build", "tiny-sdxl", "--out", str(tmp_path / "o"), "--backend", "tensorrt-rtx", "--target", "sm90")
+        assert sm90.exit_code == 2 and "unknown target 'sm90' for tensorrt-rtx; expected one of: sm75" in sm90.output
+    bad_stage = _cli("build", "tiny-sdxl", "--out", str(tmp_path / "o"), "--stages", "late")
+    assert bad_stage.exit_code == 2 and "unknown stage 'late'; the schedule has: early, main" in bad_stage.output
+    assert _leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _cli("build", "tiny-sdxl", "--out", str(out))
+    assert result.exit_code == 2 and "already exists; pass --force" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_unwritable_output(tmp_path, monkeypatch):
+    nowhere = _cli("build", "tiny-sdxl", "--out", str(tmp_path / "missing" / "o"))
+    assert nowhere.exit_code == 2 and "parent folder" in nowhere.output
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    denied = _cli("build", "tiny-sdxl", "--out", str(locked / "o"))
+    assert denied.exit_code == 2 and "permission denied" in denied.output
+    assert _leftovers(locked) == []
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+    ids=["disk-full", "ctrl-c"],
+)
+def test_failing_export_leaves_nothing(tmp_path, monkeypatch, failure):
+    def export_then_fail(unet, plan, shapes, dtype, path):
+        path.write_bytes(b"half a graph")
+        raise failure
+
+    monkeypatch.setattr(build_module, "export_onnx", export_then_fail)
+    result = _cli("build", small_spec(tmp_path), "--out", str(tmp_path / "o"), "--backend", "onnx")
+    assert result.exit_code == (130 if isinstance(failure, KeyboardInterrupt) else 2)
+    assert "No space left on device" in result.output or "interrupted" in result.output
+    assert _leftovers(tmp_path) == ["small.yaml"]
+
+
+def test_failing_stage_leaves_nothing(tmp_path, monkeypatch):
+    real = build_module.export_onnx
+
+    def fail_on_main(unet, plan, shapes, dtype, path):
+        if path.parent.name == "main":
+            raise build_module.AtedmError("main: engine build failed: simulated")
+        return real(unet, plan, shapes, dtype, path)
+
+    monkeypatch.setattr(build_module, "export_onnx", fail_on_main)
+    result = _cli("build", small_spec(tmp_path), "--out", str(tmp_path / "o"), "--backend", "onnx")
+    assert result.exit_code == 2 and "simulated" in result.output
+    assert _leftovers(tmp_path) == ["small.yaml"]
+
+
+def test_onnx_only_build_then_force_rebuild(tmp_path):
+    out = tmp_path / "o"
+    first = _cli("build", small_spec(tmp_path), "--out", str(out), "--backend", "onnx")
+    assert first.exit_code == 0, first.output
+    manifest = Manifest.load(out)
+    assert manifest.engine.skipped and all(g.engine is None for g in manifest.graphs())
+    assert [g.name for g in manifest.graphs()] == ["baseline", "main"]
+    again = _cli("build", small_spec(tmp_path, schedule="none"), "--out", str(out), "--backend", "onnx", "--force")
+    assert again.exit_code == 0, again.output
+    rebuilt = Manifest.load(out)
+    assert rebuilt.stages[0].same_as == "baseline" and rebuilt.stages[0].onnx == rebuilt.baseline.onnx
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "small.yaml"]
+
+
+def test_rtx_without_target_on_a_cpu_machine_skips_engines_with_the_reason(tmp_path):
+    if not HAS_RTX:
+        pytest.skip("TensorRT-RTX not installed")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tensorrt-rtx builds for it")
+    result = _cli("build", small_spec(tmp_path), "--out", str(tmp_path / "o"), "--stages", "main")
+    assert result.exit_code == 0, result.output
+    assert "engines skipped" in result.output and "needs --target" in result.output
