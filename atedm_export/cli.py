@@ -10,6 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # torchvision-missing notices on every pipeline import
+
 import click
 from rich.console import Console
 from rich.table import Table
@@ -123,8 +127,8 @@ def _split(value: str | None) -> tuple[str, ...]:
 
 
 @main.command()
-@click.argument("spec")
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Build folder to create.")
+@click.argument("spec", default="tiny-sdxl")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Build folder to create [default: build/<spec name>].")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx", "onnx"]), default="auto",
               show_default=True, help="Engine library; auto takes tensorrt, else tensorrt-rtx; onnx builds graphs only.")
 @click.option("--target", help="Compute capabilities for tensorrt-rtx, e.g. sm89 or sm86,sm89 (default: the GPU present).")
@@ -134,11 +138,12 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
 @click.option("--workspace", type=click.FloatRange(min=0.1), help="Builder workspace limit in GiB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file (read and updated).")
-def build(spec: str, out: Path, backend: str, target: str | None, precision: str | None, stages: str | None,
+def build(spec: str, out: Path | None, backend: str, target: str | None, precision: str | None, stages: str | None,
           force: bool, opt_level: int, workspace: float | None, timing_cache: Path | None) -> None:
     """Export every DSAP stage of SPEC (and the unpruned baseline) to ONNX and compile engines.
 
-    The build is written to a hidden folder beside OUT and moved into place only when complete.
+    SPEC is a graph spec YAML file or a built-in spec name (default: tiny-sdxl). The build is written to
+    a hidden folder beside OUT and moved into place only when complete.
     """
     import re
 
@@ -149,6 +154,9 @@ def build(spec: str, out: Path, backend: str, target: str | None, precision: str
     graph_spec = load_spec(spec)
     if precision:
         graph_spec = graph_spec.model_copy(update={"precision": precision})
+    out = out or Path("build") / graph_spec.name
+    if out.parent == Path("build"):
+        out.parent.mkdir(exist_ok=True)
     targets = _split(target)
     for t in targets:
         if not re.fullmatch(r"sm\d{2,3}", t):
@@ -235,3 +243,112 @@ def verify(build_dir: Path, as_json: bool, seed: int) -> None:
         out.print(table)
     if not passed:
         sys.exit(1)
+
+
+RUNTIME_BACKENDS = ["onnxruntime", "eager", "tensorrt", "tensorrt-rtx"]
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True, help="What to draw.")
+@click.option("--negative-prompt", default=None, help="What to avoid.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [default: the spec's].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--guidance", type=click.FloatRange(min=0.0), default=5.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="onnxruntime", show_default=True)
+@click.option("--device", default=None, help="torch device for the backend [default: cpu, cuda for TensorRT].")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
+def generate(build_dir: Path, prompt: str, negative_prompt: str | None, steps: int | None, seed: int,
+             guidance: float, backend: str, device: str | None, output: Path) -> None:
+    """Run the SDXL pipeline of a build with its stage graphs as the UNet; write one PNG."""
+    import os
+    import tempfile
+
+    import torch
+
+    from .runtime import StagedUNet
+    from .runtime.pipeline import load_pipeline
+
+    if output.suffix.lower() != ".png":
+        raise AtedmError(f"output {output} must be a .png file")
+    if not output.parent.resolve().is_dir():
+        raise AtedmError(f"cannot write {output}: folder {output.parent} does not exist")
+    staged = StagedUNet.load(build_dir, backend=backend, device=device)
+    spec = staged.manifest.graph_spec
+    steps = steps or spec.steps
+    if spec.batch % 2 and guidance > 1.0:
+        raise AtedmError(f"the build has batch {spec.batch}: classifier-free guidance needs an even batch; pass --guidance 1")
+    per_prompt = spec.batch // 2 if guidance > 1.0 else spec.batch
+    pipe = load_pipeline(staged)
+    start = time.perf_counter()
+    with console.status(f"denoising: {steps} steps on {backend}…") as status:
+        def on_step(pipeline, step: int, timestep, kwargs):  # noqa: ANN001, ANN202
+            status.update(f"denoising: step {step + 1}/{steps} ({time.perf_counter() - start:.1f}s)")
+            return kwargs
+
+        result = pipe(
+            prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+            height=spec.height, width=spec.width, num_images_per_prompt=per_prompt,
+            generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step,
+        )
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=output.parent.resolve())
+    os.close(fd)
+    try:
+        result.images[0].save(tmp, format="PNG")
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    table = Table(title=f"{steps} steps on {backend} in {time.perf_counter() - start:.1f}s")
+    for column in ("stage", "steps", "UNet calls", "UNet seconds"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for row in staged.stage_report():
+        table.add_row(row["stage"], row["steps"], str(row["calls"]), f"{row['seconds']:.2f}")
+    console.print(table)
+    console.print(f"[green]wrote[/] {output} ({spec.width}x{spec.height})", highlight=False)
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--backends", default="eager,onnxruntime", show_default=True,
+              help=f"Comma-separated, from: {', '.join(RUNTIME_BACKENDS)}; 'eager' includes the stock diffusers UNet.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--device", default=None, help="torch device [default: cpu; cuda for TensorRT].")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per backend and graph.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG bar chart.")
+def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str | None,
+          json_path: Path | None, csv_path: Path | None, plot_path: Path | None) -> None:
+    """Latency of every graph in every backend, side by side in one run, with speedup ratios."""
+    from .bench import run_bench, write_csv, write_plot
+
+    names = list(_split(backends))
+    unknown = [n for n in names if n not in RUNTIME_BACKENDS]
+    if unknown or not names:
+        raise AtedmError(f"unknown backend '{unknown[0] if unknown else ''}'; expected some of: {', '.join(RUNTIME_BACKENDS)}")
+    with console.status("benchmarking…") as status:
+        report = run_bench(build_dir, names, warmup, repeats, device, progress=lambda s: status.update(f"timing {s}…"))
+    table = Table(title=f"{report['spec']}: median ms per UNet call ({repeats} repeats after {warmup} warm-up; "
+                        f"batch {report['batch']}, {report['precision']})")
+    for column in ("backend", "graph", "median ms", "p10-p90 ms", "vs eager", "vs unpruned", "FLOPs predict"):
+        table.add_column(column, justify="left" if column in ("backend", "graph") else "right")
+    for r in report["rows"]:
+        label = "stock diffusers UNet" if (r["backend"], r["graph"]) == ("eager", "baseline") else r["graph"]
+        table.add_row(r["backend"], label, f"{r['median_ms']:.1f}", f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}",
+                      f"{r['speedup_vs_eager']:.2f}×", f"{r['speedup_vs_unpruned']:.2f}×", f"{r['flops_speedup']:.2f}×")
+    out.print(table)
+    if report["schedule"]:
+        sched = Table(title=f"whole schedule, per image ({report['steps']} steps)")
+        for column in ("backend", "AT-EDM s", "unpruned s", "vs unpruned", "vs eager", "FLOPs predict"):
+            sched.add_column(column, justify="left" if column == "backend" else "right")
+        for s in report["schedule"]:
+            sched.add_row(s["backend"], f"{s['seconds_per_image']:.2f}", f"{s['unpruned_seconds_per_image']:.2f}",
+                          f"{s['speedup_vs_unpruned']:.2f}×", f"{s['speedup_vs_eager']:.2f}×", f"{s['flops_speedup']:.2f}×")
+        out.print(sched)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if csv_path:
+        write_csv(report, csv_path)
+    if plot_path:
+        write_plot(report, plot_path)

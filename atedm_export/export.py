@@ -4,16 +4,26 @@ Graph inputs, in order: ``sample [B,4,H/8,W/8]``, ``timestep [B]`` (always fp32:
 sinusoidal embedding in fp32), ``encoder_hidden_states [B,T,D]``, ``text_embeds [B,P]``, ``time_ids
 [B,6]``; one output ``latent`` of the sample's shape. Every dimension is a fixed number.
 
-The TorchScript-based exporter is used (``dynamo=False``): on the tiny model it exports in 9 s where the
-dynamo exporter takes 80 s, and both give graphs within 1.4e-6 of eager in onnxruntime. onnx-graphsurgeon
-folds constants and removes dead nodes; ``onnx.shape_inference`` annotates every tensor. Graphs whose
-weights pass 2 GB keep them in one ``<name>.onnx.data`` file beside the graph.
+Two exporters, chosen by what the machine can afford:
+
+* TorchScript tracing (``dynamo=False``) by default: 9 s for a tiny graph. It runs one real forward pass.
+* The dynamo exporter (``torch.export`` on fake tensors, then onnxscript's optimizer, which TensorRT needs
+  to lose ``SplitToSequence``) for fp16 on a CPU: it never runs the model. CPU fp16 matmuls run at
+  0.2 GFLOP/s on our machines, so a full-SDXL fp16 trace would take hours; dynamo takes ~80 s a graph.
+
+Both give graphs within 1.5e-6 of eager in onnxruntime on the tiny model. onnx-graphsurgeon then folds
+constants and shape computations and removes dead nodes, and ``onnx.shape_inference`` annotates every
+tensor. Graphs whose weights pass 2 GB keep them in one ``<name>.onnx.data`` file beside the graph.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +36,7 @@ from .pruning import StagePlan, apply_atedm, remove_atedm
 
 INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
 OUTPUT_NAMES = ("latent",)
-OPSET = 17
+OPSET = 18  # LayerNormalization is opset 17; TensorRT 10 and TensorRT-RTX parse 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; leave room for the graph itself
 
 ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -47,7 +57,10 @@ class UNetGraph(torch.nn.Module):
         text_embeds: torch.Tensor,
         time_ids: torch.Tensor,
     ) -> torch.Tensor:
-        cond = {"text_embeds": text_embeds, "time_ids": time_ids}
+        # diffusers concatenates text_embeds with its fp32 time-id embedding, and eager torch promotes the
+        # result to fp32. The dynamo exporter drops that promotion (a mixed fp16/fp32 Concat TensorRT
+        # rejects), so the promotion is written out here: the same numbers, an explicit Cast in the graph.
+        cond = {"text_embeds": text_embeds.float(), "time_ids": time_ids}
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
 
 
@@ -91,18 +104,22 @@ def _weights_bytes(model: onnx.ModelProto) -> int:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``onnx.shape_inference`` on a graph of any size.
+    """``onnx.shape_inference`` on a graph of any size, annotating ``model`` in place.
 
-    In-memory inference serializes the model, which protobuf refuses past 2 GiB; larger graphs go
-    through a temporary file with external data, and only the inferred shapes are copied back.
+    In-memory inference serializes the model, which protobuf refuses past 2 GiB. Shapes only need the
+    weights' dims, so the bytes of large initializers are set aside during inference and put back.
+    (Saving with external data instead would rewrite the initializers to point at the saved file.)
     """
-    if _weights_bytes(model) <= EXTERNAL_DATA_BYTES:
-        return onnx.shape_inference.infer_shapes(model)
-    with tempfile.TemporaryDirectory(prefix="atedm-shapes-") as tmp:
-        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save_model(model, str(src), save_as_external_data=True, location="in.data", size_threshold=1024)
-        onnx.shape_inference.infer_shapes_path(str(src), str(dst))
-        shaped = onnx.load(str(dst), load_external_data=False)
+    set_aside = []
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > (1 << 20):
+            set_aside.append((tensor, tensor.raw_data))
+            tensor.ClearField("raw_data")
+    try:
+        shaped = onnx.shape_inference.infer_shapes(model)
+    finally:
+        for tensor, data in set_aside:
+            tensor.raw_data = data
     del model.graph.value_info[:]
     model.graph.value_info.extend(shaped.graph.value_info)
     return model
@@ -149,18 +166,41 @@ def export_onnx(
         args = graph_args(example_inputs(shapes, dtype=dtype, device=unet.device))
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as raw_dir:
             raw = Path(raw_dir) / "raw.onnx"
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), _quiet():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    UNetGraph(unet).eval(), args, str(raw), dynamo=False, opset_version=OPSET,
-                    input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), do_constant_folding=True,
-                )
+                _torch_export(UNetGraph(unet).eval(), args, raw, exporter_for(dtype, unet.device))
             model = onnx.load(str(raw))
         model = cleanup(model)
         model.producer_name = "atedm-export"
         return save_onnx(model, path)
     finally:
         remove_atedm(unet)
+
+
+def exporter_for(dtype: torch.dtype, device: torch.device) -> str:
+    """``dynamo`` where a real trace would be unaffordable (fp16 on a CPU), else ``torchscript``."""
+    return "dynamo" if dtype == torch.float16 and device.type == "cpu" else "torchscript"
+
+
+def _torch_export(graph: UNetGraph, args: tuple[torch.Tensor, ...], raw: Path, exporter: str) -> None:
+    names = {"input_names": list(INPUT_NAMES), "output_names": list(OUTPUT_NAMES), "opset_version": OPSET}
+    if exporter == "torchscript":
+        torch.onnx.export(graph, args, str(raw), dynamo=False, do_constant_folding=True, **names)
+        return
+    program = torch.onnx.export(graph, args, dynamo=True, optimize=True, verbose=False, **names)
+    program.save(str(raw), external_data=True)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter narrates each phase on stdout; the build has its own progress display."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        previous = logging.getLogger("torch.onnx").level
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.getLogger("torch.onnx").setLevel(previous)
 
 
 def check_onnx(path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import AtedmError, format_validation_error
+from .pruning import StagePlan
 from .spec import GraphSpec, parse_spec
 
 FORMAT = "atedm-export.manifest/1"
@@ -96,6 +97,13 @@ class Manifest(_Model):
             if entry.name == name:
                 return entry
         raise ManifestError(f"build has no graph '{name}'; it has: {', '.join(g.name for g in self.graphs())}")
+
+    def plan(self, entry: GraphEntry) -> StagePlan | None:
+        """The stage plan a graph was exported with (None: the stock UNet)."""
+        pruned = {b: k for b, k in entry.keep.items() if k < self.tokens[b]}
+        if entry.name == "baseline" or not pruned:
+            return None
+        return StagePlan(pruned, self.graph_spec.pruning.options())
 
     def save(self, folder: Path) -> Path:
         path = folder / FILENAME

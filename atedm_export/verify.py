@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from .export import INPUT_NAMES, UNetGraph, graph_feed
-from .manifest import GraphEntry, Manifest
+from .manifest import Manifest
 from .models import example_inputs, load_unet, unet_inputs
-from .pruning import StagePlan, apply_atedm, remove_atedm
+from .pruning import apply_atedm, remove_atedm
 
 #: (atol, rtol) per precision: an element passes when either bound holds (polygraphy's elementwise rule).
 TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (1e-1, 5e-2)}
@@ -102,14 +102,6 @@ def compare(reference, candidate, feed: dict[str, np.ndarray], graph: str, backe
                       _cosine(np.asarray(ref_out), np.asarray(cand_out)), atol, rtol, bool(stats))
 
 
-def plan_of(manifest: Manifest, entry: GraphEntry) -> StagePlan | None:
-    """The stage plan a graph was exported with (None: the stock UNet)."""
-    pruned = {b: k for b, k in entry.keep.items() if k < manifest.tokens[b]}
-    if entry.name == "baseline" or not pruned:
-        return None
-    return StagePlan(pruned, manifest.graph_spec.pruning.options())
-
-
 def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = None) -> list[GraphCheck]:
     """Every graph of a build (or the named ones) in onnxruntime against eager AT-EDM."""
     folder = Path(folder)
@@ -122,7 +114,7 @@ def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = N
     for entry in manifest.graphs():
         if graphs and entry.name not in graphs:
             continue
-        plan = plan_of(manifest, entry)
+        plan = manifest.plan(entry)
         apply_atedm(unet, plan) if plan else remove_atedm(unet)
         reference = _torch_runner(UNetGraph(unet).eval(), f"eager-{entry.name}", feed)
         candidate = _onnxrt_runner(folder / entry.onnx[0].path, f"onnxruntime-{entry.name}")

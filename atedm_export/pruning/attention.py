@@ -30,8 +30,9 @@ def attention_with_map(
         return x.view(batch, -1, heads, head_dim).transpose(1, 2)
 
     query, key, value = split(query), split(key), split(value)
-    # Scale before the product so fp16 logits cannot overflow; softmax statistics in fp32.
-    logits = ((query * attn.scale) @ key.transpose(-1, -2)).float()
+    # The logits themselves in fp32, not only the softmax: fp16 rounding of q·kᵀ differs between
+    # backends (torch CPU, onnxruntime, TensorRT), and near-equal G-WPR scores then keep other tokens.
+    logits = (query.float() * attn.scale) @ key.float().transpose(-1, -2)
     probs = logits.softmax(dim=-1)
     out = (probs.to(value.dtype) @ value).transpose(1, 2).reshape(batch, tokens, inner)
     out = attn.to_out[1](attn.to_out[0](out))

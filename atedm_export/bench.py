@@ -1,0 +1,180 @@
+"""``atedm-export bench``: stock eager vs AT-EDM eager vs graphs in each backend, side by side, in one run.
+
+Every graph of the build (baseline and stages) is timed in every backend on the same inputs: warm-up
+calls, then ``repeats`` timed calls; medians and the 10th/90th percentiles are reported. The eager
+backend's baseline *is* the stock diffusers UNet, so "vs eager" ratios compare with what users run
+today; "vs unpruned" ratios compare each stage with the baseline graph in the same backend, beside
+the speedup the counted FLOPs predict. The schedule rows weight each stage by its steps (per image).
+GPU timings use CUDA events after a synchronize.
+"""
+
+from __future__ import annotations
+
+import csv
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import AtedmError
+from .export import graph_feed
+from .manifest import Manifest
+from .models import example_inputs, unet_inputs
+from .runtime.backends import Backend, load_backend
+
+
+@dataclass(frozen=True)
+class Row:
+    backend: str
+    graph: str
+    steps: int  # steps of the spec's run this graph serves (baseline: all)
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    graph_tflops: float
+    speedup_vs_eager: float  # eager stock UNet median / this median
+    speedup_vs_unpruned: float  # same backend's baseline median / this median
+    flops_speedup: float  # baseline FLOPs / this graph's FLOPs
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    backend: str
+    seconds_per_image: float  # the whole schedule, one UNet call (batch) per step
+    unpruned_seconds_per_image: float
+    speedup_vs_unpruned: float
+    speedup_vs_eager: float
+    flops_speedup: float
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def time_calls(backend: Backend, graph: str, feed: dict[str, torch.Tensor], warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of ``repeats`` calls after ``warmup`` calls; CUDA events on a GPU."""
+    for _ in range(warmup):
+        backend.run(graph, feed)
+    backend.synchronize()
+    samples = []
+    for _ in range(repeats):
+        if backend.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            backend.run(graph, feed)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            tick = time.perf_counter()
+            backend.run(graph, feed)
+            samples.append((time.perf_counter() - tick) * 1e3)
+    return samples
+
+
+def run_bench(folder: str | Path, backends: list[str], warmup: int = 1, repeats: int = 5,
+              device: str | None = None, progress=None) -> dict:  # noqa: ANN001
+    """Time every graph in every backend; returns the JSON-ready report."""
+    if repeats < 1 or warmup < 0:
+        raise AtedmError(f"need --repeats >= 1 and --warmup >= 0, got {repeats} and {warmup}")
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    spec = manifest.graph_spec
+    shapes = unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, spec.text_length)
+    medians: dict[tuple[str, str], list[float]] = {}
+    for name in backends:
+        backend = load_backend(name, folder, manifest, device)
+        feed = {k: v.to(backend.device) for k, v in graph_feed(example_inputs(shapes, dtype=spec.dtype)).items()}
+        for entry in manifest.graphs():
+            if progress:
+                progress(f"{name}: {entry.name}")
+            medians[(name, entry.name)] = time_calls(backend, entry.name, feed, warmup, repeats)
+        del backend
+    return _report(folder, manifest, backends, medians, warmup, repeats)
+
+
+def _report(folder: Path, manifest: Manifest, backends: list[str], samples: dict, warmup: int, repeats: int) -> dict:
+    spec = manifest.graph_spec
+    median = {k: statistics.median(v) for k, v in samples.items()}
+    base_flops = manifest.baseline.graph_tflops
+    eager_ref = median.get(("eager", "baseline"))
+    rows, schedule = [], []
+    for name in backends:
+        unpruned = median[(name, "baseline")]
+        for entry in manifest.graphs():
+            m = median[(name, entry.name)]
+            steps = spec.steps if entry.name == "baseline" else entry.steps[1] - entry.steps[0]
+            rows.append(Row(
+                name, entry.name, steps, m, _percentile(samples[(name, entry.name)], 0.1),
+                _percentile(samples[(name, entry.name)], 0.9), min(samples[(name, entry.name)]), entry.graph_tflops,
+                (eager_ref / m) if eager_ref else float("nan"), unpruned / m, base_flops / entry.graph_tflops,
+            ))
+        if manifest.complete:
+            per_image = sum(median[(name, s.name)] * (s.steps[1] - s.steps[0]) for s in manifest.stages) / 1e3
+            flops = sum(s.graph_tflops * (s.steps[1] - s.steps[0]) for s in manifest.stages)
+            unpruned_image = unpruned * spec.steps / 1e3
+            schedule.append(ScheduleRow(
+                name, per_image, unpruned_image, unpruned_image / per_image,
+                (eager_ref * spec.steps / 1e3 / per_image) if eager_ref else float("nan"),
+                base_flops * spec.steps / flops,
+            ))
+    return {
+        "build": str(folder),
+        "spec": spec.name,
+        "precision": spec.precision,
+        "batch": spec.batch,
+        "resolution": [spec.width, spec.height],
+        "steps": spec.steps,
+        "machine": {"processor": platform.processor() or platform.machine(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "warmup": warmup,
+        "repeats": repeats,
+        "backends": backends,
+        "rows": [asdict(r) for r in rows],
+        "schedule": [asdict(s) for s in schedule],
+        "samples_ms": {f"{b}/{g}": v for (b, g), v in samples.items()},
+    }
+
+
+def write_csv(report: dict, path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(report["rows"][0]))
+        writer.writeheader()
+        writer.writerows(report["rows"])
+
+
+def write_plot(report: dict, path: Path) -> None:
+    """Bar chart: median latency per graph, grouped by backend, with measured vs FLOPs-predicted speedups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    graphs = list(dict.fromkeys(r["graph"] for r in report["rows"]))
+    backends = report["backends"]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(graphs) * max(1, len(backends)) / 2, 4.2))
+    width = 0.8 / len(backends)
+    for i, name in enumerate(backends):
+        rows = {r["graph"]: r for r in report["rows"] if r["backend"] == name}
+        xs = [g + (i - (len(backends) - 1) / 2) * width for g in range(len(graphs))]
+        bars = ax.bar(xs, [rows[g]["median_ms"] for g in graphs], width, label=name,
+                      yerr=[[rows[g]["median_ms"] - rows[g]["p10_ms"] for g in graphs],
+                            [rows[g]["p90_ms"] - rows[g]["median_ms"] for g in graphs]], capsize=3)
+        for bar, g in zip(bars, graphs):
+            if g != "baseline":
+                r = rows[g]
+                ax.annotate(f"{r['speedup_vs_unpruned']:.2f}×\n(FLOPs {r['flops_speedup']:.2f}×)",
+                            (bar.get_x() + bar.get_width() / 2, r["p90_ms"]), ha="center", va="bottom", fontsize=7,
+                            xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(graphs)), graphs)
+    ax.set_ylabel("median latency per UNet call (ms)")
+    ax.set_title(f"{report['spec']}: {report['resolution'][0]}x{report['resolution'][1]}, batch {report['batch']}, "
+                 f"{report['precision']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,253 @@
+"""Backends that run one graph of a build: eager PyTorch, onnxruntime, TensorRT / TensorRT-RTX.
+
+All take and return torch tensors keyed by the manifest's input names, and check shapes, dtypes and
+device against the manifest before running, naming the expected values when they differ.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+
+import torch
+
+from ..errors import AtedmError
+from ..export import INPUT_NAMES, UNetGraph
+from ..manifest import GraphEntry, Manifest
+from ..models import load_unet
+from ..pruning import apply_atedm, remove_atedm
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BACKEND_NAMES = ("eager", "onnxruntime", "tensorrt", "tensorrt-rtx")
+
+
+class RuntimeInputError(AtedmError):
+    """Inputs that do not match the build: wrong shape, dtype or device."""
+
+
+class Backend(abc.ABC):
+    """Runs the graphs of one build; ``run(graph, feed)`` returns the ``latent`` output."""
+
+    name: str = "?"
+
+    def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.device = torch.device(device)
+
+    def check(self, feed: dict[str, torch.Tensor]) -> None:
+        """Refuse inputs that differ from the build in name, shape, dtype or device, naming what was expected."""
+        missing = [t.name for t in self.manifest.inputs if t.name not in feed]
+        if missing:
+            raise RuntimeInputError(f"missing input '{missing[0]}'; the build takes: {', '.join(INPUT_NAMES)}")
+        for spec in self.manifest.inputs:
+            tensor = feed[spec.name]
+            if list(tensor.shape) != spec.shape:
+                raise RuntimeInputError(
+                    f"input '{spec.name}' has shape {list(tensor.shape)}; the build expects {spec.shape} "
+                    f"(static: batch {self.manifest.spec['batch']}, {self.manifest.spec['width']}x"
+                    f"{self.manifest.spec['height']} px)"
+                )
+            if tensor.dtype != TORCH_DTYPES[spec.dtype]:
+                raise RuntimeInputError(f"input '{spec.name}' is {tensor.dtype}; the build expects {spec.dtype}")
+            if tensor.device.type != self.device.type:
+                raise RuntimeInputError(f"input '{spec.name}' is on {tensor.device}; the {self.name} backend runs on {self.device}")
+
+    def run(self, graph: str, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.check(feed)
+        return self._run(self.manifest.graph(graph), feed)
+
+    @abc.abstractmethod
+    def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class EagerBackend(Backend):
+    """The reference: the UNet of the manifest with each stage's plan applied in PyTorch."""
+
+    name = "eager"
+
+    def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device = "cpu") -> None:
+        super().__init__(folder, manifest, device)
+        spec = manifest.graph_spec
+        self.unet = load_unet(spec.model, dtype=spec.dtype, device=str(self.device), seed=spec.seed)
+        self.graph = UNetGraph(self.unet).eval()
+        self._active: str | None = None
+
+    def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._active != entry.name:
+            plan = self.manifest.plan(entry)
+            apply_atedm(self.unet, plan) if plan else remove_atedm(self.unet)
+            self._active = entry.name
+        with torch.no_grad():
+            return self.graph(*(feed[n] for n in INPUT_NAMES))
+
+
+class OnnxRuntimeBackend(Backend):
+    """One onnxruntime session per graph; CPU, CUDA or TensorRT execution provider; I/O binding on GPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device = "cpu",
+                 providers: list[str] | None = None) -> None:
+        super().__init__(folder, manifest, device)
+        import onnxruntime as ort
+
+        if providers is None:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else ["CPUExecutionProvider"]
+        unknown = [p for p in providers if p not in ort.get_available_providers()]
+        if unknown:
+            raise AtedmError(f"onnxruntime has no {unknown[0]} here; available: {', '.join(ort.get_available_providers())}")
+        self.providers = providers
+        self._sessions: dict[str, object] = {}
+
+    def session(self, entry: GraphEntry):  # noqa: ANN201 - onnxruntime.InferenceSession
+        import onnxruntime as ort
+
+        key = entry.onnx[0].path
+        if key not in self._sessions:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self._sessions[key] = ort.InferenceSession(str(self.folder / key), options, providers=self.providers)
+        return self._sessions[key]
+
+    def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        session = self.session(entry)
+        if self.device.type != "cuda":
+            arrays = {n: feed[n].detach().contiguous().numpy() for n in INPUT_NAMES}
+            return torch.from_numpy(session.run(["latent"], arrays)[0])
+        binding = session.io_binding()
+        for name in INPUT_NAMES:
+            tensor = feed[name].contiguous()
+            binding.bind_input(name, "cuda", self.device.index or 0, _np_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
+        spec = self.manifest.outputs[0]
+        out = torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+        binding.bind_output("latent", "cuda", self.device.index or 0, _np_dtype(out.dtype), list(out.shape), out.data_ptr())
+        session.run_with_iobinding(binding)
+        return out
+
+
+def _np_dtype(dtype: torch.dtype):  # noqa: ANN202
+    import numpy as np
+
+    return {torch.float32: np.float32, torch.float16: np.float16}[dtype]
+
+
+class TensorRTBackend(Backend):
+    """Engines of the build, deserialized once; torch CUDA tensors bound by name; the current stream.
+
+    All stage contexts share one activation buffer (contexts created with user-managed device memory,
+    the largest engine's requirement allocated once), so several stage engines cost one set of
+    activations; only one stage runs at a time. CUDA graph capture replays a stage's launch sequence
+    when ``cuda_graphs`` is set. Written against TensorRT 10 / TensorRT-RTX 1.x; run only on a GPU.
+    """
+
+    def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device = "cuda",
+                 cuda_graphs: bool = False) -> None:
+        super().__init__(folder, manifest, device)
+        from ..compile import load_library
+
+        info = manifest.engine
+        if info.skipped or info.backend not in ("tensorrt", "tensorrt-rtx"):
+            raise AtedmError(f"build {folder} has no engines ({info.skipped or info.backend}); rebuild with --backend tensorrt or tensorrt-rtx")
+        self.name = info.backend
+        library = load_library(info.backend)
+        if library.version != info.version:
+            raise AtedmError(f"engines were built with {info.backend} {info.version}; this machine has {library.version}: rebuild them")
+        if not torch.cuda.is_available():
+            raise AtedmError(f"the {info.backend} backend needs a CUDA GPU; this machine has none (use --backend onnxruntime)")
+        self._check_target(info.targets)
+        self.trt = library.trt
+        self.cuda_graphs = cuda_graphs
+        self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.ERROR))
+        self.engines: dict[str, object] = {}
+        self.contexts: dict[str, object] = {}
+        self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        for entry in manifest.graphs():
+            self._load(entry)
+        size = max(_device_memory_size(e) for e in self.engines.values())
+        self.activations = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+        for context in self.contexts.values():
+            if hasattr(context, "set_device_memory"):
+                context.set_device_memory(self.activations.data_ptr(), size)
+            else:
+                context.device_memory = self.activations.data_ptr()
+
+    def _check_target(self, targets: list[str]) -> None:
+        major, minor = torch.cuda.get_device_capability(self.device)
+        local = f"sm{major}{minor}"
+        if targets and local not in targets and self.name == "tensorrt-rtx":
+            raise AtedmError(f"engines were built for {', '.join(targets)}; this GPU is {local}: rebuild with --target {local}")
+
+    def _load(self, entry: GraphEntry) -> None:
+        key = entry.engine.path
+        if key not in self.engines:
+            engine = self.runtime.deserialize_cuda_engine((self.folder / key).read_bytes())
+            if engine is None:
+                raise AtedmError(f"{key}: the engine does not load on this GPU and library (corrupt, or built for another)")
+            self.engines[key] = engine
+            strategy = getattr(self.trt, "ExecutionContextAllocationStrategy", None)
+            if strategy is not None:
+                self.contexts[key] = engine.create_execution_context(strategy.USER_MANAGED)
+            else:
+                self.contexts[key] = engine.create_execution_context_without_device_memory()
+
+    def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        key = entry.engine.path
+        if self.cuda_graphs:
+            return self._run_graph(key, feed)
+        context = self.contexts[key]
+        spec = self.manifest.outputs[0]
+        out = torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+        for name in INPUT_NAMES:
+            context.set_tensor_address(name, feed[name].contiguous().data_ptr())
+        context.set_tensor_address("latent", out.data_ptr())
+        if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise AtedmError(f"{entry.name}: engine execution failed")
+        return out
+
+    def _run_graph(self, key: str, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        if key not in self.graphs:
+            static = {n: feed[n].clone() for n in INPUT_NAMES}
+            context = self.contexts[key]
+            spec = self.manifest.outputs[0]
+            out = torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+            for name in INPUT_NAMES:
+                context.set_tensor_address(name, static[name].data_ptr())
+            context.set_tensor_address("latent", out.data_ptr())
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                context.execute_async_v3(stream.cuda_stream)  # warm-up outside capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    context.execute_async_v3(stream.cuda_stream)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for name in INPUT_NAMES:
+            static[name].copy_(feed[name])
+        graph.replay()
+        return out
+
+
+def _device_memory_size(engine: object) -> int:
+    getter = getattr(engine, "get_device_memory_size_v2", None)
+    return int(getter()) if getter else int(engine.device_memory_size)
+
+
+def load_backend(name: str, folder: str | Path, manifest: Manifest | None = None, device: str | None = None,
+                 **options: object) -> Backend:
+    """A backend by name for a build folder (the manifest is loaded and checked when not given)."""
+    folder = Path(folder)
+    manifest = manifest or Manifest.load(folder)
+    if name == "eager":
+        return EagerBackend(folder, manifest, device or "cpu")
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(folder, manifest, device or "cpu", **options)
+    if name in ("tensorrt", "tensorrt-rtx", "engine"):
+        if name != "engine" and manifest.engine.backend != name:
+            raise AtedmError(f"build {folder} has {manifest.engine.backend} engines, not {name}")
+        return TensorRTBackend(folder, manifest, device or "cuda", **options)
+    raise AtedmError(f"unknown backend '{name}'; expected one of: {', '.join(BACKEND_NAMES)}")

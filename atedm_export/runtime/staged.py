@@ -1,0 +1,171 @@
+"""``StagedUNet``: a drop-in for ``pipe.unet`` that runs the right DSAP stage's graph at each step.
+
+It has the call signature and output type of diffusers' ``UNet2DConditionModel`` and the attributes
+SDXL pipelines read (``config``, ``dtype``, ``device``, ``add_embedding.linear_1.in_features``), so::
+
+    staged = StagedUNet.load("build/sdxl", backend="tensorrt")
+    staged.attach(pipe)            # pipe.unet = staged, and staged follows pipe.scheduler's timesteps
+    image = pipe(prompt).images[0]
+
+Each call's timestep is looked up in the scheduler's timesteps to find the step index; the schedule's
+step ranges (for the run's step count) give the stage. Custom loops call ``set_timesteps`` instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from ..errors import AtedmError
+from ..manifest import Manifest
+from .backends import TORCH_DTYPES, Backend, load_backend
+
+
+class ScheduleError(AtedmError):
+    """A step the build cannot run: unknown timestep, no timesteps known, or a stage that was not built."""
+
+
+@dataclass
+class StageStats:
+    calls: int = 0
+    seconds: float = 0.0
+    steps: list[int] = field(default_factory=list)
+
+
+class StagedUNet(torch.nn.Module):
+    """Runs a build's stage graphs across the denoising loop on one backend."""
+
+    def __init__(self, manifest: Manifest, backend: Backend) -> None:
+        super().__init__()
+        self.manifest = manifest
+        self.backend = backend
+        self.schedule = manifest.graph_spec.dsap
+        self.config = FrozenDict(manifest.unet_config)
+        self.add_embedding = SimpleNamespace(
+            linear_1=SimpleNamespace(in_features=int(manifest.unet_config["projection_class_embeddings_input_dim"]))
+        )
+        self.encoder_hid_proj = None
+        self._scheduler: Any = None
+        self._timesteps: torch.Tensor | None = None
+        self._order = 1
+        self.stats: dict[str, StageStats] = {s.name: StageStats() for s in manifest.stages}
+
+    @classmethod
+    def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str | None = None, **options: Any) -> StagedUNet:
+        manifest = Manifest.load(folder)
+        return cls(manifest, load_backend(backend, folder, manifest, device, **options))
+
+    # --- what pipelines read -------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.manifest.inputs[0].dtype]
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    # --- step bookkeeping ----------------------------------------------------------------------
+
+    def attach(self, pipe: Any) -> Any:
+        """Make this the pipeline's UNet and follow its scheduler's timesteps."""
+        pipe.unet = self
+        self._scheduler = pipe.scheduler
+        return pipe
+
+    def set_timesteps(self, timesteps: Sequence[float] | torch.Tensor, order: int = 1) -> None:
+        """For custom loops: the timesteps of the run, in call order (``order`` calls per step)."""
+        self._timesteps = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+        self._order = order
+        self._check_stages(len(self._timesteps) // order)
+
+    def reset_stats(self) -> None:
+        self.stats = {s.name: StageStats() for s in self.manifest.stages}
+
+    def _current_timesteps(self) -> tuple[torch.Tensor, int]:
+        if self._scheduler is not None and getattr(self._scheduler, "timesteps", None) is not None:
+            return torch.as_tensor(self._scheduler.timesteps, dtype=torch.float64).cpu().flatten(), int(
+                getattr(self._scheduler, "order", 1)
+            )
+        if self._timesteps is not None:
+            return self._timesteps, self._order
+        raise ScheduleError("StagedUNet does not know the run's timesteps: call attach(pipe) or set_timesteps(...) first")
+
+    def _check_stages(self, num_steps: int) -> None:
+        if num_steps < 1:
+            raise ScheduleError(f"a run needs at least 1 step, got {num_steps}")
+        built = {s.name for s in self.manifest.stages}
+        for stage, steps in zip(self.schedule.stages, self.schedule.step_ranges(num_steps)):
+            if len(steps) and stage.name not in built:
+                raise ScheduleError(
+                    f"a {num_steps}-step run needs stage '{stage.name}' (steps {steps.start}-{steps.stop - 1}), "
+                    f"which this build does not have; built: {', '.join(sorted(built))}"
+                )
+
+    def locate(self, timestep: torch.Tensor | float) -> tuple[int, int, str]:
+        """``(step, num_steps, stage name)`` of a call at ``timestep``."""
+        timesteps, order = self._current_timesteps()
+        value = float(torch.as_tensor(timestep).flatten()[0])
+        matches = (timesteps - value).abs() < 1e-3
+        if not bool(matches.any()):
+            raise ScheduleError(f"timestep {value:g} is not one of the run's {len(timesteps)} timesteps")
+        num_steps = max(1, len(timesteps) // order)
+        step = min(int(matches.nonzero()[0]) // order, num_steps - 1)
+        self._check_stages(num_steps)
+        stage = self.schedule.stages[self.schedule.stage_index(step, num_steps)].name
+        return step, num_steps, stage
+
+    # --- the UNet call -------------------------------------------------------------------------
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        return_dict: bool = True,
+        **unsupported: Any,
+    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        extra = [k for k, v in unsupported.items() if v is not None]
+        if timestep_cond is not None or extra:
+            raise AtedmError(f"StagedUNet does not take {(['timestep_cond'] if timestep_cond is not None else []) + extra}")
+        if not added_cond_kwargs or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+            raise AtedmError("StagedUNet needs added_cond_kwargs with 'text_embeds' and 'time_ids' (SDXL conditioning)")
+        step, _, stage = self.locate(timestep)
+        batch = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device).to(torch.float32).flatten()
+        t = t.expand(batch).contiguous() if t.numel() == 1 else t
+        feed = {
+            "sample": sample,
+            "timestep": t,
+            "encoder_hidden_states": encoder_hidden_states,
+            "text_embeds": added_cond_kwargs["text_embeds"],
+            "time_ids": added_cond_kwargs["time_ids"],
+        }
+        start = time.perf_counter()
+        out = self.backend.run(stage, feed)
+        self.backend.synchronize()
+        stats = self.stats[stage]
+        stats.calls += 1
+        stats.seconds += time.perf_counter() - start
+        stats.steps.append(step)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def stage_report(self) -> list[dict]:
+        """Which stage ran at which steps, and for how long, since the last ``reset_stats``."""
+        rows = []
+        for name, s in self.stats.items():
+            steps = sorted(set(s.steps))
+            span = f"{steps[0]}-{steps[-1]}" if steps else "-"
+            rows.append({"stage": name, "steps": span, "calls": s.calls, "seconds": s.seconds})
+        return rows

@@ -1,0 +1,183 @@
+"""The runtime: StagedUNet across a denoising loop, generate, bench, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import EulerDiscreteScheduler
+from PIL import Image
+
+from atedm_export.build import BuildRequest, build
+from atedm_export.cli import main
+from atedm_export.errors import AtedmError
+from atedm_export.export import graph_feed
+from atedm_export.manifest import Manifest, ManifestError
+from atedm_export.models import example_inputs, unet_inputs
+from atedm_export.runtime import ScheduleError, StagedUNet, load_backend
+from atedm_export.runtime.backends import RuntimeInputError
+from atedm_export.runtime.pipeline import SDXL_SCHEDULER
+from atedm_export.spec import load_spec
+
+from .conftest import HAS_RTX
+
+
+def _denoise(staged: StagedUNet, num_steps: int, seed: int = 0) -> torch.Tensor:
+    """A plain Euler loop (no pipeline): what a custom sampler does with a StagedUNet."""
+    manifest = staged.manifest
+    spec = manifest.graph_spec
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
+    scheduler.set_timesteps(num_steps)
+    staged.set_timesteps(scheduler.timesteps)
+    cond = example_inputs(unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, 77), seed=seed)
+    latents = cond["sample"] * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = staged(scheduler.scale_model_input(latents, t), t, cond["encoder_hidden_states"],
+                     added_cond_kwargs=cond["added_cond_kwargs"]).sample
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+@pytest.mark.parametrize("num_steps", [20, 7, 1])
+def test_onnxruntime_loop_equals_eager_loop_and_switches_stages_on_schedule(tiny_build, num_steps):
+    onnx = StagedUNet.load(tiny_build, backend="onnxruntime")
+    eager = StagedUNet.load(tiny_build, backend="eager")
+    got, want = _denoise(onnx, num_steps), _denoise(eager, num_steps)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    ranges = onnx.schedule.step_ranges(num_steps)
+    for staged in (onnx, eager):
+        for stage, steps in zip(onnx.manifest.stages, ranges):
+            assert staged.stats[stage.name].calls == len(steps)
+            assert staged.stats[stage.name].steps == list(steps)
+
+
+def test_stock_pipeline_runs_with_staged_unet(tiny_build):
+    from atedm_export.runtime.pipeline import load_pipeline
+
+    staged = StagedUNet.load(tiny_build, backend="onnxruntime")
+    pipe = load_pipeline(staged)
+    assert pipe.unet is staged
+    image = pipe("a red fox", num_inference_steps=4, height=256, width=256, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (256, 256, 3) and np.isfinite(image).all()
+    assert [r["calls"] for r in staged.stage_report()] == [0, 4]  # paper: the early stage ends at round(0.1 × 4) = 0
+
+
+def test_generate_writes_a_deterministic_png(tiny_build, tmp_path):
+    paths = [tmp_path / name for name in ("a.png", "b.png", "c.png")]
+    for path, seed in zip(paths, (7, 7, 8)):
+        result = CliRunner().invoke(main, ["generate", str(tiny_build), "--prompt", "a red fox", "--steps", "4",
+                                           "--seed", str(seed), "-o", str(path)])
+        assert result.exit_code == 0, result.output
+        assert "early" in result.output and "main" in result.output
+    images = [np.asarray(Image.open(p)) for p in paths]
+    assert images[0].shape == (256, 256, 3)
+    assert np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.png"]
+
+
+def test_bench_json_is_consistent(tiny_build, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(tiny_build), "--repeats", "2", "--warmup", "0",
+                                       "--json", str(out), "--csv", str(tmp_path / "b.csv"), "--plot", str(tmp_path / "b.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["backends"] == ["eager", "onnxruntime"]
+    rows = {(r["backend"], r["graph"]): r for r in report["rows"]}
+    assert set(rows) == {(b, g) for b in ("eager", "onnxruntime") for g in ("baseline", "early", "main")}
+    eager_stock = rows[("eager", "baseline")]["median_ms"]
+    for (backend, graph), r in rows.items():
+        samples = report["samples_ms"][f"{backend}/{graph}"]
+        assert len(samples) == 2 and r["median_ms"] == pytest.approx(float(np.median(samples)))
+        assert r["speedup_vs_eager"] == pytest.approx(eager_stock / r["median_ms"])
+        assert r["speedup_vs_unpruned"] == pytest.approx(rows[(backend, "baseline")]["median_ms"] / r["median_ms"])
+        assert r["flops_speedup"] == pytest.approx(rows[(backend, "baseline")]["graph_tflops"] / r["graph_tflops"])
+    for s in report["schedule"]:
+        per_image = sum(rows[(s["backend"], g)]["median_ms"] * rows[(s["backend"], g)]["steps"] for g in ("early", "main")) / 1e3
+        assert s["seconds_per_image"] == pytest.approx(per_image)
+        assert s["speedup_vs_unpruned"] == pytest.approx(s["unpruned_seconds_per_image"] / per_image)
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "b.csv").read_text().startswith("backend,graph,")
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def feed(tiny_build):
+    manifest = Manifest.load(tiny_build)
+    spec = manifest.graph_spec
+    return graph_feed(example_inputs(unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, 77)))
+
+
+def test_wrong_shape_and_dtype_name_the_expected_values(tiny_build, feed):
+    backend = load_backend("onnxruntime", tiny_build)
+    with pytest.raises(RuntimeInputError, match=r"'sample' has shape \[2, 4, 64, 64\]; the build expects \[2, 4, 32, 32\].*256x256"):
+        backend.run("main", {**feed, "sample": torch.zeros(2, 4, 64, 64)})
+    with pytest.raises(RuntimeInputError, match="'encoder_hidden_states' is torch.float16; the build expects float32"):
+        backend.run("main", {**feed, "encoder_hidden_states": feed["encoder_hidden_states"].half()})
+    with pytest.raises(AtedmError, match="build has no graph 'late'"):
+        backend.run("late", feed)
+
+
+def test_unknown_backend(tiny_build):
+    with pytest.raises(AtedmError, match="unknown backend 'openvino'"):
+        load_backend("openvino", tiny_build)
+    result = CliRunner().invoke(main, ["bench", str(tiny_build), "--backends", "eager,openvino"])
+    assert result.exit_code == 2 and "unknown backend 'openvino'" in result.output
+
+
+def test_missing_and_corrupted_files(tiny_build, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_build, copy)
+    entry = Manifest.load(copy).graph("early")
+    artifact = copy / (entry.engine.path if entry.engine else entry.onnx[0].path)
+    artifact.write_bytes(artifact.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ManifestError, match="early: .* does not match its checksum"):
+        StagedUNet.load(copy)
+    artifact.unlink()
+    result = CliRunner().invoke(main, ["generate", str(copy), "-p", "x", "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "is missing" in result.output
+
+
+def test_engines_need_a_gpu(tiny_build):
+    if not HAS_RTX or torch.cuda.is_available():
+        pytest.skip("needs RTX engines in the build and no GPU")
+    with pytest.raises(AtedmError, match="needs a CUDA GPU"):
+        load_backend("tensorrt-rtx", tiny_build)
+
+
+def test_steps_outside_the_build(tmp_path_factory, tiny_build, feed):
+    out = tmp_path_factory.mktemp("partial") / "main-only"
+    build(BuildRequest(load_spec("tiny-sdxl"), out, backend="onnx", stages=("main",)))
+    staged = StagedUNet.load(out, backend="onnxruntime")
+    with pytest.raises(ScheduleError, match="needs stage 'early' \\(steps 0-1\\), which this build does not have"):
+        staged.set_timesteps(range(950, 0, -50))
+    staged.set_timesteps([999])  # one step: 'early' is empty, 'main' runs it
+    with pytest.raises(ScheduleError, match="timestep 500 is not one of the run's 1 timesteps"):
+        staged(feed["sample"], torch.tensor(500.0), feed["encoder_hidden_states"],
+               added_cond_kwargs={"text_embeds": feed["text_embeds"], "time_ids": feed["time_ids"]})
+    fresh = StagedUNet.load(tiny_build, backend="onnxruntime")
+    with pytest.raises(ScheduleError, match="does not know the run's timesteps"):
+        fresh(feed["sample"], torch.tensor(500.0), feed["encoder_hidden_states"],
+              added_cond_kwargs={"text_embeds": feed["text_embeds"], "time_ids": feed["time_ids"]})
+    result = CliRunner().invoke(main, ["generate", str(out), "-p", "x", "--steps", "20", "-o", str(tmp_path_factory.mktemp("g") / "x.png")])
+    assert result.exit_code == 2 and "needs stage 'early'" in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_backend_matches_onnxruntime_on_gpu(tiny_build, feed):
+    manifest = Manifest.load(tiny_build)
+    if manifest.engine.skipped:
+        pytest.skip("the build has no engines")
+    engine = load_backend(manifest.engine.backend, tiny_build)
+    onnx = load_backend("onnxruntime", tiny_build)
+    for entry in manifest.graphs():
+        got = engine.run(entry.name, {k: v.cuda() for k, v in feed.items()}).cpu()
+        torch.testing.assert_close(got, onnx.run(entry.name, feed), atol=2e-3, rtol=1e-3)
