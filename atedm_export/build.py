@@ -2,8 +2,8 @@
 
 Everything is written into a hidden sibling folder and renamed into place only when the whole build
 succeeded, so an error, a full disk or Ctrl-C never leaves a half build where a runtime could load it.
-One UNet is loaded once; each stage is applied, exported and removed in turn, so the full SDXL never
-exists twice in memory.
+Each graph is exported from a freshly loaded UNet that is freed before its ONNX graph is cleaned, so
+the full SDXL never exists twice in memory (peak: one copy of the weights plus graphsurgeon's).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from pathlib import Path
 from .compile import BuildOptions, EngineLibrary, EngineUnavailable, load_library
 from .dsap import stage_plan
 from .errors import AtedmError
-from .export import check_onnx, export_onnx, io_specs
+from .export import check_onnx, export_raw, finalize, io_specs
 from .flops import count_flops, graph_flops
 from .manifest import EngineInfo, FileEntry, GraphEntry, Manifest, TensorEntry, file_entry, tool_versions
-from .models import attention_blocks, build_unet, load_unet, unet_inputs
+from .models import attention_blocks, build_unet, load_unet, unet_config, unet_inputs
 from .pruning import StagePlan
 from .spec import GraphSpec
 
@@ -129,12 +129,9 @@ def _build_into(
 ) -> Manifest:
     spec = request.spec
     start = time.perf_counter()
-    tick = time.perf_counter()
-    unet = load_unet(spec.model, dtype=spec.dtype, seed=spec.seed)
-    progress("model", f"loaded {spec.model} ({spec.precision})", time.perf_counter() - tick)
-    meta = build_unet(dict(unet.config), device="meta")
-    blocks = attention_blocks(unet, spec.height, spec.width)
-    shapes = unet_inputs(dict(unet.config), spec.batch, spec.height, spec.width, spec.text_length)
+    meta = build_unet(unet_config(spec.model), device="meta")
+    blocks = attention_blocks(meta, spec.height, spec.width)
+    shapes = unet_inputs(dict(meta.config), spec.batch, spec.height, spec.width, spec.text_length)
     inputs, outputs = io_specs(shapes, spec.dtype)
     options = BuildOptions(request.targets, request.optimization_level, request.workspace_gib, request.timing_cache)
     tokens = {b.name: b.tokens for b in blocks}
@@ -144,8 +141,16 @@ def _build_into(
         folder = work / name
         folder.mkdir()
         tick = time.perf_counter()
-        files = export_onnx(unet, plan, shapes, spec.dtype, folder / "unet.onnx")
+        # One graph at a time, and no UNet in memory while its ONNX graph is cleaned: the full SDXL
+        # exists once, as torch weights or as ONNX, never both plus a copy.
+        unet = load_unet(spec.model, dtype=spec.dtype, seed=spec.seed)
+        raw = folder / "raw.onnx"
+        export_raw(unet, plan, shapes, spec.dtype, raw)
+        del unet
         gc.collect()
+        files = finalize(raw, folder / "unet.onnx")
+        for leftover in folder.glob("raw.onnx*"):
+            leftover.unlink()
         export_seconds = time.perf_counter() - tick
         progress(name, "exported", export_seconds)
         tick = time.perf_counter()
@@ -181,8 +186,6 @@ def _build_into(
             }))
             continue
         stages.append(make(stage.name, plan, stage.until, ranges[index]))
-    del unet
-    gc.collect()
 
     spec_data = spec.model_dump(mode="json")
     spec_data["schedule"] = spec.dsap.model_dump(mode="json")

@@ -77,14 +77,19 @@ def flops(spec: str, schedule: str | None, as_json: bool) -> None:
     table.add_row("schedule", f"{report.steps}", f"{report.schedule_tflops * scale:.3f}",
                   f"{report.schedule_saving:.1%}", "")
     out.print(table)
-    keep = Table(title="kept tokens per attention block")
-    keep.add_column("block")
-    keep.add_column("tokens", justify="right")
-    for s in report.stages:
-        keep.add_column(s.name, justify="right")
-    for name, tokens in report.tokens.items():
-        keep.add_row(name, str(tokens), *(str(s.keep[name]) for s in report.stages))
-    out.print(keep)
+    out.print(_keep_table(report.tokens, {s.name: s.keep for s in report.stages}))
+
+
+def _keep_table(tokens: dict[str, int], stages: dict[str, dict[str, int]]) -> Table:
+    """Blocks × stages: how many tokens each stage keeps in each attention block."""
+    table = Table(title="kept tokens per attention block")
+    table.add_column("block")
+    table.add_column("tokens", justify="right")
+    for name in stages:
+        table.add_column(name, justify="right")
+    for block, count in tokens.items():
+        table.add_row(block, str(count), *(str(keep[block]) for keep in stages.values()))
+    return table
 
 
 def _mib(n: int | None) -> str:
@@ -197,14 +202,7 @@ def inspect(build_dir: Path, as_json: bool) -> None:
     out.print(f"[bold]{spec.name}[/]: {spec.model} {spec.width}x{spec.height}, batch {spec.batch}, {spec.precision}, "
               f"{spec.steps} steps, schedule '{spec.dsap.name}'; engines: {engines}", highlight=False)
     out.print(_graphs_table(manifest, "graphs"))
-    keep = Table(title="kept tokens per attention block")
-    keep.add_column("block")
-    keep.add_column("tokens", justify="right")
-    for entry in manifest.stages:
-        keep.add_column(entry.name, justify="right")
-    for name, tokens in manifest.tokens.items():
-        keep.add_row(name, str(tokens), *(str(e.keep[name]) for e in manifest.stages))
-    out.print(keep)
+    out.print(_keep_table(manifest.tokens, {e.name: e.keep for e in manifest.stages}))
     ops = Table(title="op histogram (top 12)")
     ops.add_column("op")
     graphs = list(data["ops"])

@@ -6,10 +6,13 @@ sinusoidal embedding in fp32), ``encoder_hidden_states [B,T,D]``, ``text_embeds 
 
 Two exporters, chosen by what the machine can afford:
 
-* TorchScript tracing (``dynamo=False``) by default: 9 s for a tiny graph. It runs one real forward pass.
+* TorchScript tracing (``dynamo=False``) for small models: 9 s for a tiny graph. It runs one real
+  forward pass and builds the whole ONNX proto, weights included, in memory.
 * The dynamo exporter (``torch.export`` on fake tensors, then onnxscript's optimizer, which TensorRT needs
-  to lose ``SplitToSequence``) for fp16 on a CPU: it never runs the model. CPU fp16 matmuls run at
-  0.2 GFLOP/s on our machines, so a full-SDXL fp16 trace would take hours; dynamo takes ~80 s a graph.
+  to lose ``SplitToSequence``) for fp16 on a CPU and for models over 2 GB of weights: it never runs the
+  model and writes weights straight from torch. CPU fp16 matmuls run at 0.2 GFLOP/s on our machines (a
+  full-SDXL fp16 trace would take hours), and a TorchScript export of fp32 SDXL would hold 10 GB of
+  weights twice. Dynamo takes ~80-120 s a graph whatever the width.
 
 Both give graphs within 1.5e-6 of eager in onnxruntime on the tiny model. onnx-graphsurgeon then folds
 constants and shape computations and removes dead nodes, and ``onnx.shape_inference`` annotates every
@@ -100,26 +103,28 @@ def io_specs(shapes: UNetInputs, dtype: torch.dtype) -> tuple[list[TensorSpec], 
 
 
 def _weights_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
+    return sum(t.ByteSize() for t in model.graph.initializer)  # ByteSize reads no tensor bytes
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``onnx.shape_inference`` on a graph of any size, annotating ``model`` in place.
 
-    In-memory inference serializes the model, which protobuf refuses past 2 GiB. Shapes only need the
-    weights' dims, so the bytes of large initializers are set aside during inference and put back.
-    (Saving with external data instead would rewrite the initializers to point at the saved file.)
+    In-memory inference serializes the model, which protobuf refuses past 2 GiB, and copying a 5 GB
+    graph costs 5 GB. Shapes only need the weights' dims, so inference runs on a skeleton: the same
+    nodes, with large initializers reduced to name, type and dims. Only the inferred shapes come back.
     """
-    set_aside = []
+    skeleton = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    skeleton.opset_import.extend(model.opset_import)
+    graph = skeleton.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
     for tensor in model.graph.initializer:
-        if len(tensor.raw_data) > (1 << 20):
-            set_aside.append((tensor, tensor.raw_data))
-            tensor.ClearField("raw_data")
-    try:
-        shaped = onnx.shape_inference.infer_shapes(model)
-    finally:
-        for tensor, data in set_aside:
-            tensor.raw_data = data
+        if tensor.ByteSize() > (1 << 20):
+            graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        else:
+            graph.initializer.append(tensor)
+    shaped = onnx.shape_inference.infer_shapes(skeleton)
     del model.graph.value_info[:]
     model.graph.value_info.extend(shaped.graph.value_info)
     return model
@@ -133,11 +138,13 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     import onnx_graphsurgeon as gs
 
-    for _ in range(2):  # a second round folds what the first round's shapes made static
+    for _ in range(2):  # the second round folds what the first round's shapes made static
         graph = gs.import_onnx(infer_shapes(model))
+        del model  # graphsurgeon keeps the tensors it needs; at most two copies of the weights live
         graph.fold_constants(size_threshold=64 * 1024 * 1024)
         graph.cleanup().toposort()
         model = gs.export_onnx(graph)
+        del graph
     return infer_shapes(model)
 
 
@@ -154,32 +161,35 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
     return files
 
 
-def export_onnx(
-    unet: UNet2DConditionModel, plan: StagePlan | None, shapes: UNetInputs, dtype: torch.dtype, path: Path
-) -> list[Path]:
-    """Export ``unet`` with ``plan`` applied (None: the stock UNet) to ``path``; returns the files written.
+def export_raw(
+    unet: UNet2DConditionModel, plan: StagePlan | None, shapes: UNetInputs, dtype: torch.dtype, raw: Path
+) -> None:
+    """Export ``unet`` with ``plan`` applied (None: the stock UNet) to ``raw``, as the exporter writes it.
 
-    The plan is removed again afterwards, so one loaded UNet serves every stage in turn.
+    The plan is removed again afterwards, so one loaded UNet can serve several stages.
     """
     apply_atedm(unet, plan) if plan is not None else remove_atedm(unet)
     try:
         args = graph_args(example_inputs(shapes, dtype=dtype, device=unet.device))
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as raw_dir:
-            raw = Path(raw_dir) / "raw.onnx"
-            with warnings.catch_warnings(), torch.no_grad(), _quiet():
-                warnings.simplefilter("ignore")
-                _torch_export(UNetGraph(unet).eval(), args, raw, exporter_for(dtype, unet.device))
-            model = onnx.load(str(raw))
-        model = cleanup(model)
-        model.producer_name = "atedm-export"
-        return save_onnx(model, path)
+        with warnings.catch_warnings(), torch.no_grad(), _quiet():
+            warnings.simplefilter("ignore")
+            _torch_export(UNetGraph(unet).eval(), args, raw, exporter_for(unet))
     finally:
         remove_atedm(unet)
 
 
-def exporter_for(dtype: torch.dtype, device: torch.device) -> str:
-    """``dynamo`` where a real trace would be unaffordable (fp16 on a CPU), else ``torchscript``."""
-    return "dynamo" if dtype == torch.float16 and device.type == "cpu" else "torchscript"
+def finalize(raw: Path, path: Path) -> list[Path]:
+    """Clean the exporter's graph (constants folded, dead nodes gone, shapes inferred) and save it at ``path``."""
+    model = cleanup(onnx.load(str(raw)))
+    model.producer_name = "atedm-export"
+    return save_onnx(model, path)
+
+
+def exporter_for(unet: UNet2DConditionModel) -> str:
+    """``dynamo`` where a real trace is unaffordable (fp16 on a CPU, weights over 2 GB), else ``torchscript``."""
+    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    cpu_fp16 = unet.dtype == torch.float16 and unet.device.type == "cpu"
+    return "dynamo" if cpu_fp16 or weights > EXTERNAL_DATA_BYTES else "torchscript"
 
 
 def _torch_export(graph: UNetGraph, args: tuple[torch.Tensor, ...], raw: Path, exporter: str) -> None:

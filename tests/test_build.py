@@ -180,11 +180,11 @@ def test_unwritable_output(tmp_path, monkeypatch):
     ids=["disk-full", "ctrl-c"],
 )
 def test_failing_export_leaves_nothing(tmp_path, monkeypatch, failure):
-    def export_then_fail(unet, plan, shapes, dtype, path):
-        path.write_bytes(b"half a graph")
+    def export_then_fail(unet, plan, shapes, dtype, raw):
+        raw.write_bytes(b"half a graph")
         raise failure
 
-    monkeypatch.setattr(build_module, "export_onnx", export_then_fail)
+    monkeypatch.setattr(build_module, "export_raw", export_then_fail)
     result = _cli("build", small_spec(tmp_path), "--out", str(tmp_path / "o"), "--backend", "onnx")
     assert result.exit_code == (130 if isinstance(failure, KeyboardInterrupt) else 2)
     assert "No space left on device" in result.output or "interrupted" in result.output
@@ -192,14 +192,14 @@ def test_failing_export_leaves_nothing(tmp_path, monkeypatch, failure):
 
 
 def test_failing_stage_leaves_nothing(tmp_path, monkeypatch):
-    real = build_module.export_onnx
+    real = build_module.export_raw
 
-    def fail_on_main(unet, plan, shapes, dtype, path):
-        if path.parent.name == "main":
+    def fail_on_main(unet, plan, shapes, dtype, raw):
+        if raw.parent.name == "main":
             raise build_module.AtedmError("main: engine build failed: simulated")
-        return real(unet, plan, shapes, dtype, path)
+        return real(unet, plan, shapes, dtype, raw)
 
-    monkeypatch.setattr(build_module, "export_onnx", fail_on_main)
+    monkeypatch.setattr(build_module, "export_raw", fail_on_main)
     result = _cli("build", small_spec(tmp_path), "--out", str(tmp_path / "o"), "--backend", "onnx")
     assert result.exit_code == 2 and "simulated" in result.output
     assert _leftovers(tmp_path) == ["small.yaml"]
@@ -229,3 +229,17 @@ def test_rtx_without_target_on_a_cpu_machine_skips_engines_with_the_reason(tmp_p
     result = _cli("build", small_spec(tmp_path), "--out", str(tmp_path / "o"), "--stages", "main")
     assert result.exit_code == 0, result.output
     assert "engines skipped" in result.output and "needs --target" in result.output
+
+
+@pytest.mark.slow
+def test_fp16_build_through_the_dynamo_exporter(tmp_path):
+    """fp16 on a CPU goes through the dynamo exporter (a real fp16 trace would take hours here)."""
+    args = ["build", small_spec(tmp_path, precision="fp16"), "--out", str(tmp_path / "o")]
+    args += ["--backend", "tensorrt-rtx", "--target", "sm89"] if HAS_RTX else ["--backend", "onnx"]
+    result = _cli(*args)
+    assert result.exit_code == 0, result.output
+    manifest = Manifest.load(tmp_path / "o")
+    assert {t.dtype for t in manifest.inputs} == {"float16", "float32"}  # timestep stays fp32
+    assert all(g.engine is not None for g in manifest.graphs()) == HAS_RTX
+    checks = verify_build(tmp_path / "o")
+    assert all(c.passed for c in checks), checks

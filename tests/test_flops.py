@@ -16,7 +16,6 @@ def _flops(*args: str) -> dict:
     return json.loads(result.output)
 
 
-@pytest.mark.slow
 def test_sdxl_paper_schedule_hits_the_paper_budget():
     report = _flops("graphs/sdxl-base-1024.yaml", "--schedule", "paper")
     assert report["baseline_tflops"] == pytest.approx(6.76, abs=0.01)
@@ -27,7 +26,6 @@ def test_sdxl_paper_schedule_hits_the_paper_budget():
     assert main_stage["keep"]["down_blocks.1.attentions.0"] == 1516
 
 
-@pytest.mark.slow
 def test_sdxl_uniform_63_saves_40_percent():
     report = _flops("sdxl-base-1024", "--schedule", "uniform-63")
     assert report["schedule_saving"] == pytest.approx(0.402, abs=0.002)

@@ -181,3 +181,15 @@ def test_engine_backend_matches_onnxruntime_on_gpu(tiny_build, feed):
     for entry in manifest.graphs():
         got = engine.run(entry.name, {k: v.cuda() for k, v in feed.items()}).cpu()
         torch.testing.assert_close(got, onnx.run(entry.name, feed), atol=2e-3, rtol=1e-3)
+
+
+def test_second_order_scheduler_steps_map_to_stages(tiny_build):
+    from diffusers import HeunDiscreteScheduler
+
+    staged = StagedUNet.load(tiny_build, backend="onnxruntime")
+    scheduler = HeunDiscreteScheduler(**{k: v for k, v in SDXL_SCHEDULER.items() if k != "interpolation_type"})
+    scheduler.set_timesteps(20)
+    staged._scheduler = scheduler  # what attach(pipe) does
+    steps = [staged.locate(t)[0] for t in scheduler.timesteps]
+    assert steps[0] == 0 and steps[-1] == 19 and sorted(set(steps)) == list(range(20))
+    assert [staged.locate(t)[2] for t in scheduler.timesteps[:3]] == ["early", "early", "early"]

@@ -85,7 +85,7 @@ class StagedUNet(torch.nn.Module):
         """For custom loops: the timesteps of the run, in call order (``order`` calls per step)."""
         self._timesteps = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
         self._order = order
-        self._check_stages(len(self._timesteps) // order)
+        self._check_stages(-(-len(self._timesteps) // order))
 
     def reset_stats(self) -> None:
         self.stats = {s.name: StageStats() for s in self.manifest.stages}
@@ -117,8 +117,9 @@ class StagedUNet(torch.nn.Module):
         matches = (timesteps - value).abs() < 1e-3
         if not bool(matches.any()):
             raise ScheduleError(f"timestep {value:g} is not one of the run's {len(timesteps)} timesteps")
-        num_steps = max(1, len(timesteps) // order)
-        step = min(int(matches.nonzero()[0]) // order, num_steps - 1)
+        # Order-2 schedulers (Heun) visit t0, t1, t1, t2, t2, …: 2n - 1 timesteps for n steps.
+        num_steps = int(getattr(self._scheduler, "num_inference_steps", 0) or 0) or -(-len(timesteps) // order)
+        step = min(-(-int(matches.nonzero()[0]) // order), num_steps - 1)
         self._check_stages(num_steps)
         stage = self.schedule.stages[self.schedule.stage_index(step, num_steps)].name
         return step, num_steps, stage
