@@ -36,7 +36,7 @@ class Row:
     p90_ms: float
     min_ms: float
     graph_tflops: float
-    speedup_vs_eager: float  # eager stock UNet median / this median
+    speedup_vs_eager: float | None  # eager stock UNet median / this median (None: eager not timed)
     speedup_vs_unpruned: float  # same backend's baseline median / this median
     flops_speedup: float  # baseline FLOPs / this graph's FLOPs
 
@@ -47,7 +47,7 @@ class ScheduleRow:
     seconds_per_image: float  # the whole schedule, one UNet call (batch) per step
     unpruned_seconds_per_image: float
     speedup_vs_unpruned: float
-    speedup_vs_eager: float
+    speedup_vs_eager: float | None
     flops_speedup: float
 
 
@@ -94,6 +94,7 @@ def run_bench(folder: str | Path, backends: list[str], warmup: int = 1, repeats:
             if progress:
                 progress(f"{name}: {entry.name}")
             medians[(name, entry.name)] = time_calls(backend, entry.name, feed, warmup, repeats)
+            backend.release()
         del backend
     return _report(folder, manifest, backends, medians, warmup, repeats)
 
@@ -112,7 +113,7 @@ def _report(folder: Path, manifest: Manifest, backends: list[str], samples: dict
             rows.append(Row(
                 name, entry.name, steps, m, _percentile(samples[(name, entry.name)], 0.1),
                 _percentile(samples[(name, entry.name)], 0.9), min(samples[(name, entry.name)]), entry.graph_tflops,
-                (eager_ref / m) if eager_ref else float("nan"), unpruned / m, base_flops / entry.graph_tflops,
+                (eager_ref / m) if eager_ref else None, unpruned / m, base_flops / entry.graph_tflops,
             ))
         if manifest.complete:
             per_image = sum(median[(name, s.name)] * (s.steps[1] - s.steps[0]) for s in manifest.stages) / 1e3
@@ -120,7 +121,7 @@ def _report(folder: Path, manifest: Manifest, backends: list[str], samples: dict
             unpruned_image = unpruned * spec.steps / 1e3
             schedule.append(ScheduleRow(
                 name, per_image, unpruned_image, unpruned_image / per_image,
-                (eager_ref * spec.steps / 1e3 / per_image) if eager_ref else float("nan"),
+                (eager_ref * spec.steps / 1e3 / per_image) if eager_ref else None,
                 base_flops * spec.steps / flops,
             ))
     return {

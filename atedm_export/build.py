@@ -17,10 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .compile import BuildOptions, EngineLibrary, EngineUnavailable, load_library
 from .dsap import stage_plan
 from .errors import AtedmError
-from .export import check_onnx, export_raw, finalize, io_specs
+from .export import EXTERNAL_DATA_BYTES, check_onnx, export_raw, finalize, io_specs
 from .flops import count_flops, graph_flops
 from .manifest import EngineInfo, FileEntry, GraphEntry, Manifest, TensorEntry, file_entry, tool_versions
 from .models import attention_blocks, build_unet, load_unet, unet_config, unet_inputs
@@ -42,6 +44,7 @@ class BuildRequest:
     optimization_level: int = 3
     workspace_gib: float | None = None
     timing_cache: Path | None = None
+    strip_weights: bool | None = None  # None: strip when the weights pass 2 GB and a GPU is present
 
 
 def _silent(graph: str, event: str, seconds: float | None) -> None:
@@ -133,7 +136,17 @@ def _build_into(
     blocks = attention_blocks(meta, spec.height, spec.width)
     shapes = unet_inputs(dict(meta.config), spec.batch, spec.height, spec.width, spec.text_length)
     inputs, outputs = io_specs(shapes, spec.dtype)
-    options = BuildOptions(request.targets, request.optimization_level, request.workspace_gib, request.timing_cache)
+    strip = request.strip_weights
+    gpu = torch.cuda.is_available()
+    if strip and library is not None and not gpu:
+        raise AtedmError("--strip-weights needs a GPU at build time (TensorRT-RTX compiles stripped plans on it); "
+                         "build on the GPU machine or pass --keep-weights")
+    if strip is None:
+        big = sum(p.numel() for p in meta.parameters()) * torch.finfo(spec.dtype).bits // 8 > EXTERNAL_DATA_BYTES
+        strip = big and gpu
+    options = BuildOptions(request.targets, request.optimization_level, request.workspace_gib, request.timing_cache, strip)
+    if library is not None:
+        engine_info = engine_info.model_copy(update={"weights_stripped": strip})
     tokens = {b.name: b.tokens for b in blocks}
     ranges = spec.dsap.step_ranges(spec.steps)
 

@@ -127,6 +127,10 @@ def _graphs_table(manifest, title: str) -> Table:  # noqa: ANN001
     return table
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}×"
+
+
 def _split(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
@@ -143,8 +147,11 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
 @click.option("--workspace", type=click.FloatRange(min=0.1), help="Builder workspace limit in GiB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file (read and updated).")
+@click.option("--strip-weights/--keep-weights", default=None,
+              help="Weight-stripped engines, refitted from the ONNX weights at load [default: above 2 GB, on a GPU machine].")
 def build(spec: str, out: Path | None, backend: str, target: str | None, precision: str | None, stages: str | None,
-          force: bool, opt_level: int, workspace: float | None, timing_cache: Path | None) -> None:
+          force: bool, opt_level: int, workspace: float | None, timing_cache: Path | None,
+          strip_weights: bool | None) -> None:
     """Export every DSAP stage of SPEC (and the unpruned baseline) to ONNX and compile engines.
 
     SPEC is a graph spec YAML file or a built-in spec name (default: tiny-sdxl). The build is written to
@@ -166,7 +173,8 @@ def build(spec: str, out: Path | None, backend: str, target: str | None, precisi
     for t in targets:
         if not re.fullmatch(r"sm\d{2,3}", t):
             raise AtedmError(f"unknown target '{t}'; expected a compute capability such as sm86 or sm89")
-    request = BuildRequest(graph_spec, out, backend, targets, _split(stages), force, opt_level, workspace, timing_cache)
+    request = BuildRequest(graph_spec, out, backend, targets, _split(stages), force, opt_level, workspace, timing_cache,
+                           strip_weights)
     start = time.perf_counter()
     with console.status("building…") as status:
         def progress(graph: str, event: str, seconds: float | None) -> None:
@@ -334,7 +342,7 @@ def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str
     for r in report["rows"]:
         label = "stock diffusers UNet" if (r["backend"], r["graph"]) == ("eager", "baseline") else r["graph"]
         table.add_row(r["backend"], label, f"{r['median_ms']:.1f}", f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}",
-                      f"{r['speedup_vs_eager']:.2f}×", f"{r['speedup_vs_unpruned']:.2f}×", f"{r['flops_speedup']:.2f}×")
+                      _ratio(r["speedup_vs_eager"]), _ratio(r["speedup_vs_unpruned"]), _ratio(r["flops_speedup"]))
     out.print(table)
     if report["schedule"]:
         sched = Table(title=f"whole schedule, per image ({report['steps']} steps)")
@@ -342,7 +350,7 @@ def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str
             sched.add_column(column, justify="left" if column == "backend" else "right")
         for s in report["schedule"]:
             sched.add_row(s["backend"], f"{s['seconds_per_image']:.2f}", f"{s['unpruned_seconds_per_image']:.2f}",
-                          f"{s['speedup_vs_unpruned']:.2f}×", f"{s['speedup_vs_eager']:.2f}×", f"{s['flops_speedup']:.2f}×")
+                          _ratio(s["speedup_vs_unpruned"]), _ratio(s["speedup_vs_eager"]), _ratio(s["flops_speedup"]))
         out.print(sched)
     if json_path:
         json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -67,6 +67,7 @@ class EngineInfo(_Model):
     version: str | None = None
     targets: list[str] = []
     optimization_level: int | None = None
+    weights_stripped: bool = False  # plans without weights, refitted from each graph's ONNX at load
     skipped: str | None = None  # why no engines were built
 
 

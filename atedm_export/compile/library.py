@@ -33,6 +33,7 @@ class BuildOptions:
     optimization_level: int = 3
     workspace_gib: float | None = None
     timing_cache: Path | None = None  # tensorrt only; TensorRT-RTX has none
+    strip_weights: bool = False  # weight-stripped plan, refitted from the graph's weights at load
 
 
 class _Logger:
@@ -109,8 +110,14 @@ class EngineLibrary:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
         if self.is_rtx:
             self._set_targets(config, options.targets)
+        if options.strip_weights:
+            # The plan leaves out weights identical to the ONNX file's; the runtime refits them from it.
+            # Saves the plan's copy of the weights on disk and in the builder (5 GB for SDXL in fp16).
+            config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+            config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
         cache = self._load_timing_cache(config, options.timing_cache)
         serialized = builder.build_serialized_network(network, config)
+        del parser, network
         if serialized is None:
             reason = log.errors[-1] if log.errors else "no reason given"
             raise EngineBuildError(f"{onnx_path.name}: engine build failed: {reason}")

@@ -64,6 +64,9 @@ class Backend(abc.ABC):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def release(self) -> None:
+        """Drop per-graph state that can be rebuilt (sessions): full-size graphs one at a time in memory."""
+
 
 class EagerBackend(Backend):
     """The reference: the UNet of the manifest with each stage's plan applied in PyTorch."""
@@ -103,6 +106,9 @@ class OnnxRuntimeBackend(Backend):
             raise AtedmError(f"onnxruntime has no {unknown[0]} here; available: {', '.join(ort.get_available_providers())}")
         self.providers = providers
         self._sessions: dict[str, object] = {}
+
+    def release(self) -> None:
+        self._sessions.clear()
 
     def session(self, entry: GraphEntry):  # noqa: ANN201 - onnxruntime.InferenceSession
         import onnxruntime as ort
@@ -188,12 +194,22 @@ class TensorRTBackend(Backend):
             engine = self.runtime.deserialize_cuda_engine((self.folder / key).read_bytes())
             if engine is None:
                 raise AtedmError(f"{key}: the engine does not load on this GPU and library (corrupt, or built for another)")
+            if self.manifest.engine.weights_stripped:
+                self._refit(engine, self.folder / entry.onnx[0].path)
             self.engines[key] = engine
             strategy = getattr(self.trt, "ExecutionContextAllocationStrategy", None)
             if strategy is not None:
                 self.contexts[key] = engine.create_execution_context(strategy.USER_MANAGED)
             else:
                 self.contexts[key] = engine.create_execution_context_without_device_memory()
+
+    def _refit(self, engine: object, onnx_path: Path) -> None:
+        """Put the weights back into a weight-stripped plan, from the graph they were stripped from."""
+        logger = self.trt.Logger(self.trt.Logger.ERROR)
+        refitter = self.trt.Refitter(engine, logger)
+        parser = self.trt.OnnxParserRefitter(refitter, logger)
+        if not parser.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
+            raise AtedmError(f"{onnx_path.name}: refitting the weight-stripped engine failed (graph and engine differ?)")
 
     def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         key = entry.engine.path
