@@ -95,7 +95,7 @@ def _select_stages(request: BuildRequest) -> list[int]:
 
 def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
     """Run the whole build; returns the manifest of the folder now at ``request.out``."""
-    spec, out = request.spec, request.out.resolve()
+    out = request.out.resolve()
     _check_destination(out, request.force)
     selected = _select_stages(request)
     library, engine_info = resolve_engine(request)
