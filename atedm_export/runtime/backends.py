@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from ..errors import AtedmError
-from ..export import INPUT_NAMES, UNetGraph
+from ..export import INPUT_NAMES, ONNX_DTYPES, UNetGraph
 from ..manifest import GraphEntry, Manifest
 from ..models import load_unet
 from ..pruning import apply_atedm, remove_atedm
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: dtype for dtype, name in ONNX_DTYPES.items()}  # manifest dtype name → torch dtype
 BACKEND_NAMES = ("eager", "onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
@@ -59,6 +59,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def new_output(self) -> torch.Tensor:
+        """An empty ``latent`` tensor of the build's output shape and dtype, on this backend's device."""
+        spec = self.manifest.outputs[0]
+        return torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -129,8 +134,7 @@ class OnnxRuntimeBackend(Backend):
         for name in INPUT_NAMES:
             tensor = feed[name].contiguous()
             binding.bind_input(name, "cuda", self.device.index or 0, _np_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
-        spec = self.manifest.outputs[0]
-        out = torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+        out = self.new_output()
         binding.bind_output("latent", "cuda", self.device.index or 0, _np_dtype(out.dtype), list(out.shape), out.data_ptr())
         session.run_with_iobinding(binding)
         return out
@@ -216,8 +220,7 @@ class TensorRTBackend(Backend):
         if self.cuda_graphs:
             return self._run_graph(key, feed)
         context = self.contexts[key]
-        spec = self.manifest.outputs[0]
-        out = torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+        out = self.new_output()
         for name in INPUT_NAMES:
             context.set_tensor_address(name, feed[name].contiguous().data_ptr())
         context.set_tensor_address("latent", out.data_ptr())
@@ -229,8 +232,7 @@ class TensorRTBackend(Backend):
         if key not in self.graphs:
             static = {n: feed[n].clone() for n in INPUT_NAMES}
             context = self.contexts[key]
-            spec = self.manifest.outputs[0]
-            out = torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+            out = self.new_output()
             for name in INPUT_NAMES:
                 context.set_tensor_address(name, static[name].data_ptr())
             context.set_tensor_address("latent", out.data_ptr())
