@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from .manifest import EngineInfo, FileEntry, GraphEntry, Manifest, TensorEntry, 
 from .models import attention_blocks, build_unet, load_unet, unet_config, unet_inputs
 from .pruning import StagePlan
 from .spec import GraphSpec
+from .staging import check_destination, staged_folder
 
 ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")
 Progress = Callable[[str, str, float | None], None]  # (graph, what happened, seconds)
@@ -73,18 +72,6 @@ def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineI
     return None, EngineInfo(backend="onnx", skipped="; ".join(reasons))
 
 
-def _check_destination(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise AtedmError(f"output folder {out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise AtedmError(f"output path {out} exists and is not a folder")
-    parent = out.parent
-    if not parent.is_dir():
-        raise AtedmError(f"cannot create {out}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise AtedmError(f"cannot write to {parent}: permission denied")
-
-
 def _select_stages(request: BuildRequest) -> list[int]:
     names = [s.name for s in request.spec.dsap.stages]
     unknown = [s for s in request.stages if s not in names]
@@ -96,30 +83,11 @@ def _select_stages(request: BuildRequest) -> list[int]:
 def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
     """Run the whole build; returns the manifest of the folder now at ``request.out``."""
     out = request.out.resolve()
-    _check_destination(out, request.force)
+    check_destination(out, request.force)
     selected = _select_stages(request)
     library, engine_info = resolve_engine(request)
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
-        manifest = _build_into(work, request, selected, library, engine_info, progress)
-        _move_into_place(work, out)
-        return manifest
-    except OSError as exc:
-        raise AtedmError(f"build failed: {exc.strerror or exc} ({exc.filename or work})") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _move_into_place(work: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    work.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with staged_folder(out) as work:
+        return _build_into(work, request, selected, library, engine_info, progress)
 
 
 def _build_into(

@@ -255,7 +255,10 @@ RUNTIME_BACKENDS = ["onnxruntime", "eager", "tensorrt", "tensorrt-rtx"]
 
 
 @main.command()
-@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.argument("build_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--triton", "triton_url", metavar="URL",
+              help="Run the UNet on a Triton server instead of a local build: http://HOST:PORT or grpc://HOST:PORT.")
+@click.option("--triton-model", default="atedm_unet", show_default=True, help="The router model's name on the server.")
 @click.option("--prompt", "-p", required=True, help="What to draw.")
 @click.option("--negative-prompt", default=None, help="What to avoid.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [default: the spec's].")
@@ -264,9 +267,13 @@ RUNTIME_BACKENDS = ["onnxruntime", "eager", "tensorrt", "tensorrt-rtx"]
 @click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="onnxruntime", show_default=True)
 @click.option("--device", default=None, help="torch device for the backend [default: cpu, cuda for TensorRT].")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
-def generate(build_dir: Path, prompt: str, negative_prompt: str | None, steps: int | None, seed: int,
-             guidance: float, backend: str, device: str | None, output: Path) -> None:
-    """Run the SDXL pipeline of a build with its stage graphs as the UNet; write one PNG."""
+def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, prompt: str, negative_prompt: str | None,
+             steps: int | None, seed: int, guidance: float, backend: str, device: str | None, output: Path) -> None:
+    """Run the SDXL pipeline of a build with its stage graphs as the UNet; write one PNG.
+
+    The UNet runs locally on BUILD_DIR's graphs, or, with --triton, on a Triton server that serves a
+    repository written by `atedm-export deploy` (the build's manifest is read from the server).
+    """
     import os
     import tempfile
 
@@ -279,7 +286,14 @@ def generate(build_dir: Path, prompt: str, negative_prompt: str | None, steps: i
         raise AtedmError(f"output {output} must be a .png file")
     if not output.parent.resolve().is_dir():
         raise AtedmError(f"cannot write {output}: folder {output.parent} does not exist")
-    staged = StagedUNet.load(build_dir, backend=backend, device=device)
+    if (build_dir is None) == (triton_url is None):
+        raise AtedmError("give either BUILD_DIR (run the graphs here) or --triton URL (run them on a server), not both")
+    if triton_url:
+        from .deploy.client import connect
+
+        staged, backend = connect(triton_url, triton_model), f"Triton ({triton_url})"
+    else:
+        staged = StagedUNet.load(build_dir, backend=backend, device=device)
     spec = staged.manifest.graph_spec
     steps = steps or spec.steps
     if spec.batch % 2 and guidance > 1.0:
@@ -358,3 +372,116 @@ def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str
         write_csv(report, csv_path)
     if plot_path:
         write_plot(report, plot_path)
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--triton", "repository", required=True, type=click.Path(path_type=Path),
+              help="Model repository folder to write.")
+@click.option("--name", default="atedm_unet", show_default=True, help="Name of the UNet model clients call.")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True,
+              help="tensorrt: the build's TensorRT plans as tensorrt_plan models (GPU servers); onnxruntime: the ONNX "
+                   "graphs in Python-backend models (CPU servers); auto: tensorrt where the build has TensorRT plans.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Instances of each model.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Rows (latents) per request and per dynamic batch [default: the build's static batch].")
+@click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="How long the dynamic batcher waits to fill a batch.")
+@click.option("--link", is_flag=True, help="Hard-link the artifacts instead of copying them (same filesystem).")
+@click.option("--force", is_flag=True, help="Replace an existing repository folder.")
+def deploy(build_dir: Path, repository: Path, name: str, backend: str, instances: int, max_batch: int | None,
+           queue_delay_us: int, link: bool, force: bool) -> None:
+    """Write a Triton Inference Server model repository for a build.
+
+    One model per graph (TensorRT plans, or ONNX graphs on onnxruntime) and a router model that takes
+    the UNet call plus the step and step count, and runs each row on its DSAP stage's graph. Every
+    config is checked with Triton's model-config protobuf and every copied file against its sha256.
+    """
+    from .deploy.repository import DeployRequest
+    from .deploy.repository import deploy as run_deploy
+    from .manifest import Manifest
+
+    if backend == "auto":
+        engine = Manifest.load(build_dir, verify=False).engine
+        backend = "tensorrt" if engine.backend == "tensorrt" and not engine.weights_stripped else "onnxruntime"
+        console.print(f"variant: [bold]{backend}[/] (the build has {engine.backend if not engine.skipped else 'no'} engines)",
+                      highlight=False)
+    start = time.perf_counter()
+
+    def progress(model: str, event: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/]  [bold]{model:<24}[/] {event}", highlight=False)
+
+    record = run_deploy(DeployRequest(build_dir, repository, name, backend, instances, max_batch, queue_delay_us, link,
+                                      force), progress)
+    table = Table(title=f"{repository.resolve()}: {record['backend']} variant")
+    for column in ("model", "serves", "files", "MiB"):
+        table.add_column(column, justify="left" if column in ("model", "serves") else "right")
+    for model, info in record["models"].items():
+        serves = info["graph"] or "router: " + ", ".join(f"{g}→{m}" for g, m in info["routes"].items())
+        table.add_row(model, serves, str(len(info["files"])), _mib(sum(f["bytes"] for f in info["files"])))
+    console.print(table)
+    console.print(f"[green]wrote[/] {repository} in {time.perf_counter() - start:.1f}s; start it as its README.md says",
+                  highlight=False)
+
+
+@main.command()
+@click.argument("repository", type=click.Path(path_type=Path))
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=1), default=300, show_default=True, help="Seconds to wait for readiness.")
+def serve(repository: Path, http_port: int, grpc_port: int, timeout: float) -> None:
+    """Serve a deployed repository with a local tritonserver on loopback, until Ctrl-C.
+
+    The server is the one tools/setup.sh unpacks (nvidia-pytriton's, with the Python backend; it runs
+    on a CPU), an NGC install, or $ATEDM_TRITONSERVER. Models run in this Python environment.
+    """
+    from .deploy.repository import check_repository
+    from .deploy.server import TritonServer, TritonServerError
+
+    check_repository(repository)
+    server = TritonServer(repository, http_port, grpc_port)
+    start = time.perf_counter()
+    try:
+        with console.status(f"starting tritonserver on {server.http_url}…"):
+            server.start(timeout)
+        console.print(f"[green]ready[/] in {time.perf_counter() - start:.1f}s: HTTP {server.http_url}, "
+                      f"gRPC {server.grpc_url}; Ctrl-C stops it", highlight=False)
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+        raise TritonServerError(f"tritonserver stopped: {server.first_error()}")
+    finally:
+        server.stop()
+
+
+@main.command("load-test")
+@click.argument("url")
+@click.option("--model", default="atedm_unet", show_default=True, help="The router model's name on the server.")
+@click.option("--requests", "count", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON.")
+def load_test(url: str, model: str, count: int, concurrency: int, seed: int, json_path: Path | None) -> None:
+    """UNet calls from concurrent clients to a served repository: latency percentiles, errors, identity.
+
+    Requests cycle over the first step of every DSAP stage; each distinct request is sent alone first,
+    and every concurrent output must equal it bit for bit. Exit status 1 on any error or mismatch.
+    """
+    from .deploy.client import load_test as run_load_test
+
+    with console.status("load test…") as status:
+        report = run_load_test(url, model, count, concurrency, seed,
+                               progress=lambda i: status.update(f"load test: {i + 1}/{count} requests"))
+    table = Table(title=f"{report['spec']} on {url} ({model}): {count} requests of batch {report['batch']}, "
+                        f"{concurrency} concurrent clients")
+    for column in ("errors", "mismatches", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests/s", "wall s"):
+        table.add_column(column, justify="right")
+    table.add_row(str(report["errors"]), str(report["mismatches"]), f"{report['p50_ms']:.1f}", f"{report['p90_ms']:.1f}",
+                  f"{report['p99_ms']:.1f}", f"{report['max_ms']:.1f}", f"{report['throughput_rps']:.2f}",
+                  f"{report['wall_seconds']:.1f}")
+    out.print(table)
+    if report["first_error"]:
+        console.print(f"[red]first error:[/] {report['first_error']}", highlight=False)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if report["errors"] or report["mismatches"]:
+        sys.exit(1)

@@ -135,12 +135,21 @@ class Manifest(_Model):
 
     def verify_files(self, folder: Path) -> None:
         for entry in self.graphs():
-            for item in [*entry.onnx, *([entry.engine] if entry.engine else [])]:
-                target = folder / item.path
-                if not target.is_file():
-                    raise ManifestError(f"{entry.name}: {item.path} is missing from {folder}")
-                if target.stat().st_size != item.bytes or sha256(target) != item.sha256:
-                    raise ManifestError(f"{entry.name}: {item.path} does not match its checksum (corrupted or replaced)")
+            verify_entry(folder, entry)
+
+
+def verify_entry(folder: Path, entry: GraphEntry, engine: bool = True) -> None:
+    """Check one graph's files (and its engine) against their sizes and sha256, naming the first that differs."""
+    for item in [*entry.onnx, *([entry.engine] if engine and entry.engine else [])]:
+        verify_file(folder / item.path, item, entry.name)
+
+
+def verify_file(target: Path, item: FileEntry, owner: str) -> None:
+    """One artifact (possibly copied elsewhere under another name) against its manifest entry."""
+    if not target.is_file():
+        raise ManifestError(f"{owner}: {target} is missing")
+    if target.stat().st_size != item.bytes or sha256(target) != item.sha256:
+        raise ManifestError(f"{owner}: {item.path} does not match its checksum (corrupted or replaced)")
 
 
 def sha256(path: Path) -> str:

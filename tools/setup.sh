@@ -10,4 +10,22 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ "${ATEDM_TORCH:-}" != "skip" ]; then
   python -m pip install -q "torch==${ATEDM_TORCH:-2.13.0}"
 fi
-python -m pip install -q -e ".[dev,rtx]"
+python -m pip install -q -e ".[dev,rtx,triton]"
+
+# A real Triton Inference Server for `atedm-export serve` and the deploy tests: the tritonserver binary
+# (CPU, Python backend) that ships in nvidia-pytriton's wheel, unpacked into .venv/triton, not installed
+# (pytriton itself pins numpy<2). ATEDM_TRITON=skip leaves it out.
+if [ "${ATEDM_TRITON:-}" != "skip" ] && [ ! -x .venv/triton/pytriton/tritonserver/bin/tritonserver ]; then
+  rm -rf .venv/triton .venv/triton-wheel
+  python -m pip download -q --no-deps "nvidia-pytriton==${ATEDM_PYTRITON:-0.7.0}" -d .venv/triton-wheel
+  python - <<'PY'
+import pathlib, zipfile
+wheel = next(pathlib.Path(".venv/triton-wheel").glob("nvidia_pytriton-*.whl"))
+with zipfile.ZipFile(wheel) as archive:
+    for info in archive.infolist():
+        if info.filename.startswith(("pytriton/tritonserver/", "nvidia_pytriton.libs/")):
+            path = pathlib.Path(archive.extract(info, ".venv/triton"))
+            path.chmod((info.external_attr >> 16) & 0o755 or 0o644)
+PY
+  rm -rf .venv/triton-wheel
+fi

@@ -142,7 +142,7 @@ class StagedUNet(torch.nn.Module):
             raise AtedmError(f"StagedUNet does not take {(['timestep_cond'] if timestep_cond is not None else []) + extra}")
         if not added_cond_kwargs or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
             raise AtedmError("StagedUNet needs added_cond_kwargs with 'text_embeds' and 'time_ids' (SDXL conditioning)")
-        step, _, stage = self.locate(timestep)
+        step, num_steps, stage = self.locate(timestep)
         batch = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device).to(torch.float32).flatten()
         t = t.expand(batch).contiguous() if t.numel() == 1 else t
@@ -152,6 +152,9 @@ class StagedUNet(torch.nn.Module):
             "encoder_hidden_states": encoder_hidden_states,
             "text_embeds": added_cond_kwargs["text_embeds"],
             "time_ids": added_cond_kwargs["time_ids"],
+            # Graph backends read the five graph inputs only; a served UNet (Triton) routes by these.
+            "step": torch.full((batch,), step, dtype=torch.int32),
+            "num_steps": torch.full((batch,), num_steps, dtype=torch.int32),
         }
         start = time.perf_counter()
         out = self.backend.run(stage, feed)

@@ -1,0 +1,193 @@
+"""Call a deployed UNet on a Triton server, over HTTP or gRPC.
+
+``connect(url)`` returns a ``StagedUNet`` whose stage graphs run on the server: a drop-in for
+``pipe.unet``, with the build's manifest read from the router model's config, so no build folder is
+needed on the client. Each call sends the step and the step count; the server routes the rows and says
+which stage ran, and the client checks that against its own reading of the schedule.
+``load_test`` measures latency under concurrency and checks every output against a sequential one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import AtedmError
+from ..export import INPUT_NAMES, OUTPUT_NAMES, graph_feed
+from ..manifest import GraphEntry, Manifest
+from ..models import example_inputs, unet_inputs
+from ..runtime.backends import Backend
+from ..runtime.staged import StagedUNet
+from .config import TRITON_TYPES
+from .routing import STAGE_OUTPUT, STEP_INPUTS
+from .serving import MANIFEST_PARAMETER
+
+DEFAULT_MODEL = "atedm_unet"
+
+
+class TritonClientError(AtedmError):
+    """The server cannot be reached, lacks the model, or refused a request (its message is quoted)."""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``http://host:port``, ``grpc://host:port`` or ``host:port`` (HTTP) → (protocol, host:port)."""
+    protocol, _, address = url.rpartition("://")
+    protocol = protocol or "http"
+    if protocol not in ("http", "grpc") or not address or "/" in address:
+        raise TritonClientError(f"Triton URL '{url}' must look like http://HOST:PORT or grpc://HOST:PORT")
+    return protocol, address
+
+
+def _module(protocol: str) -> ModuleType:
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+    except ImportError:
+        raise TritonClientError("calling Triton needs tritonclient: pip install 'atedm-export[triton]'") from None
+    return module
+
+
+def _first_line(exc: BaseException) -> str:
+    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
+    return (str(message).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class TritonBackend(Backend):
+    """Runs each UNet call on the server's router model; the server picks the graph from the step."""
+
+    name = "triton"
+
+    def __init__(self, url: str, model: str, manifest: Manifest, client: Any, module: ModuleType) -> None:
+        super().__init__(Path("."), manifest, "cpu")
+        self.url, self.model, self.client, self.module = url, model, client, module
+
+    @classmethod
+    def connect(cls, url: str, model: str = DEFAULT_MODEL) -> TritonBackend:
+        protocol, address = parse_url(url)
+        module = _module(protocol)
+        try:
+            client = module.InferenceServerClient(address)
+            if not client.is_model_ready(model):
+                raise TritonClientError(f"Triton at {url} has no ready model '{model}'")
+            config = client.get_model_config(model, **({"as_json": True} if protocol == "grpc" else {}))
+        except TritonClientError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - connection and protocol errors of two client libraries
+            raise TritonClientError(f"cannot reach Triton at {url}: {_first_line(exc)}") from None
+        config = config.get("config", config)
+        text = config.get("parameters", {}).get(MANIFEST_PARAMETER, {}).get("string_value")
+        if not text:
+            raise TritonClientError(f"model '{model}' at {url} is not an atedm-export router (no {MANIFEST_PARAMETER})")
+        return cls(url, model, Manifest.model_validate_json(text), client, module)
+
+    def inputs(self, feed: dict[str, torch.Tensor]) -> list[Any]:
+        """Graph inputs plus step and step count, one row per latent; per-row scalars as ``[b, 1]``."""
+        rows = feed["sample"].shape[0]
+        wire = []
+        for name in (*INPUT_NAMES, *STEP_INPUTS):
+            array = feed[name].detach().cpu().contiguous().numpy()
+            array = array.reshape(rows, 1) if array.ndim == 1 else array
+            datatype = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16"}.get(array.dtype)
+            if datatype is None:
+                raise TritonClientError(f"input '{name}' is {array.dtype}; the Triton client sends fp32, fp16 or int32")
+            tensor = self.module.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            wire.append(tensor)
+        return wire
+
+    def infer(self, feed: dict[str, torch.Tensor], client: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(latent, stage index per row)`` for one request."""
+        outputs = [self.module.InferRequestedOutput(n) for n in (*OUTPUT_NAMES, STAGE_OUTPUT)]
+        try:
+            result = (client or self.client).infer(self.model, self.inputs(feed), outputs=outputs)
+        except Exception as exc:  # noqa: BLE001 - InferenceServerException, or the connection dropped
+            raise TritonClientError(f"Triton at {self.url}, model '{self.model}': {_first_line(exc)}") from None
+        return result.as_numpy(OUTPUT_NAMES[0]), result.as_numpy(STAGE_OUTPUT).reshape(-1)
+
+    def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        latent, stages = self.infer(feed)
+        ran = {self.manifest.stages[int(i)].name for i in stages}
+        if ran != {entry.name}:
+            raise TritonClientError(f"the server ran stage {', '.join(sorted(ran))} where this client expected "
+                                    f"'{entry.name}': server and client read the schedule differently")
+        return torch.from_numpy(latent.copy())  # the client's buffer is read-only
+
+    def release(self) -> None:
+        self.client.close()
+
+
+def connect(url: str, model: str = DEFAULT_MODEL) -> StagedUNet:
+    """The served UNet as a ``StagedUNet`` (``attach(pipe)`` it, or call it in a custom loop)."""
+    backend = TritonBackend.connect(url, model)
+    return StagedUNet(backend.manifest, backend)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def load_test(url: str, model: str = DEFAULT_MODEL, requests: int = 200, concurrency: int = 16, seed: int = 0,
+              progress: Any = None) -> dict:
+    """``requests`` UNet calls from ``concurrency`` clients, cycling over every stage of the schedule.
+
+    Each distinct request is first sent once, alone: every concurrent output must equal it exactly.
+    Latency is per request, measured on the client (encode, send, queue, run, receive).
+    """
+    backend = TritonBackend.connect(url, model)
+    manifest = backend.manifest
+    spec = manifest.graph_spec
+    shapes = unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, spec.text_length)
+    base = graph_feed(example_inputs(shapes, dtype=spec.dtype, seed=seed))
+    steps = [r.start for r in spec.dsap.step_ranges(spec.steps) if len(r)]
+    feeds = [{**base, "step": torch.full((spec.batch,), s, dtype=torch.int32),
+              "num_steps": torch.full((spec.batch,), spec.steps, dtype=torch.int32)} for s in steps]
+    for feed in feeds:
+        backend.check(feed)
+    reference = [backend.infer(feed) for feed in feeds]
+    local = threading.local()
+    clients: list[Any] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> tuple[float, bool, str | None]:
+        if not hasattr(local, "client"):
+            local.client = backend.module.InferenceServerClient(parse_url(url)[1])
+            with lock:
+                clients.append(local.client)
+        start = time.perf_counter()
+        try:
+            latent, stages = backend.infer(feeds[i % len(feeds)], local.client)
+        except TritonClientError as exc:
+            return time.perf_counter() - start, False, str(exc)
+        seconds = time.perf_counter() - start
+        want_latent, want_stages = reference[i % len(feeds)]
+        same = np.array_equal(latent, want_latent) and np.array_equal(stages, want_stages)
+        if progress:
+            progress(i)
+        return seconds, same, None
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - start
+    for client in clients:
+        client.close()
+    backend.release()
+    errors = [e for _, _, e in results if e]
+    latencies = [s * 1e3 for s, _, e in results if not e]
+    return {
+        "url": url, "model": model, "spec": spec.name, "batch": spec.batch, "steps_sent": steps,
+        "requests": requests, "concurrency": concurrency, "errors": len(errors), "first_error": errors[0] if errors else None,
+        "mismatches": sum(1 for _, same, e in results if not e and not same),
+        "wall_seconds": wall, "throughput_rps": requests / wall,
+        "p50_ms": _percentile(latencies, 50), "p90_ms": _percentile(latencies, 90), "p99_ms": _percentile(latencies, 99),
+        "mean_ms": float(np.mean(latencies)) if latencies else float("nan"), "max_ms": max(latencies, default=float("nan")),
+    }

@@ -1,0 +1,177 @@
+"""Triton ``config.pbtxt`` files, built and checked with Triton's own model-config protobuf.
+
+Configs are built as ``ModelConfig`` messages (from ``tritonclient``), printed as protobuf text, parsed
+back, and checked for what makes a server refuse a model at load: a name that differs from its folder,
+no backend or an unknown one, a missing model file, non-static or empty dims, duplicate tensor names,
+batching options on a model that cannot batch, instance kinds the backend does not run on. A repository
+that would not load is an error at deploy time, not on the server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import AtedmError
+from ..manifest import Manifest, TensorEntry
+from .routing import STAGE_OUTPUT, STEP_INPUTS
+from .serving import GRAPH_MODELS_PARAMETER, GRAPH_PARAMETER, MANIFEST_PARAMETER
+
+CONFIG = "config.pbtxt"
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+#: manifest dtype → Triton data type
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
+#: what each backend needs in the version folder, and the instance kinds it runs on
+MODEL_FILES = {"python": "model.py", "tensorrt_plan": "model.plan"}
+INSTANCE_KINDS = {"python": {"KIND_CPU", "KIND_GPU", "KIND_MODEL"}, "tensorrt_plan": {"KIND_GPU"}}
+
+
+class DeployError(AtedmError):
+    """A repository that cannot be written, or that a Triton server would refuse to load."""
+
+
+def _pb() -> Any:
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise DeployError("deploy needs tritonclient: pip install 'atedm-export[triton]'") from None
+    return model_config_pb2
+
+
+def _add_tensors(field: Any, tensors: list[tuple[str, str, list[int]]]) -> None:
+    pb = _pb()
+    for name, data_type, dims in tensors:
+        field.add(name=name, data_type=pb.DataType.Value(data_type), dims=dims)
+
+
+def _graph_tensors(entries: list[TensorEntry]) -> list[tuple[str, str, list[int]]]:
+    return [(t.name, TRITON_TYPES[t.dtype], list(t.shape)) for t in entries]
+
+
+def graph_config(name: str, manifest: Manifest, graph: str, backend: str, instances: int) -> Any:
+    """One graph at the build's static shapes: a TensorRT plan on GPUs, or the onnxruntime stage model."""
+    pb = _pb()
+    config = pb.ModelConfig(name=name, max_batch_size=0)
+    if backend == "tensorrt":
+        config.platform = "tensorrt_plan"
+        config.default_model_filename = MODEL_FILES["tensorrt_plan"]
+        kind = pb.ModelInstanceGroup.KIND_GPU
+    else:
+        config.backend = "python"
+        config.parameters[GRAPH_PARAMETER].string_value = graph
+        kind = pb.ModelInstanceGroup.KIND_CPU
+    _add_tensors(config.input, _graph_tensors(manifest.inputs))
+    _add_tensors(config.output, _graph_tensors(manifest.outputs))
+    config.instance_group.add(kind=kind, count=instances)
+    return config
+
+
+def router_config(name: str, manifest: Manifest, graph_models: dict[str, str], instances: int, max_batch: int,
+                  queue_delay_us: int) -> Any:
+    """The UNet clients call: per-row inputs plus step and step count, batched up to ``max_batch`` rows."""
+    pb = _pb()
+    config = pb.ModelConfig(name=name, backend="python", max_batch_size=max_batch)
+    rows = [(t.name, TRITON_TYPES[t.dtype], list(t.shape[1:]) or [1]) for t in manifest.inputs]
+    _add_tensors(config.input, rows + [(n, "TYPE_INT32", [1]) for n in STEP_INPUTS])
+    out = manifest.outputs[0]
+    _add_tensors(config.output, [(out.name, TRITON_TYPES[out.dtype], list(out.shape[1:])),
+                                 (STAGE_OUTPUT, "TYPE_INT32", [1])])
+    config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=instances)
+    config.parameters[MANIFEST_PARAMETER].string_value = manifest.model_dump_json()
+    config.parameters[GRAPH_MODELS_PARAMETER].string_value = json.dumps(graph_models, sort_keys=True)
+    return config
+
+
+def to_text(config: Any) -> str:
+    """Protobuf text, parsed back with Triton's ModelConfig and compared, before anything is written."""
+    from google.protobuf import text_format
+
+    text = text_format.MessageToString(config)
+    if parse(text, f"{config.name}/{CONFIG}") != config:
+        raise DeployError(f"{config.name}/{CONFIG} does not survive a round trip through Triton's ModelConfig")
+    return text
+
+
+def parse(text: str, source: str) -> Any:
+    from google.protobuf import text_format
+
+    config = _pb().ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise DeployError(f"{source}: not a valid Triton model config: {exc}") from None
+    return config
+
+
+def check_model(folder: Path, config: Any) -> None:
+    """What makes Triton refuse to load the model in ``folder``; each failure is one line naming it."""
+    pb = _pb()
+    where = f"{folder.name}/{CONFIG}"
+    if config.name != folder.name:
+        raise DeployError(f"{where}: name '{config.name}' differs from its folder '{folder.name}'")
+    if not MODEL_NAME.match(config.name):
+        raise DeployError(f"{where}: model name '{config.name}' must be letters, digits, '_' or '-'")
+    kind = config.platform or config.backend
+    if kind not in MODEL_FILES or (config.platform and config.backend):
+        raise DeployError(f"{where}: backend '{kind}' is not one deploy writes; expected one of: {', '.join(MODEL_FILES)}")
+    model_file = folder / "1" / (config.default_model_filename or MODEL_FILES[kind])
+    if not model_file.is_file():
+        raise DeployError(f"{where}: version 1 has no {model_file.name}")
+    if config.max_batch_size < 0:
+        raise DeployError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
+    if config.HasField("dynamic_batching") and config.max_batch_size == 0:
+        raise DeployError(f"{where}: dynamic_batching needs max_batch_size > 0")
+    for direction, tensors in (("input", config.input), ("output", config.output)):
+        names = [t.name for t in tensors]
+        if not names or len(set(names)) != len(names) or not all(names):
+            raise DeployError(f"{where}: {direction} names must be present and unique, got {names}")
+        for t in tensors:
+            if t.data_type == pb.TYPE_INVALID:
+                raise DeployError(f"{where}: {direction} '{t.name}' has no data_type")
+            if not t.dims or any(d < 1 for d in t.dims):
+                raise DeployError(f"{where}: {direction} '{t.name}' needs static positive dims, got {list(t.dims)}")
+    allowed = INSTANCE_KINDS[kind]
+    for group in config.instance_group:
+        kind_name = pb.ModelInstanceGroup.Kind.Name(group.kind)
+        if group.count < 1 or kind_name not in allowed:
+            raise DeployError(f"{where}: instance group {kind_name} x{group.count}; {kind} runs {', '.join(sorted(allowed))}, count >= 1")
+
+
+def read_repository(repository: Path) -> dict[str, Any]:
+    """Every model of a repository, parsed and checked: ``{name: ModelConfig}``."""
+    configs = {}
+    for folder in sorted(p for p in repository.iterdir() if p.is_dir()):
+        path = folder / CONFIG
+        if not path.is_file():
+            raise DeployError(f"{folder.name}: no {CONFIG}; Triton loads every folder of a repository as a model")
+        config = parse(path.read_text(), f"{folder.name}/{CONFIG}")
+        check_model(folder, config)
+        configs[config.name] = config
+    if not configs:
+        raise DeployError(f"{repository} holds no models")
+    return configs
+
+
+def check_routes(configs: dict[str, Any], router: str) -> Manifest:
+    """The router's graph models exist and take exactly the build's static inputs and outputs."""
+    config = configs.get(router)
+    if config is None or MANIFEST_PARAMETER not in config.parameters:
+        raise DeployError(f"the repository has no atedm-export router model '{router}'; it has: {', '.join(configs)}")
+    manifest = Manifest.model_validate_json(config.parameters[MANIFEST_PARAMETER].string_value)
+    graph_models = json.loads(config.parameters[GRAPH_MODELS_PARAMETER].string_value)
+    want = _pb().ModelConfig()
+    _add_tensors(want.input, _graph_tensors(manifest.inputs))
+    _add_tensors(want.output, _graph_tensors(manifest.outputs))
+    for graph, model in graph_models.items():
+        served = configs.get(model)
+        if served is None:
+            raise DeployError(f"{router} routes graph '{graph}' to model '{model}', which the repository lacks")
+        if list(served.input) != list(want.input) or list(served.output) != list(want.output):
+            raise DeployError(f"{model}/{CONFIG}: inputs and outputs differ from the build's static graph I/O")
+    for stage in manifest.stages:
+        if (stage.same_as or stage.name) not in graph_models:
+            raise DeployError(f"{router} has no model for stage '{stage.name}'")
+    return manifest

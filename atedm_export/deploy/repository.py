@@ -1,0 +1,170 @@
+"""``atedm-export deploy``: a build folder → a Triton model repository.
+
+Layout (``--name atedm_unet``)::
+
+    REPO/atedm_unet/            the UNet clients call (Python backend): routes rows to stage graphs by BLS
+    REPO/atedm_unet_baseline/   the unpruned graph    } tensorrt:    1/model.plan (tensorrt_plan, KIND_GPU)
+    REPO/atedm_unet_<stage>/    each pruned stage     } onnxruntime: 1/model.py + the ONNX graph (Python, CPU)
+    REPO/README.md              how to start the server and call it
+    REPO/atedm-deploy.json      what was deployed from where, every file with its sha256
+
+A stage that prunes nothing is routed to the baseline model. Artifacts are copied (or hard-linked with
+``link``) and each copy is checked against the manifest's sha256; configs are checked with Triton's own
+model-config protobuf; the repository is written to a hidden folder and renamed into place when whole.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..manifest import FileEntry, GraphEntry, Manifest, file_entry, verify_file
+from ..staging import check_destination, staged_folder
+from .config import CONFIG, MODEL_NAME, DeployError, check_routes, graph_config, read_repository, router_config, to_text
+from .readme import repository_readme
+
+VARIANTS = ("tensorrt", "onnxruntime")
+RECORD = "atedm-deploy.json"
+MODEL_SOURCES = {  # what each generated model.py holds: the model lives in the package, versioned with it
+    "router": "from atedm_export.deploy.serving import RouterModel as TritonPythonModel  # noqa: F401\n",
+    "onnxruntime": "from atedm_export.deploy.serving import OnnxRuntimeStageModel as TritonPythonModel  # noqa: F401\n",
+}
+Progress = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    build: Path
+    repository: Path
+    name: str = "atedm_unet"
+    backend: str = "tensorrt"  # tensorrt: tensorrt_plan models on GPUs | onnxruntime: Python-backend models on CPUs
+    instances: int = 1
+    max_batch: int | None = None  # rows per router call; default: the build's static batch
+    queue_delay_us: int = 2000  # how long the router's dynamic batcher waits to fill a batch
+    link: bool = False  # hard-link artifacts instead of copying (same filesystem)
+    force: bool = False
+
+
+def _check(request: DeployRequest, manifest: Manifest) -> None:
+    if request.backend not in VARIANTS:
+        raise DeployError(f"unknown deploy backend '{request.backend}'; expected one of: {', '.join(VARIANTS)}")
+    if not MODEL_NAME.match(request.name):
+        raise DeployError(f"model name '{request.name}' must be letters, digits, '_' or '-'")
+    if request.instances < 1:
+        raise DeployError(f"--instances must be >= 1, got {request.instances}")
+    if request.max_batch is not None and request.max_batch < 1:
+        raise DeployError(f"--max-batch must be >= 1, got {request.max_batch}")
+    if request.backend != "tensorrt":
+        return
+    engine = manifest.engine
+    if engine.backend != "tensorrt":
+        found = f"{engine.backend} engines" if not engine.skipped else "no engines"
+        raise DeployError(f"{request.build} has {found}; Triton's tensorrt_plan backend loads TensorRT plans only: "
+                          "rebuild with --backend tensorrt on the GPU, or deploy --backend onnxruntime")
+    if engine.weights_stripped:
+        raise DeployError(f"{request.build} has weight-stripped engines, which Triton's TensorRT backend does not refit; "
+                          "rebuild with --keep-weights")
+
+
+def _place(source: Path, target: Path, item: FileEntry, owner: str, link: bool) -> FileEntry:
+    """Copy (or hard-link) one artifact and check the copy against the manifest's checksum."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)  # another filesystem: a copy it is
+    else:
+        shutil.copy2(source, target)
+    verify_file(target, item, owner)
+    return item
+
+
+def _graph_model(work: Path, request: DeployRequest, manifest: Manifest, entry: GraphEntry) -> tuple[str, list[dict]]:
+    """One graph's model folder; returns its name and the files placed, with their checksums."""
+    name = f"{request.name}_{entry.name}"
+    version = work / name / "1"
+    version.mkdir(parents=True)
+    placed = []
+    if request.backend == "tensorrt":
+        assert entry.engine is not None
+        target = version / "model.plan"
+        _place(request.build / entry.engine.path, target, entry.engine, entry.name, request.link)
+        placed.append((target, entry.engine))
+    else:
+        (version / "model.py").write_text(MODEL_SOURCES["onnxruntime"])
+        manifest.save(version)
+        for item in entry.onnx:
+            target = version / item.path
+            _place(request.build / item.path, target, item, entry.name, request.link)
+            placed.append((target, item))
+    config = graph_config(name, manifest, entry.name, request.backend, request.instances)
+    (work / name / CONFIG).write_text(to_text(config))
+    files = [{"path": str(path.relative_to(work)), "sha256": item.sha256, "bytes": item.bytes} for path, item in placed]
+    return name, files
+
+
+def deploy(request: DeployRequest, progress: Progress = lambda model, event: None) -> dict:
+    """Write the repository; returns its record (also written to ``REPO/atedm-deploy.json``)."""
+    build = request.build.resolve()
+    manifest = Manifest.load(build)  # checks every artifact's sha256 before anything is copied
+    request = DeployRequest(**{**request.__dict__, "build": build})
+    _check(request, manifest)
+    out = request.repository.resolve()
+    check_destination(out, request.force)
+    max_batch = request.max_batch or int(manifest.inputs[0].shape[0])
+    with staged_folder(out, "deploy") as work:
+        graph_models, models = {}, {}
+        for entry in manifest.graphs():
+            if entry.same_as:
+                continue  # routed to the graph it reuses
+            model, files = _graph_model(work, request, manifest, entry)
+            graph_models[entry.name] = model
+            models[model] = {"graph": entry.name, "files": files}
+            progress(model, f"{entry.name} graph, {sum(f['bytes'] for f in files) / 2**20:,.1f} MiB placed and checked")
+        router = work / request.name / "1"
+        router.mkdir(parents=True)
+        (router / "model.py").write_text(MODEL_SOURCES["router"])
+        config = router_config(request.name, manifest, graph_models, request.instances, max_batch, request.queue_delay_us)
+        (work / request.name / CONFIG).write_text(to_text(config))
+        models[request.name] = {"graph": None, "routes": graph_models, "files": []}
+        progress(request.name, f"router: {len(manifest.stages)} stages over {len(graph_models)} graph models, "
+                               f"up to {max_batch} rows per call")
+        check_routes(read_repository(work), request.name)
+        record = {
+            "format": "atedm-export.deploy/1",
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "atedm_export": __version__,
+            "build": str(build),
+            "manifest_sha256": file_entry(build, build / "manifest.json").sha256,
+            "backend": request.backend,
+            "router": request.name,
+            "max_batch": max_batch,
+            "instances": request.instances,
+            "engine": manifest.engine.model_dump(mode="json"),
+            "models": models,
+        }
+        (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (work / "README.md").write_text(repository_readme(record, manifest))
+        progress("repository", "configs checked with Triton's ModelConfig")
+    return record
+
+
+def check_repository(repository: Path, router: str | None = None) -> Manifest:
+    """Re-check a written repository: every config, the routes, and every file against its recorded sha256."""
+    repository = Path(repository)
+    record_path = repository / RECORD
+    if not record_path.is_file():
+        raise DeployError(f"{repository} is not an atedm-export repository: {RECORD} not found")
+    record = json.loads(record_path.read_text())
+    manifest = check_routes(read_repository(repository), router or record["router"])
+    for model, info in record["models"].items():
+        for f in info["files"]:
+            verify_file(repository / f["path"], FileEntry(**f), model)
+    return manifest

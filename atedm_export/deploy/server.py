@@ -1,0 +1,210 @@
+"""Start a real ``tritonserver`` on loopback for a model repository: ``atedm-export serve`` and the tests.
+
+The binary comes from an NGC Triton install (``/opt/tritonserver``), from ``nvidia-pytriton``'s wheel
+(which bundles ``tritonserver`` with the Python backend, and runs on a CPU), or from
+``ATEDM_TRITONSERVER``. What it takes to start it outside a container, as found here:
+
+- the Python backend's stub must sit in the server's ``backends/python/``; pytriton keeps one stub per
+  Python version aside, so a backend folder is assembled with the stub of the running interpreter;
+- the stub runs the model's Python with the first ``python3`` on ``PATH``, so this interpreter's
+  ``bin/`` goes first: the served models import atedm-export, torch and onnxruntime from this environment;
+- ``LD_LIBRARY_PATH`` needs this interpreter's ``libpython`` first (else the stub picks an older
+  system one and the model fails to initialize) and the wheel's ``nvidia_pytriton.libs`` (else the
+  server hangs at start).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import AtedmError
+
+ENV_VAR = "ATEDM_TRITONSERVER"
+
+
+class TritonServerError(AtedmError):
+    """No server binary here, or the server did not come up (the message quotes its first error)."""
+
+
+@dataclass(frozen=True)
+class ServerInstall:
+    """Where a ``tritonserver`` install keeps what it needs."""
+
+    root: Path  # holds bin/tritonserver and backends/
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def libs(self) -> list[Path]:
+        """Bundled shared libraries (pytriton's wheel keeps them beside the package)."""
+        bundled = self.root.parent.parent / "nvidia_pytriton.libs"
+        return [bundled] if bundled.is_dir() else []
+
+    def python_stub(self) -> Path:
+        """The Python backend stub for this interpreter's version."""
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        for candidate in (self.root / "python_backend_stubs" / version / "triton_python_backend_stub",
+                          self.root / "backends" / "python" / "triton_python_backend_stub"):
+            if candidate.is_file():
+                return candidate
+        raise TritonServerError(f"{self.root} has no Python backend stub for Python {version}")
+
+
+def find_server() -> ServerInstall:
+    """The first ``tritonserver`` found: $ATEDM_TRITONSERVER, this environment's, pytriton's, NGC's, PATH."""
+    candidates: list[Path] = []
+    if os.environ.get(ENV_VAR):
+        given = Path(os.environ[ENV_VAR])
+        candidates.append(given.parent.parent if given.name == "tritonserver" and given.is_file() else given)
+    candidates.append(Path(sys.prefix) / "triton" / "pytriton" / "tritonserver")  # tools/setup.sh puts it here
+    spec = importlib.util.find_spec("pytriton")
+    if spec and spec.submodule_search_locations:
+        candidates.append(Path(list(spec.submodule_search_locations)[0]) / "tritonserver")
+    candidates.append(Path("/opt/tritonserver"))
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent.parent)
+    for root in candidates:
+        if (root / "bin" / "tritonserver").is_file():
+            return ServerInstall(root)
+    raise TritonServerError(
+        f"no tritonserver found; run tools/setup.sh (it unpacks nvidia-pytriton's server into .venv/triton), "
+        f"use the NGC Triton container, or set {ENV_VAR} to a folder holding bin/tritonserver"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TritonServer:
+    """One ``tritonserver`` process serving ``repository`` on loopback; a context manager that always stops it."""
+
+    def __init__(self, repository: str | Path, http_port: int = 0, grpc_port: int = 0, host: str = "127.0.0.1",
+                 install: ServerInstall | None = None, log_path: Path | None = None) -> None:
+        self.repository = Path(repository).resolve()
+        if not self.repository.is_dir():
+            raise TritonServerError(f"model repository {repository} does not exist")
+        self.install = install or find_server()
+        self.host = host
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self._tmp = Path(tempfile.mkdtemp(prefix="atedm-triton-"))
+        self.log_path = log_path or self._tmp / "tritonserver.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+        self._log = ""
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://{self.host}:{self.grpc_port}"
+
+    def _backends(self) -> Path:
+        """A backend folder whose Python backend has the stub of this interpreter's version."""
+        folder = self._tmp / "backends"
+        shutil.copytree(self.install.root / "backends", folder)
+        stub = folder / "python" / "triton_python_backend_stub"
+        if not stub.exists():
+            shutil.copy2(self.install.python_stub(), stub)
+        return folder
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        libs = [sysconfig.get_config_var("LIBDIR") or "", *map(str, self.install.libs), env.get("LD_LIBRARY_PATH", "")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        return env
+
+    def command(self) -> list[str]:
+        return [
+            str(self.install.binary), "--model-repository", str(self.repository),
+            "--backend-directory", str(self._backends()),
+            "--http-address", self.host, "--http-port", str(self.http_port),
+            "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
+            "--allow-metrics", "false", "--exit-timeout-secs", "10", "--strict-readiness", "true",
+        ]
+
+    def start(self, timeout: float = 180.0) -> TritonServer:
+        """Start the server and wait until every model is ready; on failure, stop it and quote its error."""
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+                                            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.stop()
+                raise TritonServerError(f"tritonserver exited with status {self.process.returncode}: {self.first_error()}")
+            if self.ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise TritonServerError(f"tritonserver was not ready after {timeout:.0f}s: {self.first_error()}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log(self) -> str:
+        if self.log_path.exists():
+            return self.log_path.read_text(errors="replace")
+        return self._log
+
+    def first_error(self) -> str:
+        """The server's first error line (model load failures land here), or the end of its log."""
+        lines = [line for line in self.log().splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("E") and "CUDA" not in line and "NVML" not in line
+                  and "cuda" not in line]
+        return (errors[0] if errors else (lines[-1] if lines else "(no output)"))[:600]
+
+    def stop(self) -> None:
+        """SIGINT to the server (graceful), SIGKILL to its process group if it lingers; idempotent.
+
+        The log stays readable through ``log()`` after the temporary folder is gone.
+        """
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # the Python backend's stubs, and a hung server
+            except (ProcessLookupError, PermissionError):
+                pass
+            process.wait()
+            self.returncode = process.returncode
+        self._log = self.log()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

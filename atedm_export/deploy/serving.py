@@ -1,0 +1,148 @@
+"""The Triton Python-backend models of a deployed repository (each ``model.py`` imports one of these).
+
+``RouterModel`` is the UNet clients call: it routes each row to the graph of its DSAP stage and calls
+that graph's model through BLS. ``OnnxRuntimeStageModel`` serves one graph with the project's own
+onnxruntime backend, for CPU servers; on GPU servers each graph is a ``tensorrt_plan`` model instead.
+
+Tensors cross the Python backend by DLPack only: its NumPy path (``as_numpy``, ``Tensor(name, array)``)
+was seen here to hand models garbage inputs and send empty outputs when the model's environment has
+NumPy 2, while DLPack is exact with any NumPy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import dlpack
+
+from ..errors import AtedmError
+from ..export import INPUT_NAMES, OUTPUT_NAMES
+from ..manifest import Manifest, verify_entry
+from ..runtime.backends import TORCH_DTYPES, OnnxRuntimeBackend
+from .routing import STAGE_OUTPUT, STEP_INPUTS, Router
+
+MANIFEST_PARAMETER = "atedm_manifest"  # the build's manifest (JSON), on the router: clients read it too
+GRAPH_MODELS_PARAMETER = "atedm_graph_models"  # graph name → the Triton model serving it (JSON)
+GRAPH_PARAMETER = "atedm_graph"  # on a stage model: the graph it serves
+
+
+class _PythonModel:
+    """What both models share: the backend utilities, the config's parameters, the version folder."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils  # only exists inside the server
+
+        self.pb = pb_utils
+        self.config = json.loads(args["model_config"])
+        self.parameters = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        self.version_dir = Path(args["model_repository"]) / args["model_version"]
+
+    def tensor_in(self, request: Any, name: str) -> torch.Tensor:
+        """An input of a request as a torch tensor (zero-copy)."""
+        return self._torch(self.pb.get_input_tensor_by_name(request, name), name, "request")
+
+    def tensor_of(self, response: Any, name: str) -> torch.Tensor:
+        """An output of a BLS response as a torch tensor (zero-copy)."""
+        return self._torch(self.pb.get_output_tensor_by_name(response, name), name, "response")
+
+    @staticmethod
+    def _torch(tensor: Any, name: str, where: str) -> torch.Tensor:
+        if tensor is None:
+            raise AtedmError(f"no tensor '{name}' in the {where}")
+        return dlpack.from_dlpack(tensor.to_dlpack())
+
+    def tensor_out(self, name: str, value: torch.Tensor) -> Any:
+        return self.pb.Tensor.from_dlpack(name, dlpack.to_dlpack(value.contiguous()))
+
+    def error_response(self, message: str) -> Any:
+        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
+
+
+class RouterModel(_PythonModel):
+    """``sample, timestep, encoder_hidden_states, text_embeds, time_ids, step, num_steps`` → ``latent, stage``."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        super().initialize(args)
+        self.manifest = Manifest.model_validate_json(self.parameters[MANIFEST_PARAMETER])
+        self.router = Router(self.manifest)
+        self.models: dict[str, str] = json.loads(self.parameters[GRAPH_MODELS_PARAMETER])
+        output = self.manifest.outputs[0]
+        self.row_shape = tuple(output.shape[1:])
+        self.dtype = TORCH_DTYPES[output.dtype]
+
+    def read(self, request: Any) -> tuple[dict[str, torch.Tensor], list[tuple[int, str]]]:
+        """A request's tensors (timestep, step and step count flattened to one value per row) and routes."""
+        feed = {name: self.tensor_in(request, name) for name in (*INPUT_NAMES, *STEP_INPUTS)}
+        rows = feed["sample"].shape[0]
+        for name in ("timestep", *STEP_INPUTS):
+            feed[name] = feed[name].reshape(rows)
+        routes = [self.router.route(int(s), int(n)) for s, n in zip(feed["step"].tolist(), feed["num_steps"].tolist())]
+        return feed, routes
+
+    def call_graph(self, graph: str, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One BLS call to the model serving ``graph``; its output comes back in CPU memory."""
+        model = self.models[graph]
+        request = self.pb.InferenceRequest(
+            model_name=model, requested_output_names=list(OUTPUT_NAMES),
+            inputs=[self.tensor_out(name, feed[name]) for name in INPUT_NAMES],
+            preferred_memory=self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_CPU, 0),
+        )
+        response = request.exec()
+        if response.has_error():
+            raise AtedmError(f"model '{model}' failed: {response.error().message()}")
+        return self.tensor_of(response, OUTPUT_NAMES[0])
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        feeds: list[dict[str, torch.Tensor]] = []
+        routes: list[list[tuple[int, str]]] = []
+        errors: dict[int, str] = {}
+        for i, request in enumerate(requests):
+            try:
+                feed, route = self.read(request)
+            except AtedmError as exc:
+                feed, route, errors[i] = {}, [], str(exc)
+            feeds.append(feed)
+            routes.append(route)
+        outputs = [torch.empty((len(r), *self.row_shape), dtype=self.dtype) for r in routes]
+        for chunk in self.router.plan([[name for _, name in r] for r in routes]):
+            try:
+                self.router.scatter(chunk, self.call_graph(chunk.graph, self.router.gather(chunk, feeds)), outputs)
+            except AtedmError as exc:
+                for request, _ in chunk.rows:
+                    errors.setdefault(request, str(exc))
+        responses = []
+        for i, route in enumerate(routes):
+            if i in errors:
+                responses.append(self.error_response(errors[i]))
+                continue
+            stages = torch.tensor([[index] for index, _ in route], dtype=torch.int32)
+            responses.append(self.pb.InferenceResponse(
+                output_tensors=[self.tensor_out(OUTPUT_NAMES[0], outputs[i]), self.tensor_out(STAGE_OUTPUT, stages)]
+            ))
+        return responses
+
+
+class OnnxRuntimeStageModel(_PythonModel):
+    """One graph of the build on the project's onnxruntime backend (CPU), its files checked at load."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        super().initialize(args)
+        self.manifest = Manifest.load(self.version_dir, verify=False)
+        self.graph = self.parameters[GRAPH_PARAMETER]
+        entry = self.manifest.graph(self.graph)
+        verify_entry(self.version_dir, entry, engine=False)
+        self.backend = OnnxRuntimeBackend(self.version_dir, self.manifest, "cpu")
+        self.backend.session(entry)  # load now: a broken graph fails the model load, not the first request
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses = []
+        for request in requests:
+            try:
+                latent = self.backend.run(self.graph, {name: self.tensor_in(request, name) for name in INPUT_NAMES})
+                responses.append(self.pb.InferenceResponse(output_tensors=[self.tensor_out(OUTPUT_NAMES[0], latent)]))
+            except AtedmError as exc:
+                responses.append(self.error_response(str(exc)))
+        return responses
