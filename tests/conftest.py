@@ -57,6 +57,16 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory):
     return out
 
 
+@pytest.fixture(scope="session")
+def ort_repo(tiny_build, tmp_path_factory):
+    """The tiny build deployed as a Triton repository, onnxruntime variant (CPU servers)."""
+    from atedm_export.deploy.repository import DeployRequest, deploy
+
+    repo = tmp_path_factory.mktemp("deploy") / "repo"
+    deploy(DeployRequest(tiny_build, repo, backend="onnxruntime"))
+    return repo
+
+
 def small_spec(tmp_path, **changes) -> str:
     """A one-stage tiny spec (uniform-63): two graphs to export instead of three."""
     import yaml

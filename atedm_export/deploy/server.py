@@ -24,9 +24,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +89,19 @@ def find_server() -> ServerInstall:
         f"no tritonserver found; run tools/setup.sh (it unpacks nvidia-pytriton's server into .venv/triton), "
         f"use the NGC Triton container, or set {ENV_VAR} to a folder holding bin/tritonserver"
     )
+
+
+@contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """Ignore SIGINT while shutting down (main thread only; elsewhere signals are not ours to set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def free_port() -> int:
@@ -155,7 +171,7 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.stop()
-                raise TritonServerError(f"tritonserver exited with status {self.process.returncode}: {self.first_error()}")
+                raise TritonServerError(f"tritonserver exited with status {self.returncode}: {self.first_error()}")
             if self.ready():
                 return self
             time.sleep(0.25)
@@ -175,11 +191,12 @@ class TritonServer:
         return self._log
 
     def first_error(self) -> str:
-        """The server's first error line (model load failures land here), or the end of its log."""
+        """The server's first model-load failure, else its first error, else the end of its log; one line."""
         lines = [line for line in self.log().splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("E") and "CUDA" not in line and "NVML" not in line
-                  and "cuda" not in line]
-        return (errors[0] if errors else (lines[-1] if lines else "(no output)"))[:600]
+        errors = [line for line in lines if line.startswith("E") and not any(w in line.lower() for w in ("cuda", "nvml"))]
+        loads = [line for line in errors if "failed to load" in line]
+        line = (loads or errors or lines[-1:] or ["(no output)"])[0]
+        return line.split("] ", 1)[-1].strip('"').split("\\n")[0][:600]  # drop the log prefix and Python's "At:" trace
 
     def stop(self) -> None:
         """SIGINT to the server (graceful), SIGKILL to its process group if it lingers; idempotent.
@@ -187,6 +204,10 @@ class TritonServer:
         The log stays readable through ``log()`` after the temporary folder is gone.
         """
         process, self.process = self.process, None
+        with _no_interrupts():  # a second Ctrl-C must not leave the server running
+            self._shutdown(process)
+
+    def _shutdown(self, process: subprocess.Popen[bytes] | None) -> None:
         if process is not None:
             if process.poll() is None:
                 process.send_signal(signal.SIGINT)

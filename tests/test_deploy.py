@@ -1,0 +1,234 @@
+"""`atedm-export deploy`: routing, the repository it writes, and the configs' checks (no server needed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from atedm_export.cli import main
+from atedm_export.deploy.config import CONFIG, DeployError, check_model, parse, read_repository
+from atedm_export.deploy.repository import DeployRequest, check_repository, deploy
+from atedm_export.deploy.routing import Router, RoutingError
+from atedm_export.manifest import Manifest, ManifestError, sha256
+
+from .conftest import needs_rtx
+
+
+def _feed(batch: int, rows: int, marker: float) -> dict[str, torch.Tensor]:
+    """Graph-shaped inputs whose every row is tagged by value: row r of this feed is marker + r."""
+    tag = marker + torch.arange(rows, dtype=torch.float32)
+    return {
+        "sample": tag.reshape(rows, 1, 1, 1).expand(rows, 4, 2, 2).clone(),
+        "timestep": tag.clone(),
+        "encoder_hidden_states": tag.reshape(rows, 1, 1).expand(rows, 3, 2).clone(),
+        "text_embeds": tag.reshape(rows, 1).expand(rows, 5).clone(),
+        "time_ids": tag.reshape(rows, 1).expand(rows, 6).clone(),
+    }
+
+
+# --- routing -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def router(tiny_build):
+    return Router(Manifest.load(tiny_build, verify=False))
+
+
+def test_routes_follow_the_schedule(router):
+    assert router.batch == 2
+    assert [router.route(s, 20) for s in (0, 1, 2, 19)] == [(0, "early"), (0, "early"), (1, "main"), (1, "main")]
+    assert router.route(0, 4) == (1, "main")  # round(0.1 × 4) = 0: the early stage is empty in a 4-step run
+    for step, steps in ((20, 20), (-1, 20), (0, 0)):
+        with pytest.raises(RoutingError, match=f"step {step} is outside a run of {steps} steps"):
+            router.route(step, steps)
+
+
+def test_a_whole_request_passes_through_untouched(router):
+    feeds = [_feed(2, 2, 10.0)]
+    (chunk,) = router.plan([["main", "main"]])
+    assert chunk.graph == "main" and chunk.rows == ((0, 0), (0, 1))
+    gathered = router.gather(chunk, feeds)
+    assert all(gathered[n] is feeds[0][n] for n in gathered)
+
+
+def test_rows_are_grouped_by_graph_chunked_padded_and_scattered_back(router):
+    # three requests: a mixed one, a single row, a whole pair; 'early' rows total 3 → two calls
+    stages = [["early", "main"], ["early"], ["early", "main"]]
+    feeds = [_feed(2, 2, 10.0), _feed(2, 1, 20.0), _feed(2, 2, 30.0)]
+    chunks = router.plan(stages)
+    assert [(c.graph, c.rows) for c in chunks] == [
+        ("early", ((0, 0), (1, 0))), ("early", ((2, 0),)), ("main", ((0, 1), (2, 1))),
+    ]
+    padded = router.gather(chunks[1], feeds)
+    assert padded["sample"].shape == (2, 4, 2, 2)
+    assert padded["timestep"].tolist() == [30.0, 30.0]  # the last real row repeated
+    outputs = [torch.zeros(len(s), 4, 2, 2) for s in stages]
+    for chunk in chunks:
+        router.scatter(chunk, router.gather(chunk, feeds)["sample"] * -1, outputs)
+    for feed, out in zip(feeds, outputs):
+        assert torch.equal(out, -feed["sample"])
+
+
+# --- the repository ------------------------------------------------------------------------------
+
+
+def test_onnxruntime_repository_layout_and_configs(ort_repo, tiny_build):
+    manifest = Manifest.load(tiny_build)
+    configs = read_repository(ort_repo)
+    assert sorted(configs) == ["atedm_unet", "atedm_unet_baseline", "atedm_unet_early", "atedm_unet_main"]
+    assert check_repository(ort_repo) == manifest
+    router = configs["atedm_unet"]
+    assert router.backend == "python" and router.max_batch_size == 2
+    assert router.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert [(i.name, list(i.dims)) for i in router.input] == [
+        ("sample", [4, 32, 32]), ("timestep", [1]), ("encoder_hidden_states", [77, 64]), ("text_embeds", [32]),
+        ("time_ids", [6]), ("step", [1]), ("num_steps", [1]),
+    ]
+    assert [o.name for o in router.output] == ["latent", "stage"]
+    assert json.loads(router.parameters["atedm_graph_models"].string_value) == {
+        g: f"atedm_unet_{g}" for g in ("baseline", "early", "main")}
+    for graph in ("baseline", "early", "main"):
+        config = configs[f"atedm_unet_{graph}"]
+        assert config.backend == "python" and config.max_batch_size == 0
+        assert config.parameters["atedm_graph"].string_value == graph
+        assert [(i.name, list(i.dims)) for i in config.input] == [(t.name, t.shape) for t in manifest.inputs]
+        entry = manifest.graph(graph)
+        copied = ort_repo / f"atedm_unet_{graph}" / "1" / entry.onnx[0].path
+        assert sha256(copied) == entry.onnx[0].sha256
+    record = json.loads((ort_repo / "atedm-deploy.json").read_text())
+    assert record["backend"] == "onnxruntime" and record["max_batch"] == 2
+    readme = (ort_repo / "README.md").read_text()
+    assert "atedm-export serve" in readme and "`step` (in) | INT32 | `[b, 1]`" in readme
+
+
+def test_a_stage_that_prunes_nothing_is_routed_to_the_baseline(tmp_path):
+    import yaml
+
+    from atedm_export.build import BuildRequest, build
+    from atedm_export.spec import load_spec
+
+    from .conftest import small_spec
+
+    spec = small_spec(tmp_path, schedule={"stages": [{"name": "warm", "until": 0.5, "keep": 1.0},
+                                                      {"name": "late", "until": 1.0, "keep": 0.37}]})
+    assert yaml.safe_load(open(spec))["schedule"]["stages"][0]["keep"] == 1.0
+    out = tmp_path / "b"
+    build(BuildRequest(load_spec(spec), out, backend="onnx"))
+    record = deploy(DeployRequest(out, tmp_path / "repo", backend="onnxruntime"))
+    assert record["models"]["atedm_unet"]["routes"] == {"baseline": "atedm_unet_baseline", "late": "atedm_unet_late"}
+    assert not (tmp_path / "repo" / "atedm_unet_warm").exists()
+    assert Router(Manifest.load(out)).graph_of("warm") == "baseline"
+
+
+@pytest.fixture(scope="module")
+def tensorrt_build(tiny_build, tmp_path_factory):
+    """The tiny build as a TensorRT build would record it (the machine has no TensorRT to build one).
+
+    Only the manifest's engine record changes; the plans are TensorRT-RTX's, which is all a config
+    check needs: deploy copies plans, it does not parse them.
+    """
+    copy = tmp_path_factory.mktemp("trt") / "build"
+    shutil.copytree(tiny_build, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["engine"].update(backend="tensorrt", library="tensorrt", version="10.13.0", targets=[])
+    (copy / "manifest.json").write_text(json.dumps(data))
+    return copy
+
+
+@needs_rtx
+def test_tensorrt_repository_configs_pass_validation(tensorrt_build, tmp_path):
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(main, ["deploy", str(tensorrt_build), "--triton", str(repo), "--instances", "2",
+                                       "--max-batch", "4"])
+    assert result.exit_code == 0, result.output
+    assert "variant: tensorrt" in result.output
+    manifest = check_repository(repo)
+    configs = read_repository(repo)
+    for graph in ("baseline", "early", "main"):
+        config = configs[f"atedm_unet_{graph}"]
+        assert config.platform == "tensorrt_plan" and not config.backend and config.max_batch_size == 0
+        assert config.default_model_filename == "model.plan"
+        assert [(pb.ModelInstanceGroup.Kind.Name(g.kind), g.count) for g in config.instance_group] == [("KIND_GPU", 2)]
+        assert [(o.name, list(o.dims), pb.DataType.Name(o.data_type)) for o in config.output] == [
+            ("latent", [2, 4, 32, 32], "TYPE_FP32")]
+        plan = repo / f"atedm_unet_{graph}" / "1" / "model.plan"
+        assert sha256(plan) == manifest.graph(graph).engine.sha256
+    assert configs["atedm_unet"].max_batch_size == 4
+    assert "nvcr.io/nvidia/tritonserver" in (repo / "README.md").read_text()
+
+
+@needs_rtx
+def test_tensorrt_rtx_plans_are_refused_for_triton(tiny_build, tmp_path):
+    result = CliRunner().invoke(main, ["deploy", str(tiny_build), "--triton", str(tmp_path / "r"), "--backend", "tensorrt"])
+    assert result.exit_code == 2
+    assert "has tensorrt-rtx engines; Triton's tensorrt_plan backend loads TensorRT plans only" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_requests_fail_with_one_line_and_leave_nothing(tiny_build, tmp_path):
+    def run(*args: str):
+        return CliRunner().invoke(main, ["deploy", str(tiny_build), "--triton", str(tmp_path / "r"), *args])
+
+    result = run("--name", "unet/1")
+    assert result.exit_code == 2 and "model name 'unet/1' must be letters, digits" in result.output
+    result = run("--instances", "0")
+    assert result.exit_code == 2 and "--instances" in result.output
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "r").mkdir()
+    result = run("--backend", "onnxruntime")
+    assert result.exit_code == 2 and "already exists; pass --force" in result.output
+    result = CliRunner().invoke(main, ["deploy", str(tmp_path), "--triton", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "is not a build folder" in result.output
+
+
+def test_a_corrupted_artifact_stops_the_deploy_and_leaves_nothing(tiny_build, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_build, copy)
+    graph = copy / Manifest.load(copy).graph("main").onnx[0].path
+    graph.write_bytes(graph.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ManifestError, match="main: .* does not match its checksum"):
+        deploy(DeployRequest(copy, tmp_path / "repo", backend="onnxruntime"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_check_repository_catches_a_changed_file(ort_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ort_repo, repo)
+    graph = next((repo / "atedm_unet_early" / "1").rglob("unet.onnx"))
+    graph.write_bytes(graph.read_bytes() + b"x")
+    with pytest.raises(ManifestError, match="atedm_unet_early: .*unet.onnx does not match its checksum"):
+        check_repository(repo)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda t: t.replace('name: "atedm_unet_main"', 'name: "main"'), "name 'main' differs from its folder"),
+    (lambda t: t.replace("dims: 32\n", "dims: -1\n", 1), "input 'sample' needs static positive dims"),
+    (lambda t: t.replace('backend: "python"', 'backend: "pytorch"'), "backend 'pytorch' is not one deploy writes"),
+    (lambda t: t.replace("kind: KIND_CPU", "kind: KIND_GPU").replace('backend: "python"', 'platform: "tensorrt_plan"'),
+     "version 1 has no model.plan"),
+    (lambda t: t + "dynamic_batching {}\n", "dynamic_batching needs max_batch_size > 0"),
+    (lambda t: t.replace("data_type: TYPE_FP32", "data_type: FP32", 1), "not a valid Triton model config"),
+])
+def test_configs_a_server_would_refuse_are_errors(ort_repo, tmp_path, edit, message):
+    repo = tmp_path / "repo"
+    shutil.copytree(ort_repo, repo)
+    path = repo / "atedm_unet_main" / CONFIG
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(DeployError, match=message):
+        read_repository(repo)
+
+
+def test_tensorrt_plans_need_gpu_instances(ort_repo, tmp_path):
+    folder = tmp_path / "m"
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "model.plan").write_bytes(b"plan")
+    config = parse('name: "m" platform: "tensorrt_plan" input { name: "x" data_type: TYPE_FP32 dims: 1 } '
+                   'output { name: "y" data_type: TYPE_FP32 dims: 1 } instance_group { kind: KIND_CPU count: 1 }', "m")
+    with pytest.raises(DeployError, match="tensorrt_plan runs KIND_GPU"):
+        check_model(folder, config)

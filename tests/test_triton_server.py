@@ -1,0 +1,136 @@
+"""A real ``tritonserver`` (nvidia-pytriton's, on this CPU) serving the tiny build's onnxruntime repository.
+
+Outputs are compared with the local ``StagedUNet`` on the same backend bit for bit. The server listens on
+loopback only and is stopped at the end of the module, also when a test fails. Where no server binary
+is installed the module skips, unless ATEDM_REQUIRE_TRITON=1 (CI), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from atedm_export.cli import main
+from atedm_export.deploy.client import TritonBackend, TritonClientError, connect
+from atedm_export.deploy.server import TritonServer, TritonServerError, find_server
+from atedm_export.manifest import Manifest
+from atedm_export.runtime import StagedUNet, load_backend
+
+from .test_runtime import _denoise
+
+
+@pytest.fixture(scope="module")
+def install():
+    try:
+        return find_server()
+    except TritonServerError as exc:
+        if os.environ.get("ATEDM_REQUIRE_TRITON") == "1":
+            pytest.fail(f"ATEDM_REQUIRE_TRITON=1 but {exc}")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def server(install, ort_repo):
+    with TritonServer(ort_repo, install=install) as running:
+        yield running
+    assert running.process is None and running.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def local(tiny_build):
+    return load_backend("onnxruntime", tiny_build)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_unet_equals_the_local_staged_unet_bit_for_bit(server, tiny_build, protocol):
+    served = connect(server.http_url if protocol == "http" else server.grpc_url)
+    local = StagedUNet.load(tiny_build, backend="onnxruntime")
+    assert served.manifest == local.manifest
+    got, want = _denoise(served, 20), _denoise(local, 20)
+    assert torch.equal(got, want)
+    assert served.stage_report()[0]["calls"] == 2 and served.stage_report()[1]["calls"] == 18
+    assert [r["steps"] for r in served.stage_report()] == [r["steps"] for r in local.stage_report()] == ["0-1", "2-19"]
+
+
+def _rows(feed: dict[str, torch.Tensor], rows: list[int], steps: list[int], num_steps: int) -> dict[str, torch.Tensor]:
+    picked = {name: value[rows] for name, value in feed.items()}
+    return {**picked, "step": torch.tensor(steps, dtype=torch.int32),
+            "num_steps": torch.full((len(rows),), num_steps, dtype=torch.int32)}
+
+
+def test_partial_and_mixed_stage_batches_are_padded_per_graph(server, local, feed):
+    backend = TritonBackend.connect(server.http_url)
+    # one row at step 0 (early): padded to the static batch of 2 by repeating the row
+    latent, stages = backend.infer(_rows(feed, [1], [0], 20))
+    want = local.run("early", {n: v[[1, 1]] for n, v in feed.items()})[:1]
+    assert stages.tolist() == [0] and np.array_equal(latent, want.numpy())
+    # a pair whose rows are in different stages: each row runs in its own stage's graph
+    latent, stages = backend.infer(_rows(feed, [0, 1], [1, 7], 20))
+    assert stages.tolist() == [0, 1]
+    assert np.array_equal(latent[0], local.run("early", {n: v[[0, 0]] for n, v in feed.items()})[0].numpy())
+    assert np.array_equal(latent[1], local.run("main", {n: v[[1, 1]] for n, v in feed.items()})[0].numpy())
+
+
+@pytest.fixture(scope="module")
+def feed(tiny_build):
+    from atedm_export.export import graph_feed
+    from atedm_export.models import example_inputs, unet_inputs
+
+    manifest = Manifest.load(tiny_build, verify=False)
+    spec = manifest.graph_spec
+    return graph_feed(example_inputs(unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, 77), seed=3))
+
+
+def test_a_step_outside_the_run_is_a_clear_error_and_the_server_keeps_serving(server, feed):
+    backend = TritonBackend.connect(server.grpc_url)
+    with pytest.raises(TritonClientError, match="step 20 is outside a run of 20 steps"):
+        backend.infer(_rows(feed, [0, 1], [20, 20], 20))
+    _, stages = backend.infer(_rows(feed, [0, 1], [19, 19], 20))
+    assert stages.tolist() == [1, 1]
+    with pytest.raises(TritonClientError, match="has no ready model 'unet'"):
+        TritonBackend.connect(server.http_url, model="unet")
+
+
+def test_generate_through_triton_writes_the_same_png_as_local(server, tiny_build, tmp_path):
+    remote, here = tmp_path / "remote.png", tmp_path / "local.png"
+    for args, path in (([f"--triton={server.grpc_url}"], remote), ([str(tiny_build)], here)):
+        result = CliRunner().invoke(main, ["generate", *args, "-p", "a red fox", "--steps", "6", "-o", str(path)])
+        assert result.exit_code == 0, result.output
+    assert "Triton (grpc://127.0.0.1:" in CliRunner().invoke(
+        main, ["generate", f"--triton={server.grpc_url}", "-p", "x", "--steps", "2", "-o", str(tmp_path / "x.png")]).output
+    assert remote.read_bytes() == here.read_bytes()
+    result = CliRunner().invoke(main, ["generate", str(tiny_build), "--triton", server.http_url, "-p", "x", "-o", str(remote)])
+    assert result.exit_code == 2 and "either BUILD_DIR" in result.output
+
+
+def test_load_test_200_requests_from_16_clients(server, tmp_path, capsys):
+    report_path = tmp_path / "load.json"
+    result = CliRunner().invoke(main, ["load-test", server.http_url, "--requests", "200", "--concurrency", "16",
+                                       "--json", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["requests"] == 200 and report["concurrency"] == 16
+    assert report["errors"] == 0 and report["mismatches"] == 0
+    assert report["steps_sent"] == [0, 2]  # the first step of each stage: both graphs under load
+    assert 0 < report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
+    with capsys.disabled():
+        print(f"\n[triton load test] 200 requests, 16 clients, batch {report['batch']}: 0 errors, 0 mismatches, "
+              f"p50 {report['p50_ms']:.1f} ms, p99 {report['p99_ms']:.1f} ms, {report['throughput_rps']:.1f} requests/s")
+
+
+def test_a_repository_that_fails_to_load_stops_the_server_and_says_why(install, ort_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ort_repo, repo)
+    graph = next((repo / "atedm_unet_main" / "1").rglob("unet.onnx"))
+    graph.write_bytes(graph.read_bytes()[:-4] + b"\0\0\0\0")
+    server = TritonServer(repo, install=install)
+    with pytest.raises(TritonServerError, match="main: .*unet.onnx does not match its checksum"):
+        server.start()
+    assert server.process is None and server.returncode is not None
+    assert not server._tmp.exists()
