@@ -435,10 +435,17 @@ def serve(repository: Path, http_port: int, grpc_port: int, timeout: float) -> N
     The server is the one tools/setup.sh unpacks (nvidia-pytriton's, with the Python backend; it runs
     on a CPU), an NGC install, or $ATEDM_TRITONSERVER. Models run in this Python environment.
     """
+    import signal
+
     from .deploy.repository import check_repository
     from .deploy.server import TritonServer, TritonServerError
 
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
     check_repository(repository)
+    signal.signal(signal.SIGINT, interrupt)  # also where a parent started us with SIGINT ignored
+    signal.signal(signal.SIGTERM, interrupt)  # `kill`, `docker stop`, systemd: stop the server too
     server = TritonServer(repository, http_port, grpc_port)
     start = time.perf_counter()
     try:

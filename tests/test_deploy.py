@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,7 +116,7 @@ def test_a_stage_that_prunes_nothing_is_routed_to_the_baseline(tmp_path):
 
     spec = small_spec(tmp_path, schedule={"stages": [{"name": "warm", "until": 0.5, "keep": 1.0},
                                                       {"name": "late", "until": 1.0, "keep": 0.37}]})
-    assert yaml.safe_load(open(spec))["schedule"]["stages"][0]["keep"] == 1.0
+    assert yaml.safe_load(Path(spec).read_text())["schedule"]["stages"][0]["keep"] == 1.0
     out = tmp_path / "b"
     build(BuildRequest(load_spec(spec), out, backend="onnx"))
     record = deploy(DeployRequest(out, tmp_path / "repo", backend="onnxruntime"))

@@ -10,6 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +23,8 @@ from click.testing import CliRunner
 
 from atedm_export.cli import main
 from atedm_export.deploy.client import TritonBackend, TritonClientError, connect
-from atedm_export.deploy.server import TritonServer, TritonServerError, find_server
+from atedm_export.deploy.repository import check_repository
+from atedm_export.deploy.server import TritonServer, TritonServerError, find_server, free_port
 from atedm_export.manifest import Manifest
 from atedm_export.runtime import StagedUNet, load_backend
 
@@ -124,13 +130,45 @@ def test_load_test_200_requests_from_16_clients(server, tmp_path, capsys):
               f"p50 {report['p50_ms']:.1f} ms, p99 {report['p99_ms']:.1f} ms, {report['throughput_rps']:.1f} requests/s")
 
 
-def test_a_repository_that_fails_to_load_stops_the_server_and_says_why(install, ort_repo, tmp_path):
+def test_a_repository_that_fails_to_load_stops_the_server_and_says_why(install, ort_repo, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     shutil.copytree(ort_repo, repo)
     graph = next((repo / "atedm_unet_main" / "1").rglob("unet.onnx"))
     graph.write_bytes(graph.read_bytes()[:-4] + b"\0\0\0\0")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the server's backends folder and log go
     server = TritonServer(repo, install=install)
-    with pytest.raises(TritonServerError, match="main: .*unet.onnx does not match its checksum"):
+    with pytest.raises(TritonServerError, match="failed to load 'atedm_unet_main' .* main: .*unet.onnx does not match its checksum"):
         server.start()
     assert server.process is None and server.returncode is not None
-    assert not server._tmp.exists()
+    assert "successfully unloaded 'atedm_unet'" in server.log()  # the models that did load were unloaded
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]
+
+
+def test_serve_runs_until_sigterm_then_stops_the_server(install, ort_repo):
+    http, grpc = free_port(), free_port()
+    command = [str(Path(sys.executable).parent / "atedm-export"), "serve", str(ort_repo),
+               "--http-port", str(http), "--grpc-port", str(grpc)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ready = process.stdout.readline()
+        assert "ready in" in ready and f"http://127.0.0.1:{http}" in ready, ready
+        _, stages = TritonBackend.connect(f"grpc://127.0.0.1:{grpc}").infer(
+            {**_feed_of(ort_repo), "step": torch.tensor([0, 0], dtype=torch.int32),
+             "num_steps": torch.tensor([1, 1], dtype=torch.int32)})
+        assert stages.tolist() == [1, 1]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 130
+    finally:
+        process.kill()
+        process.wait()
+    with pytest.raises(TritonClientError, match="cannot reach Triton"):
+        TritonBackend.connect(f"http://127.0.0.1:{http}")
+
+
+def _feed_of(repo: Path) -> dict[str, torch.Tensor]:
+    from atedm_export.export import graph_feed
+    from atedm_export.models import example_inputs, unet_inputs
+
+    manifest = check_repository(repo)
+    spec = manifest.graph_spec
+    return graph_feed(example_inputs(unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, 77)))

@@ -25,7 +25,6 @@ from ..manifest import GraphEntry, Manifest
 from ..models import example_inputs, unet_inputs
 from ..runtime.backends import Backend
 from ..runtime.staged import StagedUNet
-from .config import TRITON_TYPES
 from .routing import STAGE_OUTPUT, STEP_INPUTS
 from .serving import MANIFEST_PARAMETER
 

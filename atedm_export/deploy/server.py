@@ -77,7 +77,7 @@ def find_server() -> ServerInstall:
     candidates.append(Path(sys.prefix) / "triton" / "pytriton" / "tritonserver")  # tools/setup.sh puts it here
     spec = importlib.util.find_spec("pytriton")
     if spec and spec.submodule_search_locations:
-        candidates.append(Path(list(spec.submodule_search_locations)[0]) / "tritonserver")
+        candidates.append(Path(next(iter(spec.submodule_search_locations))) / "tritonserver")
     candidates.append(Path("/opt/tritonserver"))
     on_path = shutil.which("tritonserver")
     if on_path:
@@ -122,8 +122,8 @@ class TritonServer:
         self.host = host
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
-        self._tmp = Path(tempfile.mkdtemp(prefix="atedm-triton-"))
-        self.log_path = log_path or self._tmp / "tritonserver.log"
+        self._tmp: Path | None = None  # backends folder and default log, made by start(), removed by stop()
+        self._log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
         self._log = ""
@@ -136,8 +136,13 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"grpc://{self.host}:{self.grpc_port}"
 
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path or (self._tmp / "tritonserver.log" if self._tmp else None)
+
     def _backends(self) -> Path:
         """A backend folder whose Python backend has the stub of this interpreter's version."""
+        assert self._tmp is not None
         folder = self._tmp / "backends"
         shutil.copytree(self.install.root / "backends", folder)
         stub = folder / "python" / "triton_python_backend_stub"
@@ -160,10 +165,13 @@ class TritonServer:
             "--http-address", self.host, "--http-port", str(self.http_port),
             "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
             "--allow-metrics", "false", "--exit-timeout-secs", "10", "--strict-readiness", "true",
+            "--disable-auto-complete-config",  # configs are complete: no extra Python stub per model at load
         ]
 
     def start(self, timeout: float = 180.0) -> TritonServer:
         """Start the server and wait until every model is ready; on failure, stop it and quote its error."""
+        self._tmp = Path(tempfile.mkdtemp(prefix="atedm-triton-"))
+        assert self.log_path is not None
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self._env(),
                                             start_new_session=True)
@@ -186,7 +194,7 @@ class TritonServer:
             return False
 
     def log(self) -> str:
-        if self.log_path.exists():
+        if self.log_path is not None and self.log_path.exists():
             return self.log_path.read_text(errors="replace")
         return self._log
 
@@ -222,7 +230,9 @@ class TritonServer:
             process.wait()
             self.returncode = process.returncode
         self._log = self.log()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     def __enter__(self) -> TritonServer:
         return self.start()
