@@ -50,7 +50,8 @@ def repository_readme(record: dict, manifest: Manifest) -> str:
     spec = manifest.graph_spec
     router = record["router"]
     graphs = "\n".join(f"- `{model}`: graph `{info['graph']}`" for model, info in record["models"].items() if info["graph"])
-    stages = "\n".join(f"- `{s.name}`: steps {s.until:g} of the run, graph `{s.same_as or s.name}`" for s in manifest.stages)
+    stages = "\n".join(f"- `{s.name}`: up to {s.until:g} of the steps (steps {s.steps[0]}-{s.steps[1] - 1} of a "
+                       f"{spec.steps}-step run), graph `{s.same_as or s.name}`" for s in manifest.stages)
     return f"""# Triton model repository: {spec.name}
 
 Written by atedm-export {record['atedm_export']} from `{record['build']}` ({record['backend']} variant),
