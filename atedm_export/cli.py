@@ -466,15 +466,30 @@ def serve(repository: Path, http_port: int, grpc_port: int, timeout: float) -> N
 @click.option("--requests", "count", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--compare", "build_dir", type=click.Path(path_type=Path),
+              help="Also time the same calls on this build's graphs in this process (onnxruntime), alternating with "
+                   "the served ones at concurrency 1: what the server adds per call.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON.")
-def load_test(url: str, model: str, count: int, concurrency: int, seed: int, json_path: Path | None) -> None:
+def load_test(url: str, model: str, count: int, concurrency: int, seed: int, build_dir: Path | None,
+              json_path: Path | None) -> None:
     """UNet calls from concurrent clients to a served repository: latency percentiles, errors, identity.
 
     Requests cycle over the first step of every DSAP stage; each distinct request is sent alone first,
     and every concurrent output must equal it bit for bit. Exit status 1 on any error or mismatch.
     """
+    from .deploy.client import compare_local
     from .deploy.client import load_test as run_load_test
 
+    comparison = None
+    if build_dir:
+        with console.status("served vs in-process, alternating…"):
+            comparison = compare_local(url, build_dir, model, seed=seed)
+        table = Table(title=f"median ms per UNet call at concurrency 1, {comparison['calls']} calls each, alternating")
+        for column in ("in-process (onnxruntime)", "served (Triton)", "server adds", "ratio", "outputs"):
+            table.add_column(column, justify="right")
+        table.add_row(f"{comparison['local_ms']:.1f}", f"{comparison['triton_ms']:.1f}", f"{comparison['overhead_ms']:+.1f}",
+                      f"{comparison['ratio']:.2f}×", "identical" if comparison["identical"] else "[red]DIFFER[/]")
+        out.print(table)
     with console.status("load test…") as status:
         report = run_load_test(url, model, count, concurrency, seed,
                                progress=lambda i: status.update(f"load test: {i + 1}/{count} requests"))
@@ -489,6 +504,6 @@ def load_test(url: str, model: str, count: int, concurrency: int, seed: int, jso
     if report["first_error"]:
         console.print(f"[red]first error:[/] {report['first_error']}", highlight=False)
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-    if report["errors"] or report["mismatches"]:
+        json_path.write_text(json.dumps({**report, "compare": comparison}, indent=2) + "\n")
+    if report["errors"] or report["mismatches"] or (comparison and not comparison["identical"]):
         sys.exit(1)

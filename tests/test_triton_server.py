@@ -115,19 +115,23 @@ def test_generate_through_triton_writes_the_same_png_as_local(server, tiny_build
     assert result.exit_code == 2 and "either BUILD_DIR" in result.output
 
 
-def test_load_test_200_requests_from_16_clients(server, tmp_path, capsys):
+def test_load_test_200_requests_from_16_clients(server, tiny_build, tmp_path, capsys):
     report_path = tmp_path / "load.json"
     result = CliRunner().invoke(main, ["load-test", server.http_url, "--requests", "200", "--concurrency", "16",
-                                       "--json", str(report_path)])
+                                       "--compare", str(tiny_build), "--json", str(report_path)])
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert report["requests"] == 200 and report["concurrency"] == 16
     assert report["errors"] == 0 and report["mismatches"] == 0
     assert report["steps_sent"] == [0, 2]  # the first step of each stage: both graphs under load
     assert 0 < report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
+    compare = report["compare"]
+    assert compare["identical"] and compare["calls"] == 40
+    assert compare["overhead_ms"] == pytest.approx(compare["triton_ms"] - compare["local_ms"])
     with capsys.disabled():
         print(f"\n[triton load test] 200 requests, 16 clients, batch {report['batch']}: 0 errors, 0 mismatches, "
-              f"p50 {report['p50_ms']:.1f} ms, p99 {report['p99_ms']:.1f} ms, {report['throughput_rps']:.1f} requests/s")
+              f"p50 {report['p50_ms']:.1f} ms, p99 {report['p99_ms']:.1f} ms, {report['throughput_rps']:.1f} requests/s; "
+              f"served {compare['triton_ms']:.1f} ms vs in-process {compare['local_ms']:.1f} ms per call")
 
 
 def test_a_repository_that_fails_to_load_stops_the_server_and_says_why(install, ort_repo, tmp_path, monkeypatch):

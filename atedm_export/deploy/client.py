@@ -23,9 +23,9 @@ from ..errors import AtedmError
 from ..export import INPUT_NAMES, OUTPUT_NAMES, graph_feed
 from ..manifest import GraphEntry, Manifest
 from ..models import example_inputs, unet_inputs
-from ..runtime.backends import Backend
+from ..runtime.backends import Backend, load_backend
 from ..runtime.staged import StagedUNet
-from .routing import STAGE_OUTPUT, STEP_INPUTS
+from .routing import STAGE_OUTPUT, STEP_INPUTS, Router
 from .serving import MANIFEST_PARAMETER
 
 DEFAULT_MODEL = "atedm_unet"
@@ -134,14 +134,8 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def load_test(url: str, model: str = DEFAULT_MODEL, requests: int = 200, concurrency: int = 16, seed: int = 0,
-              progress: Any = None) -> dict:
-    """``requests`` UNet calls from ``concurrency`` clients, cycling over every stage of the schedule.
-
-    Each distinct request is first sent once, alone: every concurrent output must equal it exactly.
-    Latency is per request, measured on the client (encode, send, queue, run, receive).
-    """
-    backend = TritonBackend.connect(url, model)
+def stage_feeds(backend: TritonBackend, seed: int = 0) -> tuple[list[int], list[dict[str, torch.Tensor]]]:
+    """One full-batch request at the first step of each non-empty stage of the spec's step count."""
     manifest = backend.manifest
     spec = manifest.graph_spec
     shapes = unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, spec.text_length)
@@ -151,6 +145,52 @@ def load_test(url: str, model: str = DEFAULT_MODEL, requests: int = 200, concurr
               "num_steps": torch.full((spec.batch,), spec.steps, dtype=torch.int32)} for s in steps]
     for feed in feeds:
         backend.check(feed)
+    return steps, feeds
+
+
+def compare_local(url: str, build: str | Path, model: str = DEFAULT_MODEL, repeats: int = 20, seed: int = 0) -> dict:
+    """Per-call latency of the served UNet beside the same graphs run in this process on onnxruntime.
+
+    Calls alternate (local, served, local, served, …) at concurrency 1 in one run, so both see the same
+    machine; every served output must equal the local one bit for bit. The difference is what the
+    server adds per call: encoding, transfer, routing, the BLS hop, and the reply.
+    """
+    remote = TritonBackend.connect(url, model)
+    local = load_backend("onnxruntime", build)
+    if local.manifest.model_dump(exclude={"created"}) != remote.manifest.model_dump(exclude={"created"}):
+        raise TritonClientError(f"{url} serves another build than {build} (their manifests differ)")
+    router = Router(remote.manifest)
+    steps, feeds = stage_feeds(remote, seed)
+    graphs = [router.graph_of(router.route(s, remote.manifest.graph_spec.steps)[1]) for s in steps]
+    times: dict[str, list[float]] = {"local": [], "triton": []}
+    identical = True
+    for round_ in range(repeats + 1):  # round 0 warms both up and is not timed
+        for graph, feed in zip(graphs, feeds):
+            tick = time.perf_counter()
+            want = local.run(graph, feed)
+            middle = time.perf_counter()
+            got, _ = remote.infer(feed)
+            end = time.perf_counter()
+            identical &= np.array_equal(got, want.numpy())
+            if round_:
+                times["local"].append((middle - tick) * 1e3)
+                times["triton"].append((end - middle) * 1e3)
+    remote.release()
+    local_ms, triton_ms = float(np.median(times["local"])), float(np.median(times["triton"]))
+    return {"calls": len(times["local"]), "identical": bool(identical), "local_ms": local_ms, "triton_ms": triton_ms,
+            "overhead_ms": triton_ms - local_ms, "ratio": triton_ms / local_ms}
+
+
+def load_test(url: str, model: str = DEFAULT_MODEL, requests: int = 200, concurrency: int = 16, seed: int = 0,
+              progress: Any = None) -> dict:
+    """``requests`` UNet calls from ``concurrency`` clients, cycling over every stage of the schedule.
+
+    Each distinct request is first sent once, alone: every concurrent output must equal it exactly.
+    Latency is per request, measured on the client (encode, send, queue, run, receive).
+    """
+    backend = TritonBackend.connect(url, model)
+    spec = backend.manifest.graph_spec
+    steps, feeds = stage_feeds(backend, seed)
     reference = [backend.infer(feed) for feed in feeds]
     local = threading.local()
     clients: list[Any] = []
