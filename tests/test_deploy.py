@@ -233,3 +233,12 @@ def test_tensorrt_plans_need_gpu_instances(ort_repo, tmp_path):
                    'output { name: "y" data_type: TYPE_FP32 dims: 1 } instance_group { kind: KIND_CPU count: 1 }', "m")
     with pytest.raises(DeployError, match="tensorrt_plan runs KIND_GPU"):
         check_model(folder, config)
+
+
+def test_link_hard_links_the_artifacts(tiny_build, tmp_path):
+    repo = tmp_path / "repo"
+    deploy(DeployRequest(tiny_build, repo, backend="onnxruntime", link=True))
+    entry = Manifest.load(tiny_build).graph("main")
+    served = repo / "atedm_unet_main" / "1" / entry.onnx[0].path
+    assert served.stat().st_ino == (tiny_build / entry.onnx[0].path).stat().st_ino
+    check_repository(repo)

@@ -15,6 +15,7 @@ model-config protobuf; the repository is written to a hidden folder and renamed 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..manifest import FileEntry, GraphEntry, Manifest, file_entry, verify_file
+from ..manifest import FILENAME, FileEntry, GraphEntry, Manifest, sha256, verify_file
 from ..staging import check_destination, staged_folder
 from .config import CONFIG, MODEL_NAME, DeployError, check_routes, graph_config, read_repository, router_config, to_text
 from .readme import repository_readme
@@ -72,18 +73,17 @@ def _check(request: DeployRequest, manifest: Manifest) -> None:
                           "rebuild with --keep-weights")
 
 
-def _place(source: Path, target: Path, item: FileEntry, owner: str, link: bool) -> FileEntry:
-    """Copy (or hard-link) one artifact and check the copy against the manifest's checksum."""
+def _place(source: Path, target: Path, item: FileEntry, owner: str, link: bool) -> None:
+    """Hard-link one artifact (the same file: nothing to re-check) or copy it and check the copy's sha256."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if link:
         try:
             os.link(source, target)
+            return
         except OSError:
-            shutil.copy2(source, target)  # another filesystem: a copy it is
-    else:
-        shutil.copy2(source, target)
+            pass  # another filesystem: a copy it is
+    shutil.copy2(source, target)
     verify_file(target, item, owner)
-    return item
 
 
 def _graph_model(work: Path, request: DeployRequest, manifest: Manifest, entry: GraphEntry) -> tuple[str, list[dict]]:
@@ -91,22 +91,19 @@ def _graph_model(work: Path, request: DeployRequest, manifest: Manifest, entry: 
     name = f"{request.name}_{entry.name}"
     version = work / name / "1"
     version.mkdir(parents=True)
-    placed = []
     if request.backend == "tensorrt":
         assert entry.engine is not None
-        target = version / "model.plan"
-        _place(request.build / entry.engine.path, target, entry.engine, entry.name, request.link)
-        placed.append((target, entry.engine))
+        placements = [(entry.engine, version / "model.plan")]
     else:
         (version / "model.py").write_text(MODEL_SOURCES["onnxruntime"])
         manifest.save(version)
-        for item in entry.onnx:
-            target = version / item.path
-            _place(request.build / item.path, target, item, entry.name, request.link)
-            placed.append((target, item))
+        placements = [(item, version / item.path) for item in entry.onnx]
+    for item, target in placements:
+        _place(request.build / item.path, target, item, entry.name, request.link)
     config = graph_config(name, manifest, entry.name, request.backend, request.instances)
     (work / name / CONFIG).write_text(to_text(config))
-    files = [{"path": str(path.relative_to(work)), "sha256": item.sha256, "bytes": item.bytes} for path, item in placed]
+    files = [{"path": str(target.relative_to(work)), "sha256": item.sha256, "bytes": item.bytes}
+             for item, target in placements]
     return name, files
 
 
@@ -114,7 +111,7 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
     """Write the repository; returns its record (also written to ``REPO/atedm-deploy.json``)."""
     build = request.build.resolve()
     manifest = Manifest.load(build)  # checks every artifact's sha256 before anything is copied
-    request = DeployRequest(**{**request.__dict__, "build": build})
+    request = dataclasses.replace(request, build=build)
     _check(request, manifest)
     out = request.repository.resolve()
     check_destination(out, request.force)
@@ -142,7 +139,7 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "atedm_export": __version__,
             "build": str(build),
-            "manifest_sha256": file_entry(build, build / "manifest.json").sha256,
+            "manifest_sha256": sha256(build / FILENAME),
             "backend": request.backend,
             "router": request.name,
             "max_batch": max_batch,
