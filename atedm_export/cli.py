@@ -399,13 +399,7 @@ def deploy(build_dir: Path, repository: Path, name: str, backend: str, instances
     """
     from .deploy.repository import DeployRequest
     from .deploy.repository import deploy as run_deploy
-    from .manifest import Manifest
 
-    if backend == "auto":
-        engine = Manifest.load(build_dir, verify=False).engine
-        backend = "tensorrt" if engine.backend == "tensorrt" and not engine.weights_stripped else "onnxruntime"
-        console.print(f"variant: [bold]{backend}[/] (the build has {engine.backend if not engine.skipped else 'no'} engines)",
-                      highlight=False)
     start = time.perf_counter()
 
     def progress(model: str, event: str) -> None:

@@ -44,7 +44,7 @@ class DeployRequest:
     build: Path
     repository: Path
     name: str = "atedm_unet"
-    backend: str = "tensorrt"  # tensorrt: tensorrt_plan models on GPUs | onnxruntime: Python-backend models on CPUs
+    backend: str = "auto"  # tensorrt: tensorrt_plan models (GPUs) | onnxruntime: Python-backend models (CPUs) | auto
     instances: int = 1
     max_batch: int | None = None  # rows per router call; default: the build's static batch
     queue_delay_us: int = 2000  # how long the router's dynamic batcher waits to fill a batch
@@ -52,9 +52,15 @@ class DeployRequest:
     force: bool = False
 
 
+def auto_variant(manifest: Manifest) -> str:
+    """``tensorrt`` where the build has TensorRT plans that hold their weights (what Triton loads), else ``onnxruntime``."""
+    engine = manifest.engine
+    return "tensorrt" if engine.backend == "tensorrt" and not engine.weights_stripped else "onnxruntime"
+
+
 def _check(request: DeployRequest, manifest: Manifest) -> None:
     if request.backend not in VARIANTS:
-        raise DeployError(f"unknown deploy backend '{request.backend}'; expected one of: {', '.join(VARIANTS)}")
+        raise DeployError(f"unknown deploy backend '{request.backend}'; expected one of: auto, {', '.join(VARIANTS)}")
     if not MODEL_NAME.match(request.name):
         raise DeployError(f"model name '{request.name}' must be letters, digits, '_' or '-'")
     if request.instances < 1:
@@ -112,6 +118,11 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
     build = request.build.resolve()
     manifest = Manifest.load(build)  # checks every artifact's sha256 before anything is copied
     request = dataclasses.replace(request, build=build)
+    if request.backend == "auto":
+        engine = manifest.engine
+        request = dataclasses.replace(request, backend=auto_variant(manifest))
+        progress("repository", f"variant: {request.backend} (the build has "
+                               f"{engine.backend if not engine.skipped else 'no'} engines)")
     _check(request, manifest)
     out = request.repository.resolve()
     check_destination(out, request.force)
