@@ -437,7 +437,7 @@ def serve(repository: Path, http_port: int, grpc_port: int, timeout: float) -> N
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    check_repository(repository)
+    check_repository(repository, files=False)  # the models check their files as they load
     signal.signal(signal.SIGINT, interrupt)  # also where a parent started us with SIGINT ignored
     signal.signal(signal.SIGTERM, interrupt)  # `kill`, `docker stop`, systemd: stop the server too
     server = TritonServer(repository, http_port, grpc_port)

@@ -23,7 +23,6 @@ from click.testing import CliRunner
 
 from atedm_export.cli import main
 from atedm_export.deploy.client import TritonBackend, TritonClientError, connect
-from atedm_export.deploy.repository import check_repository
 from atedm_export.deploy.server import TritonServer, TritonServerError, find_server, free_port
 from atedm_export.manifest import Manifest
 from atedm_export.runtime import StagedUNet, load_backend
@@ -148,7 +147,7 @@ def test_a_repository_that_fails_to_load_stops_the_server_and_says_why(install, 
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]
 
 
-def test_serve_runs_until_sigterm_then_stops_the_server(install, ort_repo):
+def test_serve_runs_until_sigterm_then_stops_the_server(install, ort_repo, feed):
     http, grpc = free_port(), free_port()
     command = [str(Path(sys.executable).parent / "atedm-export"), "serve", str(ort_repo),
                "--http-port", str(http), "--grpc-port", str(grpc)]
@@ -157,7 +156,7 @@ def test_serve_runs_until_sigterm_then_stops_the_server(install, ort_repo):
         ready = process.stdout.readline()
         assert "ready in" in ready and f"http://127.0.0.1:{http}" in ready, ready
         _, stages = TritonBackend.connect(f"grpc://127.0.0.1:{grpc}").infer(
-            {**_feed_of(ort_repo), "step": torch.tensor([0, 0], dtype=torch.int32),
+            {**feed, "step": torch.tensor([0, 0], dtype=torch.int32),
              "num_steps": torch.tensor([1, 1], dtype=torch.int32)})
         assert stages.tolist() == [1, 1]
         process.send_signal(signal.SIGTERM)
@@ -168,11 +167,3 @@ def test_serve_runs_until_sigterm_then_stops_the_server(install, ort_repo):
     with pytest.raises(TritonClientError, match="cannot reach Triton"):
         TritonBackend.connect(f"http://127.0.0.1:{http}")
 
-
-def _feed_of(repo: Path) -> dict[str, torch.Tensor]:
-    from atedm_export.export import graph_feed
-    from atedm_export.models import example_inputs, unet_inputs
-
-    manifest = check_repository(repo)
-    spec = manifest.graph_spec
-    return graph_feed(example_inputs(unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, 77)))

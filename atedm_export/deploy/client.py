@@ -29,6 +29,8 @@ from .routing import STAGE_OUTPUT, STEP_INPUTS, Router
 from .serving import MANIFEST_PARAMETER
 
 DEFAULT_MODEL = "atedm_unet"
+#: what the client sends: NumPy dtype → Triton wire type (NumPy has no bfloat16)
+WIRE_TYPES = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16"}
 
 
 class TritonClientError(AtedmError):
@@ -95,7 +97,7 @@ class TritonBackend(Backend):
         for name in (*INPUT_NAMES, *STEP_INPUTS):
             array = feed[name].detach().cpu().contiguous().numpy()
             array = array.reshape(rows, 1) if array.ndim == 1 else array
-            datatype = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16"}.get(array.dtype)
+            datatype = WIRE_TYPES.get(array.dtype)
             if datatype is None:
                 raise TritonClientError(f"input '{name}' is {array.dtype}; the Triton client sends fp32, fp16 or int32")
             tensor = self.module.InferInput(name, list(array.shape), datatype)

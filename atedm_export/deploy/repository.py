@@ -164,15 +164,18 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
     return record
 
 
-def check_repository(repository: Path, router: str | None = None) -> Manifest:
-    """Re-check a written repository: every config, the routes, and every file against its recorded sha256."""
+def check_repository(repository: Path, router: str | None = None, files: bool = True) -> Manifest:
+    """Re-check a written repository: every config, the routes, and (``files``) every file's recorded sha256.
+
+    ``serve`` leaves the files out: each graph model checks its own files when the server loads it.
+    """
     repository = Path(repository)
     record_path = repository / RECORD
     if not record_path.is_file():
         raise DeployError(f"{repository} is not an atedm-export repository: {RECORD} not found")
     record = json.loads(record_path.read_text())
     manifest = check_routes(read_repository(repository), router or record["router"])
-    for model, info in record["models"].items():
+    for model, info in record["models"].items() if files else ():
         for f in info["files"]:
             verify_file(repository / f["path"], FileEntry(**f), model)
     return manifest
