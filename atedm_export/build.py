@@ -2,14 +2,16 @@
 
 Everything is written into a hidden sibling folder and renamed into place only when the whole build
 succeeded, so an error, a full disk or Ctrl-C never leaves a half build where a runtime could load it.
-Each graph is exported from a freshly loaded UNet that is freed before its ONNX graph is cleaned, so
-the full SDXL never exists twice in memory (peak: one copy of the weights plus graphsurgeon's).
+Each graph is exported from a freshly loaded UNet that is freed before its ONNX graph is cleaned, and
+the cleaner sees a weight-free skeleton, so the weights exist once in memory at any time. All graphs go
+into ``onnx/`` and point into one shared weights file (``weights.py``); engines go into ``engines/``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import gc
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,10 @@ from .models import attention_blocks, build_unet, load_unet, unet_config, unet_i
 from .pruning import StagePlan
 from .spec import GraphSpec
 from .staging import check_destination, staged_folder
+from .weights import WEIGHTS_FILE, WeightStore
+
+GRAPHS_DIR = "onnx"  # every graph and the shared weights file: ONNX external data must not leave the folder
+ENGINES_DIR = "engines"
 
 ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")
 Progress = Callable[[str, str, float | None], None]  # (graph, what happened, seconds)
@@ -118,55 +124,62 @@ def _build_into(
     tokens = {b.name: b.tokens for b in blocks}
     ranges = spec.dsap.step_ranges(spec.steps)
 
+    graphs = work / GRAPHS_DIR
+    graphs.mkdir()
+    (work / ENGINES_DIR).mkdir()
+    store = WeightStore(graphs / WEIGHTS_FILE)
+
     def make(name: str, plan: StagePlan | None, until: float | None, steps: range) -> GraphEntry:
-        folder = work / name
-        folder.mkdir()
         tick = time.perf_counter()
         # One graph at a time, and no UNet in memory while its ONNX graph is cleaned: the full SDXL
-        # exists once, as torch weights or as ONNX, never both plus a copy.
+        # exists once, as torch weights or as the exporter's file, never both plus a copy.
         unet = load_unet(spec.model, dtype=spec.dtype, seed=spec.seed)
-        raw = folder / "raw.onnx"
+        raw = graphs / f".raw-{name}" / "raw.onnx"
+        raw.parent.mkdir()
         export_raw(unet, plan, shapes, spec.dtype, raw)
         del unet
         gc.collect()
-        files = finalize(raw, folder / "unet.onnx")
-        for leftover in folder.glob("raw.onnx*"):
-            leftover.unlink()
+        stored, reused = store.size, store.reused
+        path = finalize(raw, graphs / f"{name}.onnx", store)
+        shutil.rmtree(raw.parent)
         export_seconds = time.perf_counter() - tick
-        progress(name, "exported", export_seconds)
+        progress(name, f"exported: {(store.size - stored) / 1e9:.3f} GB new weights, "
+                       f"{(store.reused - reused) / 1e9:.3f} GB shared", export_seconds)
         tick = time.perf_counter()
-        check_onnx(files[0])
-        graph = graph_flops(str(files[0]), spec.batch) / 1e12
+        check_onnx(path)
+        graph = graph_flops(str(path), spec.batch) / 1e12
         module = count_flops(meta, spec.height, spec.width, spec.text_length, plan) / 1e12
         progress(name, f"checked: {graph * 1e3:.3f} GFLOPs/image-step in the graph", time.perf_counter() - tick)
         engine, compile_seconds = None, None
         if library is not None:
+            store.flush()  # the builder maps the weights file
             target = "-".join(request.targets) or "local"
-            engine_path = folder / f"unet.{library.backend}.{target}.plan"
+            engine_path = work / ENGINES_DIR / f"{name}.{library.backend}.{target}.plan"
             progress(name, f"compiling with {library.backend} {library.version} for {target}", None)
-            compile_seconds = library.build(files[0], engine_path, options)
+            compile_seconds = library.build(path, engine_path, options)
             engine = file_entry(work, engine_path)
             progress(name, f"engine {engine.bytes / 2**20:.1f} MiB", compile_seconds)
         keep = {b: (plan.keep.get(b, n) if plan else n) for b, n in tokens.items()}
         return GraphEntry(
             name=name, until=until, steps=[steps.start, steps.stop], keep=keep,
-            onnx=[file_entry(work, f) for f in files], engine=engine, graph_tflops=graph, module_tflops=module,
+            onnx=file_entry(work, path), engine=engine, graph_tflops=graph, module_tflops=module,
             export_seconds=export_seconds, compile_seconds=compile_seconds,
         )
 
-    baseline = make("baseline", None, None, range(0, spec.steps))
-    stages = []
-    for index in selected:
-        stage = spec.dsap.stages[index]
-        plan = stage_plan(stage, blocks, spec.pruning.options())
-        if not plan.keep:
-            progress(stage.name, "prunes nothing: reuses the baseline graph", None)
-            steps = ranges[index]
-            stages.append(baseline.model_copy(update={
-                "name": stage.name, "until": stage.until, "steps": [steps.start, steps.stop], "same_as": "baseline",
-            }))
-            continue
-        stages.append(make(stage.name, plan, stage.until, ranges[index]))
+    with store:  # closed on any error too; the staging folder then goes with it
+        baseline = make("baseline", None, None, range(0, spec.steps))
+        stages = []
+        for index in selected:
+            stage = spec.dsap.stages[index]
+            plan = stage_plan(stage, blocks, spec.pruning.options())
+            if not plan.keep:
+                progress(stage.name, "prunes nothing: reuses the baseline graph", None)
+                steps = ranges[index]
+                stages.append(baseline.model_copy(update={
+                    "name": stage.name, "until": stage.until, "steps": [steps.start, steps.stop], "same_as": "baseline",
+                }))
+                continue
+            stages.append(make(stage.name, plan, stage.until, ranges[index]))
 
     spec_data = spec.model_dump(mode="json")
     spec_data["schedule"] = spec.dsap.model_dump(mode="json")
@@ -177,6 +190,7 @@ def _build_into(
         tokens=tokens,
         inputs=[TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in inputs],
         outputs=[TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in outputs],
+        weights=file_entry(work, store.path),
         baseline=baseline,
         stages=stages,
         complete=len(selected) == len(spec.dsap.stages),

@@ -220,7 +220,11 @@ def inspect(build_dir: Path, as_json: bool) -> None:
     for op in list(first)[:12]:
         ops.add_row(op, *(str(data["ops"][g].get(op, 0)) for g in graphs))
     out.print(ops)
-    out.print(f"total on disk: {_mib(data['total_bytes'])} MiB")
+    shared, sizes = data["weights"], data["onnx_bytes"]
+    out.print(f"weights: {_mib(shared['bytes'])} MiB in {shared['path']}, shared by {shared['graphs_sharing']} graphs; "
+              f"graphs on disk {_mib(sizes['on_disk'])} MiB ({sizes['on_disk'] / shared['bytes']:.2f}x the weights; "
+              f"{_mib(sizes['unshared'])} MiB with a copy each)", highlight=False)
+    out.print(f"total on disk: {_mib(data['total_bytes'])} MiB", highlight=False)
 
 
 @main.command()

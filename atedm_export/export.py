@@ -16,7 +16,8 @@ Two exporters, chosen by what the machine can afford:
 
 Both give graphs within 1.5e-6 of eager in onnxruntime on the tiny model. onnx-graphsurgeon then folds
 constants and shape computations and removes dead nodes, and ``onnx.shape_inference`` annotates every
-tensor. Graphs whose weights pass 2 GB keep them in one ``<name>.onnx.data`` file beside the graph.
+tensor. The cleaner sees a weight-free skeleton; the weights then move, once and deduplicated, into the
+build's one shared external-data file (``weights.py``), so every graph of a build is a small file of nodes.
 """
 
 from __future__ import annotations
@@ -32,14 +33,17 @@ from pathlib import Path
 import onnx
 import torch
 from diffusers import UNet2DConditionModel
+from onnx.external_data_helper import uses_external_data
 
 from .models import UNetInputs, example_inputs
 from .pruning import StagePlan, apply_atedm, remove_atedm
+from .weights import WeightStore
 
 INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
 OUTPUT_NAMES = ("latent",)
 OPSET = 18  # LayerNormalization is opset 17; TensorRT 10 and TensorRT-RTX parse 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; leave room for the graph itself
+FOLD_BYTES = 1 << 20  # the cleaner folds constants up to this size; larger tensors are weights, never folded
 
 ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -101,10 +105,6 @@ def io_specs(shapes: UNetInputs, dtype: torch.dtype) -> tuple[list[TensorSpec], 
     return inputs, [TensorSpec("latent", latent, d)]
 
 
-def _weights_bytes(model: onnx.ModelProto) -> int:
-    return sum(t.ByteSize() for t in model.graph.initializer)  # ByteSize reads no tensor bytes
-
-
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``onnx.shape_inference`` on a graph of any size, annotating ``model`` in place.
 
@@ -119,7 +119,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.input.extend(model.graph.input)
     graph.output.extend(model.graph.output)
     for tensor in model.graph.initializer:
-        if tensor.ByteSize() > (1 << 20):
+        if tensor.ByteSize() > (1 << 20) or uses_external_data(tensor):
             graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         else:
             graph.initializer.append(tensor)
@@ -129,35 +129,50 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _detach_weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Turn the weights (external or over ``FOLD_BYTES``) into graph inputs; return them by name.
+
+    The graph cleaner then sees a weight-free skeleton: it cannot fold a weight into a new constant
+    (a transposed or cast copy would be a second copy of the weights, in memory and on disk), and it
+    never holds the weights' bytes, which stay in the exporter's file until the store copies them.
+    """
+    weights = {t.name: t for t in model.graph.initializer if uses_external_data(t) or t.ByteSize() > FOLD_BYTES}
+    kept = [t for t in model.graph.initializer if t.name not in weights]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for name, tensor in weights.items():
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    return weights
+
+
+def _attach_weights(model: onnx.ModelProto, weights: dict[str, onnx.TensorProto]) -> None:
+    """Undo ``_detach_weights`` for the weights the cleaned graph still uses."""
+    used = {name for node in model.graph.node for name in node.input}
+    inputs = [v for v in model.graph.input if v.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    model.graph.initializer.extend(t for name, t in weights.items() if name in used)
+
+
 def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold constants and shape computations, drop dead nodes, sort topologically (onnx-graphsurgeon).
 
     Shapes are inferred first so that ``Shape → Reshape`` chains (GroupNorm, attention head splits)
-    fold into constants: every shape in the saved graph is then a number, as TensorRT wants.
+    fold into constants: every shape in the saved graph is then a number, as TensorRT wants. The
+    weights take no part (``_detach_weights``): the cleaner works on a graph of a few megabytes.
     """
     import onnx_graphsurgeon as gs
 
+    weights = _detach_weights(model)
     for _ in range(2):  # the second round folds what the first round's shapes made static
         graph = gs.import_onnx(infer_shapes(model))
-        del model  # graphsurgeon keeps the tensors it needs; at most two copies of the weights live
-        graph.fold_constants(size_threshold=64 * 1024 * 1024)
+        del model
+        graph.fold_constants(size_threshold=FOLD_BYTES)
         graph.cleanup().toposort()
         model = gs.export_onnx(graph)
         del graph
+    _attach_weights(model, weights)
     return infer_shapes(model)
-
-
-def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Write the graph (and, over 2 GB, one external data file beside it); return the files written."""
-    files = [path]
-    if _weights_bytes(model) > EXTERNAL_DATA_BYTES:
-        data = path.with_name(path.name + ".data")
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        files.append(data)
-    else:
-        onnx.save_model(model, str(path))
-    return files
 
 
 def export_raw(
@@ -177,11 +192,16 @@ def export_raw(
         remove_atedm(unet)
 
 
-def finalize(raw: Path, path: Path) -> list[Path]:
-    """Clean the exporter's graph (constants folded, dead nodes gone, shapes inferred) and save it at ``path``."""
-    model = cleanup(onnx.load(str(raw)))
+def finalize(raw: Path, path: Path, store: WeightStore) -> Path:
+    """Clean the exporter's graph and save it at ``path``, its weights moved into the build's shared ``store``.
+
+    The exporter's file is read without its external data: only the store ever reads those bytes.
+    """
+    model = cleanup(onnx.load(str(raw), load_external_data=False))
     model.producer_name = "atedm-export"
-    return save_onnx(model, path)
+    store.move_initializers(model, raw.parent)
+    onnx.save_model(model, str(path))
+    return path
 
 
 def exporter_for(unet: UNet2DConditionModel) -> str:

@@ -21,7 +21,7 @@ from .errors import AtedmError, format_validation_error
 from .pruning import StagePlan
 from .spec import GraphSpec, parse_spec
 
-FORMAT = "atedm-export.manifest/1"
+FORMAT = "atedm-export.manifest/2"  # 2: every graph in onnx/, one shared weights file
 FILENAME = "manifest.json"
 
 
@@ -52,7 +52,7 @@ class GraphEntry(_Model):
     until: float | None  # end of the stage as a fraction of the steps; None for the baseline
     steps: list[int]  # [first, stop) for the spec's step count
     keep: dict[str, int]  # kept tokens per attention block (== tokens where unpruned)
-    onnx: list[FileEntry]  # the graph, then its external data file if any
+    onnx: FileEntry  # the graph's nodes and small tensors; its weights are the build's shared file
     engine: FileEntry | None
     graph_tflops: float  # per image-step, counted from the ONNX graph
     module_tflops: float  # per image-step, counted on the patched torch module
@@ -79,6 +79,7 @@ class Manifest(_Model):
     tokens: dict[str, int]
     inputs: list[TensorEntry]
     outputs: list[TensorEntry]
+    weights: FileEntry  # the one external-data file every graph's weights point into (onnx/)
     baseline: GraphEntry
     stages: list[GraphEntry]
     complete: bool  # every stage of the schedule was built (not a --stages subset)
@@ -134,20 +135,36 @@ class Manifest(_Model):
         return manifest
 
     def verify_files(self, folder: Path) -> None:
+        """Every artifact against its size and sha256; the shared weights are hashed once."""
+        verify_file(folder / self.weights.path, self.weights, "weights")
         for entry in self.graphs():
             verify_entry(folder, entry)
 
+    def verify_graph(self, folder: Path, entry: GraphEntry, engine: bool = True) -> None:
+        """What one graph relies on: the shared weights, its graph file and (``engine``) its engine."""
+        verify_file(folder / self.weights.path, self.weights, "weights")
+        verify_entry(folder, entry, engine)
+
+    def files(self) -> list[FileEntry]:
+        """Every distinct file of the build (stages that reuse the baseline's add nothing)."""
+        unique = {self.weights.path: self.weights}
+        for entry in self.graphs():
+            for item in (entry.onnx, entry.engine):
+                if item is not None:
+                    unique.setdefault(item.path, item)
+        return list(unique.values())
+
 
 def verify_entry(folder: Path, entry: GraphEntry, engine: bool = True) -> None:
-    """Check one graph's files (and its engine) against their sizes and sha256, naming the first that differs."""
-    for item in [*entry.onnx, *([entry.engine] if engine and entry.engine else [])]:
+    """Check one graph's own files (and its engine) against their sizes and sha256, naming the first that differs."""
+    for item in [entry.onnx, *([entry.engine] if engine and entry.engine else [])]:
         verify_file(folder / item.path, item, entry.name)
 
 
 def verify_file(target: Path, item: FileEntry, owner: str) -> None:
     """One artifact (possibly copied elsewhere under another name) against its manifest entry."""
     if not target.is_file():
-        raise ManifestError(f"{owner}: {target} is missing")
+        raise ManifestError(f"{owner}: {target} is missing (the build is incomplete: rebuild or copy it whole)")
     if target.stat().st_size != item.bytes or sha256(target) != item.sha256:
         raise ManifestError(f"{owner}: {item.path} does not match its checksum (corrupted or replaced)")
 

@@ -29,7 +29,7 @@ def graph_summary(manifest: Manifest, entry: GraphEntry) -> dict:
         "graph_tflops": entry.graph_tflops,
         "module_tflops": entry.module_tflops,
         "saving": 1 - entry.graph_tflops / base,
-        "onnx_bytes": sum(f.bytes for f in entry.onnx),
+        "onnx_bytes": entry.onnx.bytes,  # the graph file; its weights are the build's shared file
         "engine_bytes": entry.engine.bytes if entry.engine else None,
         "export_seconds": entry.export_seconds,
         "compile_seconds": entry.compile_seconds,
@@ -48,7 +48,9 @@ def schedule_totals(manifest: Manifest) -> dict | None:
 
 def inspect_build(folder: Path, manifest: Manifest) -> dict:
     """The JSON of ``atedm-export inspect``."""
-    unique = {e.onnx[0].path: e for e in manifest.graphs()}
+    unique = {e.onnx.path: e for e in manifest.graphs()}
+    weights = manifest.weights.bytes
+    graph_bytes = sum(e.onnx.bytes for e in unique.values())
     return {
         "folder": str(folder),
         "spec": manifest.spec,
@@ -59,7 +61,10 @@ def inspect_build(folder: Path, manifest: Manifest) -> dict:
         "graphs": [{**graph_summary(manifest, e), "keep": e.keep} for e in manifest.graphs()],
         "schedule": schedule_totals(manifest),
         "ops": {e.name: op_histogram(folder / path) for path, e in unique.items()},
-        "total_bytes": sum(f.bytes for e in unique.values() for f in [*e.onnx, *([e.engine] if e.engine else [])]),
+        "weights": {"path": manifest.weights.path, "bytes": weights, "graphs_sharing": len(unique)},
+        # what the graphs would take with a copy of the weights each, against what they take on disk
+        "onnx_bytes": {"on_disk": weights + graph_bytes, "unshared": len(unique) * weights + graph_bytes},
+        "total_bytes": sum(f.bytes for f in manifest.files()),
         "versions": manifest.versions,
         "build_seconds": manifest.build_seconds,
     }

@@ -117,7 +117,7 @@ def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = N
         plan = manifest.plan(entry)
         apply_atedm(unet, plan) if plan else remove_atedm(unet)
         reference = _torch_runner(UNetGraph(unet).eval(), f"eager-{entry.name}", feed)
-        candidate = _onnxrt_runner(folder / entry.onnx[0].path, f"onnxruntime-{entry.name}")
+        candidate = _onnxrt_runner(folder / entry.onnx.path, f"onnxruntime-{entry.name}")
         checks.append(compare(reference, candidate, feed, entry.name, "onnxruntime", spec.precision))
     remove_atedm(unet)
     return checks

@@ -78,7 +78,10 @@ def test_inspect_json(tiny_build):
     assert graphs["main"]["saving"] == pytest.approx(1 - graphs["main"]["graph_tflops"] / graphs["baseline"]["graph_tflops"])
     assert data["schedule"]["saving"] > graphs["early"]["saving"]
     assert data["ops"]["main"]["MatMul"] > 0 and "TopK" not in data["ops"]["main"]
-    assert data["total_bytes"] > 3 * 50_000_000
+    assert data["weights"]["graphs_sharing"] == 3
+    assert data["onnx_bytes"]["on_disk"] <= 1.15 * data["weights"]["bytes"]
+    assert data["onnx_bytes"]["unshared"] > 2.9 * data["weights"]["bytes"]
+    assert data["total_bytes"] > 3 * 50_000_000 if HAS_RTX else data["total_bytes"] > 50_000_000
     text = _cli("inspect", str(tiny_build))
     assert text.exit_code == 0 and "kept tokens per attention block" in text.output
 
@@ -101,7 +104,58 @@ def test_manifest_round_trip(tiny_build, tmp_path):
     assert Manifest.load(copy, verify=False) == manifest
 
 
-@pytest.mark.parametrize("artifact", ["onnx", "engine"])
+def _external_locations(path) -> set[str]:
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+
+
+def test_all_graphs_share_one_weights_file(tiny_build):
+    """One copy of the weights per build: every graph points into the same file, which holds each tensor once."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    manifest = Manifest.load(tiny_build)
+    weights = manifest.weights
+    assert weights.path == "onnx/weights.onnx.data"
+    referenced = {}
+    for entry in manifest.graphs():
+        path = tiny_build / entry.onnx.path
+        assert path.parent == (tiny_build / weights.path).parent
+        assert _external_locations(path) == {"weights.onnx.data"}
+        model = onnx.load(str(path), load_external_data=False)
+        spans = [ExternalDataInfo(t) for t in model.graph.initializer if uses_external_data(t)]
+        assert all(info.offset % 4096 == 0 for info in spans)  # page-aligned: onnxruntime maps them
+        referenced[entry.name] = sum(info.length for info in spans)
+        # no folded N×N masks: what stays inside a graph file is small
+        assert max((t.ByteSize() for t in model.graph.initializer if not uses_external_data(t)), default=0) < 64 * 1024
+    one_graph = referenced["baseline"]
+    assert referenced["main"] == pytest.approx(one_graph, rel=0.01)
+    on_disk = weights.bytes + sum(e.onnx.bytes for e in manifest.graphs())
+    assert on_disk <= 1.15 * one_graph, (on_disk, one_graph)
+    assert weights.bytes <= 1.01 * one_graph
+
+
+def test_the_shared_weights_are_all_an_engine_parser_needs(tiny_build, tmp_path):
+    """Graph + shared weights alone (no other file) are a complete graph: onnx.checker and onnxruntime load it."""
+    import shutil
+
+    import onnx
+    import onnxruntime as ort
+
+    manifest = Manifest.load(tiny_build)
+    alone = tmp_path / "onnx"
+    alone.mkdir()
+    shutil.copy(tiny_build / manifest.graph("main").onnx.path, alone / "main.onnx")
+    shutil.copy(tiny_build / manifest.weights.path, alone / "weights.onnx.data")
+    onnx.checker.check_model(str(alone / "main.onnx"))
+    session = ort.InferenceSession(str(alone / "main.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [t.name for t in manifest.inputs]
+
+
+@pytest.mark.parametrize("artifact", ["onnx", "weights", "engine"])
 def test_a_flipped_byte_is_caught(tiny_build, tmp_path, artifact):
     import shutil
 
@@ -110,14 +164,30 @@ def test_a_flipped_byte_is_caught(tiny_build, tmp_path, artifact):
     copy = tmp_path / "b"
     shutil.copytree(tiny_build, copy)
     entry = Manifest.load(copy, verify=False).graph("main")
-    target = copy / (entry.onnx[0].path if artifact == "onnx" else entry.engine.path)
+    manifest = Manifest.load(copy, verify=False)
+    paths = {"onnx": entry.onnx.path, "weights": manifest.weights.path, "engine": entry.engine and entry.engine.path}
+    target = copy / paths[artifact]
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
-    with pytest.raises(ManifestError, match="main: .* does not match its checksum"):
+    owner = "weights" if artifact == "weights" else "main"
+    with pytest.raises(ManifestError, match=f"{owner}: .* does not match its checksum"):
         Manifest.load(copy)
     result = _cli("inspect", str(copy))
     assert result.exit_code == 2 and "checksum" in result.output
+
+
+def test_a_missing_weights_file_is_one_line(tiny_build, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_build, copy)
+    (copy / "onnx" / "weights.onnx.data").unlink()
+    for command in ("inspect", "verify"):
+        result = _cli(command, str(copy))
+        assert result.exit_code == 2, result.output
+        assert result.output.count("error:") == 1 and "weights.onnx.data is missing" in result.output
+        assert "Traceback" not in result.output
 
 
 def test_unknown_manifest_version_and_missing_manifest(tiny_build, tmp_path):
@@ -195,7 +265,7 @@ def test_failing_stage_leaves_nothing(tmp_path, monkeypatch):
     real = build_module.export_raw
 
     def fail_on_main(unet, plan, shapes, dtype, raw):
-        if raw.parent.name == "main":
+        if raw.parent.name == ".raw-main":
             raise build_module.AtedmError("main: engine build failed: simulated")
         return real(unet, plan, shapes, dtype, raw)
 
@@ -216,6 +286,7 @@ def test_onnx_only_build_then_force_rebuild(tmp_path):
     assert again.exit_code == 0, again.output
     rebuilt = Manifest.load(out)
     assert rebuilt.stages[0].same_as == "baseline" and rebuilt.stages[0].onnx == rebuilt.baseline.onnx
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["baseline.onnx", "weights.onnx.data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "small.yaml"]
 
 
@@ -247,6 +318,8 @@ def test_fp16_build_through_the_dynamo_exporter(tmp_path):
     manifest = Manifest.load(tmp_path / "o")
     assert {t.dtype for t in manifest.inputs} == {"float16", "float32"}  # timestep stays fp32
     assert all(g.engine is not None for g in manifest.graphs()) == HAS_RTX
+    for entry in manifest.graphs():  # the dynamo exporter's weights, moved into the one shared file
+        assert _external_locations(tmp_path / "o" / entry.onnx.path) == {"weights.onnx.data"}
     checks = {c.graph: c for c in verify_build(tmp_path / "o")}
     assert checks["baseline"].passed and checks["baseline"].cosine > 0.99999, checks
     assert checks["main"].cosine > 0.9, checks

@@ -97,9 +97,14 @@ def test_onnxruntime_repository_layout_and_configs(ort_repo, tiny_build):
         assert config.backend == "python" and config.max_batch_size == 0
         assert config.parameters["atedm_graph"].string_value == graph
         assert [(i.name, list(i.dims)) for i in config.input] == [(t.name, t.shape) for t in manifest.inputs]
+        assert config.parameters["atedm_build"].string_value == "atedm_unet/build"
         entry = manifest.graph(graph)
-        copied = ort_repo / f"atedm_unet_{graph}" / "1" / entry.onnx[0].path
-        assert sha256(copied) == entry.onnx[0].sha256
+        copied = ort_repo / "atedm_unet" / "build" / entry.onnx.path
+        assert sha256(copied) == entry.onnx.sha256
+        assert sorted(p.name for p in (ort_repo / f"atedm_unet_{graph}" / "1").iterdir()) == ["model.py"]
+    # one copy of the weights in the repository, shared by every graph model
+    weights = list(ort_repo.rglob("*.onnx.data"))
+    assert weights == [ort_repo / "atedm_unet" / "build" / manifest.weights.path]
     record = json.loads((ort_repo / "atedm-deploy.json").read_text())
     assert record["backend"] == "onnxruntime" and record["max_batch"] == 2
     readme = (ort_repo / "README.md").read_text()
@@ -191,7 +196,7 @@ def test_bad_requests_fail_with_one_line_and_leave_nothing(tiny_build, tmp_path)
 def test_a_corrupted_artifact_stops_the_deploy_and_leaves_nothing(tiny_build, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(tiny_build, copy)
-    graph = copy / Manifest.load(copy).graph("main").onnx[0].path
+    graph = copy / Manifest.load(copy).graph("main").onnx.path
     graph.write_bytes(graph.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(ManifestError, match="main: .* does not match its checksum"):
         deploy(DeployRequest(copy, tmp_path / "repo", backend="onnxruntime"))
@@ -201,9 +206,9 @@ def test_a_corrupted_artifact_stops_the_deploy_and_leaves_nothing(tiny_build, tm
 def test_check_repository_catches_a_changed_file(ort_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(ort_repo, repo)
-    graph = next((repo / "atedm_unet_early" / "1").rglob("unet.onnx"))
+    graph = repo / "atedm_unet" / "build" / "onnx" / "early.onnx"
     graph.write_bytes(graph.read_bytes() + b"x")
-    with pytest.raises(ManifestError, match="atedm_unet_early: .*unet.onnx does not match its checksum"):
+    with pytest.raises(ManifestError, match="atedm_unet: .*early.onnx does not match its checksum"):
         check_repository(repo)
 
 
@@ -236,9 +241,18 @@ def test_tensorrt_plans_need_gpu_instances(ort_repo, tmp_path):
 
 
 def test_link_hard_links_the_artifacts(tiny_build, tmp_path):
+    """One copy of the weights on disk for the build and its repository; the linked graphs still load."""
+    import onnxruntime as ort
+
+    source = tmp_path / "b"  # a copy: the session's build must keep one link per file (onnx.checker wants that)
+    shutil.copytree(tiny_build, source)
     repo = tmp_path / "repo"
-    deploy(DeployRequest(tiny_build, repo, backend="onnxruntime", link=True))
-    entry = Manifest.load(tiny_build).graph("main")
-    served = repo / "atedm_unet_main" / "1" / entry.onnx[0].path
-    assert served.stat().st_ino == (tiny_build / entry.onnx[0].path).stat().st_ino
+    deploy(DeployRequest(source, repo, backend="onnxruntime", link=True))
+    manifest = Manifest.load(source)
+    entry = manifest.graph("main")
+    build = repo / "atedm_unet" / "build"
+    for item in (entry.onnx, manifest.weights):
+        assert (build / item.path).stat().st_ino == (source / item.path).stat().st_ino
+    session = ort.InferenceSession(str(build / entry.onnx.path), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].name == "latent"
     check_repository(repo)

@@ -136,7 +136,7 @@ def test_missing_and_corrupted_files(tiny_build, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(tiny_build, copy)
     entry = Manifest.load(copy).graph("early")
-    artifact = copy / (entry.engine.path if entry.engine else entry.onnx[0].path)
+    artifact = copy / (entry.engine.path if entry.engine else entry.onnx.path)
     artifact.write_bytes(artifact.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(ManifestError, match="early: .* does not match its checksum"):
         StagedUNet.load(copy)

@@ -136,11 +136,11 @@ def test_load_test_200_requests_from_16_clients(server, tiny_build, tmp_path, ca
 def test_a_repository_that_fails_to_load_stops_the_server_and_says_why(install, ort_repo, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     shutil.copytree(ort_repo, repo)
-    graph = next((repo / "atedm_unet_main" / "1").rglob("unet.onnx"))
+    graph = repo / "atedm_unet" / "build" / "onnx" / "main.onnx"
     graph.write_bytes(graph.read_bytes()[:-4] + b"\0\0\0\0")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the server's backends folder and log go
     server = TritonServer(repo, install=install)
-    with pytest.raises(TritonServerError, match="failed to load 'atedm_unet_main' .* main: .*unet.onnx does not match its checksum"):
+    with pytest.raises(TritonServerError, match="failed to load 'atedm_unet_main' .* main: .*main.onnx does not match its checksum"):
         server.start()
     assert server.process is None and server.returncode is not None
     assert "successfully unloaded 'atedm_unet'" in server.log()  # the models that did load were unloaded

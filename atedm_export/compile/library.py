@@ -10,7 +10,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import onnx
+
 from ..errors import AtedmError
+from ..weights import MappedWeights
 
 #: backend name → (python module, pip extra that installs it)
 BACKENDS: dict[str, tuple[str, str]] = {
@@ -94,7 +97,13 @@ class EngineLibrary:
                 raise AtedmError(f"target '{target}' is not this machine's GPU ({local}); tensorrt builds only for the GPU present")
 
     def build(self, onnx_path: Path, engine_path: Path, options: BuildOptions) -> float:
-        """Parse ``onnx_path``, build a strongly typed engine, write it to ``engine_path``; returns seconds."""
+        """Parse ``onnx_path``, build a strongly typed engine, stream it to ``engine_path``; returns seconds.
+
+        The weights are never read into memory by us: the parser gets pointers into one read-only
+        mapping of the build's weights file (``load_model_proto`` + ``load_initializer``), and the plan
+        goes to disk as the builder produces it (``build_serialized_network_to_stream``), so the full
+        SDXL costs the builder's own copy of the weights and the mapped pages, not three copies.
+        """
         trt = self.trt
         start = time.perf_counter()
         log = _Logger(trt)
@@ -102,8 +111,43 @@ class EngineLibrary:
         flags = 0 if self.is_rtx else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, log.logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            raise EngineBuildError(f"{onnx_path.name}: ONNX parser: {_parser_error(parser)}")
+        weights = self._parse(parser, onnx_path)
+        try:
+            config = self._config(builder, options)
+            cache = self._load_timing_cache(config, options.timing_cache)
+            with _PlanWriter(trt, engine_path) as writer:
+                built = builder.build_serialized_network_to_stream(network, config, writer.stream)
+            if not built:
+                engine_path.unlink(missing_ok=True)
+                reason = log.errors[-1] if log.errors else "no reason given"
+                raise EngineBuildError(f"{onnx_path.name}: engine build failed: {reason}")
+        finally:
+            del parser, network
+            weights.close()
+        if cache is not None and options.timing_cache is not None:
+            options.timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+        return time.perf_counter() - start
+
+    def _parse(self, parser: Any, onnx_path: Path) -> MappedWeights:
+        """Load the graph (kilobytes to a few MB) and point the parser at its mapped external weights."""
+        serialized = onnx_path.read_bytes()
+        weights = MappedWeights(onnx_path, onnx.load_model_from_string(serialized))
+        try:
+            if not parser.load_model_proto(serialized, str(onnx_path)):
+                raise EngineBuildError(f"{onnx_path.name}: ONNX parser: {_parser_error(parser)}")
+            for name, address, size in weights.pointers():
+                if not parser.load_initializer(name, address, size):
+                    raise EngineBuildError(f"{onnx_path.name}: ONNX parser refused initializer '{name}' "
+                                           f"({size} bytes): {_parser_error(parser)}")
+            if not parser.parse_model_proto():
+                raise EngineBuildError(f"{onnx_path.name}: ONNX parser: {_parser_error(parser)}")
+        except BaseException:
+            weights.close()
+            raise
+        return weights
+
+    def _config(self, builder: Any, options: BuildOptions) -> Any:
+        trt = self.trt
         config = builder.create_builder_config()
         config.builder_optimization_level = options.optimization_level
         if options.workspace_gib is not None:
@@ -115,16 +159,7 @@ class EngineLibrary:
             # Saves the plan's copy of the weights on disk and in the builder (5 GB for SDXL in fp16).
             config.set_flag(trt.BuilderFlag.STRIP_PLAN)
             config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
-        cache = self._load_timing_cache(config, options.timing_cache)
-        serialized = builder.build_serialized_network(network, config)
-        del parser, network
-        if serialized is None:
-            reason = log.errors[-1] if log.errors else "no reason given"
-            raise EngineBuildError(f"{onnx_path.name}: engine build failed: {reason}")
-        engine_path.write_bytes(memoryview(serialized))
-        if cache is not None and options.timing_cache is not None:
-            options.timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
-        return time.perf_counter() - start
+        return config
 
     def _set_targets(self, config: Any, targets: tuple[str, ...]) -> None:
         trt = self.trt
@@ -141,6 +176,29 @@ class EngineLibrary:
         cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
         return cache
+
+
+class _PlanWriter:
+    """The builder's ``IStreamWriter``: each chunk of the serialized plan goes straight to the file."""
+
+    def __init__(self, trt: ModuleType, path: Path) -> None:
+        handle = path.open("wb")
+        self.handle = handle
+
+        class Writer(trt.IStreamWriter):  # type: ignore[misc, name-defined]
+            def __init__(self) -> None:
+                trt.IStreamWriter.__init__(self)
+
+            def write(self, data: bytes) -> int:
+                return handle.write(data)
+
+        self.stream = Writer()
+
+    def __enter__(self) -> _PlanWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
 
 
 def _parser_error(parser: Any) -> str:

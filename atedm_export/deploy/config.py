@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import AtedmError
 from ..manifest import Manifest, TensorEntry
 from .routing import STAGE_OUTPUT, STEP_INPUTS
-from .serving import GRAPH_MODELS_PARAMETER, GRAPH_PARAMETER, MANIFEST_PARAMETER
+from .serving import BUILD_PARAMETER, GRAPH_MODELS_PARAMETER, GRAPH_PARAMETER, MANIFEST_PARAMETER
 
 CONFIG = "config.pbtxt"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -50,8 +50,11 @@ def _graph_tensors(entries: list[TensorEntry]) -> list[tuple[str, str, list[int]
     return [(t.name, TRITON_TYPES[t.dtype], list(t.shape)) for t in entries]
 
 
-def graph_config(name: str, manifest: Manifest, graph: str, backend: str, instances: int) -> Any:
-    """One graph at the build's static shapes: a TensorRT plan on GPUs, or the onnxruntime stage model."""
+def graph_config(name: str, manifest: Manifest, graph: str, backend: str, instances: int, build: str = "") -> Any:
+    """One graph at the build's static shapes: a TensorRT plan on GPUs, or the onnxruntime stage model.
+
+    ``build``: for the onnxruntime model, the shared build folder, relative to the repository.
+    """
     pb = _pb()
     config = pb.ModelConfig(name=name, max_batch_size=0)
     if backend == "tensorrt":
@@ -61,6 +64,7 @@ def graph_config(name: str, manifest: Manifest, graph: str, backend: str, instan
     else:
         config.backend = "python"
         config.parameters[GRAPH_PARAMETER].string_value = graph
+        config.parameters[BUILD_PARAMETER].string_value = build
         kind = pb.ModelInstanceGroup.KIND_CPU
     _add_tensors(config.input, _graph_tensors(manifest.inputs))
     _add_tensors(config.output, _graph_tensors(manifest.outputs))
@@ -120,6 +124,10 @@ def check_model(folder: Path, config: Any) -> None:
     model_file = folder / "1" / (config.default_model_filename or MODEL_FILES[kind])
     if not model_file.is_file():
         raise DeployError(f"{where}: version 1 has no {model_file.name}")
+    if GRAPH_PARAMETER in config.parameters:
+        shared = folder.parent / config.parameters[BUILD_PARAMETER].string_value
+        if not (shared / "manifest.json").is_file():
+            raise DeployError(f"{where}: its build folder {shared} has no manifest.json")
     if config.max_batch_size < 0:
         raise DeployError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
     if config.HasField("dynamic_batching") and config.max_batch_size == 0:

@@ -3,12 +3,15 @@
 Layout (``--name atedm_unet``)::
 
     REPO/atedm_unet/            the UNet clients call (Python backend): routes rows to stage graphs by BLS
+    REPO/atedm_unet/build/      onnxruntime: manifest.json + onnx/ (every graph, one shared weights file)
     REPO/atedm_unet_baseline/   the unpruned graph    } tensorrt:    1/model.plan (tensorrt_plan, KIND_GPU)
-    REPO/atedm_unet_<stage>/    each pruned stage     } onnxruntime: 1/model.py + the ONNX graph (Python, CPU)
+    REPO/atedm_unet_<stage>/    each pruned stage     } onnxruntime: 1/model.py, serving its graph of build/
     REPO/README.md              how to start the server and call it
     REPO/atedm-deploy.json      what was deployed from where, every file with its sha256
 
-A stage that prunes nothing is routed to the baseline model. Artifacts are copied (or hard-linked with
+A stage that prunes nothing is routed to the baseline model. The onnxruntime graph models share one
+copy of the build's graphs and weights (Triton ignores a model folder's non-numeric subfolders), so
+the weights are on disk once and every model's session maps the same pages. Artifacts are copied (or hard-linked with
 ``link``) and each copy is checked against the manifest's sha256; configs are checked with Triton's own
 model-config protobuf; the repository is written to a hidden folder and renamed into place when whole.
 """
@@ -31,6 +34,7 @@ from .config import CONFIG, MODEL_NAME, DeployError, check_routes, graph_config,
 from .readme import repository_readme
 
 VARIANTS = ("tensorrt", "onnxruntime")
+SHARED_BUILD = "build"  # in the router's folder: what the onnxruntime graph models serve
 RECORD = "atedm-deploy.json"
 MODEL_SOURCES = {  # what each generated model.py holds: the model lives in the package, versioned with it
     "router": "from atedm_export.deploy.serving import RouterModel as TritonPythonModel  # noqa: F401\n",
@@ -92,25 +96,40 @@ def _place(source: Path, target: Path, item: FileEntry, owner: str, link: bool) 
     verify_file(target, item, owner)
 
 
+def _records(work: Path, placements: list[tuple[FileEntry, Path]]) -> list[dict]:
+    return [{"path": str(target.relative_to(work)), "sha256": item.sha256, "bytes": item.bytes}
+            for item, target in placements]
+
+
+def _shared_build(work: Path, request: DeployRequest, manifest: Manifest) -> list[dict]:
+    """The router's ``build/``: the manifest, every distinct graph and the one weights file, for all graph models."""
+    folder = work / request.name / SHARED_BUILD
+    folder.mkdir(parents=True)
+    manifest.save(folder)
+    graphs = {e.onnx.path: e.onnx for e in manifest.graphs()}
+    placements = [(item, folder / item.path) for item in (manifest.weights, *graphs.values())]
+    for item, target in placements:
+        _place(request.build / item.path, target, item, "build", request.link)
+    return _records(work, placements)
+
+
 def _graph_model(work: Path, request: DeployRequest, manifest: Manifest, entry: GraphEntry) -> tuple[str, list[dict]]:
     """One graph's model folder; returns its name and the files placed, with their checksums."""
     name = f"{request.name}_{entry.name}"
     version = work / name / "1"
     version.mkdir(parents=True)
+    placements = []
     if request.backend == "tensorrt":
         assert entry.engine is not None
         placements = [(entry.engine, version / "model.plan")]
     else:
         (version / "model.py").write_text(MODEL_SOURCES["onnxruntime"])
-        manifest.save(version)
-        placements = [(item, version / item.path) for item in entry.onnx]
     for item, target in placements:
         _place(request.build / item.path, target, item, entry.name, request.link)
-    config = graph_config(name, manifest, entry.name, request.backend, request.instances)
+    config = graph_config(name, manifest, entry.name, request.backend, request.instances,
+                          f"{request.name}/{SHARED_BUILD}")
     (work / name / CONFIG).write_text(to_text(config))
-    files = [{"path": str(target.relative_to(work)), "sha256": item.sha256, "bytes": item.bytes}
-             for item, target in placements]
-    return name, files
+    return name, _records(work, placements)
 
 
 def deploy(request: DeployRequest, progress: Progress = lambda model, event: None) -> dict:
@@ -129,19 +148,25 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
     max_batch = request.max_batch or int(manifest.inputs[0].shape[0])
     with staged_folder(out, "deploy") as work:
         graph_models, models = {}, {}
+        shared = _shared_build(work, request, manifest) if request.backend == "onnxruntime" else []
+        if shared:
+            progress(request.name, f"{SHARED_BUILD}/: {len(shared) - 1} graphs and one weights file, "
+                                   f"{sum(f['bytes'] for f in shared) / 2**20:,.1f} MiB placed and checked")
         for entry in manifest.graphs():
             if entry.same_as:
                 continue  # routed to the graph it reuses
             model, files = _graph_model(work, request, manifest, entry)
             graph_models[entry.name] = model
             models[model] = {"graph": entry.name, "files": files}
-            progress(model, f"{entry.name} graph, {sum(f['bytes'] for f in files) / 2**20:,.1f} MiB placed and checked")
+            placed = (f"{sum(f['bytes'] for f in files) / 2**20:,.1f} MiB placed and checked" if files
+                      else f"served from {request.name}/{SHARED_BUILD}/")
+            progress(model, f"{entry.name} graph, {placed}")
         router = work / request.name / "1"
         router.mkdir(parents=True)
         (router / "model.py").write_text(MODEL_SOURCES["router"])
         config = router_config(request.name, manifest, graph_models, request.instances, max_batch, request.queue_delay_us)
         (work / request.name / CONFIG).write_text(to_text(config))
-        models[request.name] = {"graph": None, "routes": graph_models, "files": []}
+        models[request.name] = {"graph": None, "routes": graph_models, "files": shared}
         progress(request.name, f"router: {len(manifest.stages)} stages over {len(graph_models)} graph models, "
                                f"up to {max_batch} rows per call")
         check_routes(read_repository(work), request.name)

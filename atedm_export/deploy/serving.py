@@ -20,13 +20,14 @@ from torch.utils import dlpack
 
 from ..errors import AtedmError
 from ..export import INPUT_NAMES, OUTPUT_NAMES
-from ..manifest import Manifest, verify_entry
+from ..manifest import Manifest
 from ..runtime.backends import TORCH_DTYPES, OnnxRuntimeBackend
 from .routing import STAGE_OUTPUT, STEP_INPUTS, Router
 
 MANIFEST_PARAMETER = "atedm_manifest"  # the build's manifest (JSON), on the router: clients read it too
 GRAPH_MODELS_PARAMETER = "atedm_graph_models"  # graph name → the Triton model serving it (JSON)
 GRAPH_PARAMETER = "atedm_graph"  # on a stage model: the graph it serves
+BUILD_PARAMETER = "atedm_build"  # on a stage model: the build folder all graph models share, from the repository
 
 
 class _PythonModel:
@@ -126,15 +127,20 @@ class RouterModel(_PythonModel):
 
 
 class OnnxRuntimeStageModel(_PythonModel):
-    """One graph of the build on the project's onnxruntime backend (CPU), its files checked at load."""
+    """One graph of the build on the project's onnxruntime backend (CPU), its files checked at load.
+
+    The graph models of a repository share one build folder (the router's ``build/``): one copy of the
+    weights on disk, mapped by every model's session, so the server's processes share its pages.
+    """
 
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
-        self.manifest = Manifest.load(self.version_dir, verify=False)
+        build = Path(args["model_repository"]).parent / self.parameters[BUILD_PARAMETER]
+        self.manifest = Manifest.load(build, verify=False)
         self.graph = self.parameters[GRAPH_PARAMETER]
         entry = self.manifest.graph(self.graph)
-        verify_entry(self.version_dir, entry, engine=False)
-        self.backend = OnnxRuntimeBackend(self.version_dir, self.manifest, "cpu")
+        self.manifest.verify_graph(build, entry, engine=False)
+        self.backend = OnnxRuntimeBackend(build, self.manifest, "cpu")
         self.backend.session(entry)  # load now: a broken graph fails the model load, not the first request
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -118,7 +118,7 @@ class OnnxRuntimeBackend(Backend):
     def session(self, entry: GraphEntry):  # noqa: ANN201 - onnxruntime.InferenceSession
         import onnxruntime as ort
 
-        key = entry.onnx[0].path
+        key = entry.onnx.path
         if key not in self._sessions:
             options = ort.SessionOptions()
             options.log_severity_level = 3
@@ -199,7 +199,7 @@ class TensorRTBackend(Backend):
             if engine is None:
                 raise AtedmError(f"{key}: the engine does not load on this GPU and library (corrupt, or built for another)")
             if self.manifest.engine.weights_stripped:
-                self._refit(engine, self.folder / entry.onnx[0].path)
+                self._refit(engine, self.folder / entry.onnx.path)
             self.engines[key] = engine
             strategy = getattr(self.trt, "ExecutionContextAllocationStrategy", None)
             if strategy is not None:
