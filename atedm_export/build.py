@@ -2,15 +2,15 @@
 
 Everything is written into a hidden sibling folder and renamed into place only when the whole build
 succeeded, so an error, a full disk or Ctrl-C never leaves a half build where a runtime could load it.
-Each graph is exported from a freshly loaded UNet that is freed before its ONNX graph is cleaned, and
-the cleaner sees a weight-free skeleton, so the weights exist once in memory at any time. All graphs go
+Each graph is exported by a process of its own that loads the UNet and exits (``isolated.py``), the
+cleaner here sees a weight-free skeleton, and each engine is built by a process of its own, so the
+weights exist once in memory at any time and each heavy step's peak is its own. All graphs go
 into ``onnx/`` and point into one shared weights file (``weights.py``); engines go into ``engines/``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import shutil
 import time
 from collections.abc import Callable
@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .compile import BuildOptions, EngineLibrary, EngineUnavailable, load_library
+from .compile import BuildOptions, EngineLibrary, EngineUnavailable, build_isolated, load_library
 from .dsap import stage_plan
 from .errors import AtedmError
-from .export import EXTERNAL_DATA_BYTES, check_onnx, export_raw, finalize, io_specs
+from .export import EXTERNAL_DATA_BYTES, check_onnx, export_graph, finalize, io_specs
+from .isolated import run_isolated
 from .flops import count_flops, graph_flops
 from .manifest import EngineInfo, FileEntry, GraphEntry, Manifest, TensorEntry, file_entry, tool_versions
-from .models import attention_blocks, build_unet, load_unet, unet_config, unet_inputs
+from .models import UNetInputs, attention_blocks, build_unet, unet_config, unet_inputs
 from .pruning import StagePlan
 from .spec import GraphSpec
 from .staging import check_destination, staged_folder
@@ -54,6 +55,11 @@ class BuildRequest:
 
 def _silent(graph: str, event: str, seconds: float | None) -> None:
     del graph, event, seconds
+
+
+def export_stage(spec: GraphSpec, plan: StagePlan | None, shapes: UNetInputs, raw: Path) -> int:
+    """Export one graph to ``raw`` in a process of its own (``isolated.py``); returns that process's peak bytes."""
+    return run_isolated(export_graph, spec.model, spec.dtype, spec.seed, plan, shapes, raw, what="export").peak_rss
 
 
 def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineInfo]:
@@ -131,39 +137,40 @@ def _build_into(
 
     def make(name: str, plan: StagePlan | None, until: float | None, steps: range) -> GraphEntry:
         tick = time.perf_counter()
-        # One graph at a time, and no UNet in memory while its ONNX graph is cleaned: the full SDXL
-        # exists once, as torch weights or as the exporter's file, never both plus a copy.
-        unet = load_unet(spec.model, dtype=spec.dtype, seed=spec.seed)
+        # The UNet lives only in the export's own process; this one cleans a weight-free skeleton
+        # of the graph and moves the weights into the shared file: they are never held twice.
         raw = graphs / f".raw-{name}" / "raw.onnx"
         raw.parent.mkdir()
-        export_raw(unet, plan, shapes, spec.dtype, raw)
-        del unet
-        gc.collect()
+        export_peak = export_stage(spec, plan, shapes, raw)
         stored, reused = store.size, store.reused
         path = finalize(raw, graphs / f"{name}.onnx", store)
         shutil.rmtree(raw.parent)
         export_seconds = time.perf_counter() - tick
         progress(name, f"exported: {(store.size - stored) / 1e9:.3f} GB new weights, "
-                       f"{(store.reused - reused) / 1e9:.3f} GB shared", export_seconds)
+                       f"{(store.reused - reused) / 1e9:.3f} GB shared, exporter peak {export_peak / 1e9:.2f} GB",
+                 export_seconds)
         tick = time.perf_counter()
         check_onnx(path)
         graph = graph_flops(str(path), spec.batch) / 1e12
         module = count_flops(meta, spec.height, spec.width, spec.text_length, plan) / 1e12
         progress(name, f"checked: {graph * 1e3:.3f} GFLOPs/image-step in the graph", time.perf_counter() - tick)
-        engine, compile_seconds = None, None
+        engine, compile_seconds, compile_peak = None, None, None
         if library is not None:
             store.flush()  # the builder maps the weights file
             target = "-".join(request.targets) or "local"
             engine_path = work / ENGINES_DIR / f"{name}.{library.backend}.{target}.plan"
             progress(name, f"compiling with {library.backend} {library.version} for {target}", None)
-            compile_seconds = library.build(path, engine_path, options)
+            built = build_isolated(library, path, engine_path, options)
+            compile_seconds, compile_peak = built.result, built.peak_rss
             engine = file_entry(work, engine_path)
-            progress(name, f"engine {engine.bytes / 2**20:.1f} MiB", compile_seconds)
+            progress(name, f"engine {engine.bytes / 2**20:.1f} MiB, builder peak {built.peak_rss / 1e9:.2f} GB",
+                     compile_seconds)
         keep = {b: (plan.keep.get(b, n) if plan else n) for b, n in tokens.items()}
         return GraphEntry(
             name=name, until=until, steps=[steps.start, steps.stop], keep=keep,
             onnx=file_entry(work, path), engine=engine, graph_tflops=graph, module_tflops=module,
             export_seconds=export_seconds, compile_seconds=compile_seconds,
+            export_peak_rss=export_peak, compile_peak_rss=compile_peak,
         )
 
     with store:  # closed on any error too; the staging folder then goes with it

@@ -192,6 +192,14 @@ def export_raw(
         remove_atedm(unet)
 
 
+def export_graph(model: str, dtype: torch.dtype, seed: int, plan: StagePlan | None, shapes: UNetInputs,
+                 raw: Path) -> None:
+    """Load the UNet and export one graph to ``raw``: what a build runs in a process of its own."""
+    from .models import load_unet
+
+    export_raw(load_unet(model, dtype=dtype, seed=seed), plan, shapes, dtype, raw)
+
+
 def finalize(raw: Path, path: Path, store: WeightStore) -> Path:
     """Clean the exporter's graph and save it at ``path``, its weights moved into the build's shared ``store``.
 

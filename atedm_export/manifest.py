@@ -58,6 +58,8 @@ class GraphEntry(_Model):
     module_tflops: float  # per image-step, counted on the patched torch module
     export_seconds: float
     compile_seconds: float | None
+    export_peak_rss: int | None = None  # bytes: the export process's peak resident memory
+    compile_peak_rss: int | None = None  # bytes: the engine builder process's peak resident memory
     same_as: str | None = None  # a stage that prunes nothing reuses the baseline's files
 
 

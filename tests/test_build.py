@@ -250,11 +250,11 @@ def test_unwritable_output(tmp_path, monkeypatch):
     ids=["disk-full", "ctrl-c"],
 )
 def test_failing_export_leaves_nothing(tmp_path, monkeypatch, failure):
-    def export_then_fail(unet, plan, shapes, dtype, raw):
+    def export_then_fail(spec, plan, shapes, raw):
         raw.write_bytes(b"half a graph")
         raise failure
 
-    monkeypatch.setattr(build_module, "export_raw", export_then_fail)
+    monkeypatch.setattr(build_module, "export_stage", export_then_fail)
     result = _cli("build", small_spec(tmp_path), "--out", str(tmp_path / "o"), "--backend", "onnx")
     assert result.exit_code == (130 if isinstance(failure, KeyboardInterrupt) else 2)
     assert "No space left on device" in result.output or "interrupted" in result.output
@@ -262,14 +262,14 @@ def test_failing_export_leaves_nothing(tmp_path, monkeypatch, failure):
 
 
 def test_failing_stage_leaves_nothing(tmp_path, monkeypatch):
-    real = build_module.export_raw
+    real = build_module.export_stage
 
-    def fail_on_main(unet, plan, shapes, dtype, raw):
+    def fail_on_main(spec, plan, shapes, raw):
         if raw.parent.name == ".raw-main":
             raise build_module.AtedmError("main: engine build failed: simulated")
-        return real(unet, plan, shapes, dtype, raw)
+        return real(spec, plan, shapes, raw)
 
-    monkeypatch.setattr(build_module, "export_raw", fail_on_main)
+    monkeypatch.setattr(build_module, "export_stage", fail_on_main)
     result = _cli("build", small_spec(tmp_path), "--out", str(tmp_path / "o"), "--backend", "onnx")
     assert result.exit_code == 2 and "simulated" in result.output
     assert _leftovers(tmp_path) == ["small.yaml"]

@@ -13,7 +13,9 @@ from .library import (
     EngineLibrary,
     EngineUnavailable,
     available_backends,
+    build_isolated,
     load_library,
 )
 
-__all__ = ["BACKENDS", "BuildOptions", "EngineLibrary", "EngineUnavailable", "available_backends", "load_library"]
+__all__ = ["BACKENDS", "BuildOptions", "EngineLibrary", "EngineUnavailable", "available_backends", "build_isolated",
+           "load_library"]

@@ -11,8 +11,10 @@ from types import ModuleType
 from typing import Any
 
 import onnx
+from google.protobuf.message import DecodeError
 
 from ..errors import AtedmError
+from ..isolated import Isolated, run_isolated
 from ..weights import MappedWeights
 
 #: backend name → (python module, pip extra that installs it)
@@ -131,7 +133,15 @@ class EngineLibrary:
     def _parse(self, parser: Any, onnx_path: Path) -> MappedWeights:
         """Load the graph (kilobytes to a few MB) and point the parser at its mapped external weights."""
         serialized = onnx_path.read_bytes()
-        weights = MappedWeights(onnx_path, onnx.load_model_from_string(serialized))
+        try:
+            model = onnx.load_model_from_string(serialized)
+        except DecodeError:
+            raise EngineBuildError(f"{onnx_path.name}: not an ONNX model (the file does not parse)") from None
+        try:
+            weights = MappedWeights(onnx_path, model)
+        except OSError as exc:
+            raise EngineBuildError(f"{onnx_path.name}: cannot map its weights: {exc.strerror or exc} "
+                                   f"({exc.filename or onnx_path.parent})") from None
         try:
             if not parser.load_model_proto(serialized, str(onnx_path)):
                 raise EngineBuildError(f"{onnx_path.name}: ONNX parser: {_parser_error(parser)}")
@@ -223,6 +233,26 @@ def _local_target() -> str:
 
     major, minor = torch.cuda.get_device_capability()
     return f"sm{major}{minor}"
+
+
+def build_engine_file(backend: str, onnx_path: Path, engine_path: Path, options: BuildOptions) -> float:
+    """Load the library by name and build one engine: what an isolated engine build runs."""
+    return load_library(backend).build(onnx_path, engine_path, options)
+
+
+def build_isolated(library: EngineLibrary, onnx_path: Path, engine_path: Path, options: BuildOptions) -> Isolated:
+    """``library.build`` in a fresh process (``isolated.py``): the builder's memory is its own and goes with it.
+
+    Measured on SDXL fp16 with TensorRT-RTX 1.7: the builder holds two copies of the weights (10.5 GB
+    anonymous) beside the 5.3 GB mapped weights file, 15.9 GB in all; inside the exporting process it
+    peaked at 23.6 GB.
+    """
+    try:
+        return run_isolated(build_engine_file, library.backend, onnx_path, engine_path, options,
+                            error=EngineBuildError, what="engine builder")
+    except EngineBuildError:
+        engine_path.unlink(missing_ok=True)
+        raise
 
 
 def available_backends() -> list[str]:
