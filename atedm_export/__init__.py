@@ -1,7 +1,22 @@
-"""atedm-export: AT-EDM token pruning baked into static SDXL UNet graphs, ONNX and TensorRT engines."""
+"""atedm-export: AT-EDM token pruning baked into static SDXL UNet graphs, ONNX and TensorRT engines.
 
-from .pruning import PruneOptions, StagePlan, apply_atedm, remove_atedm
+The method's API is imported on first use, not with the package: the engine builder runs in a process
+of its own (``isolated.py``) that needs neither torch nor diffusers, and would otherwise spend seconds
+importing them for every engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
 __all__ = ["PruneOptions", "StagePlan", "__version__", "apply_atedm", "remove_atedm"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import pruning
+
+        return getattr(pruning, name)
+    raise AttributeError(f"module 'atedm_export' has no attribute '{name}'")

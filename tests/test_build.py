@@ -300,6 +300,8 @@ def test_rtx_without_target_on_a_cpu_machine_skips_engines_with_the_reason(tmp_p
     result = _cli("build", small_spec(tmp_path), "--out", str(tmp_path / "o"), "--stages", "main")
     assert result.exit_code == 0, result.output
     assert "engines skipped" in result.output and "needs --target" in result.output
+    # a --stages build keeps the single-copy layout
+    assert sorted(p.name for p in (tmp_path / "o" / "onnx").iterdir()) == ["baseline.onnx", "main.onnx", "weights.onnx.data"]
 
 
 @pytest.mark.slow

@@ -125,6 +125,16 @@ def test_wrong_shape_and_dtype_name_the_expected_values(tiny_build, feed):
         backend.run("late", feed)
 
 
+def test_fp32_cpu_sessions_use_the_mapped_weights_in_place(tiny_build):
+    """fp32 on a CPU: no prepacked copies of the weights (they stay mapped from the shared file)."""
+    manifest = Manifest.load(tiny_build)
+    assert manifest.outputs[0].dtype == "float32"
+    backend = load_backend("onnxruntime", tiny_build, manifest)
+    options = backend.session(manifest.graph("main")).get_session_options()
+    assert options.get_session_config_entry("session.disable_prepacking") == "1"
+    assert not options.enable_mem_pattern  # no second activation plan beside the arena
+
+
 def test_unknown_backend(tiny_build):
     with pytest.raises(AtedmError, match="unknown backend 'openvino'"):
         load_backend("openvino", tiny_build)

@@ -8,9 +8,9 @@ A benchmark, not a test: run it after a change to export or compile to see a mem
 
 The build runs in this process through the same ``build()`` the CLI calls. At every progress event the
 kernel's own peak-RSS counter (``VmHWM``) is read and reset (``/proc/self/clear_refs``), so each phase
-gets the exact peak it reached, not a sampled one. Engines are built in a child process (see
-``compile/worker.py``), which reports its own ``ru_maxrss`` (the figure ``/usr/bin/time -v`` gives for
-it); the manifest keeps it as ``compile_peak_rss``. The whole run's peak is the largest of all phases. Resident bytes include pages mapped from files (the engine builder maps the
+gets the exact peak it reached, not a sampled one. The export and each engine build run in a process of
+their own (``isolated.py``), which reports its own peak (``VmHWM``); the manifest keeps them as ``export_peak_rss`` and ``compile_peak_rss``. A phase's peak is the
+larger of its child's and the build process's; the whole run's peak is the largest of all phases. Resident bytes include pages mapped from files (the engine builder maps the
 weights file), which the kernel can drop under pressure; a sampler thread (every 0.1 s) also records the
 peak of anonymous memory alone (``RssAnon``), the part that can only be swapped or killed. Linux only.
 The UNet's weight bytes are counted on the ``meta`` device.
@@ -98,16 +98,18 @@ def main() -> None:
         if phase is None:
             return  # an announcement ("compiling with …"), not the end of a phase
         now = time.perf_counter()
-        peak, anon = peak_rss(), sampler.take()
-        if phase == "engine build":  # the builder ran in a child process, which reports its own peak
-            peak, anon = int(float(event.split("builder peak ")[1].split()[0]) * GB), 0
+        here, anon = peak_rss(), sampler.take()
+        child = next((int(float(event.split(f"{who} peak ")[1].split()[0]) * GB)
+                      for who in ("exporter", "builder") if f"{who} peak " in event), 0)
+        peak = max(here, child)
         rows.append({"graph": graph, "phase": phase, "seconds": round(seconds if seconds is not None else now - phase_start, 1),
                      "peak_rss_gb": round(peak / GB, 3), "ratio_to_weights": round(peak / weights, 3),
-                     "peak_anon_gb": round(anon / GB, 3) if anon else None})
+                     "child_peak_gb": round(child / GB, 3) if child else None,
+                     "build_process_peak_gb": round(here / GB, 3), "build_process_anon_gb": round(anon / GB, 3)})
         print(f"{now - start:8.1f}s  {graph:<10} {phase:<13} {rows[-1]['seconds']:8.1f}s  "
-              f"peak {peak / GB:6.2f} GB  = {peak / weights:5.2f}x the weights"
-              + (f"  (anonymous {anon / GB:6.2f} GB)" if anon else "  (the builder process)"),
-              flush=True)
+              f"peak {peak / GB:6.2f} GB  = {peak / weights:5.2f}x the weights  "
+              f"({'its process ' + format(child / GB, '.2f') + ' GB, ' if child else ''}"
+              f"build process {here / GB:.2f} GB, of which anonymous {anon / GB:.2f} GB)", flush=True)
         reset_peak()
         phase_start = now
 
