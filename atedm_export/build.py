@@ -57,9 +57,20 @@ def _silent(graph: str, event: str, seconds: float | None) -> None:
     del graph, event, seconds
 
 
-def export_stage(spec: GraphSpec, plan: StagePlan | None, shapes: UNetInputs, raw: Path) -> int:
-    """Export one graph to ``raw`` in a process of its own (``isolated.py``); returns that process's peak bytes."""
-    return run_isolated(export_graph, spec.model, spec.dtype, spec.seed, plan, shapes, raw, what="export").peak_rss
+ISOLATE_BYTES = 1 << 30  # models with more weights are exported in a process of their own
+
+
+def export_stage(spec: GraphSpec, plan: StagePlan | None, shapes: UNetInputs, raw: Path, weight_bytes: int) -> int | None:
+    """Export one graph to ``raw``; returns the exporting process's peak bytes (None: exported here).
+
+    Over ``ISOLATE_BYTES`` of weights the export runs in a process of its own (``isolated.py``), which takes
+    the exporter's leftovers with it when it exits. Smaller models are exported here, where those
+    leftovers are small and a child's start (torch and diffusers imports, ~8 s) would dominate.
+    """
+    if weight_bytes > ISOLATE_BYTES:
+        return run_isolated(export_graph, spec.model, spec.dtype, spec.seed, plan, shapes, raw, what="export").peak_rss
+    export_graph(spec.model, spec.dtype, spec.seed, plan, shapes, raw)
+    return None
 
 
 def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineInfo]:
@@ -121,9 +132,9 @@ def _build_into(
     if strip and library is not None and not gpu:
         raise AtedmError("--strip-weights needs a GPU at build time (TensorRT-RTX compiles stripped plans on it); "
                          "build on the GPU machine or pass --keep-weights")
+    weight_bytes = sum(p.numel() for p in meta.parameters()) * torch.finfo(spec.dtype).bits // 8
     if strip is None:
-        big = sum(p.numel() for p in meta.parameters()) * torch.finfo(spec.dtype).bits // 8 > EXTERNAL_DATA_BYTES
-        strip = big and gpu
+        strip = weight_bytes > EXTERNAL_DATA_BYTES and gpu
     options = BuildOptions(request.targets, request.optimization_level, request.workspace_gib, request.timing_cache, strip)
     if library is not None:
         engine_info = engine_info.model_copy(update={"weights_stripped": strip})
@@ -141,14 +152,14 @@ def _build_into(
         # of the graph and moves the weights into the shared file: they are never held twice.
         raw = graphs / f".raw-{name}" / "raw.onnx"
         raw.parent.mkdir()
-        export_peak = export_stage(spec, plan, shapes, raw)
+        export_peak = export_stage(spec, plan, shapes, raw, weight_bytes)
         stored, reused = store.size, store.reused
         path = finalize(raw, graphs / f"{name}.onnx", store)
         shutil.rmtree(raw.parent)
         export_seconds = time.perf_counter() - tick
+        peak = f", exporter peak {export_peak / 1e9:.2f} GB" if export_peak else ""
         progress(name, f"exported: {(store.size - stored) / 1e9:.3f} GB new weights, "
-                       f"{(store.reused - reused) / 1e9:.3f} GB shared, exporter peak {export_peak / 1e9:.2f} GB",
-                 export_seconds)
+                       f"{(store.reused - reused) / 1e9:.3f} GB shared{peak}", export_seconds)
         tick = time.perf_counter()
         check_onnx(path)
         graph = graph_flops(str(path), spec.batch) / 1e12

@@ -250,7 +250,7 @@ def test_unwritable_output(tmp_path, monkeypatch):
     ids=["disk-full", "ctrl-c"],
 )
 def test_failing_export_leaves_nothing(tmp_path, monkeypatch, failure):
-    def export_then_fail(spec, plan, shapes, raw):
+    def export_then_fail(spec, plan, shapes, raw, weight_bytes):
         raw.write_bytes(b"half a graph")
         raise failure
 
@@ -264,10 +264,10 @@ def test_failing_export_leaves_nothing(tmp_path, monkeypatch, failure):
 def test_failing_stage_leaves_nothing(tmp_path, monkeypatch):
     real = build_module.export_stage
 
-    def fail_on_main(spec, plan, shapes, raw):
+    def fail_on_main(spec, plan, shapes, raw, weight_bytes):
         if raw.parent.name == ".raw-main":
             raise build_module.AtedmError("main: engine build failed: simulated")
-        return real(spec, plan, shapes, raw)
+        return real(spec, plan, shapes, raw, weight_bytes)
 
     monkeypatch.setattr(build_module, "export_stage", fail_on_main)
     result = _cli("build", small_spec(tmp_path), "--out", str(tmp_path / "o"), "--backend", "onnx")

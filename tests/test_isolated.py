@@ -60,3 +60,24 @@ def test_errors_come_back_as_one_line(function, message):
     with pytest.raises(StepError) as caught:
         run_isolated(function, *args, error=StepError, what="export")
     assert str(caught.value) == message
+
+
+def test_a_graph_exported_in_its_own_process_matches_one_exported_here(tmp_path):
+    """What a full-size build does (``export_stage`` over ``ISOLATE_BYTES``), on the tiny model."""
+    import onnx
+
+    from atedm_export.build import export_stage
+    from atedm_export.models import build_unet, unet_config, unet_inputs
+    from atedm_export.spec import load_spec
+
+    spec = load_spec("tiny-sdxl")
+    shapes = unet_inputs(dict(build_unet(unet_config(spec.model), device="meta").config), spec.batch, spec.height,
+                         spec.width, spec.text_length)
+    (tmp_path / "child").mkdir()
+    (tmp_path / "here").mkdir()
+    peak = export_stage(spec, None, shapes, tmp_path / "child" / "raw.onnx", weight_bytes=1 << 40)
+    assert peak is not None and peak > 100 << 20
+    assert export_stage(spec, None, shapes, tmp_path / "here" / "raw.onnx", weight_bytes=0) is None
+    child, here = (onnx.load(str(tmp_path / d / "raw.onnx")) for d in ("child", "here"))
+    assert [n.op_type for n in child.graph.node] == [n.op_type for n in here.graph.node]
+    assert [t.name for t in child.graph.initializer] == [t.name for t in here.graph.initializer]
