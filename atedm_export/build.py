@@ -2,9 +2,10 @@
 
 Everything is written into a hidden sibling folder and renamed into place only when the whole build
 succeeded, so an error, a full disk or Ctrl-C never leaves a half build where a runtime could load it.
-Each graph is exported by a process of its own that loads the UNet and exits (``isolated.py``), the
-cleaner here sees a weight-free skeleton, and each engine is built by a process of its own, so the
-weights exist once in memory at any time and each heavy step's peak is its own. All graphs go
+A model over 1 GB of weights is exported by a process of its own that loads the UNet and exits
+(``isolated.py``; smaller ones export here), the cleaner here sees a weight-free skeleton, and each
+engine is built by a process of its own, so the weights exist once in memory at any time and each
+heavy step's peak is its own. All graphs go
 into ``onnx/`` and point into one shared weights file (``weights.py``); engines go into ``engines/``.
 """
 
