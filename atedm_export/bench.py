@@ -20,9 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import AtedmError
-from .export import graph_feed
 from .manifest import Manifest
-from .models import example_inputs, unet_inputs
 from .runtime.backends import Backend, load_backend
 
 
@@ -84,12 +82,10 @@ def run_bench(folder: str | Path, backends: list[str], warmup: int = 1, repeats:
         raise AtedmError(f"need --repeats >= 1 and --warmup >= 0, got {repeats} and {warmup}")
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    spec = manifest.graph_spec
-    shapes = unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, spec.text_length)
     medians: dict[tuple[str, str], list[float]] = {}
     for name in backends:
         backend = load_backend(name, folder, manifest, device)
-        feed = {k: v.to(backend.device) for k, v in graph_feed(example_inputs(shapes, dtype=spec.dtype)).items()}
+        feed = manifest.contract.example_feed(device=backend.device)
         for entry in manifest.graphs():
             if progress:
                 progress(f"{name}: {entry.name}")

@@ -23,12 +23,14 @@ import torch
 from .compile import BuildOptions, EngineLibrary, EngineUnavailable, build_isolated, load_library
 from .dsap import stage_plan
 from .errors import AtedmError
-from .export import EXTERNAL_DATA_BYTES, check_onnx, export_graph, finalize, io_specs
+from .contract import GraphContract
+from .export import EXTERNAL_DATA_BYTES, check_onnx, export_graph, finalize
 from .isolated import run_isolated
 from .flops import count_flops, graph_flops
 from .manifest import EngineInfo, FileEntry, GraphEntry, Manifest, TensorEntry, file_entry, tool_versions
-from .models import UNetInputs, attention_blocks, build_unet, unet_config, unet_inputs
+from .models import attention_blocks, build_unet, unet_config
 from .pruning import StagePlan
+from .registry import BUILD_BACKENDS, ENGINE_LIBRARIES
 from .spec import GraphSpec
 from .staging import check_destination, staged_folder
 from .weights import WEIGHTS_FILE, WeightStore
@@ -36,7 +38,6 @@ from .weights import WEIGHTS_FILE, WeightStore
 GRAPHS_DIR = "onnx"  # every graph and the shared weights file: ONNX external data must not leave the folder
 ENGINES_DIR = "engines"
 
-ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")
 Progress = Callable[[str, str, float | None], None]  # (graph, what happened, seconds)
 
 
@@ -61,7 +62,8 @@ def _silent(graph: str, event: str, seconds: float | None) -> None:
 ISOLATE_BYTES = 1 << 30  # models with more weights are exported in a process of their own
 
 
-def export_stage(spec: GraphSpec, plan: StagePlan | None, shapes: UNetInputs, raw: Path, weight_bytes: int) -> int | None:
+def export_stage(spec: GraphSpec, plan: StagePlan | None, contract: GraphContract, raw: Path,
+                 weight_bytes: int) -> int | None:
     """Export one graph to ``raw``; returns the exporting process's peak bytes (None: exported here).
 
     Over ``ISOLATE_BYTES`` of weights the export runs in a process of its own (``isolated.py``), which takes
@@ -69,19 +71,19 @@ def export_stage(spec: GraphSpec, plan: StagePlan | None, shapes: UNetInputs, ra
     leftovers are small and a child's start (torch and diffusers imports, ~8 s) would dominate.
     """
     if weight_bytes > ISOLATE_BYTES:
-        return run_isolated(export_graph, spec.model, spec.dtype, spec.seed, plan, shapes, raw, what="export").peak_rss
-    export_graph(spec.model, spec.dtype, spec.seed, plan, shapes, raw)
+        return run_isolated(export_graph, spec.model, spec.seed, plan, contract, raw, what="export").peak_rss
+    export_graph(spec.model, spec.seed, plan, contract, raw)
     return None
 
 
 def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineInfo]:
     """The engine library to build with, or None and the reason engines are skipped."""
     backend = request.backend
-    if backend not in ("auto", "onnx", *ENGINE_BACKENDS):
-        raise AtedmError(f"unknown backend '{backend}'; expected one of: auto, onnx, {', '.join(ENGINE_BACKENDS)}")
+    if backend not in BUILD_BACKENDS:
+        raise AtedmError(f"unknown backend '{backend}'; expected one of: {', '.join(BUILD_BACKENDS)}")
     if backend == "onnx":
         return None, EngineInfo(backend="onnx", skipped="--backend onnx: ONNX graphs only")
-    candidates = ENGINE_BACKENDS if backend == "auto" else (backend,)
+    candidates = ENGINE_LIBRARIES if backend == "auto" else (backend,)
     reasons = []
     for name in candidates:
         try:
@@ -126,8 +128,7 @@ def _build_into(
     start = time.perf_counter()
     meta = build_unet(unet_config(spec.model), device="meta")
     blocks = attention_blocks(meta, spec.height, spec.width)
-    shapes = unet_inputs(dict(meta.config), spec.batch, spec.height, spec.width, spec.text_length)
-    inputs, outputs = io_specs(shapes, spec.dtype)
+    contract = spec.contract(dict(meta.config))
     strip = request.strip_weights
     gpu = torch.cuda.is_available()
     if strip and library is not None and not gpu:
@@ -153,7 +154,7 @@ def _build_into(
         # of the graph and moves the weights into the shared file: they are never held twice.
         raw = graphs / f".raw-{name}" / "raw.onnx"
         raw.parent.mkdir()
-        export_peak = export_stage(spec, plan, shapes, raw, weight_bytes)
+        export_peak = export_stage(spec, plan, contract, raw, weight_bytes)
         stored, reused = store.size, store.reused
         path = finalize(raw, graphs / f"{name}.onnx", store)
         shutil.rmtree(raw.parent)
@@ -207,8 +208,8 @@ def _build_into(
         spec=spec_data,
         unet_config={k: v for k, v in dict(meta.config).items() if not k.startswith("_")},
         tokens=tokens,
-        inputs=[TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in inputs],
-        outputs=[TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in outputs],
+        inputs=[TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in contract.inputs],
+        outputs=[TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in contract.outputs],
         weights=file_entry(work, store.path),
         baseline=baseline,
         stages=stages,

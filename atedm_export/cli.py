@@ -20,6 +20,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import AtedmError
+from .registry import BUILD_BACKENDS, DEPLOY_VARIANTS, PRECISION_NAMES, RUNTIME_BACKENDS
 
 # Rich wraps at 80 columns when output is not a terminal; tables of figures need more.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
@@ -43,7 +44,7 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="atedm-export")
 def main() -> None:
-    """Bake AT-EDM token pruning into static SDXL UNet graphs and TensorRT engines."""
+    """Bake AT-EDM token pruning into static Stable Diffusion UNet graphs and TensorRT engines."""
 
 
 @main.command()
@@ -53,7 +54,8 @@ def main() -> None:
 def flops(spec: str, schedule: str | None, as_json: bool) -> None:
     """FLOPs per image-step of each DSAP stage and the baseline, counted on the patched UNet.
 
-    SPEC is a graph spec YAML file or a built-in spec name (tiny-sdxl, sdxl-base-1024).
+    SPEC is a graph spec YAML file or a built-in spec name (sdxl-base-1024, sd15, sd21, sdxl-refiner, ssd-1b,
+    tiny-sdxl, ...).
     """
     from .flops import flops_report
     from .spec import load_spec
@@ -138,10 +140,10 @@ def _split(value: str | None) -> tuple[str, ...]:
 @main.command()
 @click.argument("spec", default="tiny-sdxl")
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Build folder to create [default: build/<spec name>].")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx", "onnx"]), default="auto",
+@click.option("--backend", type=click.Choice(BUILD_BACKENDS), default="auto",
               show_default=True, help="Engine library; auto takes tensorrt, else tensorrt-rtx; onnx builds graphs only.")
 @click.option("--target", help="Compute capabilities for tensorrt-rtx, e.g. sm89 or sm86,sm89 (default: the GPU present).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="Override the spec's precision.")
+@click.option("--precision", type=click.Choice(PRECISION_NAMES), help="Override the spec's precision.")
 @click.option("--stages", help="Build only these DSAP stages (comma-separated); the baseline is always built.")
 @click.option("--force", is_flag=True, help="Replace an existing build folder.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
@@ -253,9 +255,6 @@ def verify(build_dir: Path, as_json: bool, seed: int) -> None:
         out.print(table)
     if not passed:
         sys.exit(1)
-
-
-RUNTIME_BACKENDS = ["onnxruntime", "eager", "tensorrt", "tensorrt-rtx"]
 
 
 @main.command()
@@ -383,7 +382,7 @@ def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str
 @click.option("--triton", "repository", required=True, type=click.Path(path_type=Path),
               help="Model repository folder to write.")
 @click.option("--name", default="atedm_unet", show_default=True, help="Name of the UNet model clients call.")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", *DEPLOY_VARIANTS]), default="auto", show_default=True,
               help="tensorrt: the build's TensorRT plans as tensorrt_plan models (GPU servers); onnxruntime: the ONNX "
                    "graphs in Python-backend models (CPU servers); auto: tensorrt where the build has TensorRT plans.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Instances of each model.")

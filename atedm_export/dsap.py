@@ -4,15 +4,18 @@ A schedule is a list of stages over the denoising steps, as fractions of the ste
 gives a keep ratio per attention block (1.0 = unpruned) and becomes one static graph. Early steps lay
 out the image and prune less; later steps refine it and prune more.
 
-Block ratios are keyed by ``fnmatch`` patterns over diffusers module names
-(``down_blocks.1.attentions.*``); later patterns override earlier ones, and a pattern that matches no
-block is an error, so a typo never silently leaves a block unpruned.
+Block ratios are keyed by roles (``@down-first``: the first attention block of each down stage; see
+``ROLES``), which every family resolves to its own blocks, or by ``fnmatch`` patterns over diffusers
+module names (``down_blocks.1.attentions.*``) for one model. Later keys override earlier ones, and a key
+that matches no block is an error, so a typo never silently leaves a block unpruned.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import re
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -26,6 +29,62 @@ from .models import AttentionBlock
 from .pruning import PruneOptions, StagePlan
 
 Ratio = Annotated[float, Field(gt=0.0, le=1.0)]
+
+_POSITION = re.compile(r"^(?:(down|up)_blocks\.(\d+)|(mid)_block)\.attentions\.(\d+)$")
+
+
+def _position(name: str) -> tuple[str, int, int]:
+    """``(part, stage, index)`` of a diffusers attention block name: ``up_blocks.1.attentions.2`` → ``(up, 1, 2)``."""
+    match = _POSITION.match(name)
+    if match is None:
+        return ("other", 0, 0)
+    part, stage, mid, index = match.groups()
+    return (part or mid, int(stage or 0), int(index))
+
+
+def _first_of_each_stage(blocks: list[AttentionBlock], part: str, last: bool) -> list[str]:
+    chosen: dict[int, tuple[int, str]] = {}
+    for block in blocks:
+        where, stage, index = _position(block.name)
+        if where == part and (stage not in chosen or (index > chosen[stage][0]) == last):
+            chosen[stage] = (index, block.name)
+    return [name for _, name in chosen.values()]
+
+
+def _by_part(part: str) -> Callable[[list[AttentionBlock]], list[str]]:
+    return lambda blocks: [b.name for b in blocks if _position(b.name)[0] == part]
+
+
+def _token_level(pick: Callable[..., int]) -> Callable[[list[AttentionBlock]], list[str]]:
+    return lambda blocks: [b.name for b in blocks if b.tokens == pick(x.tokens for x in blocks)]
+
+
+#: Roles a schedule names blocks by, so one preset fits every family: role → (what it means, resolver).
+ROLES: dict[str, tuple[str, Callable[[list[AttentionBlock]], list[str]]]] = {
+    "down-first": ("the first attention block of each down stage",
+                   lambda blocks: _first_of_each_stage(blocks, "down", last=False)),
+    "up-last": ("the last attention block of each up stage", lambda blocks: _first_of_each_stage(blocks, "up", last=True)),
+    "finest": ("the blocks at the finest token level (most tokens)", _token_level(max)),
+    "coarsest": ("the blocks at the coarsest token level (fewest tokens)", _token_level(min)),
+    "down": ("every attention block of the down path", _by_part("down")),
+    "mid": ("the mid block's attention", _by_part("mid")),
+    "up": ("every attention block of the up path", _by_part("up")),
+}
+
+
+def resolve(key: str, blocks: list[AttentionBlock]) -> list[str]:
+    """The blocks a schedule key names: ``@role`` or an ``fnmatch`` pattern over module names."""
+    if key.startswith("@"):
+        role = ROLES.get(key[1:])
+        if role is None:
+            raise PlanError(f"unknown block role '{key}'; expected one of: {', '.join('@' + r for r in ROLES)}")
+        return role[1](blocks)
+    return fnmatch.filter([b.name for b in blocks], key)
+
+
+def roles_of(name: str, blocks: list[AttentionBlock]) -> list[str]:
+    """The roles block ``name`` plays in this model (what ``flops`` and ``inspect`` show beside it)."""
+    return [role for role, (_, members) in ROLES.items() if role not in ("down", "mid", "up") and name in members(blocks)]
 
 
 class Stage(BaseModel):
@@ -41,11 +100,11 @@ class Stage(BaseModel):
     def ratios(self, blocks: list[AttentionBlock]) -> dict[str, float]:
         """Keep ratio of every attention block of the model in this stage."""
         ratios = {b.name: self.keep for b in blocks}
-        for pattern, ratio in self.blocks.items():
-            matched = fnmatch.filter(ratios, pattern)
+        for key, ratio in self.blocks.items():
+            matched = resolve(key, blocks)
             if not matched:
                 raise PlanError(
-                    f"stage '{self.name}': block '{pattern}' matches no attention block; "
+                    f"stage '{self.name}': block '{key}' matches no attention block; "
                     f"the model has: {', '.join(ratios)}"
                 )
             ratios.update(dict.fromkeys(matched, ratio))

@@ -1,8 +1,6 @@
 """One static-shape ONNX graph per DSAP stage, cleaned with the ONNX ecosystem's own tools.
 
-Graph inputs, in order: ``sample [B,4,H/8,W/8]``, ``timestep [B]`` (always fp32: diffusers computes the
-sinusoidal embedding in fp32), ``encoder_hidden_states [B,T,D]``, ``text_embeds [B,P]``, ``time_ids
-[B,6]``; one output ``latent`` of the sample's shape. Every dimension is a fixed number.
+The graph's inputs and output (names, shapes, dtypes) are the family's ``GraphContract`` (contract.py).
 
 Two exporters, chosen by what the machine can afford:
 
@@ -27,7 +25,6 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -35,74 +32,13 @@ import torch
 from diffusers import UNet2DConditionModel
 from onnx.external_data_helper import uses_external_data
 
-from .models import UNetInputs, example_inputs
-from .pruning import StagePlan, apply_atedm, remove_atedm
+from .contract import OUTPUT, GraphContract, UNetGraph
+from .pruning import StagePlan, planned
 from .weights import WeightStore
 
-INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
-OUTPUT_NAMES = ("latent",)
 OPSET = 18  # LayerNormalization is opset 17; TensorRT 10 and TensorRT-RTX parse 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; leave room for the graph itself
 FOLD_BYTES = 1 << 20  # the cleaner folds constants up to this size; larger tensors are weights, never folded
-
-ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-class UNetGraph(torch.nn.Module):
-    """``UNet2DConditionModel`` with the SDXL conditioning flattened into positional tensors."""
-
-    def __init__(self, unet: UNet2DConditionModel) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        text_embeds: torch.Tensor,
-        time_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        # diffusers concatenates text_embeds with its fp32 time-id embedding, and eager torch promotes the
-        # result to fp32. The dynamo exporter drops that promotion (a mixed fp16/fp32 Concat TensorRT
-        # rejects), so the promotion is written out here: the same numbers, an explicit Cast in the graph.
-        cond = {"text_embeds": text_embeds.float(), "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
-
-
-def graph_args(inputs: dict) -> tuple[torch.Tensor, ...]:
-    """``example_inputs`` (the diffusers call's keywords) → the positional graph inputs."""
-    cond = inputs["added_cond_kwargs"]
-    return (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], cond["text_embeds"], cond["time_ids"])
-
-
-def graph_feed(inputs: dict) -> dict[str, torch.Tensor]:
-    """The graph inputs by name."""
-    return dict(zip(INPUT_NAMES, graph_args(inputs)))
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, static shape and dtype of one graph input or output."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def io_specs(shapes: UNetInputs, dtype: torch.dtype) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The static inputs and outputs of every stage graph of a build."""
-    d = ONNX_DTYPES[dtype]
-    b = shapes.batch
-    latent = (b, shapes.in_channels, shapes.latent_height, shapes.latent_width)
-    inputs = [
-        TensorSpec("sample", latent, d),
-        TensorSpec("timestep", (b,), "float32"),
-        TensorSpec("encoder_hidden_states", (b, shapes.text_length, shapes.text_dim), d),
-        TensorSpec("text_embeds", (b, shapes.pooled_dim), d),
-        TensorSpec("time_ids", (b, 6), d),
-    ]
-    return inputs, [TensorSpec("latent", latent, d)]
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -175,29 +111,23 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     return infer_shapes(model)
 
 
-def export_raw(
-    unet: UNet2DConditionModel, plan: StagePlan | None, shapes: UNetInputs, dtype: torch.dtype, raw: Path
-) -> None:
+def export_raw(unet: UNet2DConditionModel, plan: StagePlan | None, contract: GraphContract, raw: Path) -> None:
     """Export ``unet`` with ``plan`` applied (None: the stock UNet) to ``raw``, as the exporter writes it.
 
     The plan is removed again afterwards, so one loaded UNet can serve several stages.
     """
-    apply_atedm(unet, plan) if plan is not None else remove_atedm(unet)
-    try:
-        args = graph_args(example_inputs(shapes, dtype=dtype, device=unet.device))
-        with warnings.catch_warnings(), torch.no_grad(), _quiet():
-            warnings.simplefilter("ignore")
-            _torch_export(UNetGraph(unet).eval(), args, raw, exporter_for(unet))
-    finally:
-        remove_atedm(unet)
+    graph = contract.module(unet).eval()
+    args = graph.args(contract.example_feed(device=unet.device))
+    with planned(unet, plan), warnings.catch_warnings(), torch.no_grad(), _quiet():
+        warnings.simplefilter("ignore")
+        _torch_export(graph, args, raw, exporter_for(unet))
 
 
-def export_graph(model: str, dtype: torch.dtype, seed: int, plan: StagePlan | None, shapes: UNetInputs,
-                 raw: Path) -> None:
+def export_graph(model: str, seed: int, plan: StagePlan | None, contract: GraphContract, raw: Path) -> None:
     """Load the UNet and export one graph to ``raw``: what a build runs in a process of its own."""
     from .models import load_unet
 
-    export_raw(load_unet(model, dtype=dtype, seed=seed), plan, shapes, dtype, raw)
+    export_raw(load_unet(model, dtype=contract.dtype, seed=seed), plan, contract, raw)
 
 
 def finalize(raw: Path, path: Path, store: WeightStore) -> Path:
@@ -220,7 +150,7 @@ def exporter_for(unet: UNet2DConditionModel) -> str:
 
 
 def _torch_export(graph: UNetGraph, args: tuple[torch.Tensor, ...], raw: Path, exporter: str) -> None:
-    names = {"input_names": list(INPUT_NAMES), "output_names": list(OUTPUT_NAMES), "opset_version": OPSET}
+    names = {"input_names": list(graph.contract.input_names), "output_names": [OUTPUT], "opset_version": OPSET}
     if exporter == "torchscript":
         torch.onnx.export(graph, args, str(raw), dynamo=False, do_constant_folding=True, **names)
         return

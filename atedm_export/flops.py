@@ -14,21 +14,18 @@ from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .dsap import stage_plan
-from .models import AttentionBlock, attention_blocks, build_unet, example_inputs, unet_config, unet_inputs
-from .pruning import StagePlan, apply_atedm, remove_atedm
+from .contract import GraphContract
+from .models import AttentionBlock, attention_blocks, build_unet, unet_config
+from .pruning import StagePlan, planned
 from .spec import GraphSpec
 
 
 def count_flops(unet: UNet2DConditionModel, height: int, width: int, text_length: int, plan: StagePlan | None) -> int:
     """FLOPs of one UNet call for one image on a ``meta`` UNet, with ``plan`` applied (None = stock)."""
-    shapes = unet_inputs(dict(unet.config), 1, height, width, text_length)
-    inputs = example_inputs(shapes, device="meta")
-    apply_atedm(unet, plan) if plan is not None else remove_atedm(unet)
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            unet(**inputs)
-    finally:
-        remove_atedm(unet)
+    contract = GraphContract.from_config(dict(unet.config), 1, height, width, text_length)
+    inputs = contract.unet_kwargs(contract.example_feed(device="meta"))
+    with planned(unet, plan), FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(**inputs)
     return counter.get_total_flops()
 
 

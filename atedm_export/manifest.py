@@ -8,6 +8,7 @@ from another format fails with one clear line, never later inside an engine.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .contract import GraphContract
 from .errors import AtedmError, format_validation_error
 from .pruning import StagePlan
 from .spec import GraphSpec, parse_spec
@@ -27,6 +29,10 @@ FILENAME = "manifest.json"
 
 class ManifestError(AtedmError):
     """A build folder whose manifest or artifacts cannot be trusted."""
+
+
+class ScheduleError(ManifestError):
+    """A step the build cannot run: outside the run, an unknown timestep, or a stage that was not built."""
 
 
 class _Model(BaseModel):
@@ -89,9 +95,42 @@ class Manifest(_Model):
     versions: dict[str, str]
     build_seconds: float
 
-    @property
+    @functools.cached_property
     def graph_spec(self) -> GraphSpec:
         return parse_spec(self.spec, "manifest spec")
+
+    @functools.cached_property
+    def contract(self) -> GraphContract:
+        """The graphs' I/O contract (what ``inputs`` and ``outputs`` record), with the feeds that go with it."""
+        return self.graph_spec.contract(self.unet_config)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_name(self) -> str:
+        return self.outputs[0].name
+
+    def stage_at(self, step: int, num_steps: int) -> tuple[int, GraphEntry]:
+        """``(index in the schedule, built stage)`` that runs denoising ``step`` of ``num_steps``.
+
+        The one lookup the runtime (``StagedUNet``) and the server (``Router``) share, so a client and
+        a server can never read the schedule differently.
+        """
+        if num_steps < 1 or not 0 <= step < num_steps:
+            raise ScheduleError(f"step {step} is outside a run of {num_steps} steps (expected 0 <= step < num_steps)")
+        schedule = self.graph_spec.dsap
+        index = schedule.stage_index(step, num_steps)
+        name = schedule.stages[index].name
+        for entry in self.stages:
+            if entry.name == name:
+                return index, entry
+        steps = schedule.step_ranges(num_steps)[index]
+        raise ScheduleError(
+            f"step {step} of {num_steps} needs stage '{name}' (steps {steps.start}-{steps.stop - 1}), which this "
+            f"build does not have; built: {', '.join(e.name for e in self.stages)}"
+        )
 
     def graphs(self) -> list[GraphEntry]:
         return [self.baseline, *self.stages]

@@ -1,10 +1,13 @@
-"""Load a diffusers SDXL UNet from wherever the user keeps it, or build a built-in one.
+"""Load a diffusers UNet of any supported family from wherever the user keeps it, or build a built-in one.
 
-Sources, tried in this order:
+Families (``contract.py`` tells them apart from the config): SD 1.x, SD 2.x, SDXL base and every
+SDXL-architecture checkpoint (Playground v2.5, fine-tunes), the SDXL refiner, distilled SDXL (SSD-1B,
+Vega). Sources, tried in this order:
 
-* a built-in architecture name (``sdxl-base``, ``tiny-sdxl``): seeded random weights, offline;
+* a built-in architecture name (``sd15``, ``sdxl-base``, ``tiny-sd15``, ...): seeded random weights, offline;
 * a local diffusers folder (a pipeline folder with ``unet/`` or a bare UNet folder);
-* a single ``.safetensors`` checkpoint (original SGM layout or diffusers layout);
+* a single ``.safetensors`` checkpoint (original CompVis/SGM layout or diffusers layout) of a built-in
+  architecture, recognized from its tensor shapes;
 * a Hugging Face hub id (the local cache first, then the network).
 
 Weights are only ever read from safetensors: pickle files are refused. The same code path loads a
@@ -14,6 +17,7 @@ user's real checkpoint and the tiny test models saved with ``save_pretrained``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import socket
 import tempfile
@@ -26,6 +30,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+from .contract import GraphContract
 from .errors import ModelError
 
 #: The UNet of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json), 2.57 B parameters.
@@ -55,9 +60,69 @@ SDXL_BASE_CONFIG: dict[str, Any] = {
     "use_linear_projection": True,
 }
 
-#: SDXL's topology (11 attention blocks: 2-layer blocks at the fine token level, 10-layer blocks at the
-#: coarse one) at tiny widths, so every code path runs in seconds on a CPU. The text conditioning is
-#: narrow too: encoder_hidden_states [B, T, 64], text_embeds [B, 32], time_ids [B, 6].
+#: The UNet of stabilityai/stable-diffusion-xl-refiner-1.0: one text encoder (OpenCLIP bigG, 1280 wide),
+#: 5 time ids (original size, crop, aesthetic score), 4-layer attention blocks at 64x64 and 32x32 tokens.
+SDXL_REFINER_CONFIG: dict[str, Any] = {
+    **SDXL_BASE_CONFIG,
+    "attention_head_dim": [6, 12, 24, 24],
+    "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "projection_class_embeddings_input_dim": 2560,
+    "transformer_layers_per_block": 4,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
+
+#: The UNet of stable-diffusion-v1-5: conv proj_in/proj_out, 16 one-layer attention blocks, 4096 tokens
+#: at the finest level at 512 px, text conditioning only (CLIP ViT-L, 768 wide).
+SD15_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+#: The UNet of stabilityai/stable-diffusion-2-1 (768 px, v-prediction): linear projections, OpenCLIP-H text
+#: (1024 wide), attention upcast to fp32.
+SD21_CONFIG: dict[str, Any] = {
+    **SD15_CONFIG,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "sample_size": 96,
+    "upcast_attention": True,
+    "use_linear_projection": True,
+}
+
+#: segmind/SSD-1B: SDXL distilled to 1.3 B parameters. Fewer layers per block, asymmetric between the down
+#: and up paths (``reverse_transformer_layers_per_block``), and a mid block with no attention.
+SSD_1B_CONFIG: dict[str, Any] = {
+    **SDXL_BASE_CONFIG,
+    "mid_block_type": "UNetMidBlock2D",
+    "transformer_layers_per_block": [[1], [2, 2], [4, 4]],
+    "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], 1],
+}
+#: segmind/Segmind-Vega: SDXL distilled further (1-2 layers per block, no mid-block attention).
+VEGA_CONFIG: dict[str, Any] = {
+    **SDXL_BASE_CONFIG,
+    "mid_block_type": "UNetMidBlock2D",
+    "transformer_layers_per_block": [1, 1, 2],
+}
+
+#: Each family's topology at tiny widths, so every code path runs in seconds on a CPU. Text widths are
+#: narrow too (SDXL: encoder_hidden_states [B, T, 64], text_embeds [B, 32], time_ids [B, 6]).
 TINY_SDXL_CONFIG: dict[str, Any] = {
     **SDXL_BASE_CONFIG,
     "addition_time_embed_dim": 8,
@@ -67,8 +132,49 @@ TINY_SDXL_CONFIG: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 32 + 6 * 8,
     "sample_size": 32,
 }
+#: The refiner's pooled text is as wide as its text (48): that is how its 5 time ids are recognized.
+TINY_SDXL_REFINER_CONFIG: dict[str, Any] = {
+    **SDXL_REFINER_CONFIG,
+    "addition_time_embed_dim": 8,
+    "attention_head_dim": [1, 2, 3, 3],
+    "block_out_channels": [32, 64, 96, 96],
+    "cross_attention_dim": 48,
+    "projection_class_embeddings_input_dim": 48 + 5 * 8,
+    "sample_size": 32,
+}
+TINY_SSD_1B_CONFIG: dict[str, Any] = {
+    **TINY_SDXL_CONFIG,
+    "mid_block_type": "UNetMidBlock2D",
+    "transformer_layers_per_block": SSD_1B_CONFIG["transformer_layers_per_block"],
+    "reverse_transformer_layers_per_block": SSD_1B_CONFIG["reverse_transformer_layers_per_block"],
+}
+TINY_SD15_CONFIG: dict[str, Any] = {
+    **SD15_CONFIG,
+    "block_out_channels": [32, 64, 64, 64],
+    "cross_attention_dim": 32,
+    "sample_size": 32,
+}
+TINY_SD21_CONFIG: dict[str, Any] = {
+    **SD21_CONFIG,
+    "attention_head_dim": [2, 4, 4, 4],
+    "block_out_channels": [32, 64, 64, 64],
+    "cross_attention_dim": 48,
+    "sample_size": 32,
+}
 
-BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {"sdxl-base": SDXL_BASE_CONFIG, "tiny-sdxl": TINY_SDXL_CONFIG}
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "sdxl-base": SDXL_BASE_CONFIG,
+    "sdxl-refiner": SDXL_REFINER_CONFIG,
+    "sd15": SD15_CONFIG,
+    "sd21": SD21_CONFIG,
+    "ssd-1b": SSD_1B_CONFIG,
+    "segmind-vega": VEGA_CONFIG,
+    "tiny-sdxl": TINY_SDXL_CONFIG,
+    "tiny-sdxl-refiner": TINY_SDXL_REFINER_CONFIG,
+    "tiny-sd15": TINY_SD15_CONFIG,
+    "tiny-sd21": TINY_SD21_CONFIG,
+    "tiny-ssd1b": TINY_SSD_1B_CONFIG,
+}
 
 
 @dataclass(frozen=True)
@@ -84,56 +190,6 @@ class AttentionBlock:
     @property
     def tokens(self) -> int:
         return self.height * self.width
-
-
-@dataclass(frozen=True)
-class UNetInputs:
-    """Static input shapes of one UNet call (what a graph is exported for)."""
-
-    batch: int
-    latent_height: int
-    latent_width: int
-    in_channels: int
-    text_length: int
-    text_dim: int
-    pooled_dim: int
-    time_ids_dim: int = 6
-
-
-def unet_inputs(config: dict[str, Any], batch: int, height: int, width: int, text_length: int) -> UNetInputs:
-    """Input shapes for an SDXL-style UNet config at a pixel resolution (the VAE downsamples by 8)."""
-    time_dim = 6 * int(config["addition_time_embed_dim"])
-    return UNetInputs(
-        batch=batch,
-        latent_height=height // 8,
-        latent_width=width // 8,
-        in_channels=int(config["in_channels"]),
-        text_length=text_length,
-        text_dim=int(config["cross_attention_dim"]),
-        pooled_dim=int(config["projection_class_embeddings_input_dim"]) - time_dim,
-    )
-
-
-def example_inputs(
-    shapes: UNetInputs, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Seeded random inputs of the UNet call, keyed as ``UNet2DConditionModel.forward`` names them."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        if torch.device(device).type == "meta":
-            return torch.empty(shape, dtype=dtype, device="meta")
-        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-
-    b = shapes.batch
-    timestep = torch.full((b,), 500.0, dtype=torch.float32, device=device)
-    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * b, device=device).to(dtype)
-    return {
-        "sample": randn(b, shapes.in_channels, shapes.latent_height, shapes.latent_width),
-        "timestep": timestep,
-        "encoder_hidden_states": randn(b, shapes.text_length, shapes.text_dim),
-        "added_cond_kwargs": {"text_embeds": randn(b, shapes.pooled_dim), "time_ids": time_ids},
-    }
 
 
 @contextlib.contextmanager
@@ -181,8 +237,8 @@ def unet_config(source: str) -> dict[str, Any]:
             raise ModelError(f"model folder {path} has no config.json or unet/config.json; expected a diffusers folder")
         folder, sub = found
         return json.loads((folder / (sub or "") / "config.json").read_text())
-    if path.suffix == ".safetensors":
-        return dict(SDXL_BASE_CONFIG)
+    if path.suffix == ".safetensors" and path.is_file():
+        return dict(BUILTIN_CONFIGS[single_file_architecture(path)[0]])
     return dict(_load_from_hub(source, torch.float32, config_only=True))
 
 
@@ -217,37 +273,77 @@ def _load_local(path: Path, dtype: torch.dtype) -> UNet2DConditionModel:
     return _load_single_file(path, dtype)
 
 
+LDM_PREFIX = "model.diffusion_model."  # original (CompVis/SGM) checkpoints keep the UNet under this prefix
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from a safetensors header (no weights read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+
+
+@functools.cache
+def _builtin_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in build_unet(BUILTIN_CONFIGS[name], device="meta").state_dict().items()}
+
+
+def _as_diffusers_shapes(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """An original-layout checkpoint's shapes as diffusers keys under ``config``: diffusers' own conversion,
+    run on ``meta`` tensors, so no weight is read. Empty when the layout does not fit the config."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    meta = {k: torch.empty(v, device="meta") for k, v in shapes.items() if k.startswith(LDM_PREFIX)}
+    try:
+        converted = convert_ldm_unet_checkpoint(meta, config)
+    except (KeyError, IndexError, ValueError, RuntimeError):
+        return {}
+    return {k: tuple(v.shape) for k, v in converted.items()}
+
+
+def single_file_architecture(path: Path) -> tuple[str, bool]:
+    """``(built-in architecture, original layout?)`` of a single checkpoint, recognized from its shapes.
+
+    Every built-in architecture of every family is tried (SD 1.5, SD 2.x, SDXL base and refiner, SSD-1B,
+    Vega and the tiny ones), so a fine-tune of any of them loads; other layouts are refused by name.
+    """
+    shapes = _checkpoint_shapes(path)
+    original = any(k.startswith(LDM_PREFIX) for k in shapes)
+    for name, config in BUILTIN_CONFIGS.items():
+        expected = _builtin_shapes(name)
+        if original and (shapes.get(LDM_PREFIX + "input_blocks.0.0.weight") != expected["conv_in.weight"]
+                         or shapes.get(LDM_PREFIX + "out.2.weight") != expected["conv_out.weight"]):
+            continue
+        if (_as_diffusers_shapes(shapes, config) if original else shapes) == expected:
+            return name, original
+    layout = "original" if original else "diffusers"
+    raise ModelError(
+        f"{path} ({layout} layout, {len(shapes)} tensors) does not hold the weights of a known UNet "
+        f"({', '.join(BUILTIN_CONFIGS)}); for other architectures pass a diffusers folder with its config.json"
+    )
+
+
 def _load_single_file(path: Path, dtype: torch.dtype) -> UNet2DConditionModel:
     """A single checkpoint of a built-in architecture: original (``model.diffusion_model.*``) or diffusers keys.
 
-    The architecture is recognized from the tensor shapes (SDXL base, or tiny-sdxl for tests).
+    Original layouts go through diffusers' single-file loader with the recognized architecture's config
+    (offline: the config is written beside, never fetched); diffusers layouts load straight into it.
     """
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as handle:
-        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-    original = "model.diffusion_model.input_blocks.0.0.weight"
-    if original in shapes:
-        name = next((n for n, c in BUILTIN_CONFIGS.items() if shapes[original][0] == c["block_out_channels"][0]), None)
-        if name is None:
-            raise ModelError(f"{path} is not an SDXL checkpoint (input conv {shapes[original]})")
+    name, original = single_file_architecture(path)
+    config = BUILTIN_CONFIGS[name]
+    if original:
         with tempfile.TemporaryDirectory() as config_dir:
             (Path(config_dir) / "unet").mkdir()
-            (Path(config_dir) / "unet" / "config.json").write_text(json.dumps(BUILTIN_CONFIGS[name]))
+            (Path(config_dir) / "unet" / "config.json").write_text(json.dumps(config))
             return UNet2DConditionModel.from_single_file(
                 str(path), config=config_dir, subfolder="unet", torch_dtype=dtype, local_files_only=True
             )
-    for config in BUILTIN_CONFIGS.values():
-        unet = build_unet(config, dtype=dtype, device="meta")
-        expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-        if expected == shapes:
-            unet.load_state_dict(load_file(str(path)), strict=True, assign=True)
-            return unet.to(dtype)
-    raise ModelError(
-        f"{path} does not hold the weights of a known UNet (sdxl-base, tiny-sdxl); "
-        "for other architectures pass a diffusers folder with its config.json"
-    )
+    unet = build_unet(config, dtype=dtype, device="meta")
+    unet.load_state_dict(load_file(str(path)), strict=True, assign=True)
+    return unet.to(dtype)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -285,7 +381,11 @@ def attention_blocks(unet: UNet2DConditionModel, height: int, width: int) -> lis
     """
     named = [(n, m) for n, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
     if not named:
-        raise ModelError("the UNet has no Transformer2DModel attention blocks; AT-EDM needs an SDXL-like UNet")
+        kinds = sorted({type(m).__name__ for m in unet.modules() if "Attention" in type(m).__name__ or "Attn" in type(m).__name__})
+        raise ModelError(
+            f"the UNet has no Transformer2DModel attention blocks (found: {', '.join(kinds) or 'no attention'}); "
+            "AT-EDM prunes the tokens of Transformer2DModel blocks, as in SD 1.x/2.x and SDXL UNets"
+        )
     meta = build_unet(dict(unet.config), device="meta")
     grids: dict[str, tuple[int, int, int]] = {}
     hooks = [
@@ -297,9 +397,9 @@ def attention_blocks(unet: UNet2DConditionModel, height: int, width: int) -> lis
         if isinstance(module, Transformer2DModel)
     ]
     try:
-        shapes = unet_inputs(dict(unet.config), 1, height, width, text_length=77)
+        contract = GraphContract.from_config(dict(unet.config), 1, height, width)
         with torch.no_grad():
-            meta(**example_inputs(shapes, device="meta"))
+            meta(**contract.unet_kwargs(contract.example_feed(device="meta")))
     finally:
         for hook in hooks:
             hook.remove()

@@ -12,14 +12,15 @@ from typing import Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .contract import PRECISIONS, GraphContract
 from .dsap import Schedule, load_preset, parse_schedule
 from .errors import SpecError, format_validation_error
 from .pruning import PruneOptions
+from .pruning.patch import default_prune_point
 
-Precision = Literal["fp32", "fp16", "bf16"]
-TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+Precision = Literal["fp32", "fp16", "bf16"]  # registry.PRECISION_NAMES; their dtypes: contract.PRECISIONS
 
 
 class PruningSpec(BaseModel):
@@ -31,8 +32,18 @@ class PruningSpec(BaseModel):
     heads: Literal["mean", "max"] = "mean"
     damping: float = Field(1.0, gt=0.0, le=1.0)
     importance: Literal["self", "cross"] = "self"
-    prune_point: Literal["layer", "attn1"] = "layer"
+    prune_point: Literal["layer", "attn1"] | None = Field(
+        None, description="attn1 (default where exact: copy recovery, self importance) or layer (the paper's wording)")
     recovery: Literal["copy", "skip"] = "copy"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_prune_point(cls, data: object) -> object:
+        """Write the default prune point down, so a manifest says which one its graphs were built with."""
+        if isinstance(data, dict) and data.get("prune_point") is None:
+            point = default_prune_point(data.get("importance", "self"), data.get("recovery", "copy"))
+            data = {**data, "prune_point": point}
+        return data
 
     def options(self) -> PruneOptions:
         return PruneOptions(**self.model_dump())
@@ -78,7 +89,12 @@ class GraphSpec(BaseModel):
 
     @property
     def dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.precision]
+        return PRECISIONS[self.precision].torch
+
+    def contract(self, unet_config: dict) -> GraphContract:
+        """The graphs' static I/O for the UNet ``unet_config`` at this spec's shapes and precision."""
+        return GraphContract.from_config(unet_config, self.batch, self.height, self.width, self.text_length,
+                                         self.precision)
 
     def with_schedule(self, schedule: str | None) -> GraphSpec:
         """The same spec on another schedule (a preset name), as ``--schedule`` asks."""

@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .export import INPUT_NAMES, UNetGraph, graph_feed
+from .contract import OUTPUT, PRECISIONS, UNetGraph
 from .manifest import Manifest
-from .models import example_inputs, load_unet, unet_inputs
-from .pruning import apply_atedm, remove_atedm
+from .models import load_unet
+from .pruning import set_plan
 
-#: (atol, rtol) per precision: an element passes when either bound holds (polygraphy's elementwise rule).
-TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (1e-1, 5e-2)}
 
 
 @dataclass(frozen=True)
@@ -60,16 +58,16 @@ def _torch_runner(graph: UNetGraph, name: str, feed: dict[str, np.ndarray]):  # 
             from polygraphy.common import TensorMetadata
 
             metadata = TensorMetadata()
-            for input_name in INPUT_NAMES:
+            for input_name in graph.contract.input_names:
                 metadata.add(input_name, feed[input_name].dtype, feed[input_name].shape)
             return metadata
 
         def infer_impl(self, feed_dict: dict) -> OrderedDict:
-            args = [torch.from_numpy(np.asarray(feed_dict[n])) for n in INPUT_NAMES]
+            args = [torch.from_numpy(np.asarray(feed_dict[n])) for n in graph.contract.input_names]
             with torch.no_grad():
                 out = graph(*args)
             self.inference_time = 0.0
-            return OrderedDict(latent=out.float().numpy())
+            return OrderedDict({OUTPUT: out.float().numpy()})
 
     return TorchRunner()
 
@@ -90,14 +88,15 @@ def compare(reference, candidate, feed: dict[str, np.ndarray], graph: str, backe
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
-    atol, rtol = TOLERANCES[precision]
+    # An element passes when either bound of its precision holds (polygraphy's elementwise rule).
+    atol, rtol = PRECISIONS[precision].atol, PRECISIONS[precision].rtol
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         results = Comparator.run([reference, candidate], data_loader=[feed])
         accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
     (_, iterations), = accuracy[0].items()  # one comparison function, one runner pair
-    stats = iterations[0]["latent"]
+    stats = iterations[0][OUTPUT]
     (_, ref_runs), (_, cand_runs) = results.items()
-    ref_out, cand_out = ref_runs[0]["latent"], cand_runs[0]["latent"]
+    ref_out, cand_out = ref_runs[0][OUTPUT], cand_runs[0][OUTPUT]
     return GraphCheck(graph, backend, stats.max_absdiff, stats.max_reldiff, stats.mean_absdiff,
                       _cosine(np.asarray(ref_out), np.asarray(cand_out)), atol, rtol, bool(stats))
 
@@ -108,16 +107,15 @@ def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = N
     manifest = Manifest.load(folder)
     spec = manifest.graph_spec
     unet = load_unet(spec.model, dtype=spec.dtype, seed=spec.seed)
-    shapes = unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, spec.text_length)
-    feed = {k: v.numpy() for k, v in graph_feed(example_inputs(shapes, dtype=spec.dtype, seed=seed)).items()}
+    contract = manifest.contract
+    feed = {k: v.numpy() for k, v in contract.example_feed(seed=seed).items()}
     checks = []
     for entry in manifest.graphs():
         if graphs and entry.name not in graphs:
             continue
-        plan = manifest.plan(entry)
-        apply_atedm(unet, plan) if plan else remove_atedm(unet)
-        reference = _torch_runner(UNetGraph(unet).eval(), f"eager-{entry.name}", feed)
+        set_plan(unet, manifest.plan(entry))
+        reference = _torch_runner(contract.module(unet).eval(), f"eager-{entry.name}", feed)
         candidate = _onnxrt_runner(folder / entry.onnx.path, f"onnxruntime-{entry.name}")
         checks.append(compare(reference, candidate, feed, entry.name, "onnxruntime", spec.precision))
-    remove_atedm(unet)
+    set_plan(unet, None)
     return checks

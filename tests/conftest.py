@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from atedm_export.models import attention_blocks, example_inputs, load_unet, unet_inputs
+from atedm_export.contract import GraphContract
+from atedm_export.models import attention_blocks, load_unet
 
 TINY_HW = 256
 
@@ -33,7 +34,8 @@ def tiny_blocks(tiny_dir):
 
 @pytest.fixture()
 def tiny_inputs(tiny_unet):
-    return example_inputs(unet_inputs(dict(tiny_unet.config), 2, TINY_HW, TINY_HW, 77), seed=1)
+    contract = GraphContract.from_config(dict(tiny_unet.config), 2, TINY_HW, TINY_HW)
+    return contract.unet_kwargs(contract.example_feed(seed=1))
 
 
 def run(unet, inputs) -> torch.Tensor:

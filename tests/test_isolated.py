@@ -67,12 +67,11 @@ def test_a_graph_exported_in_its_own_process_matches_one_exported_here(tmp_path)
     import onnx
 
     from atedm_export.build import export_stage
-    from atedm_export.models import build_unet, unet_config, unet_inputs
+    from atedm_export.models import build_unet, unet_config
     from atedm_export.spec import load_spec
 
     spec = load_spec("tiny-sdxl")
-    shapes = unet_inputs(dict(build_unet(unet_config(spec.model), device="meta").config), spec.batch, spec.height,
-                         spec.width, spec.text_length)
+    shapes = spec.contract(dict(build_unet(unet_config(spec.model), device="meta").config))
     (tmp_path / "child").mkdir()
     (tmp_path / "here").mkdir()
     peak = export_stage(spec, None, shapes, tmp_path / "child" / "raw.onnx", weight_bytes=1 << 40)

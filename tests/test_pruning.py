@@ -8,7 +8,7 @@ import torch
 
 from atedm_export.dsap import keep_count
 from atedm_export.errors import PlanError
-from atedm_export.export import UNetGraph, graph_args
+from atedm_export.contract import GraphContract
 from atedm_export.pruning import PruneOptions, StagePlan, apply_atedm, patched_blocks, remove_atedm
 from atedm_export.pruning.attention import attention_with_map
 from atedm_export.pruning.gwpr import combine_heads, cross_gwpr_scores, gwpr_scores
@@ -218,8 +218,9 @@ def test_half_precision_unet_runs_pruned(tiny_dir, tiny_blocks, tiny_inputs):
 
 def test_pruned_unet_exports_as_one_static_graph(tiny_unet, tiny_blocks, tiny_inputs):
     apply_atedm(tiny_unet, _uniform_plan(tiny_blocks, 0.37))
-    graph = UNetGraph(tiny_unet)
-    args = graph_args(tiny_inputs)
+    graph = GraphContract.from_config(dict(tiny_unet.config), 2, 256, 256).module(tiny_unet)
+    args = (tiny_inputs["sample"], tiny_inputs["timestep"], tiny_inputs["encoder_hidden_states"],
+            *tiny_inputs["added_cond_kwargs"].values())
     exported = torch.export.export(graph, args, strict=False)
     placeholders = [n for n in exported.graph.nodes if n.op == "placeholder" and n.meta.get("val") is not None]
     assert all(not any(isinstance(d, torch.SymInt) for d in n.meta["val"].shape) for n in placeholders)

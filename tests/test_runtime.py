@@ -15,9 +15,7 @@ from PIL import Image
 from atedm_export.build import BuildRequest, build
 from atedm_export.cli import main
 from atedm_export.errors import AtedmError
-from atedm_export.export import graph_feed
 from atedm_export.manifest import Manifest, ManifestError
-from atedm_export.models import example_inputs, unet_inputs
 from atedm_export.runtime import ScheduleError, StagedUNet, load_backend
 from atedm_export.runtime.backends import RuntimeInputError
 from atedm_export.runtime.pipeline import SDXL_SCHEDULER
@@ -29,11 +27,10 @@ from .conftest import HAS_RTX
 def _denoise(staged: StagedUNet, num_steps: int, seed: int = 0) -> torch.Tensor:
     """A plain Euler loop (no pipeline): what a custom sampler does with a StagedUNet."""
     manifest = staged.manifest
-    spec = manifest.graph_spec
     scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     scheduler.set_timesteps(num_steps)
     staged.set_timesteps(scheduler.timesteps)
-    cond = example_inputs(unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, 77), seed=seed)
+    cond = manifest.contract.unet_kwargs(manifest.contract.example_feed(seed=seed))
     latents = cond["sample"] * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         eps = staged(scheduler.scale_model_input(latents, t), t, cond["encoder_hidden_states"],
@@ -110,9 +107,7 @@ def test_bench_json_is_consistent(tiny_build, tmp_path):
 
 @pytest.fixture()
 def feed(tiny_build):
-    manifest = Manifest.load(tiny_build)
-    spec = manifest.graph_spec
-    return graph_feed(example_inputs(unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, 77)))
+    return Manifest.load(tiny_build).contract.example_feed()
 
 
 def test_wrong_shape_and_dtype_name_the_expected_values(tiny_build, feed):

@@ -84,12 +84,8 @@ def test_partial_and_mixed_stage_batches_are_padded_per_graph(server, local, fee
 
 @pytest.fixture(scope="module")
 def feed(tiny_build):
-    from atedm_export.export import graph_feed
-    from atedm_export.models import example_inputs, unet_inputs
-
     manifest = Manifest.load(tiny_build, verify=False)
-    spec = manifest.graph_spec
-    return graph_feed(example_inputs(unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, 77), seed=3))
+    return manifest.contract.example_feed(seed=3)
 
 
 def test_a_step_outside_the_run_is_a_clear_error_and_the_server_keeps_serving(server, feed):

@@ -15,13 +15,15 @@ from google.protobuf.message import DecodeError
 
 from ..errors import AtedmError
 from ..isolated import Isolated, run_isolated
+from ..registry import ENGINE_LIBRARIES
 from ..weights import MappedWeights
 
-#: backend name → (python module, pip extra that installs it)
+#: engine library name (registry.ENGINE_LIBRARIES) → (python module, pip extra that installs it)
 BACKENDS: dict[str, tuple[str, str]] = {
     "tensorrt": ("tensorrt", "atedm-export[tensorrt]"),
     "tensorrt-rtx": ("tensorrt_rtx_bindings", "atedm-export[rtx]"),
 }
+assert tuple(BACKENDS) == ENGINE_LIBRARIES
 
 
 class EngineUnavailable(AtedmError):

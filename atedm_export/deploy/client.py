@@ -19,18 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import AtedmError
-from ..export import INPUT_NAMES, OUTPUT_NAMES, graph_feed
+from ..contract import precision_of
+from ..errors import AtedmError, ModelError
 from ..manifest import GraphEntry, Manifest
-from ..models import example_inputs, unet_inputs
 from ..runtime.backends import Backend, load_backend
 from ..runtime.staged import StagedUNet
 from .routing import STAGE_OUTPUT, STEP_INPUTS, Router
 from .serving import MANIFEST_PARAMETER
 
 DEFAULT_MODEL = "atedm_unet"
-#: what the client sends: NumPy dtype → Triton wire type (NumPy has no bfloat16)
-WIRE_TYPES = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16"}
 
 
 class TritonClientError(AtedmError):
@@ -94,12 +91,14 @@ class TritonBackend(Backend):
         """Graph inputs plus step and step count, one row per latent; per-row scalars as ``[b, 1]``."""
         rows = feed["sample"].shape[0]
         wire = []
-        for name in (*INPUT_NAMES, *STEP_INPUTS):
-            array = feed[name].detach().cpu().contiguous().numpy()
+        for name in (*self.manifest.input_names, *STEP_INPUTS):
+            tensor = feed[name].detach().cpu().contiguous()
+            try:
+                datatype = precision_of(tensor.dtype).wire
+                array = tensor.numpy()
+            except (ModelError, TypeError):  # NumPy has no bfloat16: tritonclient cannot send it
+                raise TritonClientError(f"input '{name}' is {tensor.dtype}; the Triton client sends fp32, fp16 or int32") from None
             array = array.reshape(rows, 1) if array.ndim == 1 else array
-            datatype = WIRE_TYPES.get(array.dtype)
-            if datatype is None:
-                raise TritonClientError(f"input '{name}' is {array.dtype}; the Triton client sends fp32, fp16 or int32")
             tensor = self.module.InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array)
             wire.append(tensor)
@@ -107,12 +106,13 @@ class TritonBackend(Backend):
 
     def infer(self, feed: dict[str, torch.Tensor], client: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """``(latent, stage index per row)`` for one request."""
-        outputs = [self.module.InferRequestedOutput(n) for n in (*OUTPUT_NAMES, STAGE_OUTPUT)]
+        output = self.manifest.output_name
+        outputs = [self.module.InferRequestedOutput(n) for n in (output, STAGE_OUTPUT)]
         try:
             result = (client or self.client).infer(self.model, self.inputs(feed), outputs=outputs)
         except Exception as exc:  # noqa: BLE001 - InferenceServerException, or the connection dropped
             raise TritonClientError(f"Triton at {self.url}, model '{self.model}': {_first_line(exc)}") from None
-        return result.as_numpy(OUTPUT_NAMES[0]), result.as_numpy(STAGE_OUTPUT).reshape(-1)
+        return result.as_numpy(output), result.as_numpy(STAGE_OUTPUT).reshape(-1)
 
     def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         latent, stages = self.infer(feed)
@@ -140,8 +140,7 @@ def stage_feeds(backend: TritonBackend, seed: int = 0) -> tuple[list[int], list[
     """One full-batch request at the first step of each non-empty stage of the spec's step count."""
     manifest = backend.manifest
     spec = manifest.graph_spec
-    shapes = unet_inputs(manifest.unet_config, spec.batch, spec.height, spec.width, spec.text_length)
-    base = graph_feed(example_inputs(shapes, dtype=spec.dtype, seed=seed))
+    base = manifest.contract.example_feed(seed=seed)
     steps = [r.start for r in spec.dsap.step_ranges(spec.steps) if len(r)]
     feeds = [{**base, "step": torch.full((spec.batch,), s, dtype=torch.int32),
               "num_steps": torch.full((spec.batch,), spec.steps, dtype=torch.int32)} for s in steps]

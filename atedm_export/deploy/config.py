@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..contract import INT32, precision_of
 from ..errors import AtedmError
 from ..manifest import Manifest, TensorEntry
 from .routing import STAGE_OUTPUT, STEP_INPUTS
@@ -21,8 +22,6 @@ from .serving import BUILD_PARAMETER, GRAPH_MODELS_PARAMETER, GRAPH_PARAMETER, M
 
 CONFIG = "config.pbtxt"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-#: manifest dtype → Triton data type
-TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 #: what each backend needs in the version folder, and the instance kinds it runs on
 MODEL_FILES = {"python": "model.py", "tensorrt_plan": "model.plan"}
 INSTANCE_KINDS = {"python": {"KIND_CPU", "KIND_GPU", "KIND_MODEL"}, "tensorrt_plan": {"KIND_GPU"}}
@@ -47,7 +46,7 @@ def _add_tensors(field: Any, tensors: list[tuple[str, str, list[int]]]) -> None:
 
 
 def _graph_tensors(entries: list[TensorEntry]) -> list[tuple[str, str, list[int]]]:
-    return [(t.name, TRITON_TYPES[t.dtype], list(t.shape)) for t in entries]
+    return [(t.name, precision_of(t.dtype).triton, list(t.shape)) for t in entries]
 
 
 def graph_config(name: str, manifest: Manifest, graph: str, backend: str, instances: int, build: str = "") -> Any:
@@ -77,11 +76,11 @@ def router_config(name: str, manifest: Manifest, graph_models: dict[str, str], i
     """The UNet clients call: per-row inputs plus step and step count, batched up to ``max_batch`` rows."""
     pb = _pb()
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=max_batch)
-    rows = [(t.name, TRITON_TYPES[t.dtype], list(t.shape[1:]) or [1]) for t in manifest.inputs]
-    _add_tensors(config.input, rows + [(n, "TYPE_INT32", [1]) for n in STEP_INPUTS])
+    rows = [(t.name, precision_of(t.dtype).triton, list(t.shape[1:]) or [1]) for t in manifest.inputs]
+    _add_tensors(config.input, rows + [(n, INT32.triton, [1]) for n in STEP_INPUTS])
     out = manifest.outputs[0]
-    _add_tensors(config.output, [(out.name, TRITON_TYPES[out.dtype], list(out.shape[1:])),
-                                 (STAGE_OUTPUT, "TYPE_INT32", [1])])
+    _add_tensors(config.output, [(out.name, precision_of(out.dtype).triton, list(out.shape[1:])),
+                                 (STAGE_OUTPUT, INT32.triton, [1])])
     config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=instances)
     config.parameters[MANIFEST_PARAMETER].string_value = manifest.model_dump_json()

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from ..manifest import Manifest
-from .config import TRITON_TYPES
+from ..contract import precision_of
 from .routing import STAGE_OUTPUT, STEP_INPUTS
 
 
 def _io_table(manifest: Manifest, max_batch: int) -> str:
     rows = ["| tensor | type | shape per request |", "|---|---|---|"]
     for t in manifest.inputs:
-        rows.append(f"| `{t.name}` (in) | {TRITON_TYPES[t.dtype][5:]} | `[b, {', '.join(map(str, t.shape[1:] or [1]))}]` |")
+        rows.append(f"| `{t.name}` (in) | {precision_of(t.dtype).wire} | `[b, {', '.join(map(str, t.shape[1:] or [1]))}]` |")
     for name in STEP_INPUTS:
         rows.append(f"| `{name}` (in) | INT32 | `[b, 1]` |")
     out = manifest.outputs[0]
-    rows.append(f"| `{out.name}` (out) | {TRITON_TYPES[out.dtype][5:]} | `[b, {', '.join(map(str, out.shape[1:]))}]` |")
+    rows.append(f"| `{out.name}` (out) | {precision_of(out.dtype).wire} | `[b, {', '.join(map(str, out.shape[1:]))}]` |")
     rows.append(f"| `{STAGE_OUTPUT}` (out) | INT32 | `[b, 1]`: index of the DSAP stage that ran |")
     return "\n".join(rows) + f"\n\n`b` is 1 to {max_batch} rows (one latent each; a classifier-free-guidance pair is 2)."
 

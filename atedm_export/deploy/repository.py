@@ -29,11 +29,11 @@ from pathlib import Path
 
 from .. import __version__
 from ..manifest import FILENAME, FileEntry, GraphEntry, Manifest, sha256, verify_file
+from ..registry import DEPLOY_VARIANTS
 from ..staging import check_destination, staged_folder
 from .config import CONFIG, MODEL_NAME, DeployError, check_routes, graph_config, read_repository, router_config, to_text
 from .readme import repository_readme
 
-VARIANTS = ("tensorrt", "onnxruntime")
 SHARED_BUILD = "build"  # in the router's folder: what the onnxruntime graph models serve
 RECORD = "atedm-deploy.json"
 MODEL_SOURCES = {  # what each generated model.py holds: the model lives in the package, versioned with it
@@ -63,8 +63,8 @@ def auto_variant(manifest: Manifest) -> str:
 
 
 def _check(request: DeployRequest, manifest: Manifest) -> None:
-    if request.backend not in VARIANTS:
-        raise DeployError(f"unknown deploy backend '{request.backend}'; expected one of: auto, {', '.join(VARIANTS)}")
+    if request.backend not in DEPLOY_VARIANTS:
+        raise DeployError(f"unknown deploy backend '{request.backend}'; expected one of: auto, {', '.join(DEPLOY_VARIANTS)}")
     if not MODEL_NAME.match(request.name):
         raise DeployError(f"model name '{request.name}' must be letters, digits, '_' or '-'")
     if request.instances < 1:

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import AtedmError
-from ..export import INPUT_NAMES
-from ..manifest import Manifest
+from ..manifest import Manifest, ScheduleError
 
 #: What the router takes besides the graph inputs: per row, the step and the run's step count.
 STEP_INPUTS = ("step", "num_steps")
@@ -25,8 +23,8 @@ STEP_INPUTS = ("step", "num_steps")
 STAGE_OUTPUT = "stage"
 
 
-class RoutingError(AtedmError):
-    """A row whose step cannot be served: outside the run, or in a stage this build lacks."""
+#: A row whose step cannot be served: outside the run, or in a stage this build lacks.
+RoutingError = ScheduleError
 
 
 @dataclass(frozen=True)
@@ -42,9 +40,9 @@ class Router:
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
-        self.schedule = manifest.graph_spec.dsap
         self.batch = int(manifest.inputs[0].shape[0])
         self.built = {entry.name: entry for entry in manifest.stages}
+        self.input_names = manifest.input_names
 
     def graph_of(self, stage: str) -> str:
         """The graph a stage runs: a stage that prunes nothing reuses the baseline's."""
@@ -52,14 +50,8 @@ class Router:
 
     def route(self, step: int, num_steps: int) -> tuple[int, str]:
         """``(stage index in the schedule, stage name)`` of denoising step ``step`` of ``num_steps``."""
-        if num_steps < 1 or not 0 <= step < num_steps:
-            raise RoutingError(f"step {step} is outside a run of {num_steps} steps (expected 0 <= step < num_steps)")
-        index = self.schedule.stage_index(step, num_steps)
-        name = self.schedule.stages[index].name
-        if name not in self.built:
-            raise RoutingError(f"step {step} of {num_steps} needs stage '{name}', which this build does not have; "
-                               f"built: {', '.join(self.built)}")
-        return index, name
+        index, entry = self.manifest.stage_at(step, num_steps)
+        return index, entry.name
 
     def plan(self, stages: list[list[str]]) -> list[Chunk]:
         """Graph calls for requests whose rows run ``stages[request][row]``, grouped by graph, ``batch`` rows each."""
@@ -76,8 +68,8 @@ class Router:
         requests = {request for request, _ in rows}
         if len(requests) == 1 and [row for _, row in rows] == list(range(self.batch)):
             feed = feeds[rows[0][0]]  # the common case: one whole request, passed through untouched
-            return {name: feed[name] for name in INPUT_NAMES}
-        return {name: torch.stack([feeds[request][name][row] for request, row in rows]) for name in INPUT_NAMES}
+            return {name: feed[name] for name in self.input_names}
+        return {name: torch.stack([feeds[request][name][row] for request, row in rows]) for name in self.input_names}
 
     def scatter(self, chunk: Chunk, latent: torch.Tensor, outputs: list[torch.Tensor]) -> None:
         """Copy a chunk's output rows back into each request's output (padding rows are dropped)."""

@@ -19,9 +19,9 @@ import torch
 from torch.utils import dlpack
 
 from ..errors import AtedmError
-from ..export import INPUT_NAMES, OUTPUT_NAMES
+from ..contract import precision_of
 from ..manifest import Manifest
-from ..runtime.backends import TORCH_DTYPES, OnnxRuntimeBackend
+from ..runtime.backends import OnnxRuntimeBackend
 from .routing import STAGE_OUTPUT, STEP_INPUTS, Router
 
 MANIFEST_PARAMETER = "atedm_manifest"  # the build's manifest (JSON), on the router: clients read it too
@@ -72,11 +72,11 @@ class RouterModel(_PythonModel):
         self.models: dict[str, str] = json.loads(self.parameters[GRAPH_MODELS_PARAMETER])
         output = self.manifest.outputs[0]
         self.row_shape = tuple(output.shape[1:])
-        self.dtype = TORCH_DTYPES[output.dtype]
+        self.dtype = precision_of(output.dtype).torch
 
     def read(self, request: Any) -> tuple[dict[str, torch.Tensor], list[tuple[int, str]]]:
         """A request's tensors (timestep, step and step count flattened to one value per row) and routes."""
-        feed = {name: self.tensor_in(request, name) for name in (*INPUT_NAMES, *STEP_INPUTS)}
+        feed = {name: self.tensor_in(request, name) for name in (*self.manifest.input_names, *STEP_INPUTS)}
         rows = feed["sample"].shape[0]
         for name in ("timestep", *STEP_INPUTS):
             feed[name] = feed[name].reshape(rows)
@@ -87,14 +87,14 @@ class RouterModel(_PythonModel):
         """One BLS call to the model serving ``graph``; its output comes back in CPU memory."""
         model = self.models[graph]
         request = self.pb.InferenceRequest(
-            model_name=model, requested_output_names=list(OUTPUT_NAMES),
-            inputs=[self.tensor_out(name, feed[name]) for name in INPUT_NAMES],
+            model_name=model, requested_output_names=[self.manifest.output_name],
+            inputs=[self.tensor_out(name, feed[name]) for name in self.manifest.input_names],
             preferred_memory=self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_CPU, 0),
         )
         response = request.exec()
         if response.has_error():
             raise AtedmError(f"model '{model}' failed: {response.error().message()}")
-        return self.tensor_of(response, OUTPUT_NAMES[0])
+        return self.tensor_of(response, self.manifest.output_name)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         feeds: list[dict[str, torch.Tensor]] = []
@@ -121,7 +121,8 @@ class RouterModel(_PythonModel):
                 continue
             stages = torch.tensor([[index] for index, _ in route], dtype=torch.int32)
             responses.append(self.pb.InferenceResponse(
-                output_tensors=[self.tensor_out(OUTPUT_NAMES[0], outputs[i]), self.tensor_out(STAGE_OUTPUT, stages)]
+                output_tensors=[self.tensor_out(self.manifest.output_name, outputs[i]),
+                                self.tensor_out(STAGE_OUTPUT, stages)]
             ))
         return responses
 
@@ -147,8 +148,10 @@ class OnnxRuntimeStageModel(_PythonModel):
         responses = []
         for request in requests:
             try:
-                latent = self.backend.run(self.graph, {name: self.tensor_in(request, name) for name in INPUT_NAMES})
-                responses.append(self.pb.InferenceResponse(output_tensors=[self.tensor_out(OUTPUT_NAMES[0], latent)]))
+                feed = {name: self.tensor_in(request, name) for name in self.manifest.input_names}
+                latent = self.backend.run(self.graph, feed)
+                output = self.tensor_out(self.manifest.output_name, latent)
+                responses.append(self.pb.InferenceResponse(output_tensors=[output]))
             except AtedmError as exc:
                 responses.append(self.error_response(str(exc)))
         return responses

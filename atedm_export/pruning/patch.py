@@ -14,7 +14,8 @@ to a fixed graph. Weights are never touched: removing the patch restores the sto
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,12 +34,20 @@ PrunePoint = Literal["layer", "attn1"]
 Importance = Literal["self", "cross"]
 
 
+def default_prune_point(importance: str, recovery: str) -> PrunePoint:
+    """``attn1`` where it gives the same output as ``layer`` (copy recovery, self-attention importance)."""
+    return "attn1" if recovery == "copy" and importance == "self" else "layer"
+
+
 @dataclass(frozen=True)
 class PruneOptions:
     """The choices the paper leaves open, each with the default AT-EDM uses.
 
-    ``prune_point``: prune after the first layer's feed-forward (``layer``, the paper's order) or right
-    after its self-attention (``attn1``). ``importance``: rank with the self-attention map (``self``,
+    ``prune_point``: prune right after the first layer's self-attention (``attn1``, the default) or after
+    its feed-forward (``layer``, the paper's wording). Under copy recovery with self-attention importance
+    both give the same output (the cross-attention and feed-forward act per token, and a pruned token
+    takes a kept token's output), and ``attn1`` runs them on k tokens only; in one-layer blocks (SD 1.x/2.x)
+    it is the only point that saves anything. ``importance``: rank with the self-attention map (``self``,
     the paper's choice) or the cross-attention map to the text (``cross``, needs ``prune_point=layer``
     because the cross-attention runs after ``attn1``).
     """
@@ -47,10 +56,12 @@ class PruneOptions:
     heads: HeadReduce = "mean"
     damping: float = 1.0
     importance: Importance = "self"
-    prune_point: PrunePoint = "layer"
+    prune_point: PrunePoint | None = None  # None: attn1 where it is exact (copy recovery, self importance), else layer
     recovery: Recovery = "copy"
 
     def __post_init__(self) -> None:
+        if self.prune_point is None:
+            object.__setattr__(self, "prune_point", default_prune_point(self.importance, self.recovery))
         if self.iterations < 1:
             raise PlanError(f"G-WPR iterations must be >= 1, got {self.iterations}")
         if not 0.0 < self.damping <= 1.0:
@@ -115,6 +126,21 @@ def remove_atedm(unet: torch.nn.Module) -> torch.nn.Module:
             block.__class__ = state.base
             delattr(block, _ATTR)
     return unet
+
+
+def set_plan(unet: UNet2DConditionModel, plan: StagePlan | None) -> UNet2DConditionModel:
+    """Run ``unet`` on ``plan`` from now on; ``None`` (or a plan that prunes nothing) is the stock UNet."""
+    return apply_atedm(unet, plan) if plan is not None and plan.keep else remove_atedm(unet)
+
+
+@contextlib.contextmanager
+def planned(unet: UNet2DConditionModel, plan: StagePlan | None) -> Iterator[UNet2DConditionModel]:
+    """``unet`` on ``plan`` for the ``with`` body, stock again afterwards (also on errors)."""
+    set_plan(unet, plan)
+    try:
+        yield unet
+    finally:
+        remove_atedm(unet)
 
 
 def patched_blocks(unet: torch.nn.Module) -> dict[str, int]:

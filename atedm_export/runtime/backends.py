@@ -13,14 +13,12 @@ from pathlib import Path
 
 import torch
 
+from ..contract import precision_of
 from ..errors import AtedmError
-from ..export import INPUT_NAMES, ONNX_DTYPES, UNetGraph
 from ..manifest import GraphEntry, Manifest
 from ..models import load_unet
-from ..pruning import apply_atedm, remove_atedm
-
-TORCH_DTYPES = {name: dtype for dtype, name in ONNX_DTYPES.items()}  # manifest dtype name → torch dtype
-BACKEND_NAMES = ("eager", "onnxruntime", "tensorrt", "tensorrt-rtx")
+from ..pruning import set_plan
+from ..registry import ENGINE_LIBRARIES, RUNTIME_BACKENDS
 
 
 class RuntimeInputError(AtedmError):
@@ -41,7 +39,8 @@ class Backend(abc.ABC):
         """Refuse inputs that differ from the build in name, shape, dtype or device, naming what was expected."""
         missing = [t.name for t in self.manifest.inputs if t.name not in feed]
         if missing:
-            raise RuntimeInputError(f"missing input '{missing[0]}'; the build takes: {', '.join(INPUT_NAMES)}")
+            raise RuntimeInputError(
+                f"missing input '{missing[0]}'; the build takes: {', '.join(self.manifest.input_names)}")
         for spec in self.manifest.inputs:
             tensor = feed[spec.name]
             if list(tensor.shape) != spec.shape:
@@ -50,7 +49,7 @@ class Backend(abc.ABC):
                     f"(static: batch {self.manifest.spec['batch']}, {self.manifest.spec['width']}x"
                     f"{self.manifest.spec['height']} px)"
                 )
-            if tensor.dtype != TORCH_DTYPES[spec.dtype]:
+            if tensor.dtype != precision_of(spec.dtype).torch:
                 raise RuntimeInputError(f"input '{spec.name}' is {tensor.dtype}; the build expects {spec.dtype}")
             if tensor.device.type != self.device.type:
                 raise RuntimeInputError(f"input '{spec.name}' is on {tensor.device}; the {self.name} backend runs on {self.device}")
@@ -65,7 +64,7 @@ class Backend(abc.ABC):
     def new_output(self) -> torch.Tensor:
         """An empty ``latent`` tensor of the build's output shape and dtype, on this backend's device."""
         spec = self.manifest.outputs[0]
-        return torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+        return torch.empty(spec.shape, dtype=precision_of(spec.dtype).torch, device=self.device)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -84,16 +83,15 @@ class EagerBackend(Backend):
         super().__init__(folder, manifest, device)
         spec = manifest.graph_spec
         self.unet = load_unet(spec.model, dtype=spec.dtype, device=str(self.device), seed=spec.seed)
-        self.graph = UNetGraph(self.unet).eval()
+        self.graph = manifest.contract.module(self.unet).eval()
         self._active: str | None = None
 
     def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._active != entry.name:
-            plan = self.manifest.plan(entry)
-            apply_atedm(self.unet, plan) if plan else remove_atedm(self.unet)
+            set_plan(self.unet, self.manifest.plan(entry))
             self._active = entry.name
         with torch.no_grad():
-            return self.graph(*(feed[n] for n in INPUT_NAMES))
+            return self.graph(*self.graph.args(feed))
 
 
 class OnnxRuntimeBackend(Backend):
@@ -144,14 +142,14 @@ class OnnxRuntimeBackend(Backend):
     def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         session = self.session(entry)
         if self.device.type != "cuda":
-            arrays = {n: feed[n].detach().contiguous().numpy() for n in INPUT_NAMES}
-            return torch.from_numpy(session.run(["latent"], arrays)[0])
+            arrays = {n: feed[n].detach().contiguous().numpy() for n in self.manifest.input_names}
+            return torch.from_numpy(session.run([self.manifest.output_name], arrays)[0])
         binding = session.io_binding()
-        for name in INPUT_NAMES:
+        for name in self.manifest.input_names:
             tensor = feed[name].contiguous()
             binding.bind_input(name, "cuda", self.device.index or 0, _np_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
         out = self.new_output()
-        binding.bind_output("latent", "cuda", self.device.index or 0, _np_dtype(out.dtype), list(out.shape), out.data_ptr())
+        binding.bind_output(self.manifest.output_name, "cuda", self.device.index or 0, _np_dtype(out.dtype), list(out.shape), out.data_ptr())
         session.run_with_iobinding(binding)
         return out
 
@@ -170,9 +168,10 @@ def _return_freed_memory() -> None:
 
 
 def _np_dtype(dtype: torch.dtype):  # noqa: ANN202
-    import numpy as np
-
-    return {torch.float32: np.float32, torch.float16: np.float16}[dtype]
+    numpy = precision_of(dtype).numpy
+    if numpy is None:
+        raise RuntimeInputError(f"onnxruntime binds no {dtype} tensors from torch (NumPy has no such type)")
+    return numpy
 
 
 class TensorRTBackend(Backend):
@@ -190,7 +189,7 @@ class TensorRTBackend(Backend):
         from ..compile import load_library
 
         info = manifest.engine
-        if info.skipped or info.backend not in ("tensorrt", "tensorrt-rtx"):
+        if info.skipped or info.backend not in ENGINE_LIBRARIES:
             raise AtedmError(f"build {folder} has no engines ({info.skipped or info.backend}); rebuild with --backend tensorrt or tensorrt-rtx")
         self.name = info.backend
         library = load_library(info.backend)
@@ -250,21 +249,21 @@ class TensorRTBackend(Backend):
             return self._run_graph(key, feed)
         context = self.contexts[key]
         out = self.new_output()
-        for name in INPUT_NAMES:
+        for name in self.manifest.input_names:
             context.set_tensor_address(name, feed[name].contiguous().data_ptr())
-        context.set_tensor_address("latent", out.data_ptr())
+        context.set_tensor_address(self.manifest.output_name, out.data_ptr())
         if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise AtedmError(f"{entry.name}: engine execution failed")
         return out
 
     def _run_graph(self, key: str, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         if key not in self.graphs:
-            static = {n: feed[n].clone() for n in INPUT_NAMES}
+            static = {n: feed[n].clone() for n in self.manifest.input_names}
             context = self.contexts[key]
             out = self.new_output()
-            for name in INPUT_NAMES:
+            for name in self.manifest.input_names:
                 context.set_tensor_address(name, static[name].data_ptr())
-            context.set_tensor_address("latent", out.data_ptr())
+            context.set_tensor_address(self.manifest.output_name, out.data_ptr())
             stream = torch.cuda.Stream(self.device)
             with torch.cuda.stream(stream):
                 context.execute_async_v3(stream.cuda_stream)  # warm-up outside capture
@@ -273,7 +272,7 @@ class TensorRTBackend(Backend):
                     context.execute_async_v3(stream.cuda_stream)
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
-        for name in INPUT_NAMES:
+        for name in self.manifest.input_names:
             static[name].copy_(feed[name])
         graph.replay()
         return out
@@ -293,8 +292,8 @@ def load_backend(name: str, folder: str | Path, manifest: Manifest | None = None
         return EagerBackend(folder, manifest, device or "cpu")
     if name == "onnxruntime":
         return OnnxRuntimeBackend(folder, manifest, device or "cpu", **options)
-    if name in ("tensorrt", "tensorrt-rtx", "engine"):
+    if name in (*ENGINE_LIBRARIES, "engine"):
         if name != "engine" and manifest.engine.backend != name:
             raise AtedmError(f"build {folder} has {manifest.engine.backend} engines, not {name}")
         return TensorRTBackend(folder, manifest, device or "cuda", **options)
-    raise AtedmError(f"unknown backend '{name}'; expected one of: {', '.join(BACKEND_NAMES)}")
+    raise AtedmError(f"unknown backend '{name}'; expected one of: {', '.join(RUNTIME_BACKENDS)}")

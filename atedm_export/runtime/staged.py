@@ -1,7 +1,8 @@
 """``StagedUNet``: a drop-in for ``pipe.unet`` that runs the right DSAP stage's graph at each step.
 
 It has the call signature and output type of diffusers' ``UNet2DConditionModel`` and the attributes
-SDXL pipelines read (``config``, ``dtype``, ``device``, ``add_embedding.linear_1.in_features``), so::
+the family's pipeline reads (``config``, ``dtype``, ``device``; SDXL's ``add_embedding.linear_1.in_features``),
+so::
 
     staged = StagedUNet.load("build/sdxl", backend="tensorrt")
     staged.attach(pipe)            # pipe.unet = staged, and staged follows pipe.scheduler's timesteps
@@ -24,13 +25,12 @@ import torch
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from ..contract import precision_of
 from ..errors import AtedmError
-from ..manifest import Manifest
-from .backends import TORCH_DTYPES, Backend, load_backend
+from ..manifest import Manifest, ScheduleError
+from .backends import Backend, load_backend
 
-
-class ScheduleError(AtedmError):
-    """A step the build cannot run: unknown timestep, no timesteps known, or a stage that was not built."""
+__all__ = ["ScheduleError", "StageStats", "StagedUNet"]
 
 
 @dataclass
@@ -48,10 +48,12 @@ class StagedUNet(torch.nn.Module):
         self.manifest = manifest
         self.backend = backend
         self.schedule = manifest.graph_spec.dsap
+        self.contract = manifest.contract
         self.config = FrozenDict(manifest.unet_config)
-        self.add_embedding = SimpleNamespace(
-            linear_1=SimpleNamespace(in_features=int(manifest.unet_config["projection_class_embeddings_input_dim"]))
-        )
+        if self.contract.family.added_conditioning:
+            self.add_embedding = SimpleNamespace(
+                linear_1=SimpleNamespace(in_features=int(manifest.unet_config["projection_class_embeddings_input_dim"]))
+            )
         self.encoder_hid_proj = None
         self._scheduler: Any = None
         self._timesteps: torch.Tensor | None = None
@@ -67,7 +69,7 @@ class StagedUNet(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.manifest.inputs[0].dtype]
+        return precision_of(self.manifest.inputs[0].dtype).torch
 
     @property
     def device(self) -> torch.device:
@@ -121,8 +123,7 @@ class StagedUNet(torch.nn.Module):
         num_steps = int(getattr(self._scheduler, "num_inference_steps", 0) or 0) or -(-len(timesteps) // order)
         step = min(-(-int(matches.nonzero()[0]) // order), num_steps - 1)
         self._check_stages(num_steps)
-        stage = self.schedule.stages[self.schedule.stage_index(step, num_steps)].name
-        return step, num_steps, stage
+        return step, num_steps, self.manifest.stage_at(step, num_steps)[1].name
 
     # --- the UNet call -------------------------------------------------------------------------
 
@@ -140,22 +141,12 @@ class StagedUNet(torch.nn.Module):
         extra = [k for k, v in unsupported.items() if v is not None]
         if timestep_cond is not None or extra:
             raise AtedmError(f"StagedUNet does not take {(['timestep_cond'] if timestep_cond is not None else []) + extra}")
-        if not added_cond_kwargs or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
-            raise AtedmError("StagedUNet needs added_cond_kwargs with 'text_embeds' and 'time_ids' (SDXL conditioning)")
+        feed = self.contract.feed_from_call(sample, timestep, encoder_hidden_states, added_cond_kwargs)
         step, num_steps, stage = self.locate(timestep)
         batch = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device).to(torch.float32).flatten()
-        t = t.expand(batch).contiguous() if t.numel() == 1 else t
-        feed = {
-            "sample": sample,
-            "timestep": t,
-            "encoder_hidden_states": encoder_hidden_states,
-            "text_embeds": added_cond_kwargs["text_embeds"],
-            "time_ids": added_cond_kwargs["time_ids"],
-            # Graph backends read the five graph inputs only; a served UNet (Triton) routes by these.
-            "step": torch.full((batch,), step, dtype=torch.int32),
-            "num_steps": torch.full((batch,), num_steps, dtype=torch.int32),
-        }
+        # Graph backends read the graph inputs only; a served UNet (Triton) routes by these.
+        feed["step"] = torch.full((batch,), step, dtype=torch.int32)
+        feed["num_steps"] = torch.full((batch,), num_steps, dtype=torch.int32)
         start = time.perf_counter()
         out = self.backend.run(stage, feed)
         self.backend.synchronize()

@@ -1,0 +1,18 @@
+"""The names a user types, listed once: engine libraries, build backends, runtime backends, deploy variants.
+
+Plain strings with no imports, so the CLI can offer them as choices without importing torch. Every other
+module reads its lists from here; adding a backend adds its name here and its code where it runs.
+"""
+
+from __future__ import annotations
+
+#: Libraries that compile ONNX into engines (``compile/``), in the order ``--backend auto`` tries them.
+ENGINE_LIBRARIES: tuple[str, ...] = ("tensorrt", "tensorrt-rtx")
+#: What ``build --backend`` takes: an engine library, ``onnx`` (graphs only) or ``auto``.
+BUILD_BACKENDS: tuple[str, ...] = ("auto", *ENGINE_LIBRARIES, "onnx")
+#: What runs a build's graphs (``runtime/backends.py``): the eager reference, onnxruntime, the engines.
+RUNTIME_BACKENDS: tuple[str, ...] = ("onnxruntime", "eager", *ENGINE_LIBRARIES)
+#: How ``deploy`` serves graphs on Triton: TensorRT plans, or the ONNX graphs on onnxruntime.
+DEPLOY_VARIANTS: tuple[str, ...] = ("tensorrt", "onnxruntime")
+#: Precisions a graph is exported in (the dtype of each lives in ``contract.PRECISIONS``).
+PRECISION_NAMES: tuple[str, ...] = ("fp32", "fp16", "bf16")
