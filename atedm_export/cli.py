@@ -50,8 +50,11 @@ def main() -> None:
 @main.command()
 @click.argument("spec")
 @click.option("--schedule", help="DSAP preset to use instead of the spec's (paper, uniform-63, dagger, none).")
+@click.option("--prune-point", type=click.Choice(["attn1", "layer"]),
+              help="Prune right after the first self-attention (attn1) or after the first layer (layer, the paper's "
+                   "wording) instead of the spec's choice.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def flops(spec: str, schedule: str | None, as_json: bool) -> None:
+def flops(spec: str, schedule: str | None, prune_point: str | None, as_json: bool) -> None:
     """FLOPs per image-step of each DSAP stage and the baseline, counted on the patched UNet.
 
     SPEC is a graph spec YAML file or a built-in spec name (sdxl-base-1024, sd15, sd21, sdxl-refiner, ssd-1b,
@@ -60,7 +63,7 @@ def flops(spec: str, schedule: str | None, as_json: bool) -> None:
     from .flops import flops_report
     from .spec import load_spec
 
-    report = flops_report(load_spec(spec).with_schedule(schedule))
+    report = flops_report(load_spec(spec).with_schedule(schedule).with_prune_point(prune_point))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
@@ -266,29 +269,28 @@ def verify(build_dir: Path, as_json: bool, seed: int) -> None:
 @click.option("--negative-prompt", default=None, help="What to avoid.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [default: the spec's].")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--guidance", type=click.FloatRange(min=0.0), default=5.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--guidance", type=click.FloatRange(min=0.0), default=None,
+              help="Classifier-free guidance scale [default: the family's: 7.5 for SD 1.x/2.x, 5 for SDXL].")
+@click.option("--image", type=click.Path(path_type=Path), default=None,
+              help="SDXL refiner builds: the image to refine (resized to the build's size where it differs).")
+@click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.3, show_default=True,
+              help="SDXL refiner builds: how much of the denoising to redo (the last fraction of the steps).")
 @click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="onnxruntime", show_default=True)
 @click.option("--device", default=None, help="torch device for the backend [default: cpu, cuda for TensorRT].")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
 def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, prompt: str, negative_prompt: str | None,
-             steps: int | None, seed: int, guidance: float, backend: str, device: str | None, output: Path) -> None:
-    """Run the SDXL pipeline of a build with its stage graphs as the UNet; write one PNG.
+             steps: int | None, seed: int, guidance: float | None, image: Path | None, strength: float, backend: str,
+             device: str | None, output: Path) -> None:
+    """Run the stock pipeline of the build's model family with its stage graphs as the UNet; write one PNG.
 
-    The UNet runs locally on BUILD_DIR's graphs, or, with --triton, on a Triton server that serves a
-    repository written by `atedm-export deploy` (the build's manifest is read from the server).
+    SD 1.x/2.x builds run StableDiffusionPipeline, SDXL builds StableDiffusionXLPipeline, SDXL refiner
+    builds StableDiffusionXLImg2ImgPipeline on --image. The UNet runs locally on BUILD_DIR's graphs,
+    or, with --triton, on a Triton server that serves a repository written by `atedm-export deploy`
+    (the build's manifest is read from the server).
     """
-    import os
-    import tempfile
-
-    import torch
-
     from .runtime import StagedUNet
-    from .runtime.pipeline import load_pipeline
+    from .runtime.pipeline import generate as run_generate
 
-    if output.suffix.lower() != ".png":
-        raise AtedmError(f"output {output} must be a .png file")
-    if not output.parent.resolve().is_dir():
-        raise AtedmError(f"cannot write {output}: folder {output.parent} does not exist")
     if (build_dir is None) == (triton_url is None):
         raise AtedmError("give either BUILD_DIR (run the graphs here) or --triton URL (run them on a server), not both")
     if triton_url:
@@ -297,38 +299,23 @@ def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, 
         staged, backend = connect(triton_url, triton_model), f"Triton ({triton_url})"
     else:
         staged = StagedUNet.load(build_dir, backend=backend, device=device)
-    spec = staged.manifest.graph_spec
-    steps = steps or spec.steps
-    if spec.batch % 2 and guidance > 1.0:
-        raise AtedmError(f"the build has batch {spec.batch}: classifier-free guidance needs an even batch; pass --guidance 1")
-    per_prompt = spec.batch // 2 if guidance > 1.0 else spec.batch
-    pipe = load_pipeline(staged)
     start = time.perf_counter()
-    with console.status(f"denoising: {steps} steps on {backend}…") as status:
-        def on_step(pipeline, step: int, timestep, kwargs):  # noqa: ANN001, ANN202
+    with console.status(f"denoising on {backend}…") as status:
+        def on_step(step: int, steps: int) -> None:
             status.update(f"denoising: step {step + 1}/{steps} ({time.perf_counter() - start:.1f}s)")
-            return kwargs
 
-        result = pipe(
-            prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-            height=spec.height, width=spec.width, num_images_per_prompt=per_prompt,
-            generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step,
-        )
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=output.parent.resolve())
-    os.close(fd)
-    try:
-        result.images[0].save(tmp, format="PNG")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    table = Table(title=f"{steps} steps on {backend} in {time.perf_counter() - start:.1f}s")
+        done = run_generate(staged, prompt, output, negative_prompt=negative_prompt, steps=steps, seed=seed,
+                            guidance=guidance, image=image, strength=strength, on_step=on_step)
+    table = Table(title=f"{done.steps} steps on {backend} in {done.seconds:.1f}s")
     for column in ("stage", "steps", "UNet calls", "UNet seconds"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for row in staged.stage_report():
         table.add_row(row["stage"], row["steps"], str(row["calls"]), f"{row['seconds']:.2f}")
     console.print(table)
-    console.print(f"[green]wrote[/] {output} ({spec.width}x{spec.height})", highlight=False)
+    if done.resized_from:
+        console.print(f"[yellow]note:[/] the input image was {done.resized_from[0]}x{done.resized_from[1]}; "
+                      f"resized to the build's {done.width}x{done.height}", highlight=False)
+    console.print(f"[green]wrote[/] {output} ({done.width}x{done.height})", highlight=False)
 
 
 @main.command()

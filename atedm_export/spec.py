@@ -96,6 +96,13 @@ class GraphSpec(BaseModel):
         return GraphContract.from_config(unet_config, self.batch, self.height, self.width, self.text_length,
                                          self.precision)
 
+    def with_prune_point(self, prune_point: str | None) -> GraphSpec:
+        """The same spec pruning at another point (``attn1`` or ``layer``), as ``--prune-point`` asks."""
+        if prune_point is None:
+            return self
+        pruning = self.pruning.model_dump()
+        return self.model_copy(update={"pruning": PruningSpec.model_validate({**pruning, "prune_point": prune_point})})
+
     def with_schedule(self, schedule: str | None) -> GraphSpec:
         """The same spec on another schedule (a preset name), as ``--schedule`` asks."""
         if schedule is None:

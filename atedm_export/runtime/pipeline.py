@@ -1,23 +1,29 @@
-"""A stock ``StableDiffusionXLPipeline`` around a ``StagedUNet``.
+"""The family's stock diffusers pipeline around a ``StagedUNet``, and one image generated with it.
 
-For a build of a diffusers SDXL folder (or a cached hub id) the pipeline's other components come from
-there. For the built-in ``tiny-sdxl`` a complete tiny pipeline is assembled offline with seeded random
-weights: two CLIP text encoders whose widths add up to the tiny UNet's cross-attention width, a
-byte-level tokenizer vocabulary written on the spot, a tiny VAE (8× downsampling) and SDXL's scheduler.
+SD 1.x/2.x run in ``StableDiffusionPipeline``, SDXL (and SSD-1B, Vega) in ``StableDiffusionXLPipeline``, the
+SDXL refiner in ``StableDiffusionXLImg2ImgPipeline``; a model folder's ``model_index.json`` may name
+another pipeline of the same family. For a build of a diffusers folder (or a cached hub id) the
+pipeline's other components come from there. For the built-in tiny models a complete tiny pipeline is
+assembled offline with seeded random weights: CLIP text encoders as wide as the tiny UNet's text, a
+byte-level tokenizer vocabulary written on the spot, a tiny VAE (8x downsampling) and the family's
+scheduler.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
+from ..contract import SD, SDXL_REFINER, Family, family_of
 from ..errors import AtedmError
-from ..models import is_builtin
+from ..models import BUILTIN_CONFIGS, is_builtin
 from .staged import StagedUNet
 
 #: SDXL base 1.0's scheduler (scheduler/scheduler_config.json).
@@ -25,6 +31,16 @@ SDXL_SCHEDULER = {
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
     "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
 }
+#: SD 2.1 (768 px) predicts velocity, not noise: its tiny pipeline does too, so the loop is the family's.
+V_PREDICTION_MODELS = ("tiny-sd21",)
+#: Pipelines a model folder may name, per family (the first is the family's default).
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "sd": ("StableDiffusionPipeline",),
+    "sdxl": ("StableDiffusionXLPipeline",),
+    "sdxl-refiner": ("StableDiffusionXLImg2ImgPipeline",),
+}
+#: Classifier-free guidance scale each family's pipeline defaults to.
+GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sdxl-refiner": 5.0}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -50,53 +66,174 @@ def tiny_tokenizer(folder: Path):  # noqa: ANN201 - CLIPTokenizer
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
-def tiny_components(unet_config: dict[str, Any], seed: int = 0) -> dict[str, Any]:
-    """Every SDXL pipeline component but the UNet, sized for ``unet_config`` (tiny-sdxl), seeded."""
+def _tiny_text_encoder(tokenizer: Any, width: int, projection: int | None = None, seed: int = 0) -> Any:
+    """A 2-layer CLIP text encoder ``width`` wide (with a ``projection``-wide pooled output for SDXL's second)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    text_width = int(unet_config["cross_attention_dim"])
-    pooled = int(unet_config["projection_class_embeddings_input_dim"]) - 6 * int(unet_config["addition_time_embed_dim"])
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = tiny_tokenizer(Path(tmp))
-    common = {
-        "vocab_size": len(tokenizer), "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **({"projection_dim": projection} if projection else {}),
+    )
     torch.manual_seed(seed)
-    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=text_width // 2, **common)).eval()
-    encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(hidden_size=text_width - text_width // 2, projection_dim=pooled, **common)
-    ).eval()
-    vae = AutoencoderKL(
+    return (CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)).eval()
+
+
+def _tiny_vae(unet_config: dict[str, Any], scaling: float) -> AutoencoderKL:
+    return AutoencoderKL(
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
         block_out_channels=[32] * 4, layers_per_block=1, latent_channels=4, norm_num_groups=32,
-        sample_size=int(unet_config.get("sample_size", 32)) * 8, scaling_factor=0.13025,
+        sample_size=int(unet_config.get("sample_size", 32)) * 8, scaling_factor=scaling,
     ).eval()
-    return {
-        "text_encoder": encoder, "text_encoder_2": encoder_2, "tokenizer": tokenizer, "tokenizer_2": tokenizer,
-        "vae": vae, "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULER),
-    }
 
 
-def load_pipeline(staged: StagedUNet) -> StableDiffusionXLPipeline:
-    """The SDXL pipeline of the build's model with ``staged`` as its UNet."""
+def tiny_components(family: Family, unet_config: dict[str, Any], model: str, seed: int = 0) -> dict[str, Any]:
+    """Every pipeline component but the UNet, for the tiny built-in ``model`` of ``family``, seeded."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = tiny_tokenizer(Path(tmp))
+    width = int(unet_config["cross_attention_dim"])
+    prediction = "v_prediction" if model in V_PREDICTION_MODELS else "epsilon"
+    scheduler = EulerDiscreteScheduler(**{**SDXL_SCHEDULER, "prediction_type": prediction})
+    if family is SD:
+        return {"text_encoder": _tiny_text_encoder(tokenizer, width, seed=seed), "tokenizer": tokenizer,
+                "vae": _tiny_vae(unet_config, 0.18215), "scheduler": scheduler, "safety_checker": None,
+                "feature_extractor": None, "requires_safety_checker": False}
+    pooled = int(unet_config["projection_class_embeddings_input_dim"]) - family.time_ids * int(
+        unet_config["addition_time_embed_dim"])
+    parts = {"tokenizer_2": tokenizer, "vae": _tiny_vae(unet_config, 0.13025), "scheduler": scheduler}
+    if family is SDXL_REFINER:  # one text encoder (OpenCLIP bigG's role), pooled as wide as its text
+        parts.update(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+                     text_encoder_2=_tiny_text_encoder(tokenizer, width, projection=pooled, seed=seed))
+        return parts
+    parts.update(tokenizer=tokenizer, text_encoder=_tiny_text_encoder(tokenizer, width // 2, seed=seed),
+                 text_encoder_2=_tiny_text_encoder(tokenizer, width - width // 2, projection=pooled, seed=seed + 1))
+    return parts
+
+
+def _pipeline_class(family: Family, folder: Path | None) -> Any:
+    """The family's pipeline, or the one the folder's ``model_index.json`` names where it is of the family."""
+    import diffusers
+
+    name = PIPELINES[family.name][0]
+    index = folder / "model_index.json" if folder else None
+    if index is not None and index.is_file():
+        named = json.loads(index.read_text()).get("_class_name")
+        if named in PIPELINES[family.name]:
+            name = named
+    return getattr(diffusers, name)
+
+
+def tiny_pipeline(model: str, unet: Any = None, seed: int = 0) -> Any:
+    """The complete offline pipeline of a tiny built-in ``model``; ``unet`` may be attached later."""
+    config = BUILTIN_CONFIGS[model]
+    family = family_of(config)
+    return _pipeline_class(family, None)(unet=unet, **tiny_components(family, config, model, seed=seed))
+
+
+def load_pipeline(staged: StagedUNet) -> Any:
+    """The stock pipeline of the build's model family with ``staged`` as its UNet."""
     spec = staged.manifest.graph_spec
-    if spec.model == "tiny-sdxl":
-        parts = tiny_components(staged.manifest.unet_config, seed=spec.seed)
-        pipe = StableDiffusionXLPipeline(unet=None, **parts)
+    family = staged.contract.family
+    source = Path(spec.model).expanduser()
+    if is_builtin(spec.model) and spec.model.startswith("tiny-"):
+        pipe = tiny_pipeline(spec.model, seed=spec.seed)
     elif is_builtin(spec.model):
         raise AtedmError(
             f"model '{spec.model}' is a bare UNet with random weights (no text encoders or VAE); "
-            "to generate images, build from a diffusers SDXL folder"
+            "to generate images, build from a diffusers pipeline folder"
         )
+    elif source.is_file():
+        raise AtedmError(f"model '{spec.model}' is a single UNet checkpoint (no text encoders or VAE); "
+                         "to generate images, build from a diffusers pipeline folder")
     else:
+        cls = _pipeline_class(family, source if source.is_dir() else None)
         try:
-            pipe = StableDiffusionXLPipeline.from_pretrained(spec.model, unet=None, torch_dtype=staged.dtype,
-                                                             use_safetensors=True, local_files_only=True)
+            pipe = cls.from_pretrained(spec.model, unet=None, torch_dtype=staged.dtype, use_safetensors=True,
+                                       local_files_only=True)
         except (OSError, ValueError) as exc:
             first = str(exc).splitlines()[0]
-            raise AtedmError(f"cannot load the SDXL pipeline around the UNet from '{spec.model}': {first}") from None
+            raise AtedmError(f"cannot load the {cls.__name__} around the UNet from '{spec.model}': {first}") from None
     pipe.set_progress_bar_config(disable=True)
     staged.attach(pipe)
     return pipe.to(staged.device)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one ``generate`` did: the steps it ran, the image size, whether the input image was resized."""
+
+    steps: int
+    width: int
+    height: int
+    seconds: float
+    resized_from: tuple[int, int] | None = None
+
+
+def _input_image(family: Family, image: Path | None, width: int, height: int) -> tuple[Any, tuple[int, int] | None]:
+    """The refiner's input image at the build's static size (resized where it differs), else None."""
+    if family is not SDXL_REFINER:
+        if image is not None:
+            raise AtedmError(f"--image is for SDXL refiner builds (img2img); this build is {family.description}")
+        return None, None
+    if image is None:
+        raise AtedmError("this build is the SDXL refiner, which refines an image: pass --image PNG_OR_JPEG")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        picture = Image.open(image).convert("RGB")
+    except (OSError, UnidentifiedImageError):
+        raise AtedmError(f"cannot read image {image}: not a file PIL can open (expected PNG or JPEG)") from None
+    if picture.size == (width, height):
+        return picture, None
+    return picture.resize((width, height), Image.LANCZOS), picture.size
+
+
+def generate(staged: StagedUNet, prompt: str, output: Path, *, negative_prompt: str | None = None,
+             steps: int | None = None, seed: int = 0, guidance: float | None = None, image: Path | None = None,
+             strength: float = 0.3, on_step: Callable[[int, int], None] | None = None) -> Generation:
+    """Run the family's pipeline with ``staged`` as its UNet and write the first image to ``output`` (PNG).
+
+    The build's static batch sets the images per prompt: with classifier-free guidance (scale > 1) each
+    image is a row pair, so batch 2 gives one image. The PNG appears whole or not at all.
+    """
+    import time
+
+    if output.suffix.lower() != ".png":
+        raise AtedmError(f"output {output} must be a .png file")
+    if not output.parent.resolve().is_dir():
+        raise AtedmError(f"cannot write {output}: folder {output.parent} does not exist")
+    spec = staged.manifest.graph_spec
+    family = staged.contract.family
+    steps = steps or spec.steps
+    guidance = GUIDANCE[family.name] if guidance is None else guidance
+    if spec.batch % 2 and guidance > 1.0:
+        raise AtedmError(f"the build has batch {spec.batch}: classifier-free guidance needs an even batch; pass --guidance 1")
+    if not 0.0 < strength <= 1.0:
+        raise AtedmError(f"--strength must be in (0, 1], got {strength}")
+    picture, resized = _input_image(family, image, spec.width, spec.height)
+    pipe = load_pipeline(staged)
+    start = time.perf_counter()
+
+    def callback(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+        if on_step:
+            on_step(step, steps)
+        return kwargs
+
+    size = {"image": picture, "strength": strength} if picture is not None else {"height": spec.height, "width": spec.width}
+    result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                  num_images_per_prompt=spec.batch // 2 if guidance > 1.0 else spec.batch,
+                  generator=torch.Generator().manual_seed(seed), callback_on_step_end=callback, **size)
+    _write_png(result.images[0], output)
+    return Generation(steps, spec.width, spec.height, time.perf_counter() - start, resized)
+
+
+def _write_png(image: Any, output: Path) -> None:
+    """Write beside the target and rename, so a failed or interrupted write leaves no partial file."""
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=output.parent.resolve())
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
