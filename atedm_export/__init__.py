@@ -1,4 +1,4 @@
-"""atedm-export: AT-EDM token pruning baked into static SDXL UNet graphs, ONNX and TensorRT engines.
+"""atedm-export: AT-EDM token pruning baked into static Stable Diffusion UNet graphs, ONNX and TensorRT engines.
 
 The method's API is imported on first use, not with the package: the engine builder runs in a process
 of its own (``isolated.py``) that needs neither torch nor diffusers, and would otherwise spend seconds

@@ -86,14 +86,19 @@ def flops(spec: str, schedule: str | None, prune_point: str | None, as_json: boo
 
 
 def _keep_table(tokens: dict[str, int], stages: dict[str, dict[str, int]]) -> Table:
-    """Blocks × stages: how many tokens each stage keeps in each attention block."""
-    table = Table(title="kept tokens per attention block")
+    """Blocks × stages: the tokens each stage keeps in each attention block ("all": not pruned), with roles."""
+    from .dsap import block_roles
+
+    table = Table(title="kept tokens per attention block (all = not pruned)")
     table.add_column("block")
+    table.add_column("roles")
     table.add_column("tokens", justify="right")
     for name in stages:
         table.add_column(name, justify="right")
+    roles = block_roles(tokens)
     for block, count in tokens.items():
-        table.add_row(block, str(count), *(str(keep[block]) for keep in stages.values()))
+        kept = ["all" if keep[block] >= count else str(keep[block]) for keep in stages.values()]
+        table.add_row(block, ", ".join(roles[block]), str(count), *kept)
     return table
 
 

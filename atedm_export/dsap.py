@@ -42,25 +42,28 @@ def _position(name: str) -> tuple[str, int, int]:
     return (part or mid, int(stage or 0), int(index))
 
 
-def _first_of_each_stage(blocks: list[AttentionBlock], part: str, last: bool) -> list[str]:
+Tokens = dict[str, int]  # attention block name → its token count at the spec's resolution
+
+
+def _first_of_each_stage(tokens: Tokens, part: str, last: bool) -> list[str]:
     chosen: dict[int, tuple[int, str]] = {}
-    for block in blocks:
-        where, stage, index = _position(block.name)
+    for name in tokens:
+        where, stage, index = _position(name)
         if where == part and (stage not in chosen or (index > chosen[stage][0]) == last):
-            chosen[stage] = (index, block.name)
+            chosen[stage] = (index, name)
     return [name for _, name in chosen.values()]
 
 
-def _by_part(part: str) -> Callable[[list[AttentionBlock]], list[str]]:
-    return lambda blocks: [b.name for b in blocks if _position(b.name)[0] == part]
+def _by_part(part: str) -> Callable[[Tokens], list[str]]:
+    return lambda tokens: [n for n in tokens if _position(n)[0] == part]
 
 
-def _token_level(pick: Callable[..., int]) -> Callable[[list[AttentionBlock]], list[str]]:
-    return lambda blocks: [b.name for b in blocks if b.tokens == pick(x.tokens for x in blocks)]
+def _token_level(pick: Callable[..., int]) -> Callable[[Tokens], list[str]]:
+    return lambda tokens: [n for n, count in tokens.items() if count == pick(tokens.values())]
 
 
 #: Roles a schedule names blocks by, so one preset fits every family: role → (what it means, resolver).
-ROLES: dict[str, tuple[str, Callable[[list[AttentionBlock]], list[str]]]] = {
+ROLES: dict[str, tuple[str, Callable[[Tokens], list[str]]]] = {
     "down-first": ("the first attention block of each down stage",
                    lambda blocks: _first_of_each_stage(blocks, "down", last=False)),
     "up-last": ("the last attention block of each up stage", lambda blocks: _first_of_each_stage(blocks, "up", last=True)),
@@ -72,19 +75,20 @@ ROLES: dict[str, tuple[str, Callable[[list[AttentionBlock]], list[str]]]] = {
 }
 
 
-def resolve(key: str, blocks: list[AttentionBlock]) -> list[str]:
+def resolve(key: str, tokens: Tokens) -> list[str]:
     """The blocks a schedule key names: ``@role`` or an ``fnmatch`` pattern over module names."""
     if key.startswith("@"):
         role = ROLES.get(key[1:])
         if role is None:
             raise PlanError(f"unknown block role '{key}'; expected one of: {', '.join('@' + r for r in ROLES)}")
-        return role[1](blocks)
-    return fnmatch.filter([b.name for b in blocks], key)
+        return role[1](tokens)
+    return fnmatch.filter(list(tokens), key)
 
 
-def roles_of(name: str, blocks: list[AttentionBlock]) -> list[str]:
-    """The roles block ``name`` plays in this model (what ``flops`` and ``inspect`` show beside it)."""
-    return [role for role, (_, members) in ROLES.items() if role not in ("down", "mid", "up") and name in members(blocks)]
+def block_roles(tokens: Tokens) -> dict[str, list[str]]:
+    """The roles each block plays in this model (what ``flops`` and ``inspect`` show beside it)."""
+    members = {role: set(resolver(tokens)) for role, (_, resolver) in ROLES.items() if role not in ("down", "mid", "up")}
+    return {name: [role for role, names in members.items() if name in names] for name in tokens}
 
 
 class Stage(BaseModel):
@@ -100,8 +104,9 @@ class Stage(BaseModel):
     def ratios(self, blocks: list[AttentionBlock]) -> dict[str, float]:
         """Keep ratio of every attention block of the model in this stage."""
         ratios = {b.name: self.keep for b in blocks}
+        tokens = {b.name: b.tokens for b in blocks}
         for key, ratio in self.blocks.items():
-            matched = resolve(key, blocks)
+            matched = resolve(key, tokens)
             if not matched:
                 raise PlanError(
                     f"stage '{self.name}': block '{key}' matches no attention block; "

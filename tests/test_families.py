@@ -1,8 +1,9 @@
 """Every model family end to end on its tiny architecture: contract, method, build, runtime, pipeline, files.
 
 The tiny models are saved with ``save_pretrained`` (or as original-layout single files) and loaded through
-the code a user's checkpoint goes through. SD 1.5 and the SDXL refiner run end to end in the default
-suite; SD 2.1 and SSD-1B, whose code paths those two and tiny-sdxl already cover, in the slow one.
+the code a user's checkpoint goes through. SD 1.5 runs end to end in the default suite (ONNX graphs); the
+refiner, SD 2.1 and SSD-1B end to end, every family's TensorRT-RTX engines and the served requests run in
+the slow suite, which keeps the default one within its time.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from safetensors.torch import save_file
 from atedm_export.cli import main
 from atedm_export.contract import GraphContract, family_of
 from atedm_export.dsap import ROLES, load_preset, resolve, stage_plan
-from atedm_export.errors import ModelError
+from atedm_export.errors import AtedmError, ModelError
 from atedm_export.flops import count_flops, graph_flops
 from atedm_export.models import BUILTIN_CONFIGS, attention_blocks, build_unet, load_unet
 from atedm_export.pruning import PruneOptions, StagePlan, planned
 from atedm_export.runtime import StagedUNet
 
 from .conftest import HAS_RTX
+from .test_triton_server import install  # noqa: F401 - the server install fixture
 from .ldm_layout import to_original
 
 TINY = ["tiny-sdxl", "tiny-sd15", "tiny-sd21", "tiny-sdxl-refiner", "tiny-ssd1b"]
@@ -33,8 +35,8 @@ FAMILY = {"tiny-sdxl": "sdxl", "tiny-sd15": "sd", "tiny-sd21": "sd", "tiny-sdxl-
           "tiny-ssd1b": "sdxl", "sdxl-base": "sdxl", "sdxl-refiner": "sdxl-refiner", "sd15": "sd", "sd21": "sd",
           "ssd-1b": "sdxl", "segmind-vega": "sdxl"}
 HW = 256
-DEFAULT_E2E = ["tiny-sd15", "tiny-sdxl-refiner"]
-SLOW_E2E = [pytest.param(m, marks=pytest.mark.slow) for m in ("tiny-sd21", "tiny-ssd1b")]
+SERVED = ["tiny-sd15", "tiny-sdxl-refiner"]
+SLOW_E2E = [pytest.param(m, marks=pytest.mark.slow) for m in ("tiny-sdxl-refiner", "tiny-sd21", "tiny-ssd1b")]
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +128,13 @@ def test_presets_name_blocks_by_role_in_every_family():
         blocks = attention_blocks(build_unet(config, device="meta"), config["sample_size"] * 8, config["sample_size"] * 8)
         early, main_stage = (stage_plan(s, blocks) for s in load_preset("paper").stages)
         assert len(main_stage.keep) == len(blocks)
-        spared = set(resolve("@down-first", blocks)) | set(resolve("@up-last", blocks))
+        tokens = {b.name: b.tokens for b in blocks}
+        spared = set(resolve("@down-first", tokens)) | set(resolve("@up-last", tokens))
         assert set(early.keep) == {b.name for b in blocks} - spared and spared
         finest = max(b.tokens for b in blocks)
         dagger_main = stage_plan(load_preset("dagger").stages[1], blocks)
         assert {b.name for b in blocks if b.name not in dagger_main.keep} == {b.name for b in blocks if b.tokens == finest}
-    sdxl = attention_blocks(build_unet(BUILTIN_CONFIGS["sdxl-base"], device="meta"), 1024, 1024)
+    sdxl = {b.name: b.tokens for b in attention_blocks(build_unet(BUILTIN_CONFIGS["sdxl-base"], device="meta"), 1024, 1024)}
     assert resolve("@down-first", sdxl) == ["down_blocks.1.attentions.0", "down_blocks.2.attentions.0"]
     assert resolve("@up-last", sdxl) == ["up_blocks.0.attentions.2", "up_blocks.1.attentions.2"]
     assert set(ROLES) >= {"down-first", "up-last", "finest"}
@@ -189,20 +192,21 @@ def test_flops_prints_per_stage_savings_of_full_size_families(name):
 
 @pytest.fixture(scope="module")
 def family_build(saved, tmp_path_factory):
-    """Each family's tiny model built from its saved folder (TensorRT-RTX sm89 engines where installed)."""
+    """Each family's tiny model built from its saved folder: ONNX graphs, or also sm89 TensorRT-RTX engines."""
     from atedm_export.build import BuildRequest, build
     from atedm_export.spec import load_spec
 
     builds = {}
 
-    def make(model: str):
-        if model not in builds:
+    def make(model: str, engines: bool = False):
+        key = (model, engines)
+        if key not in builds:
             spec = load_spec(model).model_copy(update={"model": str(saved(model))})
             out = tmp_path_factory.mktemp("family-builds") / model
-            backend = "tensorrt-rtx" if HAS_RTX else "onnx"
-            build(BuildRequest(spec, out, backend=backend, targets=("sm89",) if HAS_RTX else ()))
-            builds[model] = out
-        return builds[model]
+            backend, targets = ("tensorrt-rtx", ("sm89",)) if engines else ("onnx", ())
+            build(BuildRequest(spec, out, backend=backend, targets=targets))
+            builds[key] = out
+        return builds[key]
 
     return make
 
@@ -233,13 +237,11 @@ def _pipeline_calls_on_both_backends(build, image=None) -> list[tuple[str, float
     return calls
 
 
-@pytest.mark.parametrize("model", [*DEFAULT_E2E, *SLOW_E2E])
+@pytest.mark.parametrize("model", ["tiny-sd15", *SLOW_E2E])
 def test_family_builds_verifies_and_runs_its_pipeline(family_build, model, tmp_path):
     build = family_build(model)
     manifest = json.loads((build / "manifest.json").read_text())
     assert manifest["spec"]["pruning"]["prune_point"] == "attn1"
-    if HAS_RTX:
-        assert all(g["engine"] for g in [manifest["baseline"], *manifest["stages"]])
     verified = CliRunner().invoke(main, ["verify", str(build)])
     assert verified.exit_code == 0, verified.output
 
@@ -259,11 +261,46 @@ def test_family_builds_verifies_and_runs_its_pipeline(family_build, model, tmp_p
 
 
 def test_refiner_builds_refine_an_image_and_say_so(family_build, tmp_path):
-    build = family_build("tiny-sdxl-refiner")
-    result = CliRunner().invoke(main, ["generate", str(build), "-p", "x", "-o", str(tmp_path / "a.png")])
-    assert result.exit_code == 2 and "refines an image: pass --image" in result.output
-    sd = family_build("tiny-sd15")
+    from atedm_export.contract import SDXL_REFINER
+    from atedm_export.runtime.pipeline import _input_image
+
+    with pytest.raises(AtedmError, match="refines an image: pass --image"):
+        _input_image(SDXL_REFINER, None, HW, HW)
     (tmp_path / "in.png").write_bytes(b"not an image")
+    with pytest.raises(AtedmError, match="cannot read image .*in.png: not a file PIL can open"):
+        _input_image(SDXL_REFINER, tmp_path / "in.png", HW, HW)
+    sd = family_build("tiny-sd15")
     result = CliRunner().invoke(main, ["generate", str(sd), "-p", "x", "--image", str(tmp_path / "in.png"),
                                        "-o", str(tmp_path / "b.png")])
     assert result.exit_code == 2 and "--image is for SDXL refiner builds" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_RTX, reason="TensorRT-RTX (tensorrt-rtx-cu13-bindings) not installed")
+@pytest.mark.parametrize("model", TINY[1:])
+def test_every_family_builds_tensorrt_rtx_engines(family_build, model):
+    manifest = json.loads((family_build(model, engines=True) / "manifest.json").read_text())
+    assert manifest["engine"]["backend"] == "tensorrt-rtx" and manifest["engine"]["targets"] == ["sm89"]
+    assert all(g["engine"]["bytes"] > 0 for g in [manifest["baseline"], *manifest["stages"]] if not g["same_as"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", SERVED)
+def test_family_deploys_and_a_served_loop_equals_the_local_one(family_build, install, model, tmp_path):
+    from atedm_export.deploy.client import connect
+    from atedm_export.deploy.repository import DeployRequest, deploy
+    from atedm_export.deploy.server import TritonServer
+
+    from .test_runtime import _denoise
+
+    build = family_build(model)
+    repo = tmp_path / "repo"
+    deploy(DeployRequest(build, repo, backend="onnxruntime"))
+    with TritonServer(repo, install=install) as server:
+        served = connect(server.grpc_url)
+        local = StagedUNet.load(build, backend="onnxruntime")
+        assert served.manifest == local.manifest
+        assert served.manifest.input_names == [t.name for t in local.contract.inputs]
+        got, want = _denoise(served, 10), _denoise(local, 10)
+    assert torch.equal(got, want)
+    assert [s.calls for s in served.stats.values()] == [1, 9]

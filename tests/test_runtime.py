@@ -34,7 +34,7 @@ def _denoise(staged: StagedUNet, num_steps: int, seed: int = 0) -> torch.Tensor:
     latents = cond["sample"] * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         eps = staged(scheduler.scale_model_input(latents, t), t, cond["encoder_hidden_states"],
-                     added_cond_kwargs=cond["added_cond_kwargs"]).sample
+                     added_cond_kwargs=cond.get("added_cond_kwargs")).sample
         latents = scheduler.step(eps, t, latents).prev_sample
     return latents
 
@@ -159,7 +159,7 @@ def test_engines_need_a_gpu(tiny_build):
 
 def test_steps_outside_the_build(tmp_path_factory, tiny_build, feed):
     out = tmp_path_factory.mktemp("partial") / "main-only"
-    build(BuildRequest(load_spec("tiny-sdxl"), out, backend="onnx", stages=("main",)))
+    build(BuildRequest(load_spec("tiny-sd15"), out, backend="onnx", stages=("main",)))
     staged = StagedUNet.load(out, backend="onnxruntime")
     with pytest.raises(ScheduleError, match="needs stage 'early' \\(steps 0-1\\), which this build does not have"):
         staged.set_timesteps(range(950, 0, -50))

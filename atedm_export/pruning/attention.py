@@ -42,7 +42,7 @@ def attention_with_map(
 def check_supported(name: str, block: Transformer2DModel) -> None:
     """Refuse, with the reason, a block whose first layer ``attention_with_map`` would not reproduce."""
     if not block.is_input_continuous:
-        raise ModelError(f"attention block {name} does not take continuous (image) input; AT-EDM needs SDXL-style blocks")
+        raise ModelError(f"attention block {name} does not take continuous (image) input; AT-EDM needs the continuous-input blocks of SD 1.x/2.x and SDXL")
     first = block.transformer_blocks[0]
     if not isinstance(first, BasicTransformerBlock) or first.norm_type != "layer_norm":
         raise ModelError(f"attention block {name}: first layer is not a layer-norm BasicTransformerBlock")

@@ -169,7 +169,7 @@ def _atedm_forward(
     state: _BlockState = getattr(self, _ATTR)
     opts = state.options
     if attention_mask is not None or encoder_attention_mask is not None:
-        raise PlanError("AT-EDM blocks do not take attention masks (SDXL pipelines pass none)")
+        raise PlanError("AT-EDM blocks do not take attention masks (the stock SD and SDXL pipelines pass none)")
     batch, _, height, width = hidden_states.shape
     if state.keep > height * width:
         raise PlanError(f"keep count {state.keep} exceeds the block's {height * width} tokens")
