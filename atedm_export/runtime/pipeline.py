@@ -79,7 +79,9 @@ def _tiny_text_encoder(tokenizer: Any, width: int, projection: int | None = None
     return (CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)).eval()
 
 
-def _tiny_vae(unet_config: dict[str, Any], scaling: float) -> AutoencoderKL:
+def _tiny_vae(unet_config: dict[str, Any], scaling: float, seed: int = 0) -> AutoencoderKL:
+    """A 4-level VAE (8x downsampling), seeded here: every component's weights depend on the seed alone."""
+    torch.manual_seed(seed)
     return AutoencoderKL(
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
         block_out_channels=[32] * 4, layers_per_block=1, latent_channels=4, norm_num_groups=32,
@@ -96,11 +98,11 @@ def tiny_components(family: Family, unet_config: dict[str, Any], model: str, see
     scheduler = EulerDiscreteScheduler(**{**SDXL_SCHEDULER, "prediction_type": prediction})
     if family is SD:
         return {"text_encoder": _tiny_text_encoder(tokenizer, width, seed=seed), "tokenizer": tokenizer,
-                "vae": _tiny_vae(unet_config, 0.18215), "scheduler": scheduler, "safety_checker": None,
+                "vae": _tiny_vae(unet_config, 0.18215, seed), "scheduler": scheduler, "safety_checker": None,
                 "feature_extractor": None, "requires_safety_checker": False}
     pooled = int(unet_config["projection_class_embeddings_input_dim"]) - family.time_ids * int(
         unet_config["addition_time_embed_dim"])
-    parts = {"tokenizer_2": tokenizer, "vae": _tiny_vae(unet_config, 0.13025), "scheduler": scheduler}
+    parts = {"tokenizer_2": tokenizer, "vae": _tiny_vae(unet_config, 0.13025, seed), "scheduler": scheduler}
     if family is SDXL_REFINER:  # one text encoder (OpenCLIP bigG's role), pooled as wide as its text
         parts.update(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
                      text_encoder_2=_tiny_text_encoder(tokenizer, width, projection=pooled, seed=seed))
