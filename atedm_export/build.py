@@ -77,7 +77,11 @@ def export_stage(spec: GraphSpec, plan: StagePlan | None, contract: GraphContrac
 
 
 def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineInfo]:
-    """The engine library to build with, or None and the reason engines are skipped."""
+    """The engine library to build with, or None and the reason engines are skipped.
+
+    Only ``auto`` falls back to graphs only; a library named explicitly that cannot build here is an
+    error before anything is exported, not minutes of export ending in "engines skipped".
+    """
     backend = request.backend
     if backend not in BUILD_BACKENDS:
         raise AtedmError(f"unknown backend '{backend}'; expected one of: {', '.join(BUILD_BACKENDS)}")
@@ -90,6 +94,8 @@ def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineI
             library = load_library(name)
             library.check_targets(request.targets)
         except EngineUnavailable as exc:
+            if backend != "auto":
+                raise
             reasons.append(str(exc))
             continue
         info = EngineInfo(backend=name, library=library.trt.__name__, version=library.version,

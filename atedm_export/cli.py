@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # torchvision-missing 
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .errors import AtedmError
@@ -27,6 +28,19 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 out = Console(width=None if sys.stdout.isatty() else 140)
 
 
+def _say(label: str, style: str, text: str, where: Console | None = None) -> None:
+    """``label`` in ``style``, then ``text`` exactly as given: user text (paths, errors naming extras like
+    ``atedm-export[triton]``) is never read as console markup."""
+    (where or console).print(Text.assemble((label, style), " ", text), highlight=False, soft_wrap=True)
+
+
+def _progress_line(start: float, name: str, width: int, event: str, seconds: float | None = None) -> None:
+    """One line of a long job's progress: elapsed time, what it is working on, what happened."""
+    took = "" if seconds is None else f" ({seconds:.1f}s)"
+    console.print(Text.assemble((f"{time.perf_counter() - start:7.1f}s", "dim"), "  ", (f"{name:<{width}}", "bold"),
+                                " ", event, (took, "dim")), highlight=False)
+
+
 class _Group(click.Group):
     """Turns user errors into ``error: <one line>`` and exit status 2, with no traceback."""
 
@@ -34,10 +48,10 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except AtedmError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _say("error:", "bold red", str(exc))
             sys.exit(2)
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]: nothing was left behind", highlight=False)
+            _say("interrupted:", "bold red", "nothing was left behind")
             sys.exit(130)
 
 
@@ -68,8 +82,8 @@ def flops(spec: str, schedule: str | None, prune_point: str | None, as_json: boo
         click.echo(json.dumps(report.to_json(), indent=2))
         return
     scale, unit = (1.0, "TFLOPs") if report.baseline_tflops >= 0.1 else (1e3, "GFLOPs")
-    table = Table(title=f"{report.spec}: {report.model} at {report.width}x{report.height}, "
-                        f"{report.steps} steps, schedule '{report.schedule}'")
+    table = Table(title=Text(f"{report.spec}: {report.model} at {report.width}x{report.height}, "
+                             f"{report.steps} steps, schedule '{report.schedule}'"))
     for column in ("stage", "steps", f"{unit} / image-step", "saving", "pruned blocks"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     blocks = len(report.tokens)
@@ -110,7 +124,7 @@ def _secs(s: float | None) -> str:
     return "-" if s is None else f"{s:.1f}"
 
 
-def _graphs_table(manifest, title: str) -> Table:  # noqa: ANN001
+def _graphs_table(manifest, title: str | Text) -> Table:  # noqa: ANN001
     from .report import graph_summary, schedule_totals
 
     base = manifest.baseline.graph_tflops
@@ -135,6 +149,15 @@ def _graphs_table(manifest, title: str) -> Table:  # noqa: ANN001
         table.add_row("schedule", str(totals["steps"]), "", "", f"{totals['graph_tflops'] * scale:.3f}",
                       f"{totals['saving']:.1%}", "", "", "", "")
     return table
+
+
+def _check_outputs(*paths: Path | None) -> None:
+    """Refuse report files that could not be written before minutes of work, not after."""
+    for path in paths:
+        if path is not None and not path.parent.resolve().is_dir():
+            raise AtedmError(f"cannot write {path}: folder {path.parent} does not exist")
+        if path is not None and path.is_dir():
+            raise AtedmError(f"cannot write {path}: it is a folder; expected a file name")
 
 
 def _ratio(value: float | None) -> str:
@@ -188,16 +211,15 @@ def build(spec: str, out: Path | None, backend: str, target: str | None, precisi
     start = time.perf_counter()
     with console.status("building…") as status:
         def progress(graph: str, event: str, seconds: float | None) -> None:
-            took = "" if seconds is None else f" [dim]({seconds:.1f}s)[/]"
-            console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/]  [bold]{graph:<10}[/] {event}{took}", highlight=False)
-            status.update(f"{graph}: {event}…")
+            _progress_line(start, graph, 10, event, seconds)
+            status.update(Text(f"{graph}: {event}…"))
 
         manifest = run_build(request, progress)
     out_console = out.resolve()
-    console.print(_graphs_table(manifest, f"{graph_spec.name} → {out_console}"))
+    console.print(_graphs_table(manifest, Text(f"{graph_spec.name} → {out_console}")))
     if manifest.engine.skipped:
-        console.print(f"[yellow]engines skipped:[/] {manifest.engine.skipped}", highlight=False)
-    console.print(f"[green]built[/] {out_console} in {time.perf_counter() - start:.1f}s", highlight=False)
+        _say("engines skipped:", "yellow", manifest.engine.skipped)
+    _say("built", "green", f"{out_console} in {time.perf_counter() - start:.1f}s")
 
 
 @main.command()
@@ -217,8 +239,8 @@ def inspect(build_dir: Path, as_json: bool) -> None:
     engine = manifest.engine
     engines = (f"{engine.backend} {engine.version} for {','.join(engine.targets) or 'the local GPU'}"
                if not engine.skipped else f"none ({engine.skipped})")
-    out.print(f"[bold]{spec.name}[/]: {spec.model} {spec.width}x{spec.height}, batch {spec.batch}, {spec.precision}, "
-              f"{spec.steps} steps, schedule '{spec.dsap.name}'; engines: {engines}", highlight=False)
+    out.print(Text.assemble((spec.name, "bold"), f": {spec.model} {spec.width}x{spec.height}, batch {spec.batch}, "
+              f"{spec.precision}, {spec.steps} steps, schedule '{spec.dsap.name}'; engines: {engines}"), highlight=False)
     out.print(_graphs_table(manifest, "graphs"))
     out.print(_keep_table(manifest.tokens, {e.name: e.keep for e in manifest.stages}))
     ops = Table(title="op histogram (top 12)")
@@ -254,12 +276,12 @@ def verify(build_dir: Path, as_json: bool, seed: int) -> None:
     if as_json:
         click.echo(json.dumps({"passed": passed, "checks": [c.to_json() for c in checks]}, indent=2))
     else:
-        table = Table(title=f"{build_dir}: graphs vs eager AT-EDM")
+        table = Table(title=Text(f"{build_dir}: graphs vs eager AT-EDM"))
         for column in ("graph", "backend", "max abs", "max rel", "mean abs", "cosine", "atol / rtol", "result"):
             table.add_column(column, justify="left" if column in ("graph", "backend") else "right")
         for c in checks:
             table.add_row(c.graph, c.backend, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", f"{c.mean_abs:.2e}",
-                          f"{c.cosine:.8f}", f"{c.atol:g} / {c.rtol:g}", "[green]pass[/]" if c.passed else "[red]FAIL[/]")
+                          f"{c.cosine:.8f}", f"{c.atol:g} / {c.rtol:g}", Text("pass", "green") if c.passed else Text("FAIL", "red"))
         out.print(table)
     if not passed:
         sys.exit(1)
@@ -311,16 +333,16 @@ def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, 
 
         done = run_generate(staged, prompt, output, negative_prompt=negative_prompt, steps=steps, seed=seed,
                             guidance=guidance, image=image, strength=strength, on_step=on_step)
-    table = Table(title=f"{done.steps} steps on {backend} in {done.seconds:.1f}s")
+    table = Table(title=Text(f"{done.steps} steps on {backend} in {done.seconds:.1f}s"))
     for column in ("stage", "steps", "UNet calls", "UNet seconds"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for row in staged.stage_report():
         table.add_row(row["stage"], row["steps"], str(row["calls"]), f"{row['seconds']:.2f}")
     console.print(table)
     if done.resized_from:
-        console.print(f"[yellow]note:[/] the input image was {done.resized_from[0]}x{done.resized_from[1]}; "
-                      f"resized to the build's {done.width}x{done.height}", highlight=False)
-    console.print(f"[green]wrote[/] {output} ({done.width}x{done.height})", highlight=False)
+        _say("note:", "yellow", f"the input image was {done.resized_from[0]}x{done.resized_from[1]}; "
+                                f"resized to the build's {done.width}x{done.height}")
+    _say("wrote", "green", f"{output} ({done.width}x{done.height})")
 
 
 @main.command()
@@ -338,6 +360,7 @@ def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str
     """Latency of every graph in every backend, side by side in one run, with speedup ratios."""
     from .bench import run_bench, write_csv, write_plot
 
+    _check_outputs(json_path, csv_path, plot_path)
     names = list(_split(backends))
     unknown = [n for n in names if n not in RUNTIME_BACKENDS]
     if unknown or not names:
@@ -398,19 +421,18 @@ def deploy(build_dir: Path, repository: Path, name: str, backend: str, instances
     start = time.perf_counter()
 
     def progress(model: str, event: str) -> None:
-        console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/]  [bold]{model:<24}[/] {event}", highlight=False)
+        _progress_line(start, model, 24, event)
 
     record = run_deploy(DeployRequest(build_dir, repository, name, backend, instances, max_batch, queue_delay_us, link,
                                       force), progress)
-    table = Table(title=f"{repository.resolve()}: {record['backend']} variant")
+    table = Table(title=Text(f"{repository.resolve()}: {record['backend']} variant"))
     for column in ("model", "serves", "files", "MiB"):
         table.add_column(column, justify="left" if column in ("model", "serves") else "right")
     for model, info in record["models"].items():
         serves = info["graph"] or "router: " + ", ".join(f"{g}→{m}" for g, m in info["routes"].items())
         table.add_row(model, serves, str(len(info["files"])), _mib(sum(f["bytes"] for f in info["files"])))
     console.print(table)
-    console.print(f"[green]wrote[/] {repository} in {time.perf_counter() - start:.1f}s; start it as its README.md says",
-                  highlight=False)
+    _say("wrote", "green", f"{repository} in {time.perf_counter() - start:.1f}s; start it as its README.md says")
 
 
 @main.command()
@@ -440,8 +462,8 @@ def serve(repository: Path, http_port: int, grpc_port: int, timeout: float) -> N
     try:
         with console.status(f"starting tritonserver on {server.http_url}…"):
             server.start(timeout)
-        console.print(f"[green]ready[/] in {time.perf_counter() - start:.1f}s: HTTP {server.http_url}, "
-                      f"gRPC {server.grpc_url}; Ctrl-C stops it", highlight=False)
+        _say("ready", "green", f"in {time.perf_counter() - start:.1f}s: HTTP {server.http_url}, gRPC {server.grpc_url}; "
+                               "Ctrl-C stops it")
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)
         raise TritonServerError(f"tritonserver stopped: {server.first_error()}")
@@ -469,6 +491,7 @@ def load_test(url: str, model: str, count: int, concurrency: int, seed: int, bui
     from .deploy.client import compare_local
     from .deploy.client import load_test as run_load_test
 
+    _check_outputs(json_path)
     comparison = None
     if build_dir:
         with console.status("served vs in-process, alternating…"):
@@ -477,13 +500,13 @@ def load_test(url: str, model: str, count: int, concurrency: int, seed: int, bui
         for column in ("in-process (onnxruntime)", "served (Triton)", "server adds", "ratio", "outputs"):
             table.add_column(column, justify="right")
         table.add_row(f"{comparison['local_ms']:.1f}", f"{comparison['triton_ms']:.1f}", f"{comparison['overhead_ms']:+.1f}",
-                      f"{comparison['ratio']:.2f}×", "identical" if comparison["identical"] else "[red]DIFFER[/]")
+                      f"{comparison['ratio']:.2f}×", "identical" if comparison["identical"] else Text("DIFFER", "red"))
         out.print(table)
     with console.status("load test…") as status:
         report = run_load_test(url, model, count, concurrency, seed,
                                progress=lambda i: status.update(f"load test: {i + 1}/{count} requests"))
-    table = Table(title=f"{report['spec']} on {url} ({model}): {count} requests of batch {report['batch']}, "
-                        f"{concurrency} concurrent clients")
+    table = Table(title=Text(f"{report['spec']} on {url} ({model}): {count} requests of batch {report['batch']}, "
+                             f"{concurrency} concurrent clients"))
     for column in ("errors", "mismatches", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests/s", "wall s"):
         table.add_column(column, justify="right")
     table.add_row(str(report["errors"]), str(report["mismatches"]), f"{report['p50_ms']:.1f}", f"{report['p90_ms']:.1f}",
@@ -491,7 +514,7 @@ def load_test(url: str, model: str, count: int, concurrency: int, seed: int, bui
                   f"{report['wall_seconds']:.1f}")
     out.print(table)
     if report["first_error"]:
-        console.print(f"[red]first error:[/] {report['first_error']}", highlight=False)
+        _say("first error:", "red", report["first_error"])
     if json_path:
         json_path.write_text(json.dumps({**report, "compare": comparison}, indent=2) + "\n")
     if report["errors"] or report["mismatches"] or (comparison and not comparison["identical"]):

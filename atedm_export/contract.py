@@ -101,6 +101,9 @@ def family_of(config: dict[str, Any]) -> Family:
     pooled text width equals its cross-attention width (one text encoder), SDXL base's does not (two
     encoders, 768 + 1280 wide, pooled 1280), so ``n = 5`` is recognized when it makes the two equal.
     """
+    missing = [k for k in ("in_channels", "cross_attention_dim", "block_out_channels") if k not in config]
+    if missing:
+        raise ModelError(f"the UNet config has no '{missing[0]}'; expected a diffusers UNet2DConditionModel config")
     unsupported = {
         key: config.get(key)
         for key in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
@@ -116,8 +119,12 @@ def family_of(config: dict[str, Any]) -> Family:
     if kind != "text_time":
         raise ModelError(f"the UNet config sets addition_embed_type={kind!r}; supported: none (SD 1.x/2.x) "
                          "or 'text_time' (SDXL base, refiner, SSD-1B, Vega)")
-    projection = int(config["projection_class_embeddings_input_dim"])
-    per_id = int(config["addition_time_embed_dim"])
+    try:
+        projection = int(config["projection_class_embeddings_input_dim"])
+        per_id = int(config["addition_time_embed_dim"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelError("the UNet config has text_time conditioning without integer projection_class_embeddings_input_dim "
+                         "and addition_time_embed_dim; expected an SDXL UNet config") from None
     return SDXL_REFINER if projection - 5 * per_id == int(config["cross_attention_dim"]) else SDXL
 
 

@@ -165,7 +165,8 @@ def stage_plan(stage: Stage, blocks: list[AttentionBlock], options: PruneOptions
     """The static plan of one stage: blocks whose keep count is below their token count are pruned."""
     ratios = stage.ratios(blocks)
     keep = {b.name: keep_count(ratios[b.name], b.tokens) for b in blocks}
-    return StagePlan({b.name: keep[b.name] for b in blocks if keep[b.name] < b.tokens}, options)
+    pruned = {b.name: keep[b.name] for b in blocks if keep[b.name] < b.tokens}
+    return StagePlan(pruned, options, {b.name: b.tokens for b in blocks})
 
 
 def presets_dir() -> Path:

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from safetensors import SafetensorError
 
-from .contract import GraphContract
+from .contract import GraphContract, family_of
 from .errors import ModelError
 
 #: The UNet of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json), 2.57 B parameters.
@@ -207,9 +208,14 @@ def build_unet(
     config: dict[str, Any], *, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
 ) -> UNet2DConditionModel:
     """A UNet with seeded random weights; on ``device="meta"`` no memory is allocated (FLOPs, shapes)."""
+    family_of(config)  # a config the graph contract cannot serve is refused by name, before diffusers trips on it
     torch.manual_seed(seed)
-    with _default_dtype(dtype), torch.device(device):
-        unet = UNet2DConditionModel.from_config(config)
+    try:
+        with _default_dtype(dtype), torch.device(device):
+            unet = UNet2DConditionModel.from_config(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"the UNet config does not build a UNet2DConditionModel: {first}") from None
     return unet.eval().requires_grad_(False)
 
 
@@ -226,6 +232,25 @@ def _local_unet_folder(path: Path) -> tuple[Path, str | None] | None:
     return None
 
 
+def _is_path(source: str) -> bool:
+    """A source written as a path (or a checkpoint file name) is never looked up on the hub."""
+    return source.endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth")) or source.startswith((".", "/", "~"))
+
+
+def _missing(source: str) -> ModelError:
+    return ModelError(f"model path {source} does not exist; expected a diffusers folder or a .safetensors file")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc}); expected a diffusers UNet config") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} holds a {type(config).__name__}; expected a diffusers UNet config (a JSON object)")
+    return config
+
+
 def unet_config(source: str) -> dict[str, Any]:
     """The UNet config of a source without loading its weights (enough for shapes and FLOPs)."""
     if is_builtin(source):
@@ -236,9 +261,13 @@ def unet_config(source: str) -> dict[str, Any]:
         if found is None:
             raise ModelError(f"model folder {path} has no config.json or unet/config.json; expected a diffusers folder")
         folder, sub = found
-        return json.loads((folder / (sub or "") / "config.json").read_text())
-    if path.suffix == ".safetensors" and path.is_file():
+        return _read_config(folder / (sub or "") / "config.json")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelError(f"model file {path} is not a .safetensors file (pickle checkpoints are never loaded)")
         return dict(BUILTIN_CONFIGS[single_file_architecture(path)[0]])
+    if _is_path(source):
+        raise _missing(source)
     return dict(_load_from_hub(source, torch.float32, config_only=True))
 
 
@@ -251,8 +280,8 @@ def load_unet(
     path = Path(source).expanduser()
     if path.exists():
         unet = _load_local(path, dtype)
-    elif source.endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth")) or source.startswith((".", "/", "~")):
-        raise ModelError(f"model path {source} does not exist; expected a diffusers folder or a .safetensors file")
+    elif _is_path(source):
+        raise _missing(source)
     else:
         unet = _load_from_hub(source, dtype)
     return unet.to(device).eval().requires_grad_(False)
@@ -267,7 +296,12 @@ def _load_local(path: Path, dtype: torch.dtype) -> UNet2DConditionModel:
         weights = folder / (sub or "")
         if not any(weights.glob("*.safetensors")):
             raise ModelError(f"model folder {weights} has no .safetensors weights (pickle files are never loaded)")
-        return UNet2DConditionModel.from_pretrained(folder, subfolder=sub, torch_dtype=dtype, use_safetensors=True)
+        try:
+            return UNet2DConditionModel.from_pretrained(folder, subfolder=sub, torch_dtype=dtype, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"cannot load the UNet in {weights}: {first} (expected diffusers' save_pretrained "
+                             "output: config.json and .safetensors weights)") from None
     if path.suffix != ".safetensors":
         raise ModelError(f"model file {path} is not a .safetensors file (pickle checkpoints are never loaded)")
     return _load_single_file(path, dtype)
@@ -280,8 +314,11 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape from a safetensors header (no weights read)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{path} is not a readable safetensors file ({exc}); expected a UNet checkpoint") from None
 
 
 @functools.cache

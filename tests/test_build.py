@@ -261,6 +261,51 @@ def test_failing_export_leaves_nothing(tmp_path, monkeypatch, failure):
     assert _leftovers(tmp_path) == ["small.yaml"]
 
 
+def test_a_second_build_into_the_same_folder_is_refused_while_the_first_runs(tmp_path, monkeypatch):
+    """The first build is held inside its export; a second one into the same --out fails with a clear error."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    real = build_module.export_stage
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "export_stage", held)
+    out = tmp_path / "o"
+    first: dict = {}
+    request = build_module.BuildRequest(load_spec(small_spec(tmp_path)), out, backend="onnx")
+    thread = threading.Thread(target=lambda: first.setdefault("manifest", build_module.build(request)))
+    thread.start()
+    assert entered.wait(60)
+    try:
+        second = _cli("build", small_spec(tmp_path), "--out", str(out), "--backend", "onnx")
+    finally:
+        release.set()
+        thread.join(300)
+    assert second.exit_code == 2 and f"another build into {out.resolve()} is running" in second.output, second.output
+    assert first["manifest"].complete and Manifest.load(out).stages[0].name == "main"
+    assert _leftovers(tmp_path) == ["o", "small.yaml"]
+
+
+def test_a_killed_builds_leftovers_are_removed_by_the_next_build(tmp_path):
+    """SIGKILL leaves the lock and the hidden work folder; the next build into the same place removes them."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited: what a killed build leaves its leftovers under
+    (tmp_path / ".o.lock").write_text(f"{pid}\n")
+    (tmp_path / f".o.partial-{pid}" / "onnx").mkdir(parents=True)
+    (tmp_path / f".o.partial-{pid}" / "onnx" / "weights.onnx.data").write_bytes(b"half")
+    (tmp_path / f".o.old-{pid}").mkdir()
+    result = _cli("build", small_spec(tmp_path), "--out", str(tmp_path / "o"), "--backend", "onnx", "--stages", "main")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "small.yaml"]
+
+
 def test_failing_stage_leaves_nothing(tmp_path, monkeypatch):
     real = build_module.export_stage
 

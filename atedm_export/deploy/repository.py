@@ -198,7 +198,10 @@ def check_repository(repository: Path, router: str | None = None, files: bool = 
     record_path = repository / RECORD
     if not record_path.is_file():
         raise DeployError(f"{repository} is not an atedm-export repository: {RECORD} not found")
-    record = json.loads(record_path.read_text())
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DeployError(f"{record_path} is not valid JSON ({exc.msg} at line {exc.lineno}); redeploy the repository") from None
     manifest = check_routes(read_repository(repository), router or record["router"])
     for model, info in record["models"].items() if files else ():
         for f in info["files"]:

@@ -72,10 +72,15 @@ class PruneOptions:
 
 @dataclass(frozen=True)
 class StagePlan:
-    """What one static graph prunes: the keep count of each pruned block (blocks not named run stock)."""
+    """What one static graph prunes: the keep count of each pruned block (blocks not named run stock).
+
+    ``tokens``: each block's token count at the resolution the plan was made for. Where given, a call at
+    another resolution is refused: the same keep count would keep another fraction of the tokens.
+    """
 
     keep: Mapping[str, int] = field(default_factory=dict)
     options: PruneOptions = PruneOptions()
+    tokens: Mapping[str, int] = field(default_factory=dict)
 
 
 _ATTR = "_atedm"
@@ -84,9 +89,11 @@ _PATCHED: dict[type, type] = {}
 
 @dataclass(frozen=True)
 class _BlockState:
+    name: str
     keep: int
     options: PruneOptions
     base: type
+    tokens: int | None  # what the plan was made for; None: any resolution
 
 
 def _patched_class(base: type) -> type:
@@ -113,7 +120,7 @@ def apply_atedm(unet: UNet2DConditionModel, plan: StagePlan) -> UNet2DConditionM
     remove_atedm(unet)
     for name, keep in plan.keep.items():
         block = blocks[name]
-        setattr(block, _ATTR, _BlockState(keep, plan.options, type(block)))
+        setattr(block, _ATTR, _BlockState(name, keep, plan.options, type(block), plan.tokens.get(name)))
         block.__class__ = _patched_class(type(block))
     return unet
 
@@ -171,6 +178,11 @@ def _atedm_forward(
     if attention_mask is not None or encoder_attention_mask is not None:
         raise PlanError("AT-EDM blocks do not take attention masks (the stock SD and SDXL pipelines pass none)")
     batch, _, height, width = hidden_states.shape
+    if state.tokens is not None and state.tokens != height * width:
+        raise PlanError(
+            f"the plan keeps {state.keep} of {state.name}'s {state.tokens} tokens, but this call gives the block "
+            f"{height}x{width} = {height * width}: make the plan at the resolution the UNet runs at"
+        )
     if state.keep > height * width:
         raise PlanError(f"keep count {state.keep} exceeds the block's {height * width} tokens")
     residual = hidden_states
