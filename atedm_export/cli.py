@@ -440,7 +440,9 @@ def deploy(build_dir: Path, repository: Path, name: str, backend: str, instances
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=1), default=300, show_default=True, help="Seconds to wait for readiness.")
-def serve(repository: Path, http_port: int, grpc_port: int, timeout: float) -> None:
+@click.option("--log", "log_path", type=click.Path(path_type=Path),
+              help="Keep the server's own log in this file [default: a temporary file, removed at exit].")
+def serve(repository: Path, http_port: int, grpc_port: int, timeout: float, log_path: Path | None) -> None:
     """Serve a deployed repository with a local tritonserver on loopback, until Ctrl-C.
 
     The server is the one tools/setup.sh unpacks (nvidia-pytriton's, with the Python backend; it runs
@@ -454,19 +456,28 @@ def serve(repository: Path, http_port: int, grpc_port: int, timeout: float) -> N
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    _check_outputs(log_path)
     check_repository(repository, files=False)  # the models check their files as they load
     signal.signal(signal.SIGINT, interrupt)  # also where a parent started us with SIGINT ignored
     signal.signal(signal.SIGTERM, interrupt)  # `kill`, `docker stop`, systemd: stop the server too
-    server = TritonServer(repository, http_port, grpc_port)
+    server = TritonServer(repository, http_port, grpc_port, log_path=log_path)
     start = time.perf_counter()
     try:
         with console.status(f"starting tritonserver on {server.http_url}…"):
             server.start(timeout)
         _say("ready", "green", f"in {time.perf_counter() - start:.1f}s: HTTP {server.http_url}, gRPC {server.grpc_url}; "
-                               "Ctrl-C stops it")
+                               f"log {server.log_path}; Ctrl-C stops it")
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)
         raise TritonServerError(f"tritonserver stopped: {server.first_error()}")
+    except TritonServerError:
+        lines = [line for line in server.log().splitlines() if line.strip()][-15:]
+        if lines:  # the server's own last words, before the one-line error
+            console.print(Text(f"last {len(lines)} lines of the server's log"
+                               + (f" ({log_path})" if log_path else "") + ":", style="dim"), highlight=False)
+            for line in lines:
+                console.print(Text("  " + line, style="dim"), highlight=False, soft_wrap=True)
+        raise
     finally:
         server.stop()
 

@@ -143,6 +143,21 @@ def test_a_repository_that_fails_to_load_stops_the_server_and_says_why(install, 
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]
 
 
+def test_serve_keeps_the_servers_log_and_shows_its_last_lines_when_it_fails(install, ort_repo, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    shutil.copytree(ort_repo, repo)
+    graph = repo / "atedm_unet" / "build" / "onnx" / "main.onnx"
+    graph.write_bytes(graph.read_bytes()[:-4] + b"\0\0\0\0")
+    monkeypatch.setenv("ATEDM_TRITONSERVER", str(install.binary))  # the server the fixture found
+    log = tmp_path / "server.log"
+    result = CliRunner().invoke(main, ["serve", str(repo), "--http-port", str(free_port()), "--grpc-port",
+                                       str(free_port()), "--log", str(log), "--timeout", "120"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "main.onnx does not match its checksum" in errors[0]
+    assert "lines of the server's log" in result.output and "Traceback" not in result.output
+    assert log.is_file() and "failed to load 'atedm_unet_main'" in log.read_text()
+
+
 def test_serve_runs_until_sigterm_then_stops_the_server(install, ort_repo, feed):
     http, grpc = free_port(), free_port()
     command = [str(Path(sys.executable).parent / "atedm-export"), "serve", str(ort_repo),
