@@ -358,7 +358,7 @@ def test_fp16_build_through_the_dynamo_exporter(tmp_path):
     other), and fp16 rounding that differs between torch and onnxruntime before the fp32 map moves
     scores by ~1%, which swaps 3-5% of the kept tokens (measured). Its output stays close overall.
     """
-    args = ["build", small_spec(tmp_path, precision="fp16"), "--out", str(tmp_path / "o")]
+    args = ["build", small_spec(tmp_path, precision="fp16", model="tiny-sdxl"), "--out", str(tmp_path / "o")]
     args += ["--backend", "tensorrt-rtx", "--target", "sm89"] if HAS_RTX else ["--backend", "onnx"]
     result = _cli(*args)
     assert result.exit_code == 0, result.output

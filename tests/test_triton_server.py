@@ -129,6 +129,68 @@ def test_load_test_200_requests_from_16_clients(server, tiny_build, tmp_path, ca
               f"served {compare['triton_ms']:.1f} ms vs in-process {compare['local_ms']:.1f} ms per call")
 
 
+def _stage_processes(model: str) -> list[int]:
+    """Process ids of the Python-backend stubs that serve ``model`` (one per instance)."""
+    table = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [int(line.split()[0]) for line in table.splitlines()
+            if "triton_python_backend_stub" in line and f"/{model}/" in line]
+
+
+def test_a_killed_stage_model_comes_back_and_no_request_fails(server, feed, capsys):
+    """SIGKILL the 'main' stage model's process under load (what an out-of-memory kill does): the router
+    reloads it and retries, so requests wait instead of failing, and requests to 'early' never notice."""
+    import threading
+    import time
+
+    import tritonclient.grpc as grpcclient
+
+    backend = TritonBackend.connect(server.grpc_url)
+    requests = {stage: {**feed, "step": torch.full((2,), step, dtype=torch.int32),
+                        "num_steps": torch.full((2,), 20, dtype=torch.int32)} for stage, step in (("early", 0), ("main", 2))}
+    victims = _stage_processes("atedm_unet_main")
+    assert victims, "no stub process found for atedm_unet_main"
+    calls: list[tuple[str, float, float, str]] = []
+    stop = threading.Event()
+
+    def client(stage: str) -> None:
+        connection = grpcclient.InferenceServerClient(server.grpc_url.split("://")[1])
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                backend.infer(requests[stage], connection)
+                error = ""
+            except TritonClientError as exc:
+                error = str(exc)
+            calls.append((stage, start, time.perf_counter(), error))
+
+    threads = [threading.Thread(target=client, args=(stage,)) for stage in ("early", "main", "main", "early")]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    killed = time.perf_counter()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    deadline = killed + 60
+    while time.perf_counter() < deadline and not any(
+            stage == "main" and start > killed and not error for stage, start, _, error in calls):
+        time.sleep(0.2)
+    time.sleep(1)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    after = [c for c in calls if c[2] > killed]
+    failed = [c for c in after if c[3]]
+    back = min(end for stage, start, end, error in after if stage == "main" and start > killed and not error) - killed
+    assert not [c for c in failed if c[0] == "early"], failed
+    assert len(failed) <= 2, failed  # at most the 'main' calls that were inside the killed process
+    assert back < 30
+    assert _stage_processes("atedm_unet_main") and set(_stage_processes("atedm_unet_main")).isdisjoint(victims)
+    assert backend.client.is_model_ready("atedm_unet_main")
+    with capsys.disabled():
+        print(f"\n[triton kill test] 'main' stage process killed under load: {len(after)} calls completed after the "
+              f"kill, {len(failed)} failed; 'main' answered again {back:.1f} s after the kill")
+
+
 def test_a_repository_that_fails_to_load_stops_the_server_and_says_why(install, ort_repo, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     shutil.copytree(ort_repo, repo)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from ..manifest import Manifest
 from ..contract import precision_of
 from .routing import STAGE_OUTPUT, STEP_INPUTS
+from .server import MODEL_CONTROL
+
+#: The server flags the router's recovery needs, as typed in a shell (the ``*`` quoted).
+SHELL_CONTROL = " ".join(f"'{flag}'" if flag == "*" else flag for flag in MODEL_CONTROL)
 
 
 def _io_table(manifest: Manifest, max_batch: int) -> str:
@@ -29,8 +33,11 @@ engines were built on. The router model needs atedm-export and torch in the cont
 ```bash
 docker run --rm --gpus all -p 8000:8000 -p 8001:8001 -v "$PWD":/models -v /path/to/atedm-export:/src \\
   nvcr.io/nvidia/tritonserver:<release>-py3 \\
-  bash -c "pip install /src && tritonserver --model-repository /models"
-```"""
+  bash -c "pip install /src && tritonserver --model-repository /models {SHELL_CONTROL}"
+```
+
+`{SHELL_CONTROL}` lets the router reload a stage model whose process died (an
+out-of-memory kill): requests to that stage wait for it instead of failing for good."""
     return """A CPU server. In the environment where atedm-export is installed (`bash tools/setup.sh` unpacks a
 `tritonserver` with the Python backend into `.venv/triton`):
 
@@ -42,8 +49,11 @@ Or with any `tritonserver` that has the Python backend, its stub started from th
 `python3` (first on `PATH`), and that interpreter's `libpython` first on `LD_LIBRARY_PATH`:
 
 ```bash
-tritonserver --model-repository .
-```"""
+tritonserver --model-repository . {control}
+```
+
+`{control}` lets the router reload a stage model whose process died (an
+out-of-memory kill); `serve` passes it.""".format(control=SHELL_CONTROL)
 
 
 def repository_readme(record: dict, manifest: Manifest) -> str:

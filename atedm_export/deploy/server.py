@@ -36,6 +36,9 @@ from pathlib import Path
 from ..errors import AtedmError
 
 ENV_VAR = "ATEDM_TRITONSERVER"
+#: Explicit model control, every model loaded at start: the router can then reload a stage model whose
+#: process died (``pb_utils.load_model``). Any server of a deployed repository should run with these.
+MODEL_CONTROL = ("--model-control-mode", "explicit", "--load-model", "*")
 
 
 class TritonServerError(AtedmError):
@@ -166,6 +169,7 @@ class TritonServer:
             "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
             "--allow-metrics", "false", "--exit-timeout-secs", "10", "--strict-readiness", "true",
             "--disable-auto-complete-config",  # configs are complete: no extra Python stub per model at load
+            *MODEL_CONTROL,  # explicit control: the router reloads a stage model whose process died
         ]
 
     def start(self, timeout: float = 180.0) -> TritonServer:

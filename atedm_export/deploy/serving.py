@@ -23,11 +23,15 @@ from ..contract import precision_of
 from ..manifest import Manifest
 from ..runtime.backends import OnnxRuntimeBackend
 from .routing import STAGE_OUTPUT, STEP_INPUTS, Router
+from .server import MODEL_CONTROL
 
 MANIFEST_PARAMETER = "atedm_manifest"  # the build's manifest (JSON), on the router: clients read it too
 GRAPH_MODELS_PARAMETER = "atedm_graph_models"  # graph name → the Triton model serving it (JSON)
 GRAPH_PARAMETER = "atedm_graph"  # on a stage model: the graph it serves
 BUILD_PARAMETER = "atedm_build"  # on a stage model: the build folder all graph models share, from the repository
+#: What Triton's Python backend answers for a model whose process died (killed, out of memory): for good,
+#: while the model still reports ready. The router reloads such a model and retries once.
+DEAD_MODEL = "is not healthy"
 
 
 class _PythonModel:
@@ -84,17 +88,36 @@ class RouterModel(_PythonModel):
         return feed, routes
 
     def call_graph(self, graph: str, feed: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One BLS call to the model serving ``graph``; its output comes back in CPU memory."""
+        """One BLS call to the model serving ``graph``; its output comes back in CPU memory.
+
+        A model whose process died is reloaded and the call retried once, so a killed stage costs the
+        calls that were in flight, not every later one.
+        """
         model = self.models[graph]
+        response = self._exec(model, feed)
+        if response.has_error() and DEAD_MODEL in response.error().message():
+            self._reload(model)
+            response = self._exec(model, feed)
+        if response.has_error():
+            raise AtedmError(f"model '{model}' failed: {response.error().message()}")
+        return self.tensor_of(response, self.manifest.output_name)
+
+    def _exec(self, model: str, feed: dict[str, torch.Tensor]) -> Any:
         request = self.pb.InferenceRequest(
             model_name=model, requested_output_names=[self.manifest.output_name],
             inputs=[self.tensor_out(name, feed[name]) for name in self.manifest.input_names],
             preferred_memory=self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_CPU, 0),
         )
-        response = request.exec()
-        if response.has_error():
-            raise AtedmError(f"model '{model}' failed: {response.error().message()}")
-        return self.tensor_of(response, self.manifest.output_name)
+        return request.exec()
+
+    def _reload(self, model: str) -> None:
+        """Load ``model`` again: Triton starts fresh instances, and reports the model not ready meanwhile."""
+        try:
+            self.pb.load_model(model_name=model)
+        except Exception as exc:  # noqa: BLE001 - pb_utils raises its own TritonModelException
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise AtedmError(f"model '{model}' died and could not be reloaded ({first}); start the server with "
+                             f"{' '.join(MODEL_CONTROL)} so the router can reload it") from None
 
     def execute(self, requests: list[Any]) -> list[Any]:
         feeds: list[dict[str, torch.Tensor]] = []
