@@ -13,6 +13,7 @@ from pathlib import Path
 import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # torchvision-missing notices on every pipeline import
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # dtype notices on single-file loads that ask nothing of the user
 
 import click
 from rich.console import Console

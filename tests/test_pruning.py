@@ -244,3 +244,17 @@ def test_bad_keep_counts_and_options_are_refused(tiny_unet, tiny_blocks, tiny_in
         run(tiny_unet, tiny_inputs)
     with pytest.raises(PlanError, match="needs prune_point 'layer'"):
         PruneOptions(importance="cross", prune_point="attn1")
+
+
+def test_a_plan_made_at_one_resolution_is_refused_at_another(tiny_unet, tiny_blocks):
+    """tiny_blocks are at 256 px: run at 512 px the same keep counts would keep a quarter of the fraction."""
+    from atedm_export.contract import GraphContract
+    from atedm_export.dsap import load_preset, stage_plan
+
+    plan = stage_plan(load_preset("uniform-63").stages[0], tiny_blocks)
+    apply_atedm(tiny_unet, plan)
+    contract = GraphContract.from_config(dict(tiny_unet.config), 2, 512, 512)
+    with pytest.raises(PlanError, match=r"of down_blocks\.1\.attentions\.0's 256 tokens, but this call gives the block "
+                                        r"32x32 = 1024: make the plan at the resolution"):
+        run(tiny_unet, contract.unet_kwargs(contract.example_feed()))
+    remove_atedm(tiny_unet)
