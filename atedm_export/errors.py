@@ -26,6 +26,12 @@ class PlanError(AtedmError):
     """A pruning plan that does not fit the model it is applied to."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a third-party exception's message (Triton's ``.message()`` too), for a one-line error."""
+    message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+    return (str(message).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """pydantic's first error as one line: where, what is wrong, what was given."""
     err = exc.errors()[0]

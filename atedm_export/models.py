@@ -32,7 +32,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from safetensors import SafetensorError
 
 from .contract import GraphContract, family_of
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 #: The UNet of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json), 2.57 B parameters.
 SDXL_BASE_CONFIG: dict[str, Any] = {
@@ -214,8 +214,7 @@ def build_unet(
         with _default_dtype(dtype), torch.device(device):
             unet = UNet2DConditionModel.from_config(config)
     except (TypeError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"the UNet config does not build a UNet2DConditionModel: {first}") from None
+        raise ModelError(f"the UNet config does not build a UNet2DConditionModel: {first_line(exc)}") from None
     return unet.eval().requires_grad_(False)
 
 
@@ -299,8 +298,7 @@ def _load_local(path: Path, dtype: torch.dtype) -> UNet2DConditionModel:
         try:
             return UNet2DConditionModel.from_pretrained(folder, subfolder=sub, torch_dtype=dtype, use_safetensors=True)
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelError(f"cannot load the UNet in {weights}: {first} (expected diffusers' save_pretrained "
+            raise ModelError(f"cannot load the UNet in {weights}: {first_line(exc)} (expected diffusers' save_pretrained "
                              "output: config.json and .safetensors weights)") from None
     if path.suffix != ".safetensors":
         raise ModelError(f"model file {path} is not a .safetensors file (pickle checkpoints are never loaded)")

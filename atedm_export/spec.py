@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .contract import PRECISIONS, GraphContract
 from .dsap import Schedule, load_preset, parse_schedule
-from .errors import SpecError, format_validation_error
+from .errors import SpecError, first_line, format_validation_error
 from .pruning import PruneOptions
 from .pruning.patch import default_prune_point
 
@@ -129,7 +129,7 @@ def load_spec(source: str | Path) -> GraphSpec:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise SpecError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping of spec fields, got {type(data).__name__}")
     data.setdefault("name", path.stem)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..contract import precision_of
-from ..errors import AtedmError, ModelError
+from ..errors import AtedmError, ModelError, first_line
 from ..manifest import GraphEntry, Manifest
 from ..runtime.backends import Backend, load_backend
 from ..runtime.staged import StagedUNet
@@ -54,11 +54,6 @@ def _module(protocol: str) -> ModuleType:
     return module
 
 
-def _first_line(exc: BaseException) -> str:
-    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
-    return (str(message).strip().splitlines() or [type(exc).__name__])[0]
-
-
 class TritonBackend(Backend):
     """Runs each UNet call on the server's router model; the server picks the graph from the step."""
 
@@ -80,7 +75,7 @@ class TritonBackend(Backend):
         except TritonClientError:
             raise
         except Exception as exc:  # noqa: BLE001 - connection and protocol errors of two client libraries
-            raise TritonClientError(f"cannot reach Triton at {url}: {_first_line(exc)}") from None
+            raise TritonClientError(f"cannot reach Triton at {url}: {first_line(exc)}") from None
         config = config.get("config", config)
         text = config.get("parameters", {}).get(MANIFEST_PARAMETER, {}).get("string_value")
         if not text:
@@ -111,7 +106,7 @@ class TritonBackend(Backend):
         try:
             result = (client or self.client).infer(self.model, self.inputs(feed), outputs=outputs)
         except Exception as exc:  # noqa: BLE001 - InferenceServerException, or the connection dropped
-            raise TritonClientError(f"Triton at {self.url}, model '{self.model}': {_first_line(exc)}") from None
+            raise TritonClientError(f"Triton at {self.url}, model '{self.model}': {first_line(exc)}") from None
         return result.as_numpy(output), result.as_numpy(STAGE_OUTPUT).reshape(-1)
 
     def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:

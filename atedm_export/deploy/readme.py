@@ -5,10 +5,7 @@ from __future__ import annotations
 from ..manifest import Manifest
 from ..contract import precision_of
 from .routing import STAGE_OUTPUT, STEP_INPUTS
-from .server import MODEL_CONTROL
-
-#: The server flags the router's recovery needs, as typed in a shell (the ``*`` quoted).
-SHELL_CONTROL = " ".join(f"'{flag}'" if flag == "*" else flag for flag in MODEL_CONTROL)
+from .server import SHELL_CONTROL
 
 
 def _io_table(manifest: Manifest, max_batch: int) -> str:

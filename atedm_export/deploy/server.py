@@ -39,6 +39,8 @@ ENV_VAR = "ATEDM_TRITONSERVER"
 #: Explicit model control, every model loaded at start: the router can then reload a stage model whose
 #: process died (``pb_utils.load_model``). Any server of a deployed repository should run with these.
 MODEL_CONTROL = ("--model-control-mode", "explicit", "--load-model", "*")
+#: The same flags as typed in a shell (the ``*`` quoted), for what the README and errors tell people to run.
+SHELL_CONTROL = " ".join(f"'{flag}'" if flag == "*" else flag for flag in MODEL_CONTROL)
 
 
 class TritonServerError(AtedmError):

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch.utils import dlpack
 
-from ..errors import AtedmError
+from ..errors import AtedmError, first_line
 from ..contract import precision_of
 from ..manifest import Manifest
 from ..runtime.backends import OnnxRuntimeBackend
 from .routing import STAGE_OUTPUT, STEP_INPUTS, Router
-from .server import MODEL_CONTROL
+from .server import SHELL_CONTROL
 
 MANIFEST_PARAMETER = "atedm_manifest"  # the build's manifest (JSON), on the router: clients read it too
 GRAPH_MODELS_PARAMETER = "atedm_graph_models"  # graph name → the Triton model serving it (JSON)
@@ -115,9 +115,8 @@ class RouterModel(_PythonModel):
         try:
             self.pb.load_model(model_name=model)
         except Exception as exc:  # noqa: BLE001 - pb_utils raises its own TritonModelException
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise AtedmError(f"model '{model}' died and could not be reloaded ({first}); start the server with "
-                             f"{' '.join(MODEL_CONTROL)} so the router can reload it") from None
+            raise AtedmError(f"model '{model}' died and could not be reloaded ({first_line(exc)}); start the server "
+                             f"with {SHELL_CONTROL} so the router can reload it") from None
 
     def execute(self, requests: list[Any]) -> list[Any]:
         feeds: list[dict[str, torch.Tensor]] = []

@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
 from ..contract import SD, SDXL_REFINER, Family, family_of
-from ..errors import AtedmError
+from ..errors import AtedmError, first_line
 from ..models import BUILTIN_CONFIGS, is_builtin
 from .staged import StagedUNet
 
@@ -153,8 +153,8 @@ def load_pipeline(staged: StagedUNet) -> Any:
             pipe = cls.from_pretrained(spec.model, unet=None, torch_dtype=staged.dtype, use_safetensors=True,
                                        local_files_only=True)
         except (OSError, ValueError) as exc:
-            first = str(exc).splitlines()[0]
-            raise AtedmError(f"cannot load the {cls.__name__} around the UNet from '{spec.model}': {first}") from None
+            raise AtedmError(f"cannot load the {cls.__name__} around the UNet from '{spec.model}': "
+                             f"{first_line(exc)}") from None
     pipe.set_progress_bar_config(disable=True)
     staged.attach(pipe)
     return pipe.to(staged.device)
