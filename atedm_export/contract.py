@@ -128,6 +128,13 @@ def family_of(config: dict[str, Any]) -> Family:
     return SDXL_REFINER if projection - 5 * per_id == int(config["cross_attention_dim"]) else SDXL
 
 
+def pooled_dim(config: dict[str, Any], family: Family) -> int:
+    """Width of the pooled text embedding (``text_embeds``): the added projection less the time ids; 0 for SD."""
+    if not family.added_conditioning:
+        return 0
+    return int(config["projection_class_embeddings_input_dim"]) - family.time_ids * int(config["addition_time_embed_dim"])
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, static shape and dtype (manifest spelling: ``float16``) of one graph input or output."""
@@ -155,15 +162,12 @@ class GraphContract:
     def from_config(cls, config: dict[str, Any], batch: int, height: int, width: int, text_length: int = 77,
                     precision: str = "fp32") -> GraphContract:
         family = family_of(config)
-        pooled = 0
-        if family.added_conditioning:
-            pooled = int(config["projection_class_embeddings_input_dim"]) - family.time_ids * int(
-                config["addition_time_embed_dim"])
         text_dim = config["cross_attention_dim"]
         if not isinstance(text_dim, int):
             raise ModelError(f"the UNet config has a cross_attention_dim per block ({text_dim}); "
                              "supported are UNets with one text width")
-        return cls(family, batch, height, width, int(config["in_channels"]), text_length, text_dim, pooled, precision)
+        return cls(family, batch, height, width, int(config["in_channels"]), text_length, text_dim,
+                   pooled_dim(config, family), precision)
 
     # --- shapes and names -------------------------------------------------------------------------
 

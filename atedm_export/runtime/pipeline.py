@@ -1,8 +1,7 @@
 """The family's stock diffusers pipeline around a ``StagedUNet``, and one image generated with it.
 
 SD 1.x/2.x run in ``StableDiffusionPipeline``, SDXL (and SSD-1B, Vega) in ``StableDiffusionXLPipeline``, the
-SDXL refiner in ``StableDiffusionXLImg2ImgPipeline``; a model folder's ``model_index.json`` may name
-another pipeline of the same family. For a build of a diffusers folder (or a cached hub id) the
+SDXL refiner in ``StableDiffusionXLImg2ImgPipeline`` (``Family.pipeline``). For a build of a diffusers folder (or a cached hub id) the
 pipeline's other components come from there. For the built-in tiny models a complete tiny pipeline is
 assembled offline with seeded random weights: CLIP text encoders as wide as the tiny UNet's text, a
 byte-level tokenizer vocabulary written on the spot, a tiny VAE (8x downsampling) and the family's
@@ -21,7 +20,7 @@ from typing import Any, Callable
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
-from ..contract import SD, SDXL_REFINER, Family, family_of
+from ..contract import SD, SDXL_REFINER, Family, family_of, pooled_dim
 from ..errors import AtedmError, first_line
 from ..models import BUILTIN_CONFIGS, is_builtin
 from .staged import StagedUNet
@@ -33,12 +32,6 @@ SDXL_SCHEDULER = {
 }
 #: SD 2.1 (768 px) predicts velocity, not noise: its tiny pipeline does too, so the loop is the family's.
 V_PREDICTION_MODELS = ("tiny-sd21",)
-#: Pipelines a model folder may name, per family (the first is the family's default).
-PIPELINES: dict[str, tuple[str, ...]] = {
-    "sd": ("StableDiffusionPipeline",),
-    "sdxl": ("StableDiffusionXLPipeline",),
-    "sdxl-refiner": ("StableDiffusionXLImg2ImgPipeline",),
-}
 #: Classifier-free guidance scale each family's pipeline defaults to.
 GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sdxl-refiner": 5.0}
 
@@ -100,8 +93,7 @@ def tiny_components(family: Family, unet_config: dict[str, Any], model: str, see
         return {"text_encoder": _tiny_text_encoder(tokenizer, width, seed=seed), "tokenizer": tokenizer,
                 "vae": _tiny_vae(unet_config, 0.18215, seed), "scheduler": scheduler, "safety_checker": None,
                 "feature_extractor": None, "requires_safety_checker": False}
-    pooled = int(unet_config["projection_class_embeddings_input_dim"]) - family.time_ids * int(
-        unet_config["addition_time_embed_dim"])
+    pooled = pooled_dim(unet_config, family)
     parts = {"tokenizer_2": tokenizer, "vae": _tiny_vae(unet_config, 0.13025, seed), "scheduler": scheduler}
     if family is SDXL_REFINER:  # one text encoder (OpenCLIP bigG's role), pooled as wide as its text
         parts.update(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
@@ -112,24 +104,18 @@ def tiny_components(family: Family, unet_config: dict[str, Any], model: str, see
     return parts
 
 
-def _pipeline_class(family: Family, folder: Path | None) -> Any:
-    """The family's pipeline, or the one the folder's ``model_index.json`` names where it is of the family."""
+def _pipeline_class(family: Family) -> Any:
+    """The family's stock diffusers pipeline class (``Family.pipeline`` names it)."""
     import diffusers
 
-    name = PIPELINES[family.name][0]
-    index = folder / "model_index.json" if folder else None
-    if index is not None and index.is_file():
-        named = json.loads(index.read_text()).get("_class_name")
-        if named in PIPELINES[family.name]:
-            name = named
-    return getattr(diffusers, name)
+    return getattr(diffusers, family.pipeline)
 
 
 def tiny_pipeline(model: str, unet: Any = None, seed: int = 0) -> Any:
     """The complete offline pipeline of a tiny built-in ``model``; ``unet`` may be attached later."""
     config = BUILTIN_CONFIGS[model]
     family = family_of(config)
-    return _pipeline_class(family, None)(unet=unet, **tiny_components(family, config, model, seed=seed))
+    return _pipeline_class(family)(unet=unet, **tiny_components(family, config, model, seed=seed))
 
 
 def load_pipeline(staged: StagedUNet) -> Any:
@@ -148,7 +134,7 @@ def load_pipeline(staged: StagedUNet) -> Any:
         raise AtedmError(f"model '{spec.model}' is a single UNet checkpoint (no text encoders or VAE); "
                          "to generate images, build from a diffusers pipeline folder")
     else:
-        cls = _pipeline_class(family, source if source.is_dir() else None)
+        cls = _pipeline_class(family)
         try:
             pipe = cls.from_pretrained(spec.model, unet=None, torch_dtype=staged.dtype, use_safetensors=True,
                                        local_files_only=True)
