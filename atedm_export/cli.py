@@ -154,11 +154,11 @@ def _graphs_table(manifest, title: str | Text) -> Table:  # noqa: ANN001
 
 def _check_outputs(*paths: Path | None) -> None:
     """Refuse report files that could not be written before minutes of work, not after."""
+    from .staging import check_output_file
+
     for path in paths:
-        if path is not None and not path.parent.resolve().is_dir():
-            raise AtedmError(f"cannot write {path}: folder {path.parent} does not exist")
-        if path is not None and path.is_dir():
-            raise AtedmError(f"cannot write {path}: it is a folder; expected a file name")
+        if path is not None:
+            check_output_file(path)
 
 
 def _ratio(value: float | None) -> str:

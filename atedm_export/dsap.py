@@ -59,14 +59,18 @@ def _by_part(part: str) -> Callable[[Tokens], list[str]]:
 
 
 def _token_level(pick: Callable[..., int]) -> Callable[[Tokens], list[str]]:
-    return lambda tokens: [n for n, count in tokens.items() if count == pick(tokens.values())]
+    def members(tokens: Tokens) -> list[str]:
+        level = pick(tokens.values())
+        return [n for n, count in tokens.items() if count == level]
+
+    return members
 
 
 #: Roles a schedule names blocks by, so one preset fits every family: role → (what it means, resolver).
 ROLES: dict[str, tuple[str, Callable[[Tokens], list[str]]]] = {
     "down-first": ("the first attention block of each down stage",
-                   lambda blocks: _first_of_each_stage(blocks, "down", last=False)),
-    "up-last": ("the last attention block of each up stage", lambda blocks: _first_of_each_stage(blocks, "up", last=True)),
+                   lambda tokens: _first_of_each_stage(tokens, "down", last=False)),
+    "up-last": ("the last attention block of each up stage", lambda tokens: _first_of_each_stage(tokens, "up", last=True)),
     "finest": ("the blocks at the finest token level (most tokens)", _token_level(max)),
     "coarsest": ("the blocks at the coarsest token level (fewest tokens)", _token_level(min)),
     "down": ("every attention block of the down path", _by_part("down")),

@@ -31,6 +31,15 @@ def check_destination(out: Path, force: bool) -> None:
         raise AtedmError(f"cannot write to {parent}: permission denied")
 
 
+def check_output_file(path: Path) -> None:
+    """Refuse an output file that could not be written (no such folder, or a folder in its place), before
+    the work that produces it."""
+    if not path.parent.resolve().is_dir():
+        raise AtedmError(f"cannot write {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise AtedmError(f"cannot write {path}: it is a folder; expected a file name")
+
+
 @contextmanager
 def staged_folder(out: Path, what: str = "build") -> Iterator[Path]:
     """Yield an empty hidden work folder beside ``out``; on success it replaces ``out``, else it is removed.

@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler
 from ..contract import SD, SDXL_REFINER, Family, family_of, pooled_dim
 from ..errors import AtedmError, first_line
 from ..models import BUILTIN_CONFIGS, is_builtin
+from ..staging import check_output_file
 from .staged import StagedUNet
 
 #: SDXL base 1.0's scheduler (scheduler/scheduler_config.json).
@@ -188,8 +189,7 @@ def generate(staged: StagedUNet, prompt: str, output: Path, *, negative_prompt: 
 
     if output.suffix.lower() != ".png":
         raise AtedmError(f"output {output} must be a .png file")
-    if not output.parent.resolve().is_dir():
-        raise AtedmError(f"cannot write {output}: folder {output.parent} does not exist")
+    check_output_file(output)
     spec = staged.manifest.graph_spec
     family = staged.contract.family
     steps = steps or spec.steps
