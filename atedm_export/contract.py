@@ -90,7 +90,6 @@ SD = Family("sd", 0, "StableDiffusionPipeline", "SD 1.x / 2.x (text conditioning
 SDXL = Family("sdxl", 6, "StableDiffusionXLPipeline", "SDXL (pooled text + size/crop time ids)")
 SDXL_REFINER = Family("sdxl-refiner", 5, "StableDiffusionXLImg2ImgPipeline",
                       "SDXL refiner (pooled text + size/crop/aesthetic-score time ids)")
-FAMILIES = {f.name: f for f in (SD, SDXL, SDXL_REFINER)}
 
 
 def family_of(config: dict[str, Any]) -> Family:
@@ -208,10 +207,9 @@ class GraphContract:
         size = [float(self.height), float(self.width)]
         return size + [0.0, 0.0] + (size if self.family.time_ids == 6 else [6.0])
 
-    def example_feed(self, seed: int = 0, device: str | torch.device = "cpu",
-                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def example_feed(self, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Seeded random graph inputs by name (``meta`` device: shapes only, for FLOPs and block grids)."""
-        dtype = dtype or self.dtype
+        dtype = self.dtype
         gen = torch.Generator().manual_seed(seed)
         meta = torch.device(device).type == "meta"
         feed: dict[str, torch.Tensor] = {}
