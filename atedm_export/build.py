@@ -98,7 +98,7 @@ def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineI
                 raise
             reasons.append(str(exc))
             continue
-        info = EngineInfo(backend=name, library=library.trt.__name__, version=library.version,
+        info = EngineInfo(backend=name, library=library.api.module, version=library.version,
                           targets=list(request.targets), optimization_level=request.optimization_level)
         return library, info
     return None, EngineInfo(backend="onnx", skipped="; ".join(reasons))

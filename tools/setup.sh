@@ -12,6 +12,14 @@ if [ "${ATEDM_TORCH:-}" != "skip" ]; then
 fi
 python -m pip install -q -e ".[dev,rtx,triton]"
 
+# TensorRT 10's published type stubs, for the API conformance test (tests/test_trt_conformance.py). They go
+# into their own folder, off sys.path: installed normally they create a `tensorrt/` folder of .pyi files
+# that imports as an empty namespace package, as if TensorRT were installed. --no-deps: the stubs
+# package requires tensorrt itself, which does not download here.
+if [ ! -f .venv/trt-stubs/tensorrt_bindings/tensorrt.pyi ]; then
+  python -m pip install -q --no-deps --target .venv/trt-stubs "tensorrt-stubs==${ATEDM_TRT_STUBS_VERSION:-10.13.0.35.1}"
+fi
+
 # A real Triton Inference Server for `atedm-export serve` and the deploy tests: the tritonserver binary
 # (CPU, Python backend) that ships in nvidia-pytriton's wheel, unpacked into .venv/triton, not installed
 # (pytriton itself pins numpy<2). ATEDM_TRITON=skip leaves it out.

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -17,17 +13,9 @@ from ..errors import AtedmError
 from ..isolated import Isolated, run_isolated
 from ..registry import ENGINE_LIBRARIES
 from ..weights import MappedWeights
+from .api import APIS, EngineUnavailable, Handle, TensorRTApi
 
-#: engine library name (registry.ENGINE_LIBRARIES) → (python module, pip extra that installs it)
-BACKENDS: dict[str, tuple[str, str]] = {
-    "tensorrt": ("tensorrt", "atedm-export[tensorrt]"),
-    "tensorrt-rtx": ("tensorrt_rtx_bindings", "atedm-export[rtx]"),
-}
-assert tuple(BACKENDS) == ENGINE_LIBRARIES
-
-
-class EngineUnavailable(AtedmError):
-    """The engine library is not installed, or cannot build here (no GPU for datacenter TensorRT)."""
+assert tuple(APIS) == ENGINE_LIBRARIES
 
 
 class EngineBuildError(AtedmError):
@@ -43,97 +31,81 @@ class BuildOptions:
     strip_weights: bool = False  # weight-stripped plan, refitted from the graph's weights at load
 
 
-class _Logger:
-    """Collects the builder's errors so a failed build can say why in its one-line message."""
-
-    def __init__(self, trt: ModuleType) -> None:
-        outer = self
-
-        class Logger(trt.ILogger):  # type: ignore[misc, name-defined]
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-
-            def log(self, severity: Any, msg: str) -> None:
-                if severity <= trt.ILogger.Severity.ERROR and "cudaError 35" not in msg:
-                    outer.errors.append(msg.strip())
-
-        self.errors: list[str] = []
-        self.logger = Logger()
-
-
 class EngineLibrary:
-    """TensorRT or TensorRT-RTX behind the same four calls: name, version, targets, build."""
+    """TensorRT or TensorRT-RTX behind the same calls: name, version, targets, build (through ``api``)."""
 
-    def __init__(self, backend: str, module: ModuleType) -> None:
-        self.backend = backend
-        self.trt = module
-
-    @property
-    def is_rtx(self) -> bool:
-        return self.backend == "tensorrt-rtx"
+    def __init__(self, api: TensorRTApi) -> None:
+        self.api = api
+        self.backend = api.backend
 
     @property
     def version(self) -> str:
-        return str(self.trt.__version__)
+        return self.api.version
 
     def targets(self) -> list[str]:
         """Compute capabilities this library can build for ahead of time (empty: only the local GPU)."""
-        if not self.is_rtx:
-            return []
-        names = [n for n in dir(self.trt.ComputeCapability) if re.fullmatch(r"SM\d+", n)]
-        return sorted((n.lower() for n in names), key=lambda n: int(n[2:]))
+        return self.api.targets()
 
     def check_targets(self, targets: tuple[str, ...]) -> None:
-        if self.is_rtx:
+        if self.api.ahead_of_time:
             if not targets and not _has_cuda_gpu():
                 raise EngineUnavailable(
-                    f"tensorrt-rtx on a machine without a GPU needs --target; one of: {', '.join(self.targets())}"
+                    f"{self.backend} on a machine without a GPU needs --target; one of: {', '.join(self.targets())}"
                 )
             for target in targets:
                 if target not in self.targets():
-                    raise AtedmError(f"unknown target '{target}' for tensorrt-rtx; expected one of: {', '.join(self.targets())}")
+                    raise AtedmError(f"unknown target '{target}' for {self.backend}; expected one of: {', '.join(self.targets())}")
             return
         if not _has_cuda_gpu():
-            raise EngineUnavailable("tensorrt builds for the GPU it runs on, and this machine has no CUDA GPU")
+            raise EngineUnavailable(f"{self.backend} builds for the GPU it runs on, and this machine has no CUDA GPU")
         local = _local_target()
         for target in targets:
             if target != local:
-                raise AtedmError(f"target '{target}' is not this machine's GPU ({local}); tensorrt builds only for the GPU present")
+                raise AtedmError(f"target '{target}' is not this machine's GPU ({local}); {self.backend} builds only for the GPU present")
 
     def build(self, onnx_path: Path, engine_path: Path, options: BuildOptions) -> float:
         """Parse ``onnx_path``, build a strongly typed engine, stream it to ``engine_path``; returns seconds.
 
         The weights are never read into memory by us: the parser gets pointers into one read-only
-        mapping of the build's weights file (``load_model_proto`` + ``load_initializer``), and the plan
-        goes to disk as the builder produces it (``build_serialized_network_to_stream``), so the full
-        SDXL costs the builder's own copy of the weights and the mapped pages, not three copies.
+        mapping of the build's weights file (``load_model`` + ``load_initializer``), and the plan goes
+        to disk as the builder produces it (``build_to_stream``), so the full SDXL costs the builder's
+        own copy of the weights and the mapped pages, not three copies.
         """
-        trt = self.trt
+        api = self.api
         start = time.perf_counter()
-        log = _Logger(trt)
-        builder = trt.Builder(log.logger)
-        flags = 0 if self.is_rtx else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, log.logger)
+        errors: list[str] = []
+        # "cudaError 35" (no driver) is what a CPU-only machine says on every build; it is not the failure.
+        logger = api.logger(lambda msg: errors.append(msg) if "cudaError 35" not in msg else None)
+        builder = api.builder(logger)
+        network = api.network(builder)
+        parser = api.onnx_parser(network, logger)
         weights = self._parse(parser, onnx_path)
         try:
-            config = self._config(builder, options)
-            cache = self._load_timing_cache(config, options.timing_cache)
-            with _PlanWriter(trt, engine_path) as writer:
-                built = builder.build_serialized_network_to_stream(network, config, writer.stream)
+            workspace = int(options.workspace_gib * (1 << 30)) if options.workspace_gib is not None else None
+            try:
+                config = api.builder_config(builder, options.optimization_level, workspace, options.targets,
+                                            options.strip_weights)
+            except AtedmError as exc:
+                raise EngineBuildError(str(exc)) from None
+            use_cache = api.has_timing_cache and options.timing_cache is not None
+            if use_cache:
+                cache_file = options.timing_cache
+                api.attach_timing_cache(config, cache_file.read_bytes() if cache_file.is_file() else b"")
+            with engine_path.open("wb") as plan:
+                built = api.build_to_stream(builder, network, config, plan.write)
             if not built:
                 engine_path.unlink(missing_ok=True)
-                reason = log.errors[-1] if log.errors else "no reason given"
-                raise EngineBuildError(f"{onnx_path.name}: engine build failed: {reason}")
+                raise EngineBuildError(f"{onnx_path.name}: engine build failed: {errors[-1] if errors else 'no reason given'}")
         finally:
             del parser, network
             weights.close()
-        if cache is not None and options.timing_cache is not None:
-            options.timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+        if use_cache:
+            options.timing_cache.write_bytes(api.serialized_timing_cache(config))
         return time.perf_counter() - start
 
-    def _parse(self, parser: Any, onnx_path: Path) -> MappedWeights:
+    def _parse(self, parser: Handle, onnx_path: Path) -> MappedWeights:
         """Load the graph (kilobytes to a few MB) and point the parser at its mapped external weights."""
+        api = self.api
         serialized = onnx_path.read_bytes()
         try:
             model = onnx.load_model_from_string(serialized)
@@ -145,81 +117,21 @@ class EngineLibrary:
             raise EngineBuildError(f"{onnx_path.name}: cannot map its weights: {exc.strerror or exc} "
                                    f"({exc.filename or onnx_path.parent})") from None
         try:
-            if not parser.load_model_proto(serialized, str(onnx_path)):
-                raise EngineBuildError(f"{onnx_path.name}: ONNX parser: {_parser_error(parser)}")
+            if not api.load_model(parser, serialized, str(onnx_path)):
+                raise EngineBuildError(f"{onnx_path.name}: ONNX parser: {_first_error(api.parser_errors(parser))}")
             for name, address, size in weights.pointers():
-                if not parser.load_initializer(name, address, size):
+                if not api.load_initializer(parser, name, address, size):
                     raise EngineBuildError(f"{onnx_path.name}: ONNX parser refused initializer '{name}' "
-                                           f"({size} bytes): {_parser_error(parser)}")
-            if not parser.parse_model_proto():
-                raise EngineBuildError(f"{onnx_path.name}: ONNX parser: {_parser_error(parser)}")
+                                           f"({size} bytes): {_first_error(api.parser_errors(parser))}")
+            if not api.parse_loaded(parser):
+                raise EngineBuildError(f"{onnx_path.name}: ONNX parser: {_first_error(api.parser_errors(parser))}")
         except BaseException:
             weights.close()
             raise
         return weights
 
-    def _config(self, builder: Any, options: BuildOptions) -> Any:
-        trt = self.trt
-        config = builder.create_builder_config()
-        config.builder_optimization_level = options.optimization_level
-        if options.workspace_gib is not None:
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
-        if self.is_rtx:
-            self._set_targets(config, options.targets)
-        if options.strip_weights:
-            # The plan leaves out weights identical to the ONNX file's; the runtime refits them from it.
-            # Saves the plan's copy of the weights on disk and in the builder (5 GB for SDXL in fp16).
-            config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-            config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
-        return config
 
-    def _set_targets(self, config: Any, targets: tuple[str, ...]) -> None:
-        trt = self.trt
-        chosen = [getattr(trt.ComputeCapability, t.upper()) for t in targets] or [trt.ComputeCapability.CURRENT]
-        config.num_compute_capabilities = len(chosen)  # must come before set_compute_capability
-        for index, capability in enumerate(chosen):
-            if not config.set_compute_capability(capability, index):
-                raise EngineBuildError(f"tensorrt-rtx refused compute capability {capability}")
-
-    def _load_timing_cache(self, config: Any, path: Path | None) -> Any:
-        """TensorRT reuses kernel timings across builds; TensorRT-RTX compiles kernels on the GPU instead."""
-        if self.is_rtx or path is None:
-            return None
-        cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        return cache
-
-
-class _PlanWriter:
-    """The builder's ``IStreamWriter``: each chunk of the serialized plan goes straight to the file."""
-
-    def __init__(self, trt: ModuleType, path: Path) -> None:
-        handle = path.open("wb")
-        self.handle = handle
-
-        class Writer(trt.IStreamWriter):  # type: ignore[misc, name-defined]
-            def __init__(self) -> None:
-                trt.IStreamWriter.__init__(self)
-
-            def write(self, data: bytes) -> int:
-                return handle.write(data)
-
-        self.stream = Writer()
-
-    def __enter__(self) -> _PlanWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.close()
-
-
-def _parser_error(parser: Any) -> str:
-    """The first parser error, with node name and op where the parser knows them."""
-    errors = []
-    for i in range(parser.num_errors):
-        err = parser.get_error(i)
-        where = f"node '{err.node_name()}' ({err.node_operator()})" if err.node() >= 0 else f"in {err.func()}"
-        errors.append(f"{where}: {err.desc()}")
+def _first_error(errors: list[str]) -> str:
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return (errors[0] if errors else "unknown error") + more
 
@@ -258,23 +170,19 @@ def build_isolated(library: EngineLibrary, onnx_path: Path, engine_path: Path, o
 
 
 def available_backends() -> list[str]:
-    """Engine backends whose library imports here."""
+    """Engine backends whose library imports here (with its bindings, not only type stubs)."""
     found = []
-    for backend, (module, _) in BACKENDS.items():
+    for backend, api in APIS.items():
         try:
-            importlib.import_module(module)
+            api.load()
             found.append(backend)
-        except ImportError:
+        except EngineUnavailable:
             continue
     return found
 
 
 def load_library(backend: str) -> EngineLibrary:
     """The engine library for ``tensorrt`` or ``tensorrt-rtx``; a clear error when it is not installed."""
-    if backend not in BACKENDS:
-        raise AtedmError(f"unknown engine backend '{backend}'; expected one of: {', '.join(BACKENDS)}")
-    module, extra = BACKENDS[backend]
-    try:
-        return EngineLibrary(backend, importlib.import_module(module))
-    except ImportError as exc:
-        raise EngineUnavailable(f"{backend} is not installed ({exc.msg}); install it with: pip install '{extra}'") from None
+    if backend not in APIS:
+        raise AtedmError(f"unknown engine backend '{backend}'; expected one of: {', '.join(APIS)}")
+    return EngineLibrary(APIS[backend].load())

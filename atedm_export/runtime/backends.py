@@ -175,18 +175,21 @@ def _np_dtype(dtype: torch.dtype):  # noqa: ANN202
 
 
 class TensorRTBackend(Backend):
-    """Engines of the build, deserialized once; torch CUDA tensors bound by name; the current stream.
+    """The build's engines on a CUDA GPU (``engines.StageEngines``) with torch tensors bound by name.
 
-    All stage contexts share one activation buffer (contexts created with user-managed device memory,
-    the largest engine's requirement allocated once), so several stage engines cost one set of
-    activations; only one stage runs at a time. CUDA graph capture replays a stage's launch sequence
-    when ``cuda_graphs`` is set. Written against TensorRT 10 / TensorRT-RTX 1.x; run only on a GPU.
+    All stage contexts share one activation buffer, so several stage engines cost one set of
+    activations (only one stage runs at a time); ``weights="cycled"`` keeps one stage's weights on the
+    GPU instead of all (TensorRT-RTX). With ``cuda_graphs`` each stage's launch is captured once and
+    replayed; the replay writes into the captured output buffer, so each call returns a copy the caller
+    owns: multistep schedulers (DPM-Solver++, UniPC) keep earlier model outputs, which a later replay
+    would otherwise overwrite.
     """
 
     def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device = "cuda",
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, weights: str = "resident") -> None:
         super().__init__(folder, manifest, device)
         from ..compile import load_library
+        from .engines import StageEngines
 
         info = manifest.engine
         if info.skipped or info.backend not in ENGINE_LIBRARIES:
@@ -198,21 +201,15 @@ class TensorRTBackend(Backend):
         if not torch.cuda.is_available():
             raise AtedmError(f"the {info.backend} backend needs a CUDA GPU; this machine has none (use --backend onnxruntime)")
         self._check_target(info.targets)
-        self.trt = library.trt
         self.cuda_graphs = cuda_graphs
-        self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.ERROR))
-        self.engines: dict[str, object] = {}
-        self.contexts: dict[str, object] = {}
+        entries = {e.engine.path: e for e in manifest.graphs() if e.engine is not None}
+        refit = {key: folder / e.onnx.path for key, e in entries.items()} if info.weights_stripped else None
+        with torch.cuda.device(self.device):
+            self.engines = StageEngines(library.api, folder, {key: Path(key) for key in entries},
+                                        [*manifest.input_names, manifest.output_name], weights, refit)
+            self.activations = torch.empty(max(self.engines.activation_bytes, 1), dtype=torch.uint8, device=self.device)
+        self.engines.share_activations(self.activations.data_ptr(), self.activations.numel())
         self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
-        for entry in manifest.graphs():
-            self._load(entry)
-        size = max(_device_memory_size(e) for e in self.engines.values())
-        self.activations = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
-        for context in self.contexts.values():
-            if hasattr(context, "set_device_memory"):
-                context.set_device_memory(self.activations.data_ptr(), size)
-            else:
-                context.device_memory = self.activations.data_ptr()
 
     def _check_target(self, targets: list[str]) -> None:
         major, minor = torch.cuda.get_device_capability(self.device)
@@ -220,67 +217,41 @@ class TensorRTBackend(Backend):
         if targets and local not in targets and self.name == "tensorrt-rtx":
             raise AtedmError(f"engines were built for {', '.join(targets)}; this GPU is {local}: rebuild with --target {local}")
 
-    def _load(self, entry: GraphEntry) -> None:
-        key = entry.engine.path
-        if key not in self.engines:
-            engine = self.runtime.deserialize_cuda_engine((self.folder / key).read_bytes())
-            if engine is None:
-                raise AtedmError(f"{key}: the engine does not load on this GPU and library (corrupt, or built for another)")
-            if self.manifest.engine.weights_stripped:
-                self._refit(engine, self.folder / entry.onnx.path)
-            self.engines[key] = engine
-            strategy = getattr(self.trt, "ExecutionContextAllocationStrategy", None)
-            if strategy is not None:
-                self.contexts[key] = engine.create_execution_context(strategy.USER_MANAGED)
-            else:
-                self.contexts[key] = engine.create_execution_context_without_device_memory()
-
-    def _refit(self, engine: object, onnx_path: Path) -> None:
-        """Put the weights back into a weight-stripped plan, from the graph they were stripped from."""
-        logger = self.trt.Logger(self.trt.Logger.ERROR)
-        refitter = self.trt.Refitter(engine, logger)
-        parser = self.trt.OnnxParserRefitter(refitter, logger)
-        if not parser.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
-            raise AtedmError(f"{onnx_path.name}: refitting the weight-stripped engine failed (graph and engine differ?)")
-
     def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         key = entry.engine.path
+        if self.engines.make_resident(key, self.synchronize):
+            self.graphs.pop(key, None)  # captured with the weights' old addresses
         if self.cuda_graphs:
             return self._run_graph(key, feed)
-        context = self.contexts[key]
         out = self.new_output()
-        for name in self.manifest.input_names:
-            context.set_tensor_address(name, feed[name].contiguous().data_ptr())
-        context.set_tensor_address(self.manifest.output_name, out.data_ptr())
-        if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise AtedmError(f"{entry.name}: engine execution failed")
+        tensors = {name: feed[name].contiguous() for name in self.manifest.input_names}
+        self.engines.bind(key, {**_addresses(tensors), self.manifest.output_name: out.data_ptr()})
+        self.engines.launch(key, torch.cuda.current_stream(self.device).cuda_stream)
         return out
 
     def _run_graph(self, key: str, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         if key not in self.graphs:
             static = {n: feed[n].clone() for n in self.manifest.input_names}
-            context = self.contexts[key]
             out = self.new_output()
-            for name in self.manifest.input_names:
-                context.set_tensor_address(name, static[name].data_ptr())
-            context.set_tensor_address(self.manifest.output_name, out.data_ptr())
+            self.engines.bind(key, {**_addresses(static), self.manifest.output_name: out.data_ptr()})
             stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                context.execute_async_v3(stream.cuda_stream)  # warm-up outside capture
+                self.engines.launch(key, stream.cuda_stream)  # warm-up outside capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=stream):
-                    context.execute_async_v3(stream.cuda_stream)
+                    self.engines.launch(key, stream.cuda_stream)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
         for name in self.manifest.input_names:
             static[name].copy_(feed[name])
         graph.replay()
-        return out
+        return out.clone()  # the caller's own tensor: the next replay overwrites ``out``
 
 
-def _device_memory_size(engine: object) -> int:
-    getter = getattr(engine, "get_device_memory_size_v2", None)
-    return int(getter()) if getter else int(engine.device_memory_size)
+def _addresses(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {name: tensor.data_ptr() for name, tensor in tensors.items()}
 
 
 def load_backend(name: str, folder: str | Path, manifest: Manifest | None = None, device: str | None = None,
