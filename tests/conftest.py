@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -79,3 +80,11 @@ def small_spec(tmp_path, **changes) -> str:
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``ATEDM_REQUIRE_GPU=1`` (what tools/gpu-check.sh sets): a gpu test fails where it would skip for want of a GPU."""
+
+    if item.get_closest_marker("gpu") and os.environ.get("ATEDM_REQUIRE_GPU") == "1" and not torch.cuda.is_available():
+        pytest.fail("ATEDM_REQUIRE_GPU=1 but torch sees no CUDA GPU", pytrace=False)

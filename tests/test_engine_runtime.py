@@ -1,0 +1,128 @@
+"""The engine runtime: why replays must hand out their own tensors (CPU), and whole loops on a GPU's engines.
+
+The GPU tests build the tiny spec for the GPU present with whichever engine library supports it
+(TensorRT-RTX for its targets, datacenter TensorRT for the GPU it runs on) and skip cleanly otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+from atedm_export.build import BuildRequest, build
+from atedm_export.compile import EngineUnavailable, load_library
+from atedm_export.contract import GraphContract
+from atedm_export.runtime import StagedUNet
+from atedm_export.runtime.engines import EngineRuntimeError
+from atedm_export.runtime.pipeline import SDXL_SCHEDULER
+from atedm_export.spec import load_spec
+
+
+SCHEDULER = {k: v for k, v in SDXL_SCHEDULER.items() if k != "interpolation_type"}
+
+
+def _loop(model, scheduler, contract: GraphContract, steps: int, device: str = "cpu") -> torch.Tensor:  # noqa: ANN001
+    """A sampler loop over ``model(sample, t, kwargs) -> eps``; what a pipeline does with its UNet."""
+    scheduler.set_timesteps(steps)
+    if hasattr(model, "set_timesteps"):
+        model.set_timesteps(scheduler.timesteps)
+    cond = contract.unet_kwargs(contract.example_feed(seed=3, device=device))
+    latents = cond["sample"] * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = model(scheduler.scale_model_input(latents, t), t, cond["encoder_hidden_states"],
+                    added_cond_kwargs=cond.get("added_cond_kwargs")).sample
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+def test_multistep_schedulers_keep_earlier_model_outputs(tiny_unet):
+    """What a replayed CUDA graph would break if it returned its one output buffer: PNDM (SD 1.x's default
+    scheduler) keeps the raw model outputs of earlier steps (``ets``), so a buffer overwritten in place
+    changes every later update. (DPM-Solver++ keeps its own x0 predictions, derived tensors, and is safe.)"""
+    contract = GraphContract.from_config(dict(tiny_unet.config), 1, 64, 64)  # small: the point is the scheduler
+    buffer = torch.empty(contract.latent_shape)
+
+    class Aliasing(torch.nn.Module):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            out = tiny_unet(*args, **kwargs)
+            buffer.copy_(out.sample)
+            out.sample = buffer
+            return out
+
+    with torch.no_grad():
+        owned = _loop(tiny_unet, PNDMScheduler(**SCHEDULER), contract, 6)
+        aliased = _loop(Aliasing(), PNDMScheduler(**SCHEDULER), contract, 6)
+        first_order = [_loop(m, EulerDiscreteScheduler(**SDXL_SCHEDULER), contract, 6) for m in (tiny_unet, Aliasing())]
+    assert (owned - aliased).abs().max() > 1e-3  # the kept output changed under the scheduler
+    torch.testing.assert_close(*first_order, atol=0, rtol=0)  # Euler keeps nothing: aliasing is harmless there
+
+
+# --------------------------------------------------------------------------------------------- GPU
+
+@pytest.fixture(scope="session")
+def gpu_engine_build(tmp_path_factory):
+    """tiny-sdxl (fp32, every stage) with engines for this GPU, plans keeping their weights."""
+    major, minor = torch.cuda.get_device_capability()
+    local = f"sm{major}{minor}"
+    reasons = []
+    for backend, targets in (("tensorrt", ()), ("tensorrt-rtx", (local,))):
+        try:
+            library = load_library(backend)
+        except EngineUnavailable as exc:
+            reasons.append(str(exc))
+            continue
+        if library.api.ahead_of_time and local not in library.targets():
+            reasons.append(f"{backend} does not target {local}")
+            continue
+        out = tmp_path_factory.mktemp("gpu-engines") / backend
+        build(BuildRequest(load_spec("tiny-sdxl"), out, backend=backend, targets=targets, strip_weights=False))
+        return out
+    pytest.skip("no engine library runs on this GPU: " + "; ".join(reasons))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["launches", "cuda-graphs"])
+@pytest.mark.parametrize("weights", ["resident", "cycled"])
+@pytest.mark.parametrize("scheduler", [EulerDiscreteScheduler, PNDMScheduler], ids=lambda s: s.__name__)
+def test_engine_loop_switches_stages_like_onnxruntime(gpu_engine_build, cuda_graphs, weights, scheduler):
+    """A whole sampler loop on the engines: stages switch on schedule, CUDA graphs on and off, one activation
+    buffer for every stage, one stage's weights on the GPU when cycled; results as onnxruntime's on the CPU."""
+    try:
+        engine = StagedUNet.load(gpu_engine_build, backend="engine", device="cuda", cuda_graphs=cuda_graphs,
+                                 weights=weights)
+    except EngineRuntimeError as exc:  # datacenter TensorRT cannot defer weights: it says so
+        if weights == "cycled" and "deferred weight loading" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    reference = StagedUNet.load(gpu_engine_build, backend="onnxruntime")
+    contract, steps = engine.manifest.contract, 8
+    kwargs = SCHEDULER if scheduler is PNDMScheduler else SDXL_SCHEDULER
+    got = _loop(engine, scheduler(**kwargs), contract, steps, "cuda").cpu()
+    want = _loop(reference, scheduler(**kwargs), contract, steps)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    ranges = engine.schedule.step_ranges(steps)
+    for stage, expected in zip(engine.manifest.stages, ranges):  # every stage ran, at its steps
+        assert engine.stats[stage.name].steps == list(expected)
+    runtime = engine.backend.engines
+    assert engine.backend.activations.numel() == max(runtime.activation_bytes, 1)  # one buffer for all stages
+    assert len(runtime.loaded()) == (1 if weights == "cycled" else len(runtime.stages))
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["launches", "cuda-graphs"])
+def test_each_call_returns_a_tensor_the_caller_owns(gpu_engine_build, cuda_graphs):
+    from atedm_export.runtime.backends import load_backend
+
+    backend = load_backend("engine", gpu_engine_build, device="cuda", cuda_graphs=cuda_graphs)
+    contract = backend.manifest.contract
+    first_feed, second_feed = (contract.example_feed(seed=s, device="cuda") for s in (1, 2))
+    stage = backend.manifest.stages[-1].name
+    first = backend.run(stage, first_feed)
+    kept = first.clone()
+    second = backend.run(stage, second_feed)
+    backend.synchronize()
+    assert first.data_ptr() != second.data_ptr()
+    torch.testing.assert_close(first, kept, atol=0, rtol=0)  # the second call left the first result alone
+    assert (first - second).abs().max() > 0

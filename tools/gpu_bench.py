@@ -1,0 +1,303 @@
+"""The GPU figures of one machine, each pair measured side by side in one run: what ``tools/gpu-check.sh`` runs.
+
+    python tools/gpu_bench.py --out gpu-check-out            # SDXL 1024², batch 2, fp16, random weights
+
+1. eager: the stock diffusers UNet vs the same UNet with each DSAP stage's AT-EDM plan applied (the
+   measure behind the paper's 1.53×), on the same inputs;
+2. onnxruntime's CUDA provider: the unpruned graph vs the main-stage graph of one build, exported here;
+3. engines: the same build compiled with TensorRT-RTX for this GPU, when the GPU is one of its targets
+   (run with CUDA graphs off and on, weights resident and cycled).
+
+Each figure is the median of ``--repeats`` timed calls (CUDA events) after ``--warmup`` calls; its peak is
+the device-wide peak of used GPU memory while it loads and runs, above what was in use before
+(``cudaMemGetInfo`` sampled every 5 ms, so allocations of onnxruntime and TensorRT count too). A part
+that cannot run here is skipped with the reason; one that would overrun ``--budget-s`` too. Writes
+``gpu-bench.json`` and ``gpu-bench.md`` (the table for docs/benchmarks.md) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from atedm_export.dsap import stage_plan  # noqa: E402
+from atedm_export.models import attention_blocks, load_unet  # noqa: E402
+from atedm_export.pruning import set_plan  # noqa: E402
+from atedm_export.spec import load_spec  # noqa: E402
+
+MiB = 2**20
+
+
+@dataclass
+class Figure:
+    part: str  # eager | onnxruntime-cuda | tensorrt-rtx
+    what: str  # stock UNet, AT-EDM main stage...
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    peak_gpu_mib: float
+    speedup: float | None = None  # against the part's unpruned figure
+
+
+@dataclass
+class Report:
+    spec: str
+    batch: int
+    resolution: list[int]
+    precision: str
+    gpu: str
+    capability: str
+    torch: str
+    figures: list[Figure] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class PeakMemory:
+    """Device-wide used memory sampled in a thread: sees every allocator in the process, not only torch's."""
+
+    def __init__(self, device: int = 0, every_s: float = 0.005) -> None:
+        self.device, self.every_s = device, every_s
+        self.base = self._used()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _used(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._used())
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._used())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.base) / MiB
+
+
+def time_ms(call: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return samples
+
+
+def figure(part: str, what: str, samples: list[float], peak: PeakMemory) -> Figure:
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
+    return Figure(part, what, statistics.median(samples), pick(0.1), pick(0.9), peak.mib)
+
+
+@contextmanager
+def part(report: Report, name: str) -> Iterator[None]:
+    tick = time.perf_counter()
+    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+    try:
+        yield
+    finally:
+        report.seconds[name] = round(time.perf_counter() - tick, 1)
+        torch.cuda.empty_cache()
+        print(f"[{time.strftime('%H:%M:%S')}] {name} done in {report.seconds[name]} s", flush=True)
+
+
+def eager(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: ANN001
+    """Stock vs AT-EDM in PyTorch: one UNet, the plan swapped in and out (``set_plan``) between timings."""
+    with PeakMemory() as load_peak:
+        unet = load_unet(spec.model, dtype=spec.dtype, device="cuda", seed=spec.seed).eval()
+    contract = spec.contract(dict(unet.config))
+    feed = contract.example_feed(seed=1, device="cuda")
+    graph = contract.module(unet)
+    blocks = attention_blocks(unet, spec.height, spec.width)
+    plans = {"stock UNet": None}
+    for stage in spec.dsap.stages:
+        plan = stage_plan(stage, blocks, spec.pruning.options())
+        if plan is not None and plan.keep:
+            plans[f"AT-EDM {stage.name} stage"] = plan
+    with torch.no_grad():
+        for what, plan in plans.items():
+            set_plan(unet, plan)
+            torch.cuda.reset_peak_memory_stats()
+            with PeakMemory() as peak:
+                samples = time_ms(lambda: graph(*graph.args(feed)), args.warmup, args.repeats)
+            peak.base = load_peak.base  # the weights count, as they do in the parts that load inside the figure
+            report.figures.append(figure("eager", what, samples, peak))
+
+
+def build(spec, out: Path, backend: str, targets: tuple[str, ...]) -> Path:  # noqa: ANN001
+    from atedm_export.build import BuildRequest
+    from atedm_export.build import build as run_build
+
+    folder = out / f"build-{backend}"
+    # plans keep their weights: 'cycled' reloads them from the plan (stripped plans are refitted from the ONNX)
+    run_build(BuildRequest(spec, folder, backend=backend, targets=targets, stages=("main",), force=True,
+                           strip_weights=False),
+              progress=lambda name, text, seconds: print(f"    {name}: {text}", flush=True))
+    return folder
+
+
+def timed_graphs(folder: Path, backend_name: str, args: argparse.Namespace, graphs: list[str] | None = None,
+                 **options: object) -> dict[str, list[float]]:
+    """Load a backend for the build, time the graphs; the backend is gone when this returns."""
+    from atedm_export.manifest import Manifest
+    from atedm_export.runtime.backends import load_backend
+
+    manifest = Manifest.load(folder)
+    backend = load_backend(backend_name, folder, manifest, "cuda", **options)
+    feed = manifest.contract.example_feed(seed=1, device="cuda")
+    samples = {}
+    for name in graphs or [entry.name for entry in manifest.graphs()]:
+        samples[name] = time_ms(lambda: backend.run(name, feed), args.warmup, args.repeats)
+        backend.release()
+    return samples
+
+
+def onnxruntime_cuda(report: Report, folder: Path, args: argparse.Namespace) -> None:
+    """One graph per session, so each peak is that graph's own."""
+    from atedm_export.manifest import Manifest
+
+    for entry in Manifest.load(folder).graphs():
+        with PeakMemory() as peak:
+            samples = timed_graphs(folder, "onnxruntime", args, [entry.name])[entry.name]
+        report.figures.append(figure("onnxruntime-cuda", _what(entry.name), samples, peak))
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def engines(report: Report, folder: Path, args: argparse.Namespace) -> None:
+    """Every stage engine loaded at once (as a pipeline runs them); the peak is the whole set's."""
+    for cuda_graphs, weights in [(False, "resident"), (True, "resident"), (False, "cycled")]:
+        mode = f"{'CUDA graphs' if cuda_graphs else 'no CUDA graphs'}, weights {weights}"
+        with PeakMemory() as peak:
+            samples = timed_graphs(folder, "engine", args, cuda_graphs=cuda_graphs, weights=weights)
+        for name, values in samples.items():
+            report.figures.append(figure("tensorrt-rtx", f"{_what(name)} ({mode})", values, peak))
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _what(graph: str) -> str:
+    return "unpruned graph" if graph == "baseline" else f"AT-EDM {graph} stage graph"
+
+
+def speedups(report: Report) -> None:
+    """Each figure against the unpruned one of its part (and mode), measured in the same run."""
+    for fig in report.figures:
+        mode = fig.what[fig.what.find("("):] if "(" in fig.what else ""
+        base = next((f for f in report.figures if f.part == fig.part and f.what.startswith(("stock UNet", "unpruned"))
+                     and f.what.endswith(mode)), None)
+        fig.speedup = base.median_ms / fig.median_ms if base else None
+
+
+def markdown(report: Report) -> str:
+    head = (f"{report.spec}, {report.resolution[0]}×{report.resolution[1]}, batch {report.batch}, {report.precision}, "
+            f"random weights; {report.gpu} ({report.capability}), torch {report.torch}\n\n"
+            "| part | what | median ms / UNet call | p10-p90 ms | speedup vs unpruned | peak GPU memory |\n"
+            "|---|---|---|---|---|---|\n")
+    rows = [f"| {f.part} | {f.what} | {f.median_ms:.1f} | {f.p10_ms:.1f}-{f.p90_ms:.1f} | "
+            f"{f'{f.speedup:.2f}×' if f.speedup else '-'} | {f.peak_gpu_mib / 1024:.2f} GiB |" for f in report.figures]
+    skipped = "".join(f"\n- skipped {name}: {why}" for name, why in report.skipped.items())
+    return head + "\n".join(rows) + "\n" + skipped + "\n"
+
+
+def rtx_reason(capability: str) -> str | None:
+    """Why TensorRT-RTX engines cannot run here, or None when they can."""
+    from atedm_export.compile import EngineUnavailable, load_library
+
+    try:
+        library = load_library("tensorrt-rtx")
+    except EngineUnavailable as exc:
+        return str(exc)
+    if capability not in library.targets():
+        return f"TensorRT-RTX {library.version} does not target {capability} (it targets {', '.join(library.targets())})"
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", default="sdxl-base-1024")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--precision", default="fp16")
+    parser.add_argument("--out", type=Path, default=Path("gpu-check-out"))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--budget-s", type=float, default=480, help="skip a part that would start after this")
+    parser.add_argument("--parts", default="eager,onnxruntime,engines")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_bench: no CUDA GPU visible to torch; nothing to measure", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    spec = load_spec(args.spec).model_copy(update={"batch": args.batch, "precision": args.precision})
+    major, minor = torch.cuda.get_device_capability()
+    capability = f"sm{major}{minor}"
+    report = Report(spec.name, spec.batch, [spec.width, spec.height], spec.precision, torch.cuda.get_device_name(),
+                    capability, torch.__version__)
+    start = time.perf_counter()
+    parts = args.parts.split(",")
+    over = lambda: time.perf_counter() - start > args.budget_s  # noqa: E731
+    if "eager" in parts:
+        with part(report, "eager"):
+            eager(report, spec, args)
+    if "onnxruntime" in parts:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            report.skipped["onnxruntime-cuda"] = ("onnxruntime here has no CUDAExecutionProvider "
+                                                  f"({', '.join(ort.get_available_providers())}): install onnxruntime-gpu")
+        elif over():
+            report.skipped["onnxruntime-cuda"] = f"time budget of {args.budget_s:.0f} s spent before it started"
+        else:
+            with part(report, "onnxruntime-cuda"):
+                onnxruntime_cuda(report, build(spec, args.out, "onnx", ()), args)
+    if "engines" in parts:
+        reason = rtx_reason(capability)
+        if reason:
+            report.skipped["tensorrt-rtx"] = reason
+        elif over():
+            report.skipped["tensorrt-rtx"] = f"time budget of {args.budget_s:.0f} s spent before it started"
+        else:
+            with part(report, "tensorrt-rtx"):
+                engines(report, build(spec, args.out, "tensorrt-rtx", (capability,)), args)
+    speedups(report)
+    (args.out / "gpu-bench.json").write_text(json.dumps({**asdict(report), "machine": platform.node()}, indent=2))
+    (args.out / "gpu-bench.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
