@@ -21,6 +21,7 @@ import torch
 
 from .errors import AtedmError
 from .manifest import Manifest
+from .registry import ENGINE_LIBRARIES
 from .runtime.backends import Backend, load_backend
 
 
@@ -76,15 +77,17 @@ def time_calls(backend: Backend, graph: str, feed: dict[str, torch.Tensor], warm
 
 
 def run_bench(folder: str | Path, backends: list[str], warmup: int = 1, repeats: int = 5,
-              device: str | None = None, progress=None) -> dict:  # noqa: ANN001
-    """Time every graph in every backend; returns the JSON-ready report."""
+              device: str | None = None, progress=None, engine_options: dict | None = None) -> dict:  # noqa: ANN001
+    """Time every graph in every backend; returns the JSON-ready report. ``engine_options`` go to the
+    engine backends only (``cuda_graphs``, ``weights``)."""
     if repeats < 1 or warmup < 0:
         raise AtedmError(f"need --repeats >= 1 and --warmup >= 0, got {repeats} and {warmup}")
     folder = Path(folder)
     manifest = Manifest.load(folder)
     medians: dict[tuple[str, str], list[float]] = {}
     for name in backends:
-        backend = load_backend(name, folder, manifest, device)
+        options = (engine_options or {}) if name in ENGINE_LIBRARIES else {}
+        backend = load_backend(name, folder, manifest, device, **options)
         feed = manifest.contract.example_feed(device=backend.device)
         for entry in manifest.graphs():
             if progress:

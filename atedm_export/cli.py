@@ -22,7 +22,7 @@ from rich.text import Text
 
 from . import __version__
 from .errors import AtedmError
-from .registry import BUILD_BACKENDS, DEPLOY_VARIANTS, PRECISION_NAMES, RUNTIME_BACKENDS
+from .registry import BUILD_BACKENDS, DEPLOY_VARIANTS, ENGINE_LIBRARIES, ENGINE_WEIGHTS, PRECISION_NAMES, RUNTIME_BACKENDS
 
 # Rich wraps at 80 columns when output is not a terminal; tables of figures need more.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
@@ -165,6 +165,16 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}×"
 
 
+def _engine_options(backend: str, cuda_graphs: bool, weights: str) -> dict[str, object]:
+    """The engine backend's options; other backends take none, so asking them for one is an error."""
+    if backend in ENGINE_LIBRARIES:
+        return {"cuda_graphs": cuda_graphs, "weights": weights}
+    if cuda_graphs or weights != "resident":
+        raise AtedmError(f"--cuda-graphs and --engine-weights apply to the engine backends "
+                         f"({', '.join(ENGINE_LIBRARIES)}), not {backend}")
+    return {}
+
+
 def _split(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
@@ -305,10 +315,14 @@ def verify(build_dir: Path, as_json: bool, seed: int) -> None:
               help="SDXL refiner builds: how much of the denoising to redo (the last fraction of the steps).")
 @click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="onnxruntime", show_default=True)
 @click.option("--device", default=None, help="torch device for the backend [default: cpu, cuda for TensorRT].")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+              help="Engine backends: capture each stage's launch once and replay it.")
+@click.option("--engine-weights", type=click.Choice(ENGINE_WEIGHTS), default="resident", show_default=True,
+              help="Engine backends: every stage's weights on the GPU, or one stage's at a time (TensorRT-RTX).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
 def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, prompt: str, negative_prompt: str | None,
              steps: int | None, seed: int, guidance: float | None, image: Path | None, strength: float, backend: str,
-             device: str | None, output: Path) -> None:
+             device: str | None, cuda_graphs: bool, engine_weights: str, output: Path) -> None:
     """Run the stock pipeline of the build's model family with its stage graphs as the UNet; write one PNG.
 
     SD 1.x/2.x builds run StableDiffusionPipeline, SDXL builds StableDiffusionXLPipeline, SDXL refiner
@@ -326,7 +340,8 @@ def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, 
 
         staged, backend = connect(triton_url, triton_model), f"Triton ({triton_url})"
     else:
-        staged = StagedUNet.load(build_dir, backend=backend, device=device)
+        staged = StagedUNet.load(build_dir, backend=backend, device=device,
+                                 **_engine_options(backend, cuda_graphs, engine_weights))
     start = time.perf_counter()
     with console.status(f"denoising on {backend}…") as status:
         def on_step(step: int, steps: int) -> None:
@@ -353,11 +368,15 @@ def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, 
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--device", default=None, help="torch device [default: cpu; cuda for TensorRT].")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+              help="Engine backends: capture each stage's launch once and replay it.")
+@click.option("--engine-weights", type=click.Choice(ENGINE_WEIGHTS), default="resident", show_default=True,
+              help="Engine backends: every stage's weights on the GPU, or one stage's at a time (TensorRT-RTX).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per backend and graph.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG bar chart.")
-def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str | None,
-          json_path: Path | None, csv_path: Path | None, plot_path: Path | None) -> None:
+def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str | None, cuda_graphs: bool,
+          engine_weights: str, json_path: Path | None, csv_path: Path | None, plot_path: Path | None) -> None:
     """Latency of every graph in every backend, side by side in one run, with speedup ratios."""
     from .bench import run_bench, write_csv, write_plot
 
@@ -366,8 +385,11 @@ def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str
     unknown = [n for n in names if n not in RUNTIME_BACKENDS]
     if unknown or not names:
         raise AtedmError(f"unknown backend '{unknown[0] if unknown else ''}'; expected some of: {', '.join(RUNTIME_BACKENDS)}")
+    engine = next((n for n in names if n in ENGINE_LIBRARIES), ",".join(names))
+    _engine_options(engine, cuda_graphs, engine_weights)  # refused before any timing when no engine backend is named
     with console.status("benchmarking…") as status:
-        report = run_bench(build_dir, names, warmup, repeats, device, progress=lambda s: status.update(f"timing {s}…"))
+        report = run_bench(build_dir, names, warmup, repeats, device, progress=lambda s: status.update(f"timing {s}…"),
+                           engine_options=_engine_options(engine, cuda_graphs, engine_weights))
     table = Table(title=f"{report['spec']}: median ms per UNet call ({repeats} repeats after {warmup} warm-up; "
                         f"batch {report['batch']}, {report['precision']})")
     for column in ("backend", "graph", "median ms", "p10-p90 ms", "vs eager", "vs unpruned", "FLOPs predict"):

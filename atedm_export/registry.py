@@ -16,3 +16,6 @@ RUNTIME_BACKENDS: tuple[str, ...] = ("onnxruntime", "eager", *ENGINE_LIBRARIES)
 DEPLOY_VARIANTS: tuple[str, ...] = ("tensorrt", "onnxruntime")
 #: Precisions a graph is exported in (the dtype of each lives in ``contract.PRECISIONS``).
 PRECISION_NAMES: tuple[str, ...] = ("fp32", "fp16", "bf16")
+#: Where the engine backend keeps stage engines' weights (``runtime/engines.py``): every stage's on the GPU,
+#: or one stage's at a time, swapped in before it runs (TensorRT-RTX's deferred weight loading).
+ENGINE_WEIGHTS: tuple[str, ...] = ("resident", "cycled")

@@ -134,10 +134,12 @@ CASES = [
     ("generate --triton ftp://host:1 -p x -o {out}/x.png", "must look like http://HOST:PORT"),
     ("generate --triton http://127.0.0.1:1 -p x -o {out}/x.png", "cannot reach Triton at http://127.0.0.1:1"),
     ("generate {out}/nothing -p x -o {out}/x.png", "is not a build folder"),
+    ("generate {build} -p x --cuda-graphs -o {out}/x.png", "apply to the engine backends (tensorrt, tensorrt-rtx), not onnxruntime"),
     # bench
     ("bench {build} --backends fastest", "unknown backend 'fastest'"),
     ("bench {out}/nothing", "is not a build folder"),
     ("bench {build} --json {out}/no/dir/r.json", "folder"),
+    ("bench {build} --engine-weights cycled", "apply to the engine backends (tensorrt, tensorrt-rtx), not eager,onnxruntime"),
     # deploy, serve, load-test
     ("deploy {out}/nothing --triton {out}/repo", "is not a build folder"),
     ("deploy {build} --triton {in}/existing", "already exists"),

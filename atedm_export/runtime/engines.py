@@ -22,8 +22,7 @@ from pathlib import Path
 
 from ..compile.api import Handle, TensorRTApi
 from ..errors import AtedmError
-
-WEIGHT_MODES = ("resident", "cycled")
+from ..registry import ENGINE_WEIGHTS
 
 
 class EngineRuntimeError(AtedmError):
@@ -44,8 +43,8 @@ class StageEngines:
     def __init__(self, api: TensorRTApi, folder: Path, plans: dict[str, Path], io_names: list[str],
                  weights: str = "resident", refit_from: dict[str, Path] | None = None) -> None:
         """``plans``: plan key → file; ``refit_from``: plan key → ONNX graph, for weight-stripped plans."""
-        if weights not in WEIGHT_MODES:
-            raise EngineRuntimeError(f"unknown weights mode '{weights}'; expected one of: {', '.join(WEIGHT_MODES)}")
+        if weights not in ENGINE_WEIGHTS:
+            raise EngineRuntimeError(f"unknown weights mode '{weights}'; expected one of: {', '.join(ENGINE_WEIGHTS)}")
         if not plans:
             raise EngineRuntimeError(f"no engines to load from {folder}")
         if weights == "cycled" and not api.deferred_weights:
