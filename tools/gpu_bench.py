@@ -71,15 +71,17 @@ class Report:
 class PeakMemory:
     """Device-wide used memory sampled in a thread: sees every allocator in the process, not only torch's."""
 
-    def __init__(self, device: int = 0, every_s: float = 0.005) -> None:
-        self.device, self.every_s = device, every_s
+    def __init__(self, every_s: float = 0.005) -> None:
+        self.every_s = every_s
         self.base = self._used()
         self.peak = self.base
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _used(self) -> int:
-        free, total = torch.cuda.mem_get_info(self.device)
+        if not torch.cuda.is_available():
+            return 0  # --device cpu: a smoke run of this script, no GPU memory to read
+        free, total = torch.cuda.mem_get_info()
         return total - free
 
     def _sample(self) -> None:
@@ -102,11 +104,19 @@ class PeakMemory:
 
 
 def time_ms(call: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """CUDA events around each call on a GPU; the wall clock with --device cpu."""
     for _ in range(warmup):
         call()
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
     samples = []
     for _ in range(repeats):
+        if not cuda:
+            tick = time.perf_counter()
+            call()
+            samples.append((time.perf_counter() - tick) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         call()
@@ -114,6 +124,12 @@ def time_ms(call: Callable[[], object], warmup: int, repeats: int) -> list[float
         end.synchronize()
         samples.append(start.elapsed_time(end))
     return samples
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def figure(part: str, what: str, samples: list[float], peak: PeakMemory) -> Figure:
@@ -130,16 +146,16 @@ def part(report: Report, name: str) -> Iterator[None]:
         yield
     finally:
         report.seconds[name] = round(time.perf_counter() - tick, 1)
-        torch.cuda.empty_cache()
+        free_memory()
         print(f"[{time.strftime('%H:%M:%S')}] {name} done in {report.seconds[name]} s", flush=True)
 
 
 def eager(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: ANN001
     """Stock vs AT-EDM in PyTorch: one UNet, the plan swapped in and out (``set_plan``) between timings."""
     with PeakMemory() as load_peak:
-        unet = load_unet(spec.model, dtype=spec.dtype, device="cuda", seed=spec.seed).eval()
+        unet = load_unet(spec.model, dtype=spec.dtype, device=args.device, seed=spec.seed).eval()
     contract = spec.contract(dict(unet.config))
-    feed = contract.example_feed(seed=1, device="cuda")
+    feed = contract.example_feed(seed=1, device=args.device)
     graph = contract.module(unet)
     blocks = attention_blocks(unet, spec.height, spec.width)
     plans = {"stock UNet": None}
@@ -150,7 +166,6 @@ def eager(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: ANN0
     with torch.no_grad():
         for what, plan in plans.items():
             set_plan(unet, plan)
-            torch.cuda.reset_peak_memory_stats()
             with PeakMemory() as peak:
                 samples = time_ms(lambda: graph(*graph.args(feed)), args.warmup, args.repeats)
             peak.base = load_peak.base  # the weights count, as they do in the parts that load inside the figure
@@ -170,18 +185,22 @@ def build(spec, out: Path, backend: str, targets: tuple[str, ...]) -> Path:  # n
 
 
 def timed_graphs(folder: Path, backend_name: str, args: argparse.Namespace, graphs: list[str] | None = None,
-                 **options: object) -> dict[str, list[float]]:
-    """Load a backend for the build, time the graphs; the backend is gone when this returns."""
+                 alternate: bool = False, **options: object) -> dict[str, list[float]]:
+    """Load a backend for the build, time the graphs; the backend is gone when this returns. With
+    ``alternate``, also every graph once in turn per sample (what a stage switch costs: key "alternating")."""
     from atedm_export.manifest import Manifest
     from atedm_export.runtime.backends import load_backend
 
     manifest = Manifest.load(folder)
-    backend = load_backend(backend_name, folder, manifest, "cuda", **options)
-    feed = manifest.contract.example_feed(seed=1, device="cuda")
+    backend = load_backend(backend_name, folder, manifest, args.device, **options)
+    feed = manifest.contract.example_feed(seed=1, device=args.device)
     samples = {}
     for name in graphs or [entry.name for entry in manifest.graphs()]:
         samples[name] = time_ms(lambda: backend.run(name, feed), args.warmup, args.repeats)
         backend.release()
+    if alternate:
+        names = list(samples)
+        samples["alternating"] = time_ms(lambda: [backend.run(name, feed) for name in names], args.warmup, args.repeats)
     return samples
 
 
@@ -192,9 +211,8 @@ def onnxruntime_cuda(report: Report, folder: Path, args: argparse.Namespace) -> 
     for entry in Manifest.load(folder).graphs():
         with PeakMemory() as peak:
             samples = timed_graphs(folder, "onnxruntime", args, [entry.name])[entry.name]
-        report.figures.append(figure("onnxruntime-cuda", _what(entry.name), samples, peak))
-        gc.collect()
-        torch.cuda.empty_cache()
+        report.figures.append(figure(f"onnxruntime-{args.device}", _what(entry.name), samples, peak))
+        free_memory()
 
 
 def engines(report: Report, folder: Path, args: argparse.Namespace) -> None:
@@ -202,20 +220,24 @@ def engines(report: Report, folder: Path, args: argparse.Namespace) -> None:
     for cuda_graphs, weights in [(False, "resident"), (True, "resident"), (False, "cycled")]:
         mode = f"{'CUDA graphs' if cuda_graphs else 'no CUDA graphs'}, weights {weights}"
         with PeakMemory() as peak:
-            samples = timed_graphs(folder, "engine", args, cuda_graphs=cuda_graphs, weights=weights)
+            samples = timed_graphs(folder, "engine", args, alternate=not cuda_graphs, cuda_graphs=cuda_graphs,
+                                   weights=weights)
         for name, values in samples.items():
             report.figures.append(figure("tensorrt-rtx", f"{_what(name)} ({mode})", values, peak))
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()
 
 
 def _what(graph: str) -> str:
+    if graph == "alternating":
+        return "every graph once in turn (a stage switch per call)"
     return "unpruned graph" if graph == "baseline" else f"AT-EDM {graph} stage graph"
 
 
 def speedups(report: Report) -> None:
     """Each figure against the unpruned one of its part (and mode), measured in the same run."""
     for fig in report.figures:
+        if fig.what.startswith("every graph"):
+            continue  # a sum of different graphs: nothing to divide by
         mode = fig.what[fig.what.find("("):] if "(" in fig.what else ""
         base = next((f for f in report.figures if f.part == fig.part and f.what.startswith(("stock UNet", "unpruned"))
                      and f.what.endswith(mode)), None)
@@ -256,15 +278,18 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=480, help="skip a part that would start after this")
     parser.add_argument("--parts", default="eager,onnxruntime,engines")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a smoke run of the script's code paths (tests), no GPU figures")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_bench: no CUDA GPU visible to torch; nothing to measure", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     spec = load_spec(args.spec).model_copy(update={"batch": args.batch, "precision": args.precision})
-    major, minor = torch.cuda.get_device_capability()
-    capability = f"sm{major}{minor}"
-    report = Report(spec.name, spec.batch, [spec.width, spec.height], spec.precision, torch.cuda.get_device_name(),
+    cuda = args.device == "cuda"
+    capability = "sm{}{}".format(*torch.cuda.get_device_capability()) if cuda else "cpu"
+    report = Report(spec.name, spec.batch, [spec.width, spec.height], spec.precision,
+                    torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
                     capability, torch.__version__)
     start = time.perf_counter()
     parts = args.parts.split(",")
@@ -275,16 +300,16 @@ def main() -> int:
     if "onnxruntime" in parts:
         import onnxruntime as ort
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
+        if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
             report.skipped["onnxruntime-cuda"] = ("onnxruntime here has no CUDAExecutionProvider "
                                                   f"({', '.join(ort.get_available_providers())}): install onnxruntime-gpu")
         elif over():
             report.skipped["onnxruntime-cuda"] = f"time budget of {args.budget_s:.0f} s spent before it started"
         else:
-            with part(report, "onnxruntime-cuda"):
+            with part(report, f"onnxruntime-{args.device}"):
                 onnxruntime_cuda(report, build(spec, args.out, "onnx", ()), args)
     if "engines" in parts:
-        reason = rtx_reason(capability)
+        reason = rtx_reason(capability) if cuda else "engines run on a GPU only"
         if reason:
             report.skipped["tensorrt-rtx"] = reason
         elif over():
