@@ -61,6 +61,31 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def gpu_engine_build(tmp_path_factory):
+    """tiny-sdxl (fp32, every stage) with engines for this GPU, plans keeping their weights (gpu tests only)."""
+    from atedm_export.build import BuildRequest, build
+    from atedm_export.compile import EngineUnavailable, load_library
+    from atedm_export.spec import load_spec
+
+    major, minor = torch.cuda.get_device_capability()
+    local = f"sm{major}{minor}"
+    reasons = []
+    for backend, targets in (("tensorrt", ()), ("tensorrt-rtx", (local,))):
+        try:
+            library = load_library(backend)
+        except EngineUnavailable as exc:
+            reasons.append(str(exc))
+            continue
+        if library.api.ahead_of_time and local not in library.targets():
+            reasons.append(f"{backend} does not target {local}")
+            continue
+        out = tmp_path_factory.mktemp("gpu-engines") / backend
+        build(BuildRequest(load_spec("tiny-sdxl"), out, backend=backend, targets=targets, strip_weights=False))
+        return out
+    pytest.skip("no engine library runs on this GPU: " + "; ".join(reasons))
+
+
+@pytest.fixture(scope="session")
 def ort_repo(tiny_build, tmp_path_factory):
     """The tiny build deployed as a Triton repository, onnxruntime variant (CPU servers)."""
     from atedm_export.deploy.repository import DeployRequest, deploy

@@ -10,13 +10,10 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
-from atedm_export.build import BuildRequest, build
-from atedm_export.compile import EngineUnavailable, load_library
 from atedm_export.contract import GraphContract
 from atedm_export.runtime import StagedUNet
 from atedm_export.runtime.engines import EngineRuntimeError
 from atedm_export.runtime.pipeline import SDXL_SCHEDULER
-from atedm_export.spec import load_spec
 
 
 SCHEDULER = {k: v for k, v in SDXL_SCHEDULER.items() if k != "interpolation_type"}
@@ -59,27 +56,6 @@ def test_multistep_schedulers_keep_earlier_model_outputs(tiny_unet):
 
 
 # --------------------------------------------------------------------------------------------- GPU
-
-@pytest.fixture(scope="session")
-def gpu_engine_build(tmp_path_factory):
-    """tiny-sdxl (fp32, every stage) with engines for this GPU, plans keeping their weights."""
-    major, minor = torch.cuda.get_device_capability()
-    local = f"sm{major}{minor}"
-    reasons = []
-    for backend, targets in (("tensorrt", ()), ("tensorrt-rtx", (local,))):
-        try:
-            library = load_library(backend)
-        except EngineUnavailable as exc:
-            reasons.append(str(exc))
-            continue
-        if library.api.ahead_of_time and local not in library.targets():
-            reasons.append(f"{backend} does not target {local}")
-            continue
-        out = tmp_path_factory.mktemp("gpu-engines") / backend
-        build(BuildRequest(load_spec("tiny-sdxl"), out, backend=backend, targets=targets, strip_weights=False))
-        return out
-    pytest.skip("no engine library runs on this GPU: " + "; ".join(reasons))
-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

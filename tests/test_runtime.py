@@ -177,12 +177,11 @@ def test_steps_outside_the_build(tmp_path_factory, tiny_build, feed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_engine_backend_matches_onnxruntime_on_gpu(tiny_build, feed):
-    manifest = Manifest.load(tiny_build)
-    if manifest.engine.skipped:
-        pytest.skip("the build has no engines")
-    engine = load_backend(manifest.engine.backend, tiny_build)
-    onnx = load_backend("onnxruntime", tiny_build)
+def test_engine_backend_matches_onnxruntime_on_gpu(gpu_engine_build):
+    manifest = Manifest.load(gpu_engine_build)
+    feed = manifest.contract.example_feed()
+    engine = load_backend(manifest.engine.backend, gpu_engine_build)
+    onnx = load_backend("onnxruntime", gpu_engine_build)
     for entry in manifest.graphs():
         got = engine.run(entry.name, {k: v.cuda() for k, v in feed.items()}).cpu()
         torch.testing.assert_close(got, onnx.run(entry.name, feed), atol=2e-3, rtol=1e-3)

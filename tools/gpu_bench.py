@@ -25,6 +25,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -65,6 +66,7 @@ class Report:
     torch: str
     figures: list[Figure] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -139,14 +141,19 @@ def figure(part: str, what: str, samples: list[float], peak: PeakMemory) -> Figu
 
 
 @contextmanager
-def part(report: Report, name: str) -> Iterator[None]:
+def part(report: Report, name: str, out: Path) -> Iterator[None]:
+    """Time a part and save after it; a part that fails is recorded and the next one still runs."""
     tick = time.perf_counter()
     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
     try:
         yield
+    except Exception as exc:  # noqa: BLE001 - one broken part must not cost the others' figures
+        traceback.print_exc()
+        report.failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     finally:
         report.seconds[name] = round(time.perf_counter() - tick, 1)
         free_memory()
+        save(report, out)
         print(f"[{time.strftime('%H:%M:%S')}] {name} done in {report.seconds[name]} s", flush=True)
 
 
@@ -244,6 +251,13 @@ def speedups(report: Report) -> None:
         fig.speedup = base.median_ms / fig.median_ms if base else None
 
 
+def save(report: Report, out: Path) -> None:
+    """Write what is measured so far: a part cut short by the time limit keeps the parts before it."""
+    speedups(report)
+    (out / "gpu-bench.json").write_text(json.dumps({**asdict(report), "machine": platform.node()}, indent=2))
+    (out / "gpu-bench.md").write_text(markdown(report))
+
+
 def markdown(report: Report) -> str:
     head = (f"{report.spec}, {report.resolution[0]}×{report.resolution[1]}, batch {report.batch}, {report.precision}, "
             f"random weights; {report.gpu} ({report.capability}), torch {report.torch}\n\n"
@@ -252,6 +266,7 @@ def markdown(report: Report) -> str:
     rows = [f"| {f.part} | {f.what} | {f.median_ms:.1f} | {f.p10_ms:.1f}-{f.p90_ms:.1f} | "
             f"{f'{f.speedup:.2f}×' if f.speedup else '-'} | {f.peak_gpu_mib / 1024:.2f} GiB |" for f in report.figures]
     skipped = "".join(f"\n- skipped {name}: {why}" for name, why in report.skipped.items())
+    skipped += "".join(f"\n- FAILED {name}: {why}" for name, why in report.failed.items())
     return head + "\n".join(rows) + "\n" + skipped + "\n"
 
 
@@ -295,7 +310,7 @@ def main() -> int:
     parts = args.parts.split(",")
     over = lambda: time.perf_counter() - start > args.budget_s  # noqa: E731
     if "eager" in parts:
-        with part(report, "eager"):
+        with part(report, "eager", args.out):
             eager(report, spec, args)
     if "onnxruntime" in parts:
         import onnxruntime as ort
@@ -306,7 +321,7 @@ def main() -> int:
         elif over():
             report.skipped["onnxruntime-cuda"] = f"time budget of {args.budget_s:.0f} s spent before it started"
         else:
-            with part(report, f"onnxruntime-{args.device}"):
+            with part(report, f"onnxruntime-{args.device}", args.out):
                 onnxruntime_cuda(report, build(spec, args.out, "onnx", ()), args)
     if "engines" in parts:
         reason = rtx_reason(capability) if cuda else "engines run on a GPU only"
@@ -315,13 +330,11 @@ def main() -> int:
         elif over():
             report.skipped["tensorrt-rtx"] = f"time budget of {args.budget_s:.0f} s spent before it started"
         else:
-            with part(report, "tensorrt-rtx"):
+            with part(report, "tensorrt-rtx", args.out):
                 engines(report, build(spec, args.out, "tensorrt-rtx", (capability,)), args)
-    speedups(report)
-    (args.out / "gpu-bench.json").write_text(json.dumps({**asdict(report), "machine": platform.node()}, indent=2))
-    (args.out / "gpu-bench.md").write_text(markdown(report))
+    save(report, args.out)
     print(markdown(report))
-    return 0
+    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":

@@ -181,8 +181,8 @@ class TensorRTBackend(Backend):
     activations (only one stage runs at a time); ``weights="cycled"`` keeps one stage's weights on the
     GPU instead of all (TensorRT-RTX). With ``cuda_graphs`` each stage's launch is captured once and
     replayed; the replay writes into the captured output buffer, so each call returns a copy the caller
-    owns: multistep schedulers (DPM-Solver++, UniPC) keep earlier model outputs, which a later replay
-    would otherwise overwrite.
+    owns: PNDM (SD 1.x's default scheduler) keeps earlier raw model outputs, which a later replay would
+    otherwise overwrite (``tests/test_engine_runtime.py``).
     """
 
     def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device = "cuda",
