@@ -3,11 +3,11 @@
 Two libraries share most of one API: datacenter TensorRT 10 (``tensorrt``) and TensorRT for RTX 1.x
 (``tensorrt_rtx_bindings``). ``TensorRTApi`` wraps the first, ``TensorRTRtxApi`` overrides what the second
 does differently, so each difference is written once, in the subclass, with the reason beside it. The
-builder (``library.py``) and the engine runtime (``runtime/backends.py``) hold library objects only as
+builder (``library.py``) and the engine runtime (``runtime/engines.py``) hold library objects only as
 opaque handles and pass them back here; they never read an attribute of the module or of its objects.
 
 Because the runtime half needs a GPU, this module is checked without one: ``tests/test_trt_conformance.py``
-runs every line of it against spies built from the real ``tensorrt_rtx_bindings`` and from the TensorRT 10
+runs every statement of it against spies built from the real ``tensorrt_rtx_bindings`` and from the TensorRT 10
 type stubs (``tensorrt-stubs``), which check each attribute, method-or-property use and argument list.
 """
 
