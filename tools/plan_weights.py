@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import mmap
 import struct
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ SECTION = struct.Struct("<4s4xQQ")  # tag, padding, offset, size
 TAGS = {b"THGW": "weights", b"NGNE": "engine"}
 
 
-def sections(plan: bytes) -> dict[str, tuple[int, int]]:
+def sections(plan: bytes | mmap.mmap) -> dict[str, tuple[int, int]]:
     """``{"weights": (offset, size), "engine": (offset, size)}`` from the plan's header."""
     found = {}
     for start in range(0, 0x100, 8):
@@ -37,9 +38,10 @@ def sections(plan: bytes) -> dict[str, tuple[int, int]]:
     return found
 
 
-def chunk_hashes(data: memoryview, granularity: int) -> list[bytes]:
-    return [hashlib.sha256(bytes(data[i:i + granularity]).ljust(granularity, b"\0")).digest()
-            for i in range(0, len(data), granularity)]
+def chunk_hashes(data: mmap.mmap, offset: int, size: int, granularity: int) -> list[bytes]:
+    """One hash per aligned chunk of ``data[offset:offset + size]``, the last one padded with zeros."""
+    return [hashlib.sha256(data[i:min(i + granularity, offset + size)].ljust(granularity, b"\0")).digest()
+            for i in range(offset, offset + size, granularity)]
 
 
 def main() -> int:
@@ -57,12 +59,12 @@ def main() -> int:
     granularity = int(args.granularity_mib * 2**20)
     rows, chunks = [], {}
     for name, path in plans.items():
-        data = path.read_bytes()
-        layout = sections(data)
-        offset, size = layout["weights"]
-        chunks[name] = chunk_hashes(memoryview(data)[offset:offset + size], granularity)
-        rows.append({"graph": name, "plan_bytes": len(data), "engine_bytes": layout.get("engine", (0, 0))[1],
-                     "weight_bytes": size, "chunks": len(chunks[name])})
+        with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            layout = sections(data)  # a full-size plan is 5 GB: mapped, read chunk by chunk
+            offset, size = layout["weights"]
+            chunks[name] = chunk_hashes(data, offset, size, granularity)
+            rows.append({"graph": name, "plan_bytes": len(data), "engine_bytes": layout.get("engine", (0, 0))[1],
+                         "weight_bytes": size, "chunks": len(chunks[name])})
     distinct = set().union(*map(set, chunks.values()))
     everywhere = set.intersection(*map(set, chunks.values()))
     per_plan = max(len(c) for c in chunks.values())
