@@ -6,16 +6,25 @@ The GPU tests build the tiny spec for the GPU present with whichever engine libr
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
 from atedm_export.contract import GraphContract
+from atedm_export.manifest import Manifest
 from atedm_export.runtime import StagedUNet
 from atedm_export.runtime.engines import EngineRuntimeError
 from atedm_export.runtime.pipeline import SDXL_SCHEDULER
 
 
+from .conftest import needs_rtx
+
+ROOT = Path(__file__).resolve().parents[1]
 SCHEDULER = {k: v for k, v in SDXL_SCHEDULER.items() if k != "interpolation_type"}
 
 
@@ -102,3 +111,17 @@ def test_each_call_returns_a_tensor_the_caller_owns(gpu_engine_build, cuda_graph
     assert first.data_ptr() != second.data_ptr()
     torch.testing.assert_close(first, kept, atol=0, rtol=0)  # the second call left the first result alone
     assert (first - second).abs().max() > 0
+
+
+@needs_rtx
+def test_plan_weights_reads_the_sections_of_every_stage_plan(tiny_build, tmp_path):
+    """tools/plan_weights.py: each plan is header + engine section + weight section, and sharing is counted."""
+    report_path = tmp_path / "share.json"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "plan_weights.py"), str(tiny_build), "--json",
+                           str(report_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    assert report["plans_count"] == len(Manifest.load(tiny_build).graphs()) == 3
+    for row in report["plans"]:
+        assert row["engine_bytes"] + row["weight_bytes"] < row["plan_bytes"] < row["engine_bytes"] + row["weight_bytes"] + 4096
+    assert 1.0 <= report["copies"] <= 3.0 and "copies of the weights for 3 engines" in done.stdout
