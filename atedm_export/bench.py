@@ -14,6 +14,7 @@ import csv
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,30 +51,38 @@ class ScheduleRow:
     flops_speedup: float
 
 
-def _percentile(samples: list[float], q: float) -> float:
+def percentile(samples: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (0-1) of the samples: one of the measured values, never interpolated."""
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def time_calls(backend: Backend, graph: str, feed: dict[str, torch.Tensor], warmup: int, repeats: int) -> list[float]:
-    """Milliseconds of ``repeats`` calls after ``warmup`` calls; CUDA events on a GPU."""
+def time_ms(call: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of ``repeats`` calls after ``warmup`` calls; CUDA events on a GPU, the wall clock elsewhere."""
     for _ in range(warmup):
-        backend.run(graph, feed)
-    backend.synchronize()
+        call()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     samples = []
     for _ in range(repeats):
-        if backend.device.type == "cuda":
+        if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            backend.run(graph, feed)
+            call()
             end.record()
             end.synchronize()
             samples.append(start.elapsed_time(end))
         else:
             tick = time.perf_counter()
-            backend.run(graph, feed)
+            call()
             samples.append((time.perf_counter() - tick) * 1e3)
     return samples
+
+
+def time_calls(backend: Backend, graph: str, feed: dict[str, torch.Tensor], warmup: int, repeats: int) -> list[float]:
+    """``time_ms`` of one graph of a backend."""
+    return time_ms(lambda: backend.run(graph, feed), backend.device, warmup, repeats)
 
 
 def run_bench(folder: str | Path, backends: list[str], warmup: int = 1, repeats: int = 5,
@@ -110,8 +119,8 @@ def _report(folder: Path, manifest: Manifest, backends: list[str], samples: dict
             m = median[(name, entry.name)]
             steps = spec.steps if entry.name == "baseline" else entry.steps[1] - entry.steps[0]
             rows.append(Row(
-                name, entry.name, steps, m, _percentile(samples[(name, entry.name)], 0.1),
-                _percentile(samples[(name, entry.name)], 0.9), min(samples[(name, entry.name)]), entry.graph_tflops,
+                name, entry.name, steps, m, percentile(samples[(name, entry.name)], 0.1),
+                percentile(samples[(name, entry.name)], 0.9), min(samples[(name, entry.name)]), entry.graph_tflops,
                 (eager_ref / m) if eager_ref else None, unpruned / m, base_flops / entry.graph_tflops,
             ))
         if manifest.complete:

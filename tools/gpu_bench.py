@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from atedm_export.bench import percentile, time_calls, time_ms  # noqa: E402
 from atedm_export.dsap import stage_plan  # noqa: E402
 from atedm_export.models import attention_blocks, load_unet  # noqa: E402
 from atedm_export.pruning import set_plan  # noqa: E402
@@ -105,29 +106,6 @@ class PeakMemory:
         return (self.peak - self.base) / MiB
 
 
-def time_ms(call: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    """CUDA events around each call on a GPU; the wall clock with --device cpu."""
-    for _ in range(warmup):
-        call()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        if not cuda:
-            tick = time.perf_counter()
-            call()
-            samples.append((time.perf_counter() - tick) * 1e3)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return samples
-
-
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -135,9 +113,7 @@ def free_memory() -> None:
 
 
 def figure(part: str, what: str, samples: list[float], peak: PeakMemory) -> Figure:
-    ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
-    return Figure(part, what, statistics.median(samples), pick(0.1), pick(0.9), peak.mib)
+    return Figure(part, what, statistics.median(samples), percentile(samples, 0.1), percentile(samples, 0.9), peak.mib)
 
 
 @contextmanager
@@ -174,7 +150,7 @@ def eager(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: ANN0
         for what, plan in plans.items():
             set_plan(unet, plan)
             with PeakMemory() as peak:
-                samples = time_ms(lambda: graph(*graph.args(feed)), args.warmup, args.repeats)
+                samples = time_ms(lambda: graph(*graph.args(feed)), torch.device(args.device), args.warmup, args.repeats)
             peak.base = load_peak.base  # the weights count, as they do in the parts that load inside the figure
             report.figures.append(figure("eager", what, samples, peak))
 
@@ -203,11 +179,12 @@ def timed_graphs(folder: Path, backend_name: str, args: argparse.Namespace, grap
     feed = manifest.contract.example_feed(seed=1, device=args.device)
     samples = {}
     for name in graphs or [entry.name for entry in manifest.graphs()]:
-        samples[name] = time_ms(lambda: backend.run(name, feed), args.warmup, args.repeats)
+        samples[name] = time_calls(backend, name, feed, args.warmup, args.repeats)
         backend.release()
     if alternate:
         names = list(samples)
-        samples["alternating"] = time_ms(lambda: [backend.run(name, feed) for name in names], args.warmup, args.repeats)
+        samples["alternating"] = time_ms(lambda: [backend.run(name, feed) for name in names], backend.device,
+                                         args.warmup, args.repeats)
     return samples
 
 
