@@ -39,6 +39,22 @@ def tiny_inputs(tiny_unet):
     return contract.unet_kwargs(contract.example_feed(seed=1))
 
 
+def sample_loop(model, scheduler, contract: GraphContract, steps: int, seed: int = 3,  # noqa: ANN001
+                device: str = "cpu") -> torch.Tensor:
+    """A sampler loop over ``model(sample, t, ...) -> .sample`` (a UNet or a StagedUNet, told the run's
+    timesteps): what a pipeline or a custom sampler does with its UNet. Returns the final latents."""
+    scheduler.set_timesteps(steps)
+    if hasattr(model, "set_timesteps"):
+        model.set_timesteps(scheduler.timesteps)
+    cond = contract.unet_kwargs(contract.example_feed(seed=seed, device=device))
+    latents = cond["sample"] * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = model(scheduler.scale_model_input(latents, t), t, cond["encoder_hidden_states"],
+                    added_cond_kwargs=cond.get("added_cond_kwargs")).sample
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
 def run(unet, inputs) -> torch.Tensor:
     with torch.no_grad():
         return unet(**inputs).sample

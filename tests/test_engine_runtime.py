@@ -22,24 +22,10 @@ from atedm_export.runtime.engines import EngineRuntimeError
 from atedm_export.runtime.pipeline import SDXL_SCHEDULER
 
 
-from .conftest import needs_rtx
+from .conftest import needs_rtx, sample_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULER = {k: v for k, v in SDXL_SCHEDULER.items() if k != "interpolation_type"}
-
-
-def _loop(model, scheduler, contract: GraphContract, steps: int, device: str = "cpu") -> torch.Tensor:  # noqa: ANN001
-    """A sampler loop over ``model(sample, t, kwargs) -> eps``; what a pipeline does with its UNet."""
-    scheduler.set_timesteps(steps)
-    if hasattr(model, "set_timesteps"):
-        model.set_timesteps(scheduler.timesteps)
-    cond = contract.unet_kwargs(contract.example_feed(seed=3, device=device))
-    latents = cond["sample"] * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = model(scheduler.scale_model_input(latents, t), t, cond["encoder_hidden_states"],
-                    added_cond_kwargs=cond.get("added_cond_kwargs")).sample
-        latents = scheduler.step(eps, t, latents).prev_sample
-    return latents
 
 
 def test_multistep_schedulers_keep_earlier_model_outputs(tiny_unet):
@@ -57,9 +43,9 @@ def test_multistep_schedulers_keep_earlier_model_outputs(tiny_unet):
             return out
 
     with torch.no_grad():
-        owned = _loop(tiny_unet, PNDMScheduler(**SCHEDULER), contract, 6)
-        aliased = _loop(Aliasing(), PNDMScheduler(**SCHEDULER), contract, 6)
-        first_order = [_loop(m, EulerDiscreteScheduler(**SDXL_SCHEDULER), contract, 6) for m in (tiny_unet, Aliasing())]
+        owned = sample_loop(tiny_unet, PNDMScheduler(**SCHEDULER), contract, 6)
+        aliased = sample_loop(Aliasing(), PNDMScheduler(**SCHEDULER), contract, 6)
+        first_order = [sample_loop(m, EulerDiscreteScheduler(**SDXL_SCHEDULER), contract, 6) for m in (tiny_unet, Aliasing())]
     assert (owned - aliased).abs().max() > 1e-3  # the kept output changed under the scheduler
     torch.testing.assert_close(*first_order, atol=0, rtol=0)  # Euler keeps nothing: aliasing is harmless there
 
@@ -84,8 +70,8 @@ def test_engine_loop_switches_stages_like_onnxruntime(gpu_engine_build, cuda_gra
     reference = StagedUNet.load(gpu_engine_build, backend="onnxruntime")
     contract, steps = engine.manifest.contract, 8
     kwargs = SCHEDULER if scheduler is PNDMScheduler else SDXL_SCHEDULER
-    got = _loop(engine, scheduler(**kwargs), contract, steps, "cuda").cpu()
-    want = _loop(reference, scheduler(**kwargs), contract, steps)
+    got = sample_loop(engine, scheduler(**kwargs), contract, steps, device="cuda").cpu()
+    want = sample_loop(reference, scheduler(**kwargs), contract, steps)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
     ranges = engine.schedule.step_ranges(steps)
     for stage, expected in zip(engine.manifest.stages, ranges):  # every stage ran, at its steps

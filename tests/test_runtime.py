@@ -21,22 +21,12 @@ from atedm_export.runtime.backends import RuntimeInputError
 from atedm_export.runtime.pipeline import SDXL_SCHEDULER
 from atedm_export.spec import load_spec
 
-from .conftest import HAS_RTX
+from .conftest import HAS_RTX, sample_loop
 
 
 def _denoise(staged: StagedUNet, num_steps: int, seed: int = 0) -> torch.Tensor:
     """A plain Euler loop (no pipeline): what a custom sampler does with a StagedUNet."""
-    manifest = staged.manifest
-    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
-    scheduler.set_timesteps(num_steps)
-    staged.set_timesteps(scheduler.timesteps)
-    cond = manifest.contract.unet_kwargs(manifest.contract.example_feed(seed=seed))
-    latents = cond["sample"] * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = staged(scheduler.scale_model_input(latents, t), t, cond["encoder_hidden_states"],
-                     added_cond_kwargs=cond.get("added_cond_kwargs")).sample
-        latents = scheduler.step(eps, t, latents).prev_sample
-    return latents
+    return sample_loop(staged, EulerDiscreteScheduler(**SDXL_SCHEDULER), staged.manifest.contract, num_steps, seed)
 
 
 @pytest.mark.parametrize("num_steps", [20, 7, 1])

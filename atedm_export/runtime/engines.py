@@ -59,12 +59,11 @@ class StageEngines:
         self.logger = api.logger(self.errors.append)
         self.runtime = api.runtime(self.logger, defer_weights=self.cycled)
         self.io_names = io_names
-        self.stages = {key: self._load(key, folder / path, (refit_from or {}).get(key), io_names)
-                       for key, path in plans.items()}
-        self.resident: str | None = None if self.cycled else "all"
+        self.stages = {key: self._load(key, folder / path, (refit_from or {}).get(key)) for key, path in plans.items()}
+        self.resident: str | None = None  # cycled: the stage whose weights are on the GPU
         self.activation_bytes = max(api.device_memory_size(s.engine) for s in self.stages.values())
 
-    def _load(self, key: str, path: Path, onnx_path: Path | None, io_names: list[str]) -> StageEngine:
+    def _load(self, key: str, path: Path, onnx_path: Path | None) -> StageEngine:
         with path.open("rb") as handle:
             plan = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         engine = self.api.deserialize(self.runtime, plan)
@@ -73,9 +72,9 @@ class StageEngines:
             raise EngineRuntimeError(f"{key}: the engine does not load on this GPU and library "
                                      f"(corrupt, or built for another){reason}")
         names = self.api.io_names(engine)
-        if sorted(names) != sorted(io_names):
+        if sorted(names) != sorted(self.io_names):
             raise EngineRuntimeError(f"{key}: engine tensors {', '.join(names)} differ from the build's "
-                                     f"{', '.join(io_names)}")
+                                     f"{', '.join(self.io_names)}")
         if onnx_path is not None and not self.api.refit_from_onnx(engine, self.logger, str(onnx_path)):
             raise EngineRuntimeError(f"{onnx_path.name}: refitting the weight-stripped engine failed (graph and engine differ?)")
         return StageEngine(key, plan, engine, self.api.context(engine))
