@@ -6,6 +6,10 @@ backend's baseline *is* the stock diffusers UNet, so "vs eager" ratios compare w
 today; "vs unpruned" ratios compare each stage with the baseline graph in the same backend, beside
 the speedup the counted FLOPs predict. The schedule rows weight each stage by its steps (per image).
 GPU timings use CUDA events after a synchronize.
+
+Every reference is the fastest stock form of its backend: the eager baseline is diffusers' UNet on SDPA;
+onnxruntime runs each graph's fused form (``ortfuse.py``) where the build has one, and then also times
+the plain baseline graph as one labelled reference row (``baseline-unfused``), never as the reference.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from .errors import AtedmError
 from .manifest import Manifest
 from .registry import ENGINE_LIBRARIES
 from .runtime.backends import Backend, load_backend
+
+UNFUSED = "baseline-unfused"  # the onnxruntime baseline with its attention as plain ops: a reference row only
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,12 @@ def run_bench(folder: str | Path, backends: list[str], warmup: int = 1, repeats:
                 progress(f"{name}: {entry.name}")
             medians[(name, entry.name)] = time_calls(backend, entry.name, feed, warmup, repeats)
             backend.release()
+        if name == "onnxruntime" and manifest.baseline.ort_onnx is not None:
+            if progress:
+                progress(f"{name}: {UNFUSED}")
+            plain = load_backend(name, folder, manifest, device, fused=False)
+            medians[(name, UNFUSED)] = time_calls(plain, "baseline", feed, warmup, repeats)
+            plain.release()
         del backend
     return _report(folder, manifest, backends, medians, warmup, repeats)
 
@@ -115,12 +127,15 @@ def _report(folder: Path, manifest: Manifest, backends: list[str], samples: dict
     rows, schedule = [], []
     for name in backends:
         unpruned = median[(name, "baseline")]
-        for entry in manifest.graphs():
-            m = median[(name, entry.name)]
+        timed = [(e.name, e) for e in manifest.graphs()]
+        if (name, UNFUSED) in median:
+            timed.insert(1, (UNFUSED, manifest.baseline))
+        for graph, entry in timed:
+            m = median[(name, graph)]
             steps = spec.steps if entry.name == "baseline" else entry.steps[1] - entry.steps[0]
             rows.append(Row(
-                name, entry.name, steps, m, percentile(samples[(name, entry.name)], 0.1),
-                percentile(samples[(name, entry.name)], 0.9), min(samples[(name, entry.name)]), entry.graph_tflops,
+                name, graph, steps, m, percentile(samples[(name, graph)], 0.1),
+                percentile(samples[(name, graph)], 0.9), min(samples[(name, graph)]), entry.graph_tflops,
                 (eager_ref / m) if eager_ref else None, unpruned / m, base_flops / entry.graph_tflops,
             ))
         if manifest.complete:
@@ -143,10 +158,21 @@ def _report(folder: Path, manifest: Manifest, backends: list[str], samples: dict
         "warmup": warmup,
         "repeats": repeats,
         "backends": backends,
+        "references": {name: _reference(name, manifest) for name in backends},
         "rows": [asdict(r) for r in rows],
         "schedule": [asdict(s) for s in schedule],
         "samples_ms": {f"{b}/{g}": v for (b, g), v in samples.items()},
     }
+
+
+def _reference(backend: str, manifest: Manifest) -> str:
+    """What each backend's ``baseline`` row (the reference of its ratios) runs."""
+    if backend == "eager":
+        return "diffusers UNet, attention on SDPA"
+    if backend == "onnxruntime":
+        return ("baseline graph, attention fused by onnxruntime's transformer optimizer"
+                if manifest.baseline.ort_onnx is not None else "baseline graph, attention unfused (build has no fused form)")
+    return "baseline engine (the library fuses the graph's attention)"
 
 
 def write_csv(report: dict, path: Path) -> None:

@@ -22,7 +22,7 @@ from rich.text import Text
 
 from . import __version__
 from .errors import AtedmError
-from .registry import BUILD_BACKENDS, DEPLOY_VARIANTS, ENGINE_LIBRARIES, ENGINE_WEIGHTS, PRECISION_NAMES, RUNTIME_BACKENDS
+from .registry import BUILD_BACKENDS, COST_DEVICES, DEPLOY_VARIANTS, ENGINE_LIBRARIES, ENGINE_WEIGHTS, PRECISION_NAMES, RUNTIME_BACKENDS
 
 # Rich wraps at 80 columns when output is not a terminal; tables of figures need more.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
@@ -68,17 +68,26 @@ def main() -> None:
 @click.option("--prune-point", type=click.Choice(["attn1", "layer"]),
               help="Prune right after the first self-attention (attn1) or after the first layer (layer, the paper's "
                    "wording) instead of the spec's choice.")
+@click.option("--precision", type=click.Choice(PRECISION_NAMES), help="Override the spec's precision (what --device prices).")
+@click.option("--device", "devices", multiple=True, type=click.Choice(COST_DEVICES, case_sensitive=False),
+              help="Predict each graph's time on this device (repeatable): the cost model's speedup of each stage "
+                   "and of the schedule vs the fused baseline, and the map layer's share.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def flops(spec: str, schedule: str | None, prune_point: str | None, as_json: bool) -> None:
+def flops(spec: str, schedule: str | None, prune_point: str | None, precision: str | None,
+          devices: tuple[str, ...], as_json: bool) -> None:
     """FLOPs per image-step of each DSAP stage and the baseline, counted on the patched UNet.
 
     SPEC is a graph spec YAML file or a built-in spec name (sdxl-base-1024, sd15, sd21, sdxl-refiner, ssd-1b,
     tiny-sdxl, ...).
     """
+    from .costmodel import device
     from .flops import flops_report
     from .spec import load_spec
 
-    report = flops_report(load_spec(spec).with_schedule(schedule).with_prune_point(prune_point))
+    graph_spec = load_spec(spec).with_schedule(schedule).with_prune_point(prune_point)
+    if precision:
+        graph_spec = graph_spec.model_copy(update={"precision": precision})
+    report = flops_report(graph_spec, tuple(device(d) for d in dict.fromkeys(devices)))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
@@ -98,6 +107,25 @@ def flops(spec: str, schedule: str | None, prune_point: str | None, as_json: boo
                   f"{report.schedule_saving:.1%}", "")
     out.print(table)
     out.print(_keep_table(report.tokens, {s.name: s.keep for s in report.stages}))
+    for prediction in report.predictions:
+        out.print(_prediction_table(prediction, report.batch, report.precision))
+
+
+def _prediction_table(prediction, batch: int, precision: str) -> Table:  # noqa: ANN001 - flops.DevicePrediction
+    """One device: each graph's predicted time per call, its speedup vs the fused baseline, the map layer's share."""
+    dev = prediction.device
+    table = Table(title=Text(f"predicted on {dev.name} ({dev.tflops:.1f} TFLOP/s, {dev.bandwidth_gbs:,.0f} GB/s; "
+                             f"batch {batch}, {precision}; attention fused everywhere but the map layer)"))
+    for column in ("graph", "ms / call", "vs fused baseline", "map layer", "map share"):
+        table.add_column(column, justify="left" if column == "graph" else "right")
+    table.add_row("baseline", f"{prediction.baseline.seconds * 1e3:.2f}", "1.00×", "-", "-")
+    for name, stage in prediction.stages.items():
+        table.add_row(name, f"{stage.seconds * 1e3:.2f}", _ratio(prediction.speedup(name)),
+                      f"{stage.map_seconds * 1e3:.2f} ms", f"{stage.map_share:.0%}")
+    table.add_section()
+    table.add_row("schedule", "", _ratio(prediction.schedule_speedup), "", "")
+    table.caption = Text(dev.source)
+    return table
 
 
 def _keep_table(tokens: dict[str, int], stages: dict[str, dict[str, int]]) -> Table:
@@ -193,9 +221,12 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file (read and updated).")
 @click.option("--strip-weights/--keep-weights", default=None,
               help="Weight-stripped engines, refitted from the ONNX weights at load [default: above 2 GB, on a GPU machine].")
+@click.option("--ort-fusion/--no-ort-fusion", default=None,
+              help="Also write each graph's onnxruntime form, attention fused by onnxruntime's optimizer (~25 s a "
+                   "graph) [default: for UNets over 1 GB of weights].")
 def build(spec: str, out: Path | None, backend: str, target: str | None, precision: str | None, stages: str | None,
           force: bool, opt_level: int, workspace: float | None, timing_cache: Path | None,
-          strip_weights: bool | None) -> None:
+          strip_weights: bool | None, ort_fusion: bool | None) -> None:
     """Export every DSAP stage of SPEC (and the unpruned baseline) to ONNX and compile engines.
 
     SPEC is a graph spec YAML file or a built-in spec name (default: tiny-sdxl). The build is written to
@@ -218,7 +249,7 @@ def build(spec: str, out: Path | None, backend: str, target: str | None, precisi
         if not re.fullmatch(r"sm\d{2,3}", t):
             raise AtedmError(f"unknown target '{t}'; expected a compute capability such as sm86 or sm89")
     request = BuildRequest(graph_spec, out, backend, targets, _split(stages), force, opt_level, workspace, timing_cache,
-                           strip_weights)
+                           strip_weights, ort_fusion)
     start = time.perf_counter()
     with console.status("building…") as status:
         def progress(graph: str, event: str, seconds: float | None) -> None:
@@ -395,10 +426,14 @@ def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str
     for column in ("backend", "graph", "median ms", "p10-p90 ms", "vs eager", "vs unpruned", "FLOPs predict"):
         table.add_column(column, justify="left" if column in ("backend", "graph") else "right")
     for r in report["rows"]:
-        label = "stock diffusers UNet" if (r["backend"], r["graph"]) == ("eager", "baseline") else r["graph"]
+        label = {("eager", "baseline"): "stock diffusers UNet (SDPA)",
+                 ("onnxruntime", "baseline-unfused"): "baseline, attention unfused (reference only)"}.get(
+            (r["backend"], r["graph"]), r["graph"])
         table.add_row(r["backend"], label, f"{r['median_ms']:.1f}", f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}",
                       _ratio(r["speedup_vs_eager"]), _ratio(r["speedup_vs_unpruned"]), _ratio(r["flops_speedup"]))
     out.print(table)
+    for name, reference in report["references"].items():
+        out.print(Text(f"{name} 'vs unpruned' reference: {reference}"))
     if report["schedule"]:
         sched = Table(title=f"whole schedule, per image ({report['steps']} steps)")
         for column in ("backend", "AT-EDM s", "unpruned s", "vs unpruned", "vs eager", "FLOPs predict"):

@@ -34,6 +34,7 @@ from onnx.external_data_helper import uses_external_data
 
 from .contract import OUTPUT, GraphContract, UNetGraph
 from .pruning import StagePlan, planned
+from .pruning.attention import fusable_attention
 from .weights import WeightStore
 
 OPSET = 18  # LayerNormalization is opset 17; TensorRT 10 and TensorRT-RTX parse 18
@@ -114,11 +115,12 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
 def export_raw(unet: UNet2DConditionModel, plan: StagePlan | None, contract: GraphContract, raw: Path) -> None:
     """Export ``unet`` with ``plan`` applied (None: the stock UNet) to ``raw``, as the exporter writes it.
 
-    The plan is removed again afterwards, so one loaded UNet can serve several stages.
+    The plan is removed again afterwards, so one loaded UNet can serve several stages. Every attention
+    is exported in the form the backends fuse (``pruning.attention.explicit_attention``).
     """
     graph = contract.module(unet).eval()
     args = graph.args(contract.example_feed(device=unet.device))
-    with planned(unet, plan), warnings.catch_warnings(), torch.no_grad(), _quiet():
+    with planned(unet, plan), fusable_attention(unet), warnings.catch_warnings(), torch.no_grad(), _quiet():
         warnings.simplefilter("ignore")
         _torch_export(graph, args, raw, exporter_for(unet))
 

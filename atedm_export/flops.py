@@ -13,6 +13,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .costmodel import Device, Prediction, predict, record_ops
 from .dsap import stage_plan
 from .contract import GraphContract
 from .models import AttentionBlock, attention_blocks, build_unet, unet_config
@@ -27,6 +28,41 @@ def count_flops(unet: UNet2DConditionModel, height: int, width: int, text_length
     with planned(unet, plan), FlopCounterMode(display=False) as counter, torch.no_grad():
         unet(**inputs)
     return counter.get_total_flops()
+
+
+def graph_ops(unet: UNet2DConditionModel, contract: GraphContract, plan: StagePlan | None) -> list:
+    """The costed ops (``costmodel.OpCost``) of one call of ``contract``'s graph on a ``meta`` UNet with ``plan``."""
+    inputs = contract.unet_kwargs(contract.example_feed(device="meta"))
+    with planned(unet, plan):
+        return record_ops(lambda: unet(**inputs))
+
+
+@dataclass(frozen=True)
+class DevicePrediction:
+    """The cost model's times for one device: the baseline, each stage, and the schedule per image."""
+
+    device: Device
+    baseline: Prediction
+    stages: dict[str, Prediction]
+    stage_steps: dict[str, int]
+
+    def speedup(self, stage: str) -> float:
+        return self.baseline.seconds / self.stages[stage].seconds
+
+    @property
+    def schedule_speedup(self) -> float:
+        steps = sum(self.stage_steps.values())
+        return self.baseline.seconds * steps / sum(self.stages[n].seconds * k for n, k in self.stage_steps.items())
+
+    def to_json(self) -> dict:
+        d = self.device
+        return {
+            "name": d.name, "peak_tflops": d.tflops, "bandwidth_gbs": d.bandwidth_gbs, "source": d.source,
+            "baseline_ms": self.baseline.seconds * 1e3, "baseline_map_share": 0.0,
+            "stages": [{"name": n, "ms": p.seconds * 1e3, "predicted_speedup": self.speedup(n),
+                        "map_share": p.map_share, "map_ms": p.map_seconds * 1e3} for n, p in self.stages.items()],
+            "predicted_speedup": self.schedule_speedup,
+        }
 
 
 @dataclass(frozen=True)
@@ -50,6 +86,9 @@ class FlopsReport:
     tokens: dict[str, int]
     baseline_tflops: float
     stages: list[StageFlops] = field(default_factory=list)
+    batch: int = 1
+    precision: str = "fp32"
+    predictions: list[DevicePrediction] = field(default_factory=list)
 
     @property
     def schedule_tflops(self) -> float:
@@ -63,6 +102,7 @@ class FlopsReport:
     def to_json(self) -> dict:
         data = asdict(self)
         data["stages"] = [{**asdict(s), "steps": list(s.steps)} for s in self.stages]
+        data["predictions"] = {p.device.key: p.to_json() for p in self.predictions}
         data["schedule_tflops"] = self.schedule_tflops
         data["schedule_saving"] = self.schedule_saving
         return data
@@ -72,8 +112,11 @@ def spec_blocks(spec: GraphSpec, unet: UNet2DConditionModel) -> list[AttentionBl
     return attention_blocks(unet, spec.height, spec.width)
 
 
-def flops_report(spec: GraphSpec) -> FlopsReport:
-    """Baseline and per-stage FLOPs of a spec at its resolution and step count."""
+def flops_report(spec: GraphSpec, devices: tuple[Device, ...] = ()) -> FlopsReport:
+    """Baseline and per-stage FLOPs of a spec at its resolution and step count, and predicted times on ``devices``.
+
+    Times are for one call at the spec's batch and precision (the graph a build exports).
+    """
     unet = build_unet(unet_config(spec.model), device="meta")
     blocks = spec_blocks(spec, unet)
     options = spec.pruning.options()
@@ -86,6 +129,9 @@ def flops_report(spec: GraphSpec) -> FlopsReport:
         keep = {b.name: plan.keep.get(b.name, b.tokens) for b in blocks}
         stages.append(StageFlops(stage.name, (steps.start, steps.stop), len(steps), keep, tflops, 1 - tflops / baseline))
     return FlopsReport(
+        batch=spec.batch,
+        precision=spec.precision,
+        predictions=_predictions(spec, devices, [s.name for s in stages], [s.num_steps for s in stages]) if devices else [],
         spec=spec.name,
         model=spec.model,
         schedule=spec.dsap.name,
@@ -96,6 +142,19 @@ def flops_report(spec: GraphSpec) -> FlopsReport:
         baseline_tflops=baseline,
         stages=stages,
     )
+
+
+def _predictions(spec: GraphSpec, devices: tuple[Device, ...], names: list[str], steps: list[int]) -> list[DevicePrediction]:
+    """Each graph's ops recorded once (at the spec's batch and precision), then priced per device."""
+    unet = build_unet(unet_config(spec.model), dtype=spec.dtype, device="meta")
+    contract = spec.contract(dict(unet.config))
+    blocks = spec_blocks(spec, unet)
+    options = spec.pruning.options()
+    baseline = graph_ops(unet, contract, None)
+    staged = {name: graph_ops(unet, contract, stage_plan(stage, blocks, options))
+              for name, stage in zip(names, spec.dsap.stages)}
+    return [DevicePrediction(dev, predict(baseline, dev), {n: predict(ops, dev) for n, ops in staged.items()},
+                             dict(zip(names, steps))) for dev in devices]
 
 
 def graph_flops(path: str, batch: int) -> int:

@@ -59,6 +59,7 @@ class GraphEntry(_Model):
     steps: list[int]  # [first, stop) for the spec's step count
     keep: dict[str, int]  # kept tokens per attention block (== tokens where unpruned)
     onnx: FileEntry  # the graph's nodes and small tensors; its weights are the build's shared file
+    ort_onnx: FileEntry | None = None  # onnxruntime's fused form of the graph (ortfuse.py), where built
     engine: FileEntry | None
     graph_tflops: float  # per image-step, counted from the ONNX graph
     module_tflops: float  # per image-step, counted on the patched torch module
@@ -190,7 +191,7 @@ class Manifest(_Model):
         """Every distinct file of the build (stages that reuse the baseline's add nothing)."""
         unique = {self.weights.path: self.weights}
         for entry in self.graphs():
-            for item in (entry.onnx, entry.engine):
+            for item in (entry.onnx, entry.ort_onnx, entry.engine):
                 if item is not None:
                     unique.setdefault(item.path, item)
         return list(unique.values())
@@ -198,7 +199,8 @@ class Manifest(_Model):
 
 def verify_entry(folder: Path, entry: GraphEntry, engine: bool = True) -> None:
     """Check one graph's own files (and its engine) against their sizes and sha256, naming the first that differs."""
-    for item in [entry.onnx, *([entry.engine] if engine and entry.engine else [])]:
+    for item in [entry.onnx, *([entry.ort_onnx] if entry.ort_onnx else []),
+                 *([entry.engine] if engine and entry.engine else [])]:
         verify_file(folder / item.path, item, entry.name)
 
 

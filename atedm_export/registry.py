@@ -19,3 +19,5 @@ PRECISION_NAMES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 #: Where the engine backend keeps stage engines' weights (``runtime/engines.py``): every stage's on the GPU,
 #: or one stage's at a time, swapped in before it runs (TensorRT-RTX's deferred weight loading).
 ENGINE_WEIGHTS: tuple[str, ...] = ("resident", "cycled")
+#: Devices the cost model predicts for (``costmodel.DEVICES`` holds their peaks; ``cpu`` is measured here).
+COST_DEVICES: tuple[str, ...] = ("h100", "h200", "a100", "l40s", "rtx4090", "cpu")

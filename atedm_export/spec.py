@@ -35,6 +35,10 @@ class PruningSpec(BaseModel):
     prune_point: Literal["layer", "attn1"] | None = Field(
         None, description="attn1 (default where exact: copy recovery, self importance) or layer (the paper's wording)")
     recovery: Literal["copy", "skip"] = "copy"
+    selection: Literal["auto", "topk", "rank"] = Field(
+        "auto", description="TopK where k <= 3840 (TensorRT's limit), rank-by-comparison above; both keep the same tokens")
+    map_output: Literal["reuse", "fused"] = Field(
+        "reuse", description="map layer output from each head's map (reuse) or through the fused attention (fused)")
 
     @model_validator(mode="before")
     @classmethod

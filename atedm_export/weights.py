@@ -116,6 +116,8 @@ class WeightStore:
             for tensor in model.graph.initializer:
                 if uses_external_data(tensor):
                     info = ExternalDataInfo(tensor)
+                    if (base_dir / info.location).resolve() == self.path.resolve():
+                        continue  # already in this store (a graph made from one of its graphs)
                     handle = sources.get(info.location) or sources.setdefault(
                         info.location, (base_dir / info.location).open("rb"))
                     length = info.length if info.length is not None else _nbytes(tensor)

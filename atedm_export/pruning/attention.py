@@ -1,10 +1,24 @@
-"""The one attention that pays for an explicit probability map: ``attn1`` of a block's first layer.
+"""Attention in the forms the backends fuse, and the one attention that also pays for a map.
 
-Every other attention keeps diffusers' fused kernel. Here the softmax runs in fp32 so the map that
-ranks and matches tokens is the same whether the model runs in fp32, fp16 or bf16.
+Every attention of an exported graph is written as ``explicit_attention``: ``MatMul → Mul → Softmax →
+MatMul`` over ``[B·heads, N, d]`` with the head split as ``Reshape → Transpose → Reshape``. That is the
+pattern onnxruntime's UNet optimizer (``onnxruntime.transformers``, ``FusionAttentionUnet``, the form its
+Stable Diffusion demo exports) fuses into ``Attention``/``MultiHeadAttention``, and a softmax read by
+one MatMul only is what TensorRT's MHA fusion takes. PyTorch's SDPA exports with the scale split over
+``q`` and ``k`` and computed from shapes, which the graph cleaner folds and the optimizer then misses.
+
+``attn1`` of a pruned block's first layer also returns its head-combined probability map ``[B, N, M]``
+(fp32). The map is built one head at a time, so no ``[B, heads, N, M]`` fp32 tensor is ever held, and
+each head's probabilities either also give that head's output (``map_output="reuse"``: no second
+``q·kᵀ``) or the output runs through the fused attention (``"fused"``: the map path only reads ``q`` and
+``k``; a GPU's fused kernel then never writes the output's map to memory).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
@@ -14,29 +28,107 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from ..errors import ModelError
 
 _STOCK_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
+HeadReduce = Literal["mean", "max"]
+MapOutput = Literal["reuse", "fused"]
+
+
+def explicit_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``softmax(q·kᵀ·scale)·v`` for ``[B, N, heads·d]`` projections, in the fusable form (module docstring)."""
+    q, k, v = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
+    probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)
+    return attn.batch_to_head_dim(probs @ v)
+
+
+def fused_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The same attention as one kernel: SDPA when run, ``explicit_attention`` when exported (for the fusers)."""
+    if torch.onnx.is_in_onnx_export():
+        return explicit_attention(attn, query, key, value)
+    batch, tokens, inner = query.shape
+    head_dim = inner // attn.heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(split(query), split(key), split(value), scale=attn.scale)
+    return out.transpose(1, 2).reshape(batch, tokens, inner)
+
+
+def _is_plain(attn: Attention, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+    """True where ``explicit_attention`` is exactly what the stock processor computes."""
+    extras = (attn.norm_q, attn.norm_k, attn.norm_cross, attn.group_norm, attn.spatial_norm)
+    return (hidden.ndim == 3 and attention_mask is None and all(e is None for e in extras)
+            and not attn.residual_connection and attn.rescale_output_factor == 1.0)
+
+
+class FusableAttnProcessor:
+    """diffusers' attention as ``fused_attention`` (explicit in an export); the stock processor's elsewhere."""
+
+    def __init__(self) -> None:
+        self._stock = AttnProcessor2_0()
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args: object, **kwargs: object) -> torch.Tensor:
+        if not _is_plain(attn, hidden_states, attention_mask):
+            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        out = fused_attention(attn, attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@contextlib.contextmanager
+def fusable_attention(unet: torch.nn.Module) -> Iterator[None]:
+    """Every stock attention of ``unet`` in the fusable form for the ``with`` body (an export), then as before."""
+    saved = {name: module.processor for name, module in unet.named_modules() if isinstance(module, Attention)}
+    try:
+        for name, module in unet.named_modules():
+            if isinstance(module, Attention) and isinstance(module.processor, _STOCK_PROCESSORS):
+                module.set_processor(FusableAttnProcessor())
+        yield
+    finally:
+        for name, module in unet.named_modules():
+            if name in saved:
+                module.set_processor(saved[name])
 
 
 def attention_with_map(
-    attn: Attention, hidden: torch.Tensor, context: torch.Tensor | None = None
+    attn: Attention, hidden: torch.Tensor, context: torch.Tensor | None = None,
+    heads: HeadReduce = "mean", map_output: MapOutput = "reuse",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``attn`` as its stock processor would and also return the fp32 probabilities ``[B, heads, N, M]``."""
+    """Run ``attn`` as its stock processor would; also return its fp32 probabilities combined over heads.
+
+    ``heads="mean"`` averages the rows (still stochastic); ``"max"`` takes the strongest head per edge and
+    renormalizes the rows, so the map stays a transition matrix.
+    """
     context = hidden if context is None else context
     query, key, value = attn.to_q(hidden), attn.to_k(context), attn.to_v(context)
     batch, tokens, inner = query.shape
-    heads = attn.heads
-    head_dim = inner // heads
-
-    def split(x: torch.Tensor) -> torch.Tensor:
-        return x.view(batch, -1, heads, head_dim).transpose(1, 2)
-
-    query, key, value = split(query), split(key), split(value)
+    head_dim = inner // attn.heads
     # The logits themselves in fp32, not only the softmax: fp16 rounding of q·kᵀ differs between
     # backends (torch CPU, onnxruntime, TensorRT), and near-equal G-WPR scores then keep other tokens.
-    logits = (query.float() * attn.scale) @ key.float().transpose(-1, -2)
-    probs = logits.softmax(dim=-1)
-    out = (probs.to(value.dtype) @ value).transpose(1, 2).reshape(batch, tokens, inner)
-    out = attn.to_out[1](attn.to_out[0](out))
-    return out, probs
+    q32 = (query.float() * attn.scale).view(batch, tokens, attn.heads, head_dim)
+    k32 = key.float().view(batch, -1, attn.heads, head_dim)
+    # reuse: each head's fp32 map times v in fp32, so the [B, N, M] map is never cast (a full pass over it)
+    v_heads = value.float().view(batch, -1, attn.heads, head_dim) if map_output == "reuse" else None
+    combined, outs = None, []
+    for h in range(attn.heads):
+        probs = (q32[:, :, h] @ k32[:, :, h].transpose(-1, -2)).softmax(dim=-1)  # [B, N, M], this head only
+        if map_output == "reuse":
+            outs.append(probs @ v_heads[:, :, h])
+        combined = probs if combined is None else (combined + probs if heads == "mean" else torch.maximum(combined, probs))
+    if heads == "mean":
+        combined = combined / attn.heads
+    elif heads == "max":
+        combined = combined / combined.sum(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"head reduction must be 'mean' or 'max', got {heads!r}")
+    if map_output == "reuse":
+        out = torch.cat(outs, dim=-1).to(value.dtype)
+    elif map_output == "fused":
+        out = fused_attention(attn, query, key, value)
+    else:
+        raise ValueError(f"map output must be 'reuse' or 'fused', got {map_output!r}")
+    return attn.to_out[1](attn.to_out[0](out)), combined
 
 
 def check_supported(name: str, block: Transformer2DModel) -> None:
@@ -49,7 +141,7 @@ def check_supported(name: str, block: Transformer2DModel) -> None:
     if first.pos_embed is not None or first.only_cross_attention or first.attn2 is None:
         raise ModelError(f"attention block {name}: first layer needs self-attention then cross-attention, no pos_embed")
     for label, attn in (("attn1", first.attn1), ("attn2", first.attn2)):
-        if not isinstance(attn.processor, _STOCK_PROCESSORS):
+        if not isinstance(attn.processor, (*_STOCK_PROCESSORS, FusableAttnProcessor)):
             raise ModelError(
                 f"attention block {name}: {label} uses {type(attn.processor).__name__}; "
                 "AT-EDM needs the stock AttnProcessor (remove LoRA/IP-adapter processors first)"

@@ -9,26 +9,7 @@ which tokens are kept.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-
-HeadReduce = Literal["mean", "max"]
-
-
-def combine_heads(probs: torch.Tensor, how: HeadReduce = "mean") -> torch.Tensor:
-    """``[B, heads, N, M]`` attention probabilities → one ``[B, N, M]`` map, rows summing to 1.
-
-    ``mean`` keeps rows stochastic as they are; ``max`` takes the strongest head per edge and
-    renormalizes the rows so the map is still a transition matrix.
-    """
-    probs = probs.float()
-    if how == "mean":
-        return probs.mean(dim=1)
-    if how == "max":
-        peak = probs.amax(dim=1)
-        return peak / peak.sum(dim=-1, keepdim=True)
-    raise ValueError(f"head reduction must be 'mean' or 'max', got {how!r}")
 
 
 def gwpr_scores(attn: torch.Tensor, iterations: int = 5, damping: float = 1.0) -> torch.Tensor:

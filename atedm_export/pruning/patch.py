@@ -25,10 +25,10 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from ..errors import PlanError
-from .attention import attention_with_map, check_supported
-from .gwpr import HeadReduce, combine_heads, cross_gwpr_scores, gwpr_scores
+from .attention import HeadReduce, MapOutput, attention_with_map, check_supported
+from .gwpr import cross_gwpr_scores, gwpr_scores
 from .recover import Recovery, copy_recover, recovery_sources, skip_recover
-from .select import gather_tokens, keep_indices
+from .select import Selection, gather_tokens, select_tokens
 
 PrunePoint = Literal["layer", "attn1"]
 Importance = Literal["self", "cross"]
@@ -50,6 +50,11 @@ class PruneOptions:
     it is the only point that saves anything. ``importance``: rank with the self-attention map (``self``,
     the paper's choice) or the cross-attention map to the text (``cross``, needs ``prune_point=layer``
     because the cross-attention runs after ``attn1``).
+
+    How the map layer is computed (each choice keeps the same tokens): ``selection``: ``TopK`` where k is
+    within TensorRT's limit, rank-by-comparison above it (``auto``), or one of them always (``select.py``);
+    ``map_output``: the map layer's output from each head's map (``reuse``: no second ``q·kᵀ``) or through
+    the fused attention (``fused``: what a GPU's flash kernel runs without writing a map; ``attention.py``).
     """
 
     iterations: int = 5
@@ -58,6 +63,8 @@ class PruneOptions:
     importance: Importance = "self"
     prune_point: PrunePoint | None = None  # None: attn1 where it is exact (copy recovery, self importance), else layer
     recovery: Recovery = "copy"
+    selection: Selection = "auto"
+    map_output: MapOutput = "reuse"
 
     def __post_init__(self) -> None:
         if self.prune_point is None:
@@ -189,23 +196,22 @@ def _atedm_forward(
     tokens, inner_dim = self._operate_on_continuous_inputs(hidden_states)
     first, rest = self.transformer_blocks[0], self.transformer_blocks[1:]
 
-    attn_out, self_probs = attention_with_map(first.attn1, first.norm1(tokens))
+    attn_out, self_map = attention_with_map(first.attn1, first.norm1(tokens), None, opts.heads, opts.map_output)
     tokens = attn_out + tokens
-    self_map = combine_heads(self_probs, opts.heads)
     if opts.prune_point == "layer":
         if opts.importance == "cross":
             normed = first.norm2(tokens)
-            cross_out, cross_probs = attention_with_map(first.attn2, normed, encoder_hidden_states)
+            cross_out, cross_map = attention_with_map(first.attn2, normed, encoder_hidden_states, opts.heads)
             tokens = cross_out + tokens
             tokens = first.ff(first.norm3(tokens)) + tokens
-            scores = cross_gwpr_scores(combine_heads(cross_probs, opts.heads), opts.iterations)
+            scores = cross_gwpr_scores(cross_map, opts.iterations)
         else:
             tokens = _cross_and_ff(first, tokens, encoder_hidden_states)
             scores = gwpr_scores(self_map, opts.iterations, opts.damping)
     else:
         scores = gwpr_scores(self_map, opts.iterations, opts.damping)
 
-    kept = keep_indices(scores, state.keep)
+    kept = select_tokens(scores, state.keep, opts.selection)
     x = gather_tokens(tokens, kept)
     if opts.prune_point == "attn1":
         x = _cross_and_ff(first, x, encoder_hidden_states)

@@ -15,7 +15,7 @@ import torch
 
 from ..contract import precision_of
 from ..errors import AtedmError
-from ..manifest import GraphEntry, Manifest
+from ..manifest import FileEntry, GraphEntry, Manifest
 from ..models import load_unet
 from ..pruning import set_plan
 from ..registry import ENGINE_LIBRARIES, RUNTIME_BACKENDS
@@ -95,13 +95,18 @@ class EagerBackend(Backend):
 
 
 class OnnxRuntimeBackend(Backend):
-    """One onnxruntime session per graph; CPU, CUDA or TensorRT execution provider; I/O binding on GPU."""
+    """One onnxruntime session per graph; CPU, CUDA or TensorRT execution provider; I/O binding on GPU.
+
+    Each graph runs in its fused form (``ortfuse.py``: attention as onnxruntime's own kernels) where the
+    build has one; ``fused=False`` runs the plain graphs, the unfused reference ``bench`` labels as such.
+    """
 
     name = "onnxruntime"
 
     def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device = "cpu",
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, fused: bool = True) -> None:
         super().__init__(folder, manifest, device)
+        self.fused = fused
         import onnxruntime as ort
 
         if providers is None:
@@ -116,10 +121,14 @@ class OnnxRuntimeBackend(Backend):
         self._sessions.clear()
         _return_freed_memory()
 
+    def graph_file(self, entry: GraphEntry) -> FileEntry:
+        """The file this backend runs for ``entry``: its fused form where built and wanted."""
+        return entry.ort_onnx if self.fused and entry.ort_onnx is not None else entry.onnx
+
     def session(self, entry: GraphEntry):  # noqa: ANN201 - onnxruntime.InferenceSession
         import onnxruntime as ort
 
-        key = entry.onnx.path
+        key = self.graph_file(entry).path
         if key not in self._sessions:
             options = ort.SessionOptions()
             options.log_severity_level = 3
