@@ -22,7 +22,6 @@ from .models import load_unet
 from .pruning import set_plan
 
 
-
 @dataclass(frozen=True)
 class GraphCheck:
     graph: str
@@ -102,7 +101,7 @@ def compare(reference, candidate, feed: dict[str, np.ndarray], graph: str, backe
 
 
 def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = None) -> list[GraphCheck]:
-    """Every graph of a build (or the named ones) in onnxruntime against eager AT-EDM."""
+    """Every graph of a build (or the named ones) in onnxruntime, plain and fused, against eager AT-EDM."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
     spec = manifest.graph_spec
@@ -117,5 +116,8 @@ def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = N
         reference = _torch_runner(contract.module(unet).eval(), f"eager-{entry.name}", feed)
         candidate = _onnxrt_runner(folder / entry.onnx.path, f"onnxruntime-{entry.name}")
         checks.append(compare(reference, candidate, feed, entry.name, "onnxruntime", spec.precision))
+        if entry.ort_onnx is not None:  # the fused form the onnxruntime backend runs
+            fused = _onnxrt_runner(folder / entry.ort_onnx.path, f"onnxruntime-fused-{entry.name}")
+            checks.append(compare(reference, fused, feed, entry.name, "onnxruntime-fused", spec.precision))
     set_plan(unet, None)
     return checks

@@ -197,7 +197,7 @@ def _atedm_forward(
     first, rest = self.transformer_blocks[0], self.transformer_blocks[1:]
 
     attn_out, self_map = attention_with_map(first.attn1, first.norm1(tokens), None, opts.heads, opts.map_output)
-    tokens = attn_out + tokens
+    block_input, tokens = tokens, attn_out + tokens
     if opts.prune_point == "layer":
         if opts.importance == "cross":
             normed = first.norm2(tokens)
@@ -212,9 +212,13 @@ def _atedm_forward(
         scores = gwpr_scores(self_map, opts.iterations, opts.damping)
 
     kept = select_tokens(scores, state.keep, opts.selection)
-    x = gather_tokens(tokens, kept)
     if opts.prune_point == "attn1":
+        # The residual added after the gather (the same sum, on k tokens): the cross-attention's LayerNorm then
+        # reads an Add, the form onnxruntime's optimizer fuses (after a Gather it leaves the attention unfused).
+        x = gather_tokens(attn_out, kept) + gather_tokens(block_input, kept)
         x = _cross_and_ff(first, x, encoder_hidden_states)
+    else:
+        x = gather_tokens(tokens, kept)
     for layer in rest:
         x = layer(x, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs)
 

@@ -1,0 +1,87 @@
+"""The map layer's exact variants keep what the explicit path keeps, at the real block shapes.
+
+The explicit path is the method as written: every head's fp32 map at once (``[B, heads, N, N]``), their
+mean, G-WPR, rank selection, recovery by argmax over the kept columns. The variants build the map one
+head at a time, take the output from each head's map (``reuse``) or from the fused attention (``fused``),
+and select by ``TopK`` or by rank. Random weights give near-uniform maps, on which any ranking looks
+alike, so the first layer's query and key projections are scaled by ``PEAK`` until the maps are
+peaked: at the shapes below the head-mean map's row entropy is 0.33-0.51 of the uniform row's ``log N`` (asserted
+under 0.6), and the G-WPR scores are far from tied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+
+from atedm_export.pruning.attention import attention_with_map
+from atedm_export.pruning.gwpr import gwpr_scores
+from atedm_export.pruning.recover import recovery_sources
+from atedm_export.pruning.select import TOPK_LIMIT, keep_indices, select_tokens, topk_keep_indices
+
+PEAK = 6.0
+# (tokens, channels, heads): SDXL at 1024² (64×64 and 32×32 blocks), SD 1.5 at 512² (its two finest levels)
+SHAPES = [(4096, 640, 10), (1024, 1280, 20), (4096, 320, 8), (1024, 640, 8)]
+
+
+def _peaked_attention(channels: int, heads: int) -> Attention:
+    torch.manual_seed(0)
+    attn = Attention(channels, heads=heads, dim_head=channels // heads).eval()
+    with torch.no_grad():
+        attn.to_q.weight.mul_(PEAK)
+        attn.to_k.weight.mul_(PEAK)
+    return attn
+
+
+def _explicit(attn: Attention, x: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference: all heads' maps at once, mean, G-WPR, rank selection, recovery; the stock output."""
+    batch, tokens, _ = x.shape
+    q = attn.to_q(x).view(batch, tokens, attn.heads, -1).transpose(1, 2)
+    k = attn.to_k(x).view(batch, tokens, attn.heads, -1).transpose(1, 2)
+    probs = ((q * attn.scale) @ k.transpose(-1, -2)).softmax(-1)
+    mean = probs.mean(dim=1)
+    kept = keep_indices(gwpr_scores(mean), keep)
+    return attn(x), kept, kept.gather(1, recovery_sources(mean, kept))
+
+
+@pytest.mark.parametrize(("tokens", "channels", "heads"), SHAPES)
+def test_exact_variants_keep_the_explicit_paths_tokens_and_sources(tokens, channels, heads):
+    attn = _peaked_attention(channels, heads)
+    x = torch.randn(1, tokens, channels, generator=torch.Generator().manual_seed(1))
+    keep = round(0.37 * tokens)
+    with torch.no_grad():
+        want_out, want_kept, want_sources = _explicit(attn, x, keep)
+        for output in ("reuse", "fused"):
+            out, mean = attention_with_map(attn, x, map_output=output)
+            entropy = -(mean * mean.clamp_min(1e-30).log()).sum(-1).mean().item() / math.log(tokens)
+            assert entropy < 0.6, f"maps not peaked enough: row entropy {entropy:.2f} of log N"
+            torch.testing.assert_close(out, want_out, atol=1e-4, rtol=1e-4)
+            scores = gwpr_scores(mean)
+            for how in ("topk", "rank"):
+                kept = select_tokens(scores, keep, how)
+                assert sorted(kept[0].tolist()) == sorted(want_kept[0].tolist()), (output, how)
+                sources = kept.gather(1, recovery_sources(mean, kept))
+                assert torch.equal(sources, want_sources), (output, how)
+
+
+def test_topk_and_rank_selection_keep_the_same_tokens_ties_included():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        tokens = int(torch.randint(2, 300, (1,), generator=gen))
+        keep = int(torch.randint(1, tokens + 1, (1,), generator=gen))
+        levels = int(torch.randint(1, 6, (1,), generator=gen))  # few distinct values: ties at the boundary
+        scores = torch.randint(0, levels, (3, tokens), generator=gen).float() / levels
+        want = keep_indices(scores, keep).sort(dim=1).values
+        got = topk_keep_indices(scores, keep)
+        assert torch.equal(got, want), (trial, tokens, keep)  # and in index order
+
+
+def test_auto_selection_takes_topk_up_to_tensorrts_limit():
+    scores = torch.rand(1, 4096)
+    assert torch.equal(select_tokens(scores, TOPK_LIMIT), topk_keep_indices(scores, TOPK_LIMIT))
+    assert torch.equal(select_tokens(scores, TOPK_LIMIT + 1), keep_indices(scores, TOPK_LIMIT + 1))
+    with pytest.raises(ValueError, match="3840"):
+        topk_keep_indices(scores, TOPK_LIMIT + 1)
