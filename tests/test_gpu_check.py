@@ -53,16 +53,23 @@ def _bench(tmp_path: Path, parts: str) -> dict:
 
 
 def test_bench_smoke_on_the_cpu_eager_part(tmp_path) -> None:
-    """Stock vs every pruned DSAP stage, each against the stock UNet; the table and JSON written."""
-    report = _bench(tmp_path, "eager")
-    whats = [f["what"] for f in report["figures"]]
-    assert whats == ["stock UNet", "AT-EDM early stage", "AT-EDM main stage"]
-    assert report["figures"][0]["speedup"] == 1.0 and all(f["speedup"] > 0 for f in report["figures"])
+    """Stock vs every pruned DSAP stage (with the cost model's prediction beside it), the map layer vs the
+    stock self-attention at each pruned shape; the table and JSON written."""
+    report = _bench(tmp_path, "eager,map-layer")
+    eager = [f for f in report["figures"] if f["part"] == "eager"]
+    assert [f["what"] for f in eager] == ["stock UNet", "AT-EDM early stage", "AT-EDM main stage"]
+    assert eager[0]["speedup"] == 1.0 and all(f["speedup"] > 0 for f in eager)
+    assert report["cost_device"] == "this machine (CPU, measured)"
+    assert all(f["predicted_speedup"] > 0 for f in eager[1:])
+    maps = [f["what"] for f in report["figures"] if f["part"] == "map-layer"]
+    assert maps == ["stock self-attention, 256 tokens", "map layer, 256 tokens (keeps 95)",
+                    "stock self-attention, 64 tokens", "map layer, 64 tokens (keeps 24)"]
     assert "| eager | AT-EDM main stage |" in (tmp_path / "gpu-bench.md").read_text()
 
 
 @pytest.mark.slow
 def test_bench_smoke_on_the_cpu_graph_parts(tmp_path) -> None:
     report = _bench(tmp_path, "onnxruntime,engines")
-    assert [f["what"] for f in report["figures"]] == ["unpruned graph", "AT-EDM main stage graph"]
+    assert [f["what"] for f in report["figures"]] == ["unpruned graph", "AT-EDM main stage graph",
+                                                      "unpruned graph, attention unfused (reference only)"]
     assert report["skipped"] == {"tensorrt-rtx": "engines run on a GPU only"}

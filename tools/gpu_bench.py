@@ -2,11 +2,17 @@
 
     python tools/gpu_bench.py --out gpu-check-out            # SDXL 1024², batch 2, fp16, random weights
 
-1. eager: the stock diffusers UNet vs the same UNet with each DSAP stage's AT-EDM plan applied (the
-   measure behind the paper's 1.53×), on the same inputs;
-2. onnxruntime's CUDA provider: the unpruned graph vs the main-stage graph of one build, exported here;
+1. eager: the stock diffusers UNet on SDPA (fused attention: the baseline users run) vs the same UNet
+   with each DSAP stage's AT-EDM plan applied, on the same inputs; and the map layer alone (the first
+   layer's self-attention with its map, G-WPR, selection, recovery) beside the stock self-attention, at
+   each pruned block shape;
+2. onnxruntime's CUDA provider: the main-stage graph vs the unpruned graph with attention fused by
+   onnxruntime's optimizer (the reference), and the unfused unpruned graph as a labelled row;
 3. engines: the same build compiled with TensorRT-RTX for this GPU, when the GPU is one of its targets
    (run with CUDA graphs off and on, weights resident and cycled).
+
+Beside each measured speedup stands the cost model's prediction for this GPU (``costmodel.py``: H100 and
+H200 by name; ``--cost-device`` for another).
 
 Each figure is the median of ``--repeats`` timed calls (CUDA events) after ``--warmup`` calls; its peak is
 the device-wide peak of used GPU memory while it loads and runs, above what was in use before
@@ -54,6 +60,7 @@ class Figure:
     p90_ms: float
     peak_gpu_mib: float
     speedup: float | None = None  # against the part's unpruned figure
+    predicted_speedup: float | None = None  # the cost model's, for the same pair on this GPU
 
 
 @dataclass
@@ -66,6 +73,8 @@ class Report:
     capability: str
     torch: str
     figures: list[Figure] = field(default_factory=list)
+    predicted: dict[str, float] = field(default_factory=dict)  # graph → cost model speedup vs fused baseline
+    cost_device: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -155,6 +164,61 @@ def eager(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: ANN0
             report.figures.append(figure("eager", what, samples, peak))
 
 
+def map_layer(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: ANN001
+    """The map layer alone vs the stock self-attention (SDPA) it replaces, at each pruned block's shape."""
+    from atedm_export.pruning.attention import attention_with_map
+    from atedm_export.pruning.gwpr import gwpr_scores
+    from atedm_export.pruning.recover import recovery_sources
+    from atedm_export.pruning.select import select_tokens
+
+    unet = load_unet(spec.model, dtype=spec.dtype, device=args.device, seed=spec.seed).eval()
+    options = spec.pruning.options()
+    main_stage = next(s for s in spec.dsap.stages if s.name == "main")
+    plan = stage_plan(main_stage, attention_blocks(unet, spec.height, spec.width), options)
+    shapes = {}
+    for block in attention_blocks(unet, spec.height, spec.width):
+        if block.name in plan.keep:
+            shapes.setdefault((block.tokens, plan.keep[block.name]), block.name)
+    for (tokens, keep), name in shapes.items():
+        attn = unet.get_submodule(name).transformer_blocks[0].attn1
+        x = torch.randn(spec.batch, tokens, attn.to_q.in_features, dtype=spec.dtype, device=args.device)
+
+        def pays() -> None:
+            _, mean = attention_with_map(attn, x, None, options.heads, options.map_output)
+            kept = select_tokens(gwpr_scores(mean, options.iterations, options.damping), keep, options.selection)
+            recovery_sources(mean, kept)
+
+        with torch.no_grad():
+            for what, call in ((f"stock self-attention, {tokens} tokens", lambda: attn(x)),
+                               (f"map layer, {tokens} tokens (keeps {keep})", pays)):
+                with PeakMemory() as peak:
+                    samples = time_ms(call, torch.device(args.device), args.warmup, args.repeats)
+                report.figures.append(figure("map-layer", what, samples, peak))
+    del unet
+    free_memory()
+
+
+def predictions(report: Report, spec, name: str | None) -> None:  # noqa: ANN001
+    """The cost model's speedups for this GPU (stage vs fused baseline), to stand beside the measured ones."""
+    from atedm_export.costmodel import device
+    from atedm_export.flops import flops_report
+
+    if name is None:
+        return
+    dev = device(name)
+    result = flops_report(spec, (dev,)).predictions[0]
+    report.cost_device = dev.name
+    report.predicted = {stage: result.speedup(stage) for stage in result.stages}
+
+
+def cost_device_for(gpu: str) -> str | None:
+    """The cost model's entry for the GPU torch names (H100, H200, A100, L40S, RTX 4090), else None."""
+    from atedm_export.costmodel import DEVICES
+
+    label = gpu.lower().replace(" ", "")
+    return next((key for key in DEVICES if key in label), None)
+
+
 def build(spec, out: Path, backend: str, targets: tuple[str, ...]) -> Path:  # noqa: ANN001
     from atedm_export.build import BuildRequest
     from atedm_export.build import build as run_build
@@ -162,7 +226,7 @@ def build(spec, out: Path, backend: str, targets: tuple[str, ...]) -> Path:  # n
     folder = out / f"build-{backend}"
     # plans keep their weights: 'cycled' reloads them from the plan (stripped plans are refitted from the ONNX)
     run_build(BuildRequest(spec, folder, backend=backend, targets=targets, stages=("main",), force=True,
-                           strip_weights=False),
+                           strip_weights=False, ort_fusion=backend == "onnx"),
               progress=lambda name, text, seconds: print(f"    {name}: {text}", flush=True))
     return folder
 
@@ -189,13 +253,15 @@ def timed_graphs(folder: Path, backend_name: str, args: argparse.Namespace, grap
 
 
 def onnxruntime_cuda(report: Report, folder: Path, args: argparse.Namespace) -> None:
-    """One graph per session, so each peak is that graph's own."""
+    """One graph per session, so each peak is that graph's own; each graph fused, the baseline also unfused."""
     from atedm_export.manifest import Manifest
 
-    for entry in Manifest.load(folder).graphs():
+    runs = [(entry.name, True) for entry in Manifest.load(folder).graphs()]
+    for name, fused in [*runs, ("baseline", False)]:
         with PeakMemory() as peak:
-            samples = timed_graphs(folder, "onnxruntime", args, [entry.name])[entry.name]
-        report.figures.append(figure(f"onnxruntime-{args.device}", _what(entry.name), samples, peak))
+            samples = timed_graphs(folder, "onnxruntime", args, [name], fused=fused)[name]
+        what = _what(name) + ("" if fused else ", attention unfused (reference only)")
+        report.figures.append(figure(f"onnxruntime-{args.device}", what, samples, peak))
         free_memory()
 
 
@@ -217,6 +283,14 @@ def _what(graph: str) -> str:
     return "unpruned graph" if graph == "baseline" else f"AT-EDM {graph} stage graph"
 
 
+def _stage_of(what: str) -> str | None:
+    """The DSAP stage a figure times (for its predicted speedup), or None."""
+    for prefix in ("AT-EDM ",):
+        if what.startswith(prefix):
+            return what[len(prefix):].split(" ")[0]
+    return None
+
+
 def speedups(report: Report) -> None:
     """Each figure against the unpruned one of its part (and mode), measured in the same run."""
     for fig in report.figures:
@@ -226,6 +300,13 @@ def speedups(report: Report) -> None:
         base = next((f for f in report.figures if f.part == fig.part and f.what.startswith(("stock UNet", "unpruned"))
                      and f.what.endswith(mode)), None)
         fig.speedup = base.median_ms / fig.median_ms if base else None
+        stage = _stage_of(fig.what)
+        fig.predicted_speedup = report.predicted.get(stage) if stage else None
+    for fig in report.figures:  # the map layer against the stock self-attention of its shape
+        if fig.part == "map-layer" and fig.what.startswith("map layer"):
+            tokens = fig.what.split(", ")[1].split(" ")[0]
+            stock = next(f for f in report.figures if f.part == "map-layer" and f.what == f"stock self-attention, {tokens} tokens")
+            fig.speedup = stock.median_ms / fig.median_ms
 
 
 def save(report: Report, out: Path) -> None:
@@ -238,10 +319,13 @@ def save(report: Report, out: Path) -> None:
 def markdown(report: Report) -> str:
     head = (f"{report.spec}, {report.resolution[0]}×{report.resolution[1]}, batch {report.batch}, {report.precision}, "
             f"random weights; {report.gpu} ({report.capability}), torch {report.torch}\n\n"
-            "| part | what | median ms / UNet call | p10-p90 ms | speedup vs unpruned | peak GPU memory |\n"
-            "|---|---|---|---|---|---|\n")
+            f"| part | what | median ms / call | p10-p90 ms | speedup vs unpruned (fused) | predicted on "
+            f"{report.cost_device or '-'} | peak GPU memory |\n"
+            "|---|---|---|---|---|---|---|\n")
     rows = [f"| {f.part} | {f.what} | {f.median_ms:.1f} | {f.p10_ms:.1f}-{f.p90_ms:.1f} | "
-            f"{f'{f.speedup:.2f}×' if f.speedup else '-'} | {f.peak_gpu_mib / 1024:.2f} GiB |" for f in report.figures]
+            f"{f'{f.speedup:.2f}×' if f.speedup else '-'} | "
+            f"{f'{f.predicted_speedup:.2f}×' if f.predicted_speedup else '-'} | {f.peak_gpu_mib / 1024:.2f} GiB |"
+            for f in report.figures]
     skipped = "".join(f"\n- skipped {name}: {why}" for name, why in report.skipped.items())
     skipped += "".join(f"\n- FAILED {name}: {why}" for name, why in report.failed.items())
     return head + "\n".join(rows) + "\n" + skipped + "\n"
@@ -269,7 +353,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=480, help="skip a part that would start after this")
-    parser.add_argument("--parts", default="eager,onnxruntime,engines")
+    parser.add_argument("--parts", default="eager,map-layer,onnxruntime,engines")
+    parser.add_argument("--cost-device", help="cost model entry for the predictions [default: by the GPU's name]")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: a smoke run of the script's code paths (tests), no GPU figures")
     args = parser.parse_args()
@@ -286,9 +371,14 @@ def main() -> int:
     start = time.perf_counter()
     parts = args.parts.split(",")
     over = lambda: time.perf_counter() - start > args.budget_s  # noqa: E731
+    with part(report, "predictions", args.out):
+        predictions(report, spec, args.cost_device or (cost_device_for(report.gpu) if cuda else "cpu"))
     if "eager" in parts:
         with part(report, "eager", args.out):
             eager(report, spec, args)
+    if "map-layer" in parts:
+        with part(report, "map-layer", args.out):
+            map_layer(report, spec, args)
     if "onnxruntime" in parts:
         import onnxruntime as ort
 
