@@ -16,6 +16,26 @@ def op_histogram(path: Path) -> dict[str, int]:
     return dict(Counter(node.op_type for node in graph.node).most_common())
 
 
+def attention_forms(folder: Path, entry: GraphEntry) -> dict[str, int]:
+    """A graph's attentions by what a fuser does with them.
+
+    ``fusable``: scale before the first product, the softmax read by the second only (TensorRT's fused-
+    attention form); ``map``: any other softmax (the map layer's per-head maps, read by their sum);
+    ``onnxruntime_fused``: the ``Attention``/``MultiHeadAttention`` kernels of the graph's onnxruntime form.
+    """
+    import onnx
+
+    from .ortfuse import FUSED_OPS, scaled_products
+
+    model = onnx.load(str(folder / entry.onnx.path), load_external_data=False)
+    fusable = len(scaled_products(model))
+    forms = {"fusable": fusable, "map": sum(n.op_type == "Softmax" for n in model.graph.node) - fusable}
+    if entry.ort_onnx is not None:
+        fused = op_histogram(folder / entry.ort_onnx.path)
+        forms["onnxruntime_fused"] = sum(fused.get(op, 0) for op in FUSED_OPS)
+    return forms
+
+
 def graph_summary(manifest: Manifest, entry: GraphEntry) -> dict:
     kept = sum(entry.keep.values())
     tokens = sum(manifest.tokens.values())
@@ -61,6 +81,7 @@ def inspect_build(folder: Path, manifest: Manifest) -> dict:
         "graphs": [{**graph_summary(manifest, e), "keep": e.keep} for e in manifest.graphs()],
         "schedule": schedule_totals(manifest),
         "ops": {e.name: op_histogram(folder / path) for path, e in unique.items()},
+        "attention": {e.name: attention_forms(folder, e) for e in unique.values()},
         "weights": {"path": manifest.weights.path, "bytes": weights, "graphs_sharing": len(unique)},
         # what the graphs would take with a copy of the weights each, against what they take on disk
         "onnx_bytes": {"on_disk": weights + graph_bytes, "unshared": len(unique) * weights + graph_bytes},

@@ -18,7 +18,7 @@ from .contract import PRECISIONS, GraphContract
 from .dsap import Schedule, load_preset, parse_schedule
 from .errors import SpecError, first_line, format_validation_error
 from .pruning import PruneOptions
-from .pruning.patch import default_prune_point
+from .pruning.patch import default_map_output, default_prune_point
 
 Precision = Literal["fp32", "fp16", "bf16"]  # registry.PRECISION_NAMES; their dtypes: contract.PRECISIONS
 
@@ -37,8 +37,11 @@ class PruningSpec(BaseModel):
     recovery: Literal["copy", "skip"] = "copy"
     selection: Literal["auto", "topk", "rank"] = Field(
         "auto", description="TopK where k <= 3840 (TensorRT's limit), rank-by-comparison above; both keep the same tokens")
-    map_output: Literal["reuse", "fused"] = Field(
-        "reuse", description="map layer output from each head's map (reuse) or through the fused attention (fused)")
+    map_output: Literal["reuse", "fused"] | None = Field(
+        None, description="map layer output from each head's map (reuse, the default where exact) or through the "
+                          "fused attention (fused)")
+    map_pool: Literal[1, 2, 4] = Field(
+        1, description="approximate: the map's queries pooled over map_pool x map_pool patches (1 = exact G-WPR)")
 
     @model_validator(mode="before")
     @classmethod
@@ -47,6 +50,8 @@ class PruningSpec(BaseModel):
         if isinstance(data, dict) and data.get("prune_point") is None:
             point = default_prune_point(data.get("importance", "self"), data.get("recovery", "copy"))
             data = {**data, "prune_point": point}
+        if isinstance(data, dict) and data.get("map_output") is None:
+            data = {**data, "map_output": default_map_output(data.get("map_pool", 1))}
         return data
 
     def options(self) -> PruneOptions:

@@ -78,8 +78,9 @@ def test_bench_json_is_consistent(tiny_build, tmp_path):
     rows = {(r["backend"], r["graph"]): r for r in report["rows"]}
     assert set(rows) == {(b, g) for b in ("eager", "onnxruntime") for g in ("baseline", "early", "main")}
     eager_stock = rows[("eager", "baseline")]["median_ms"]
+    assert {(b, r["form"]) for b, r in report["references"].items()} == {("eager", "sdpa"), ("onnxruntime", "unfused")}
     for (backend, graph), r in rows.items():
-        samples = report["samples_ms"][f"{backend}/{graph}"]
+        samples = report["samples_ms"][f"{backend}/{r['form']}/{graph}"]
         assert len(samples) == 2 and r["median_ms"] == pytest.approx(float(np.median(samples)))
         assert r["speedup_vs_eager"] == pytest.approx(eager_stock / r["median_ms"])
         assert r["speedup_vs_unpruned"] == pytest.approx(rows[(backend, "baseline")]["median_ms"] / r["median_ms"])

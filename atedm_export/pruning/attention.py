@@ -1,11 +1,13 @@
 """Attention in the forms the backends fuse, and the one attention that also pays for a map.
 
-Every attention of an exported graph is written as ``explicit_attention``: ``MatMul → Mul → Softmax →
-MatMul`` over ``[B·heads, N, d]`` with the head split as ``Reshape → Transpose → Reshape``. That is the
-pattern onnxruntime's UNet optimizer (``onnxruntime.transformers``, ``FusionAttentionUnet``, the form its
-Stable Diffusion demo exports) fuses into ``Attention``/``MultiHeadAttention``, and a softmax read by
-one MatMul only is what TensorRT's MHA fusion takes. PyTorch's SDPA exports with the scale split over
-``q`` and ``k`` and computed from shapes, which the graph cleaner folds and the optimizer then misses.
+Every attention of an exported graph is written as ``explicit_attention``: ``q·√s`` and ``k·√s`` into
+``MatMul → Softmax → MatMul`` over ``[B·heads, N, d]``, the head split as ``Reshape → Transpose →
+Reshape``. TensorRT's fused-attention documentation asks for exactly this: the scale applied to Q and K
+(or both by ``√s``) before the first product, and a softmax read by the second product only.
+onnxruntime's UNet optimizer (``onnxruntime.transformers``, ``FusionAttentionUnet``) matches the same
+ops with the scale after the first product (the form diffusers' ``AttnProcessor`` exports); ``ortfuse.py``
+moves the scale there before it runs the optimizer. PyTorch's SDPA exports with ``√s`` computed from
+shapes, which the graph cleaner folds into constants, after which neither optimizer's matcher applies.
 
 ``attn1`` of a pruned block's first layer also returns its head-combined probability map ``[B, N, M]``
 (fp32). The map is built one head at a time, so no ``[B, heads, N, M]`` fp32 tensor is ever held, and
@@ -35,7 +37,8 @@ MapOutput = Literal["reuse", "fused"]
 def explicit_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``softmax(q·kᵀ·scale)·v`` for ``[B, N, heads·d]`` projections, in the fusable form (module docstring)."""
     q, k, v = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
-    probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)
+    root = attn.scale**0.5
+    probs = ((q * root) @ (k * root).transpose(-1, -2)).softmax(dim=-1)
     return attn.batch_to_head_dim(probs @ v)
 
 
@@ -93,13 +96,17 @@ def fusable_attention(unet: torch.nn.Module) -> Iterator[None]:
 
 def attention_with_map(
     attn: Attention, hidden: torch.Tensor, context: torch.Tensor | None = None,
-    heads: HeadReduce = "mean", map_output: MapOutput = "reuse",
+    heads: HeadReduce = "mean", map_output: MapOutput = "reuse", pool: int = 1, grid: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``attn`` as its stock processor would; also return its fp32 probabilities combined over heads.
 
     ``heads="mean"`` averages the rows (still stochastic); ``"max"`` takes the strongest head per edge and
-    renormalizes the rows, so the map stays a transition matrix.
+    renormalizes the rows, so the map stays a transition matrix. ``pool`` > 1 (an approximation, with the
+    output ``fused``): the map's rows are the queries averaged over ``pool×pool`` patches of the token
+    ``grid`` (height, width), a ``[B, N/pool², M]`` map that costs ``pool²`` times less to build and read.
     """
+    if pool > 1 and map_output != "fused":
+        raise ValueError("a pooled map has no row per query to take the output from: use map_output 'fused'")
     context = hidden if context is None else context
     query, key, value = attn.to_q(hidden), attn.to_k(context), attn.to_v(context)
     batch, tokens, inner = query.shape
@@ -107,6 +114,8 @@ def attention_with_map(
     # The logits themselves in fp32, not only the softmax: fp16 rounding of q·kᵀ differs between
     # backends (torch CPU, onnxruntime, TensorRT), and near-equal G-WPR scores then keep other tokens.
     q32 = (query.float() * attn.scale).view(batch, tokens, attn.heads, head_dim)
+    if pool > 1:
+        q32 = pool_grid(q32, grid, pool, dim=1)
     k32 = key.float().view(batch, -1, attn.heads, head_dim)
     # reuse: each head's fp32 map times v in fp32, so the [B, N, M] map is never cast (a full pass over it)
     v_heads = value.float().view(batch, -1, attn.heads, head_dim) if map_output == "reuse" else None
@@ -129,6 +138,17 @@ def attention_with_map(
     else:
         raise ValueError(f"map output must be 'reuse' or 'fused', got {map_output!r}")
     return attn.to_out[1](attn.to_out[0](out)), combined
+
+
+def pool_grid(x: torch.Tensor, grid: tuple[int, int] | None, pool: int, dim: int, how: str = "mean") -> torch.Tensor:
+    """Average (or sum) ``x``'s token axis ``dim`` (a row-major ``grid``) over ``pool×pool`` patches."""
+    if grid is None or grid[0] % pool or grid[1] % pool:
+        raise ValueError(f"pooling by {pool} needs a token grid divisible by it, got {grid}")
+    height, width = grid
+    shape = (*x.shape[:dim], height // pool, pool, width // pool, pool, *x.shape[dim + 1:])
+    patches = x.reshape(shape)
+    reduced = patches.mean(dim=(dim + 1, dim + 3)) if how == "mean" else patches.sum(dim=(dim + 1, dim + 3))
+    return reduced.reshape(*x.shape[:dim], -1, *x.shape[dim + 1:])
 
 
 def check_supported(name: str, block: Transformer2DModel) -> None:

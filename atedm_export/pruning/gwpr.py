@@ -44,3 +44,27 @@ def cross_gwpr_scores(cross: torch.Tensor, iterations: int = 5) -> torch.Tensor:
         scores = text @ cross.transpose(1, 2)
         scores = scores / scores.sum(dim=-1, keepdim=True)
     return scores.squeeze(1)
+
+
+def pooled_gwpr_scores(attn: torch.Tensor, grid: tuple[int, int], pool: int, iterations: int = 5,
+                       damping: float = 1.0) -> torch.Tensor:
+    """Token importance ``[B, N]`` from a pooled-query map ``[B, N/pool², N]`` (``attention_with_map(pool=)``).
+
+    The same walk on the graph of patches: a patch's score is the sum of its tokens' scores, and a
+    token's score is what the patches' pooled queries give it, ``s ← pool(s)·A'``. With ``pool=1`` this
+    is ``gwpr_scores``. An approximation of G-WPR: its agreement is measured in docs/benchmarks.md.
+    """
+    from .attention import pool_grid
+
+    attn = attn.float()
+    batch, patches, tokens = attn.shape
+    weights = torch.full((batch, 1, patches), 1.0 / tokens, dtype=attn.dtype, device=attn.device)
+    weights = weights * (tokens // patches)  # each patch carries its tokens' uniform start
+    scores = weights @ attn
+    for _ in range(iterations - 1):
+        if damping != 1.0:
+            scores = damping * scores + (1.0 - damping) / tokens
+        scores = pool_grid(scores, grid, pool, dim=2, how="sum") @ attn
+    if damping != 1.0:
+        scores = damping * scores + (1.0 - damping) / tokens
+    return scores.squeeze(1)

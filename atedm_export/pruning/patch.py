@@ -26,7 +26,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from ..errors import PlanError
 from .attention import HeadReduce, MapOutput, attention_with_map, check_supported
-from .gwpr import cross_gwpr_scores, gwpr_scores
+from .gwpr import cross_gwpr_scores, gwpr_scores, pooled_gwpr_scores
 from .recover import Recovery, copy_recover, recovery_sources, skip_recover
 from .select import Selection, gather_tokens, select_tokens
 
@@ -37,6 +37,11 @@ Importance = Literal["self", "cross"]
 def default_prune_point(importance: str, recovery: str) -> PrunePoint:
     """``attn1`` where it gives the same output as ``layer`` (copy recovery, self-attention importance)."""
     return "attn1" if recovery == "copy" and importance == "self" else "layer"
+
+
+def default_map_output(map_pool: int) -> MapOutput:
+    """``reuse`` where each query has its map row (no second ``q·kᵀ``); a pooled map has none: ``fused``."""
+    return "reuse" if map_pool == 1 else "fused"
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class PruneOptions:
     within TensorRT's limit, rank-by-comparison above it (``auto``), or one of them always (``select.py``);
     ``map_output``: the map layer's output from each head's map (``reuse``: no second ``q·kᵀ``) or through
     the fused attention (``fused``: what a GPU's flash kernel runs without writing a map; ``attention.py``).
+    ``map_pool`` > 1 is an approximation, never the default: the map's queries pooled over patches of
+    ``map_pool×map_pool`` tokens (``gwpr.pooled_gwpr_scores``), a map ``map_pool²`` times cheaper.
     """
 
     iterations: int = 5
@@ -64,11 +71,18 @@ class PruneOptions:
     prune_point: PrunePoint | None = None  # None: attn1 where it is exact (copy recovery, self importance), else layer
     recovery: Recovery = "copy"
     selection: Selection = "auto"
-    map_output: MapOutput = "reuse"
+    map_output: MapOutput | None = None  # None: reuse where the map has a row per query (map_pool 1), else fused
+    map_pool: int = 1
 
     def __post_init__(self) -> None:
         if self.prune_point is None:
             object.__setattr__(self, "prune_point", default_prune_point(self.importance, self.recovery))
+        if self.map_output is None:
+            object.__setattr__(self, "map_output", default_map_output(self.map_pool))
+        if self.map_pool not in (1, 2, 4):
+            raise PlanError(f"map_pool must be 1, 2 or 4, got {self.map_pool}")
+        if self.map_pool > 1 and (self.map_output != "fused" or self.importance != "self"):
+            raise PlanError("map_pool > 1 needs map_output 'fused' and importance 'self' (a pooled map has no row per query)")
         if self.iterations < 1:
             raise PlanError(f"G-WPR iterations must be >= 1, got {self.iterations}")
         if not 0.0 < self.damping <= 1.0:
@@ -168,6 +182,21 @@ def _cross_and_ff(layer: torch.nn.Module, x: torch.Tensor, context: torch.Tensor
     return layer.ff(layer.norm3(x)) + x
 
 
+def _self_scores(self_map: torch.Tensor, opts: PruneOptions, grid: tuple[int, int]) -> torch.Tensor:
+    if opts.map_pool == 1:
+        return gwpr_scores(self_map, opts.iterations, opts.damping)
+    return pooled_gwpr_scores(self_map, grid, opts.map_pool, opts.iterations, opts.damping)
+
+
+def _map_rows(grid: tuple[int, int], pool: int, device: torch.device) -> torch.Tensor | None:
+    """The pooled map's row of each token (its patch), or None where the map has a row per token."""
+    if pool == 1:
+        return None
+    height, width = grid
+    index = torch.arange(height * width, device=device)
+    return (index // width // pool) * (width // pool) + (index % width) // pool
+
+
 def _atedm_forward(
     self: Transformer2DModel,
     hidden_states: torch.Tensor,
@@ -196,7 +225,9 @@ def _atedm_forward(
     tokens, inner_dim = self._operate_on_continuous_inputs(hidden_states)
     first, rest = self.transformer_blocks[0], self.transformer_blocks[1:]
 
-    attn_out, self_map = attention_with_map(first.attn1, first.norm1(tokens), None, opts.heads, opts.map_output)
+    grid = (height, width)
+    attn_out, self_map = attention_with_map(first.attn1, first.norm1(tokens), None, opts.heads, opts.map_output,
+                                            opts.map_pool, grid)
     block_input, tokens = tokens, attn_out + tokens
     if opts.prune_point == "layer":
         if opts.importance == "cross":
@@ -207,9 +238,10 @@ def _atedm_forward(
             scores = cross_gwpr_scores(cross_map, opts.iterations)
         else:
             tokens = _cross_and_ff(first, tokens, encoder_hidden_states)
-            scores = gwpr_scores(self_map, opts.iterations, opts.damping)
+            scores = _self_scores(self_map, opts, grid)
     else:
-        scores = gwpr_scores(self_map, opts.iterations, opts.damping)
+        scores = _self_scores(self_map, opts, grid)
+    rows = _map_rows(grid, opts.map_pool, hidden_states.device)
 
     kept = select_tokens(scores, state.keep, opts.selection)
     if opts.prune_point == "attn1":
@@ -224,9 +256,9 @@ def _atedm_forward(
 
     if opts.recovery == "copy" and self.use_linear_projection:
         # proj_out is per token: run it on the k kept tokens, then copy into the N positions.
-        out = copy_recover(self.proj_out(x), recovery_sources(self_map, kept))
+        out = copy_recover(self.proj_out(x), recovery_sources(self_map, kept, rows))
         out = out.reshape(batch, height, width, inner_dim).permute(0, 3, 1, 2).contiguous() + residual
     else:
-        full = copy_recover(x, recovery_sources(self_map, kept)) if opts.recovery == "copy" else skip_recover(tokens, x, kept)
+        full = copy_recover(x, recovery_sources(self_map, kept, rows)) if opts.recovery == "copy" else skip_recover(tokens, x, kept)
         out = self._get_output_for_continuous_inputs(full, residual, batch, height, width, inner_dim)
     return Transformer2DModelOutput(sample=out) if return_dict else (out,)

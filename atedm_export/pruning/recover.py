@@ -18,15 +18,18 @@ from .select import gather_tokens
 Recovery = Literal["copy", "skip"]
 
 
-def recovery_sources(attn: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def recovery_sources(attn: torch.Tensor, kept: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """For each position ``i`` the kept slot it copies from: ``argmax_{j ∈ kept} A[i, j]``, itself if kept.
 
-    ``attn`` is ``[B, N, N]``, ``kept`` is ``[B, k]`` token indices; returns ``[B, N]`` slot indices.
+    ``attn`` is ``[B, N, N]``, ``kept`` is ``[B, k]`` token indices; returns ``[B, N]`` slot indices. A
+    pooled map (``[B, P, N]``) gives ``rows``: the map row ``[N]`` of each position.
     """
-    batch, tokens, _ = attn.shape
+    batch, map_rows, _ = attn.shape
     keep = kept.shape[1]
-    to_kept = attn.gather(2, kept.unsqueeze(1).expand(batch, tokens, keep))  # [B, N, k]
+    to_kept = attn.gather(2, kept.unsqueeze(1).expand(batch, map_rows, keep))  # [B, rows, k]
     sources = to_kept.argmax(dim=2)
+    if rows is not None:
+        sources = sources[:, rows]
     own_slot = torch.arange(keep, device=kept.device).unsqueeze(0).expand(batch, keep)
     return sources.scatter(1, kept, own_slot)
 
