@@ -266,14 +266,21 @@ def build(spec: str, out: Path | None, backend: str, target: str | None, precisi
 
 @main.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--device", "devices", multiple=True, type=click.Choice(COST_DEVICES, case_sensitive=False),
+              help="Also the cost model's predicted speedups of the build's stages on this device (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect(build_dir: Path, as_json: bool) -> None:
+def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
     """Stages, steps, kept tokens per block, FLOPs, file sizes and op histogram of a build."""
+    from .costmodel import device
+    from .flops import flops_report
     from .manifest import Manifest
     from .report import inspect_build
 
     manifest = Manifest.load(build_dir)
     data = inspect_build(build_dir, manifest)
+    predictions = flops_report(manifest.graph_spec, tuple(device(d) for d in dict.fromkeys(devices))).predictions \
+        if devices else []
+    data["predictions"] = {p.device.key: p.to_json() for p in predictions}
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -304,6 +311,8 @@ def inspect(build_dir: Path, as_json: bool) -> None:
               f"graphs on disk {_mib(sizes['on_disk'])} MiB ({sizes['on_disk'] / shared['bytes']:.2f}x the weights; "
               f"{_mib(sizes['unshared'])} MiB with a copy each)", highlight=False)
     out.print(f"total on disk: {_mib(data['total_bytes'])} MiB", highlight=False)
+    for prediction in predictions:
+        out.print(_prediction_table(prediction, spec.batch, spec.precision))
 
 
 @main.command()

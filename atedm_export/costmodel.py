@@ -107,9 +107,15 @@ def _map_layer_code() -> frozenset[CodeType]:
     return frozenset(f.__code__ for f in functions)
 
 
+MAP_DEPTH = 12  # an op of the map layer runs within this many Python frames of one of its functions
+
+
 def _in_map_layer(codes: frozenset[CodeType]) -> bool:
+    """Whether the op being recorded was called (through at most ``MAP_DEPTH`` frames) by a map-layer function."""
     frame = sys._getframe(2)
-    while frame is not None:
+    for _ in range(MAP_DEPTH):
+        if frame is None:
+            return False
         if frame.f_code in codes:
             return True
         frame = frame.f_back

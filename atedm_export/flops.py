@@ -58,9 +58,11 @@ class DevicePrediction:
         d = self.device
         return {
             "name": d.name, "peak_tflops": d.tflops, "bandwidth_gbs": d.bandwidth_gbs, "source": d.source,
-            "baseline_ms": self.baseline.seconds * 1e3, "baseline_map_share": 0.0,
+            "baseline_ms": self.baseline.seconds * 1e3,
+            "baseline_ms_by_kind": {k: v * 1e3 for k, v in self.baseline.by_kind.items()},
             "stages": [{"name": n, "ms": p.seconds * 1e3, "predicted_speedup": self.speedup(n),
-                        "map_share": p.map_share, "map_ms": p.map_seconds * 1e3} for n, p in self.stages.items()],
+                        "map_share": p.map_share, "map_ms": p.map_seconds * 1e3,
+                        "ms_by_kind": {k: v * 1e3 for k, v in p.by_kind.items()}} for n, p in self.stages.items()],
             "predicted_speedup": self.schedule_speedup,
         }
 

@@ -77,7 +77,10 @@ def test_inspect_json(tiny_build):
     assert graphs["main"]["keep"]["mid_block.attentions.0"] == 24
     assert graphs["main"]["saving"] == pytest.approx(1 - graphs["main"]["graph_tflops"] / graphs["baseline"]["graph_tflops"])
     assert data["schedule"]["saving"] > graphs["early"]["saving"]
-    assert data["ops"]["main"]["MatMul"] > 0 and "TopK" not in data["ops"]["main"]
+    assert data["ops"]["main"]["MatMul"] > 0 and data["ops"]["main"]["TopK"] > 0  # k <= 3840: TopK selection
+    pruned = sum(k < data["tokens"][b] for b, k in graphs["main"]["keep"].items())
+    assert data["attention"]["baseline"] == {"fusable": 140, "map": 0}  # tiny-sdxl: 70 layers, 2 attentions each
+    assert data["attention"]["main"]["fusable"] == 140 - pruned and data["attention"]["main"]["map"] > 0
     assert data["weights"]["graphs_sharing"] == 3
     assert data["onnx_bytes"]["on_disk"] <= 1.15 * data["weights"]["bytes"]
     assert data["onnx_bytes"]["unshared"] > 2.9 * data["weights"]["bytes"]

@@ -132,7 +132,7 @@ def test_cost_model_fuses_stock_attention_and_prices_the_map_layer_apart(tiny_bu
     assert {o.op for o in staged if o.map_layer} >= {"bmm", "_softmax", "topk"}
 
 
-def test_flops_predicts_per_device(capsys):
+def test_flops_and_inspect_predict_per_device(tiny_build):
     assert set(COST_DEVICES) == {*DEVICES, "cpu"}
     result = CliRunner().invoke(main, ["flops", "tiny-sdxl", "--device", "h100", "--device", "rtx4090", "--json"])
     assert result.exit_code == 0, result.output
@@ -143,7 +143,8 @@ def test_flops_predicts_per_device(capsys):
         assert stage["predicted_speedup"] == pytest.approx(h100["baseline_ms"] / stage["ms"])
         assert 0 < stage["map_share"] < 1
     assert h100["predicted_speedup"] > 0 and "3.35 TB/s" in h100["source"]
-    table = CliRunner().invoke(main, ["flops", "tiny-sdxl", "--device", "h100"])
-    assert "vs fused baseline" in table.output and "map share" in table.output
+    table = CliRunner().invoke(main, ["inspect", str(tiny_build), "--device", "h100"])
+    assert table.exit_code == 0, table.output
+    assert "predicted on H100 SXM" in table.output and "vs fused baseline" in table.output and "map share" in table.output
     bad = CliRunner().invoke(main, ["flops", "tiny-sdxl", "--device", "v100"])
     assert bad.exit_code == 2

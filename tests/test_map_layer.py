@@ -85,3 +85,27 @@ def test_auto_selection_takes_topk_up_to_tensorrts_limit():
     assert torch.equal(select_tokens(scores, TOPK_LIMIT + 1), keep_indices(scores, TOPK_LIMIT + 1))
     with pytest.raises(ValueError, match="3840"):
         topk_keep_indices(scores, TOPK_LIMIT + 1)
+
+
+def test_pooled_walk_with_pool_one_is_gwpr():
+    from atedm_export.pruning.gwpr import pooled_gwpr_scores
+
+    attn = torch.rand(2, 64, 64).softmax(-1)
+    for damping in (1.0, 0.85):
+        torch.testing.assert_close(pooled_gwpr_scores(attn, (8, 8), 1, 5, damping), gwpr_scores(attn, 5, damping))
+
+
+def test_pooled_map_runs_in_a_unet_and_is_refused_where_it_cannot_hold(tiny_unet, tiny_blocks, tiny_inputs):
+    from atedm_export.errors import PlanError
+    from atedm_export.pruning import PruneOptions, StagePlan, apply_atedm
+
+    from .conftest import run
+
+    plan = StagePlan({b.name: round(0.37 * b.tokens) for b in tiny_blocks}, PruneOptions(map_pool=2))
+    assert plan.options.map_output == "fused"  # a pooled map has no row per query to take the output from
+    out = run(apply_atedm(tiny_unet, plan), tiny_inputs)
+    assert torch.isfinite(out).all()
+    with pytest.raises(PlanError, match="map_pool > 1 needs map_output 'fused'"):
+        PruneOptions(map_pool=2, map_output="reuse")
+    with pytest.raises(PlanError, match="map_pool must be 1, 2 or 4"):
+        PruneOptions(map_pool=3)
