@@ -132,6 +132,7 @@ def test_cost_model_fuses_stock_attention_and_prices_the_map_layer_apart(tiny_bu
     assert {o.op for o in staged if o.map_layer} >= {"bmm", "_softmax", "topk"}
 
 
+@pytest.mark.slow
 def test_flops_and_inspect_predict_per_device(tiny_build):
     assert set(COST_DEVICES) == {*DEVICES, "cpu"}
     result = CliRunner().invoke(main, ["flops", "tiny-sdxl", "--device", "h100", "--device", "rtx4090", "--json"])
