@@ -32,7 +32,6 @@ from .registry import ENGINE_LIBRARIES
 from .runtime.backends import Backend, load_backend
 
 
-
 @dataclass(frozen=True)
 class Row:
     backend: str

@@ -11,8 +11,8 @@ providers alike.
 
 The graphs scale ``q`` and ``k`` by ``√s`` before their product, as TensorRT's fusion asks;
 onnxruntime's matcher wants ``(q·kᵀ)·s``, so ``scale_after_product`` first moves the two scalars past
-the product (the same value, one multiply instead of two). The optimizer runs on the graph's skeleton; it reads only the attention weights it stacks, from the
-build's weights file. The stacked weights are new tensors and go into that file once, shared by every
+the product (the same value, one multiply instead of two). The optimizer runs on the graph's skeleton;
+it reads only the attention weights it stacks, from the build's weights file. The stacked weights are new tensors and go into that file once, shared by every
 graph of the build (``WeightStore`` deduplicates them); the fused graph no longer reads the separate
 q/k/v weights, so a session of it maps about as many weight bytes as one of the plain graph.
 """
@@ -101,6 +101,7 @@ class ScaledProduct:
     """``softmax((q·a) @ Transpose(k·b))``: an attention's first product in the form TensorRT fuses."""
 
     product: onnx.NodeProto  # the MatMul, read by one Softmax only
+    softmax: onnx.NodeProto
     transpose: onnx.NodeProto
     scales: tuple[onnx.NodeProto, onnx.NodeProto]  # the Mul of q and of k
     q: str
@@ -145,7 +146,8 @@ def scaled_products(model: onnx.ModelProto) -> list[ScaledProduct]:
         left = scaled(node.input[0])
         right = scaled(transpose.input[0]) if transpose is not None and transpose.op_type == "Transpose" else None
         if left is not None and right is not None:
-            found.append(ScaledProduct(node, transpose, (left[0], right[0]), left[1], right[1], left[2] * right[2], left[3]))
+            found.append(ScaledProduct(node, readers[0], transpose, (left[0], right[0]), left[1], right[1],
+                                       left[2] * right[2], left[3]))
     return found
 
 
@@ -163,8 +165,7 @@ def scale_after_product(model: onnx.ModelProto) -> int:
         scaled = f"{product}_scaled"
         scale = onnx.helper.make_tensor(f"{scaled}_by", found.dtype, [], [found.scale])
         model.graph.initializer.append(scale)
-        softmax = next(n for n in model.graph.node if n.op_type == "Softmax" and n.input[0] == product)
-        softmax.input[0] = scaled
+        found.softmax.input[0] = scaled
         after[product] = onnx.helper.make_node("Mul", [product, scale.name], [scaled], name=scaled)
         dropped |= {found.scales[0].output[0], found.scales[1].output[0]}
     ordered = []  # each scale right after its product: the graph stays topologically sorted
