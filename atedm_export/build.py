@@ -28,8 +28,8 @@ from .export import EXTERNAL_DATA_BYTES, check_onnx, export_graph, finalize
 from .isolated import run_isolated
 from .flops import count_flops, graph_flops
 from .ortfuse import fuse
-from .manifest import EngineInfo, FileEntry, GraphEntry, Manifest, TensorEntry, file_entry, tool_versions
-from .models import attention_blocks, build_unet, unet_config
+from .manifest import EngineInfo, FileEntry, GraphEntry, Manifest, PipelineInfo, TensorEntry, file_entry, tool_versions
+from .models import PIPELINE_INDEX, attention_blocks, build_unet, pipeline_folder, unet_config
 from .pruning import StagePlan
 from .registry import BUILD_BACKENDS, ENGINE_LIBRARIES
 from .spec import GraphSpec
@@ -55,6 +55,7 @@ class BuildRequest:
     timing_cache: Path | None = None
     strip_weights: bool | None = None  # None: strip when the weights pass 2 GB and a GPU is present
     ort_fusion: bool | None = None  # onnxruntime's fused form of each graph; None: where weights pass ISOLATE_BYTES
+    create_parent: bool = False  # out's parent may be created (the default build/), and goes again on failure
 
 
 def _silent(graph: str, event: str, seconds: float | None) -> None:
@@ -114,28 +115,56 @@ def _select_stages(request: BuildRequest) -> list[int]:
     return [i for i, n in enumerate(names) if not request.stages or n in request.stages]
 
 
+@dataclass(frozen=True)
+class _Model:
+    """What is known of the model before any export: its skeleton (meta device), blocks and every stage's plan."""
+
+    meta: torch.nn.Module
+    blocks: list
+    plans: dict[int, StagePlan]  # schedule index → plan, for the selected stages
+    pipeline: Path | None  # the diffusers pipeline folder generate will load around the UNet
+
+
+def _prepare(request: BuildRequest, selected: list[int]) -> _Model:
+    """Every check that needs the model but not its weights: the config loads, each selected stage's keys
+    match blocks. A typo in a schedule fails here, in a second, not after minutes of export."""
+    spec = request.spec
+    meta = build_unet(unet_config(spec.model), device="meta")
+    blocks = attention_blocks(meta, spec.height, spec.width)
+    options = spec.pruning.options()
+    plans = {i: stage_plan(spec.dsap.stages[i], blocks, options) for i in selected}
+    return _Model(meta, blocks, plans, pipeline_folder(spec.model))
+
+
 def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
-    """Run the whole build; returns the manifest of the folder now at ``request.out``."""
+    """Run the whole build; returns the manifest of the folder now at ``request.out``.
+
+    The spec, the stages, the engine library, the model's config and every stage's plan are checked, and
+    the output folder tested for writing, before anything is written.
+    """
     out = request.out.resolve()
-    check_destination(out, request.force)
     selected = _select_stages(request)
     library, engine_info = resolve_engine(request)
-    with staged_folder(out) as work:
-        return _build_into(work, request, selected, library, engine_info, progress)
+    model = _prepare(request, selected)
+    check_destination(out, request.force, request.create_parent)
+    if model.pipeline is None and Path(request.spec.model).expanduser().is_dir():
+        progress("model", f"{request.spec.model} has no {PIPELINE_INDEX} in it or its parent: the graphs build, "
+                          "but generate needs the pipeline's VAE and text encoders", None)
+    with staged_folder(out, create_parent=request.create_parent) as work:
+        return _build_into(work, request, model, library, engine_info, progress)
 
 
 def _build_into(
     work: Path,
     request: BuildRequest,
-    selected: list[int],
+    model: _Model,
     library: EngineLibrary | None,
     engine_info: EngineInfo,
     progress: Progress,
 ) -> Manifest:
     spec = request.spec
     start = time.perf_counter()
-    meta = build_unet(unet_config(spec.model), device="meta")
-    blocks = attention_blocks(meta, spec.height, spec.width)
+    meta, blocks = model.meta, model.blocks
     contract = spec.contract(dict(meta.config))
     strip = request.strip_weights
     gpu = torch.cuda.is_available()
@@ -207,9 +236,8 @@ def _build_into(
     with store:  # closed on any error too; the staging folder then goes with it
         baseline = make("baseline", None, None, range(0, spec.steps))
         stages = []
-        for index in selected:
+        for index, plan in model.plans.items():
             stage = spec.dsap.stages[index]
-            plan = stage_plan(stage, blocks, spec.pruning.options())
             if not plan.keep:
                 progress(stage.name, "prunes nothing: reuses the baseline graph", None)
                 steps = ranges[index]
@@ -231,10 +259,11 @@ def _build_into(
         weights=file_entry(work, store.path),
         baseline=baseline,
         stages=stages,
-        complete=len(selected) == len(spec.dsap.stages),
+        complete=len(model.plans) == len(spec.dsap.stages),
         engine=engine_info,
         versions=tool_versions(),
         build_seconds=time.perf_counter() - start,
+        pipeline=PipelineInfo.of(model.pipeline) if model.pipeline else None,
     )
     manifest.save(work)
     return manifest

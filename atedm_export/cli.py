@@ -5,12 +5,17 @@ User errors (``AtedmError``) print one line and exit 2; anything else is a bug a
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
-import time
-from pathlib import Path
-
+import math
 import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # torchvision-missing notices on every pipeline import
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # dtype notices on single-file loads that ask nothing of the user
@@ -42,18 +47,118 @@ def _progress_line(start: float, name: str, width: int, event: str, seconds: flo
                                 " ", event, (took, "dim")), highlight=False)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``kill``, ``timeout``, CI runners and ``docker stop`` send), raised where the program is, so
+    the same ``finally`` blocks that clean up after Ctrl-C run: staging folders and locks go, children die."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` for the command's duration (main thread only: elsewhere Python refuses
+    handlers); the previous handler comes back after, so an embedding process keeps its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 class _Group(click.Group):
-    """Turns user errors into ``error: <one line>`` and exit status 2, with no traceback."""
+    """Every way a command can fail on the user's input ends as one ``error:`` line, with no traceback.
+
+    - ``AtedmError``: our own checks (exit 2).
+    - click's usage errors (a value out of range, an unknown option or command): click's own message on one
+      line, with the ``--help`` hint (exit 2), instead of its four-line usage block.
+    - ``OSError`` naming a file (a full disk, a read-only folder, a name too long): that file and the reason.
+    - Ctrl-C and SIGTERM: ``interrupted:`` (exit 130, or 128 + the signal), after the cleanup ran.
+    Anything else is a bug and keeps its traceback.
+    """
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            with _sigterm_as_interrupt():
+                result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else self.name
+            _say("error:", "bold red", f"{_one_line(exc.format_message())} (see '{where} --help')")
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            _say("error:", "bold red", _one_line(exc.format_message()))
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _say("interrupted:", "bold red", "nothing was left behind")
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except AtedmError as exc:
-            _say("error:", "bold red", str(exc))
+            _say("error:", "bold red", _one_line(str(exc)))
             sys.exit(2)
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            _say("error:", "bold red", f"{exc.filename}: {exc.strerror or exc}")
+            sys.exit(2)
+        except Terminated as exc:
+            _say("interrupted:", "bold red", f"{exc} received; nothing was left behind")
+            sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
             _say("interrupted:", "bold red", "nothing was left behind")
             sys.exit(130)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses NaN and infinities: ``--guidance nan`` would draw without guidance."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class TorchDevice(click.ParamType):
+    """``cpu``, ``cuda`` or ``cuda:N``, checked when parsed: a typo fails before any model is loaded."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import torch
+
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError):
+            self.fail(f"'{value}' is not a torch device; expected cpu, cuda or cuda:N", param, ctx)
+        if device.type not in ("cpu", "cuda"):
+            self.fail(f"'{value}': the backends run on cpu or cuda, not {device.type}", param, ctx)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            self.fail(f"'{value}': torch sees no CUDA GPU on this machine", param, ctx)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            self.fail(f"'{value}': this machine has {torch.cuda.device_count()} CUDA GPU(s)", param, ctx)
+        return str(device)
+
+
+#: Seeds: what ``torch.Generator.manual_seed`` takes (a 64-bit unsigned integer).
+SEED = click.IntRange(0, 2**64 - 1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,7 +169,8 @@ def main() -> None:
 
 @main.command()
 @click.argument("spec")
-@click.option("--schedule", help="DSAP preset to use instead of the spec's (paper, uniform-63, dagger, none).")
+@click.option("--schedule", help="DSAP schedule instead of the spec's: a preset (paper, uniform-63, dagger, none) or a "
+                                 "YAML file.")
 @click.option("--prune-point", type=click.Choice(["attn1", "layer"]),
               help="Prune right after the first self-attention (attn1) or after the first layer (layer, the paper's "
                    "wording) instead of the spec's choice.")
@@ -180,13 +286,13 @@ def _graphs_table(manifest, title: str | Text) -> Table:  # noqa: ANN001
     return table
 
 
-def _check_outputs(*paths: Path | None) -> None:
-    """Refuse report files that could not be written before minutes of work, not after."""
+def _check_outputs(*paths: Path | None, suffixes: dict[Path, tuple[str, ...]] | None = None) -> None:
+    """Refuse report files that could not be written (or are not a format we write) before minutes of work."""
     from .staging import check_output_file
 
     for path in paths:
         if path is not None:
-            check_output_file(path)
+            check_output_file(path, (suffixes or {}).get(path, ()))
 
 
 def _ratio(value: float | None) -> str:
@@ -209,6 +315,9 @@ def _split(value: str | None) -> tuple[str, ...]:
 
 @main.command()
 @click.argument("spec", default="tiny-sdxl")
+@click.option("--schedule", help="DSAP schedule instead of the spec's: a preset (paper, uniform-63, dagger, none) or a "
+                                 "YAML file.")
+@click.option("--prune-point", type=click.Choice(["attn1", "layer"]), help="Override the spec's prune point.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Build folder to create [default: build/<spec name>].")
 @click.option("--backend", type=click.Choice(BUILD_BACKENDS), default="auto",
               show_default=True, help="Engine library; auto takes tensorrt, else tensorrt-rtx; onnx builds graphs only.")
@@ -217,14 +326,14 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.option("--stages", help="Build only these DSAP stages (comma-separated); the baseline is always built.")
 @click.option("--force", is_flag=True, help="Replace an existing build folder.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
-@click.option("--workspace", type=click.FloatRange(min=0.1), help="Builder workspace limit in GiB.")
+@click.option("--workspace", type=FiniteFloat(min=0.1), help="Builder workspace limit in GiB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file (read and updated).")
 @click.option("--strip-weights/--keep-weights", default=None,
               help="Weight-stripped engines, refitted from the ONNX weights at load [default: above 2 GB, on a GPU machine].")
 @click.option("--ort-fusion/--no-ort-fusion", default=None,
               help="Also write each graph's onnxruntime form, attention fused by onnxruntime's optimizer (~25 s a "
                    "graph) [default: for UNets over 1 GB of weights].")
-def build(spec: str, out: Path | None, backend: str, target: str | None, precision: str | None, stages: str | None,
+def build(spec: str, schedule: str | None, prune_point: str | None, out: Path | None, backend: str, target: str | None, precision: str | None, stages: str | None,
           force: bool, opt_level: int, workspace: float | None, timing_cache: Path | None,
           strip_weights: bool | None, ort_fusion: bool | None) -> None:
     """Export every DSAP stage of SPEC (and the unpruned baseline) to ONNX and compile engines.
@@ -238,18 +347,17 @@ def build(spec: str, out: Path | None, backend: str, target: str | None, precisi
     from .build import build as run_build
     from .spec import load_spec
 
-    graph_spec = load_spec(spec)
+    graph_spec = load_spec(spec).with_schedule(schedule).with_prune_point(prune_point)
     if precision:
         graph_spec = graph_spec.model_copy(update={"precision": precision})
+    default_out = out is None
     out = out or Path("build") / graph_spec.name
-    if out.parent == Path("build"):
-        out.parent.mkdir(exist_ok=True)
     targets = _split(target)
     for t in targets:
         if not re.fullmatch(r"sm\d{2,3}", t):
             raise AtedmError(f"unknown target '{t}'; expected a compute capability such as sm86 or sm89")
     request = BuildRequest(graph_spec, out, backend, targets, _split(stages), force, opt_level, workspace, timing_cache,
-                           strip_weights, ort_fusion)
+                           strip_weights, ort_fusion, create_parent=default_out)
     start = time.perf_counter()
     with console.status("building…") as status:
         def progress(graph: str, event: str, seconds: float | None) -> None:
@@ -318,7 +426,7 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
 @main.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
 def verify(build_dir: Path, as_json: bool, seed: int) -> None:
     """Each graph of a build against the eager AT-EDM module on the same random inputs.
 
@@ -351,15 +459,15 @@ def verify(build_dir: Path, as_json: bool, seed: int) -> None:
 @click.option("--prompt", "-p", required=True, help="What to draw.")
 @click.option("--negative-prompt", default=None, help="What to avoid.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [default: the spec's].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--guidance", type=click.FloatRange(min=0.0), default=None,
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--guidance", type=FiniteFloat(min=0.0), default=None,
               help="Classifier-free guidance scale [default: the family's: 7.5 for SD 1.x/2.x, 5 for SDXL].")
 @click.option("--image", type=click.Path(path_type=Path), default=None,
               help="SDXL refiner builds: the image to refine (resized to the build's size where it differs).")
-@click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.3, show_default=True,
+@click.option("--strength", type=FiniteFloat(0.0, 1.0, min_open=True), default=0.3, show_default=True,
               help="SDXL refiner builds: how much of the denoising to redo (the last fraction of the steps).")
 @click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="onnxruntime", show_default=True)
-@click.option("--device", default=None, help="torch device for the backend [default: cpu, cuda for TensorRT].")
+@click.option("--device", type=TorchDevice(), default=None, help="torch device for the backend [default: cpu, cuda for TensorRT].")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
               help="Engine backends: capture each stage's launch once and replay it.")
 @click.option("--engine-weights", type=click.Choice(ENGINE_WEIGHTS), default="resident", show_default=True,
@@ -380,6 +488,7 @@ def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, 
 
     if (build_dir is None) == (triton_url is None):
         raise AtedmError("give either BUILD_DIR (run the graphs here) or --triton URL (run them on a server), not both")
+    _check_outputs(output, suffixes={output: (".png",)})
     if triton_url:
         from .deploy.client import connect
 
@@ -412,7 +521,7 @@ def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, 
               help=f"Comma-separated, from: {', '.join(RUNTIME_BACKENDS)}; 'eager' includes the stock diffusers UNet.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--device", default=None, help="torch device [default: cpu; cuda for TensorRT].")
+@click.option("--device", type=TorchDevice(), default=None, help="torch device [default: cpu; cuda for TensorRT].")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
               help="Engine backends: capture each stage's launch once and replay it.")
 @click.option("--engine-weights", type=click.Choice(ENGINE_WEIGHTS), default="resident", show_default=True,
@@ -425,7 +534,7 @@ def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str
     """Latency of every graph in every backend, side by side in one run, with speedup ratios."""
     from .bench import run_bench, write_csv, write_plot
 
-    _check_outputs(json_path, csv_path, plot_path)
+    _check_outputs(json_path, csv_path, plot_path, suffixes={plot_path: (".png",)} if plot_path else None)
     names = list(_split(backends))
     unknown = [n for n in names if n not in RUNTIME_BACKENDS]
     if unknown or not names:
@@ -513,7 +622,7 @@ def deploy(build_dir: Path, repository: Path, name: str, backend: str, instances
 @click.argument("repository", type=click.Path(path_type=Path))
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
-@click.option("--timeout", type=click.FloatRange(min=1), default=300, show_default=True, help="Seconds to wait for readiness.")
+@click.option("--timeout", type=FiniteFloat(min=1), default=300, show_default=True, help="Seconds to wait for readiness.")
 @click.option("--log", "log_path", type=click.Path(path_type=Path),
               help="Keep the server's own log in this file [default: a temporary file, removed at exit].")
 def serve(repository: Path, http_port: int, grpc_port: int, timeout: float, log_path: Path | None) -> None:
@@ -561,7 +670,7 @@ def serve(repository: Path, http_port: int, grpc_port: int, timeout: float, log_
 @click.option("--model", default="atedm_unet", show_default=True, help="The router model's name on the server.")
 @click.option("--requests", "count", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--compare", "build_dir", type=click.Path(path_type=Path),
               help="Also time the same calls on this build's graphs in this process (onnxruntime), alternating with "
                    "the served ones at concurrency 1: what the server adds per call.")

@@ -21,12 +21,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import PlanError, SpecError, format_validation_error
 from .models import AttentionBlock
 from .pruning import PruneOptions, StagePlan
+from .userfiles import load_yaml
 
 Ratio = Annotated[float, Field(gt=0.0, le=1.0)]
 
@@ -98,12 +98,21 @@ def block_roles(tokens: Tokens) -> dict[str, list[str]]:
 class Stage(BaseModel):
     """One DSAP stage: the steps up to ``until`` (a fraction of all steps), and its keep ratios."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     until: float = Field(gt=0.0, le=1.0)
     keep: Ratio = 1.0
     blocks: dict[str, Ratio] = Field(default_factory=dict)
+
+    @field_validator("blocks")
+    @classmethod
+    def _known_roles(cls, blocks: dict[str, float]) -> dict[str, float]:
+        """A mistyped role is refused with the spec, before any model is loaded or graph exported."""
+        for key in blocks:
+            if key.startswith("@") and key[1:] not in ROLES:
+                raise ValueError(f"unknown block role '{key}'; expected one of: {', '.join('@' + r for r in ROLES)}")
+        return blocks
 
     def ratios(self, blocks: list[AttentionBlock]) -> dict[str, float]:
         """Keep ratio of every attention block of the model in this stage."""
@@ -123,7 +132,7 @@ class Stage(BaseModel):
 class Schedule(BaseModel):
     """Stages in step order; the last one ends at 1.0, so every step belongs to exactly one stage."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = "custom"
     description: str = ""
@@ -187,7 +196,29 @@ def load_preset(name: str) -> Schedule:
     path = presets_dir() / f"{name}.yaml"
     if not path.is_file():
         raise SpecError(f"unknown schedule '{name}'; expected one of: {', '.join(preset_names())}")
-    return parse_schedule(yaml.safe_load(path.read_text()), source=str(path))
+    return parse_schedule(load_yaml(path, "a DSAP schedule (YAML)", SpecError), source=str(path))
+
+
+def is_preset(source: str) -> bool:
+    return source in preset_names()
+
+
+def load_schedule(source: str, base: Path | None = None) -> Schedule:
+    """A schedule by preset name (``paper``, also written ``paper.yaml``) or from a YAML file, a relative path
+    read from ``base`` (the spec's folder) where given, else from the working directory."""
+    if is_preset(source.removesuffix(".yaml")) and not Path(source).is_file():
+        return load_preset(source.removesuffix(".yaml"))
+    path = Path(source).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if not path.is_file():
+        if not source.endswith((".yaml", ".yml")) and "/" not in source:
+            return load_preset(source)  # a mistyped preset name: the error lists the presets
+        raise SpecError(f"schedule file {path} not found; expected a YAML file or one of: {', '.join(preset_names())}")
+    data = load_yaml(path, "a DSAP schedule (YAML)", SpecError)
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
+    return parse_schedule(data, source=str(path))
 
 
 def parse_schedule(data: object, source: str = "schedule") -> Schedule:

@@ -8,6 +8,7 @@ Figures are per image (one batch item) and per denoising step.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -19,6 +20,7 @@ from .contract import GraphContract
 from .models import AttentionBlock, attention_blocks, build_unet, unet_config
 from .pruning import StagePlan, planned
 from .spec import GraphSpec
+from .userfiles import load_onnx
 
 
 def count_flops(unet: UNet2DConditionModel, height: int, width: int, text_length: int, plan: StagePlan | None) -> int:
@@ -170,7 +172,7 @@ def graph_flops(path: str, batch: int) -> int:
 
     import onnx
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
+    model = onnx.shape_inference.infer_shapes(load_onnx(Path(path)))
     graph = model.graph
     dims: dict[str, list[int]] = {t.name: list(t.dims) for t in graph.initializer}
     for value in [*graph.input, *graph.output, *graph.value_info]:

@@ -22,6 +22,7 @@ from .contract import GraphContract
 from .errors import AtedmError, format_validation_error
 from .pruning import StagePlan
 from .spec import GraphSpec, parse_spec
+from .userfiles import load_json
 
 FORMAT = "atedm-export.manifest/2"  # 2: every graph in onnx/, one shared weights file
 FILENAME = "manifest.json"
@@ -80,6 +81,43 @@ class EngineInfo(_Model):
     skipped: str | None = None  # why no engines were built
 
 
+class PipelineFile(_Model):
+    path: str  # relative to the pipeline folder
+    sha256: str
+    bytes: int
+    mtime_ns: int  # a file of the same size and time is not hashed again
+
+
+class PipelineInfo(_Model):
+    """The pipeline ``generate`` loads around the build's UNet (VAE, text encoders, tokenizers, scheduler):
+    where it is and a fingerprint of every file, so a component changed since the build is reported."""
+
+    folder: str  # absolute
+    files: list[PipelineFile]
+
+    @classmethod
+    def of(cls, folder: Path) -> PipelineInfo:
+        from .models import pipeline_files
+
+        return cls(folder=str(folder), files=[
+            PipelineFile(path=str(f.relative_to(folder)), sha256=sha256(f), bytes=f.stat().st_size,
+                         mtime_ns=f.stat().st_mtime_ns) for f in pipeline_files(folder)])
+
+    def changed(self) -> list[str]:
+        """The recorded files now missing or different (re-hashed only where size or time changed)."""
+        folder = Path(self.folder)
+        changed = []
+        for item in self.files:
+            path = folder / item.path
+            if not path.is_file():
+                changed.append(f"{item.path} (missing)")
+                continue
+            stat = path.stat()
+            if stat.st_size != item.bytes or (stat.st_mtime_ns != item.mtime_ns and sha256(path) != item.sha256):
+                changed.append(item.path)
+        return changed
+
+
 class Manifest(_Model):
     format: str = FORMAT
     created: str
@@ -95,6 +133,7 @@ class Manifest(_Model):
     engine: EngineInfo
     versions: dict[str, str]
     build_seconds: float
+    pipeline: PipelineInfo | None = None  # where the model is a local diffusers pipeline
 
     @functools.cached_property
     def graph_spec(self) -> GraphSpec:
@@ -161,10 +200,7 @@ class Manifest(_Model):
         path = folder / FILENAME
         if not path.is_file():
             raise ManifestError(f"{folder} is not a build folder: {FILENAME} not found (run atedm-export build first)")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        data = load_json(path, "an atedm-export build manifest", ManifestError)
         found = data.get("format") if isinstance(data, dict) else None
         if found != FORMAT:
             raise ManifestError(f"{path} has format {found!r}; this atedm-export reads {FORMAT!r} (rebuild it)")
@@ -172,9 +208,55 @@ class Manifest(_Model):
             manifest = cls.model_validate(data)
         except ValidationError as exc:
             raise ManifestError(format_validation_error(exc, str(path))) from None
+        manifest.check_consistent(path)
         if verify:
             manifest.verify_files(folder)
         return manifest
+
+    def check_consistent(self, source: Path | str = FILENAME) -> None:
+        """What the manifest says must agree with what its spec implies, or loading says which field disagrees.
+
+        A hand-edited manifest (another height in its spec, stages whose steps overlap) would otherwise load
+        and mislead later: a runtime feeding graphs the wrong shapes, ``inspect`` summing steps twice.
+        """
+        try:
+            spec = self.graph_spec
+            contract = self.contract
+        except AtedmError as exc:
+            raise ManifestError(f"{source}: spec: {exc}") from None
+        for field, recorded, implied in (("inputs", self.inputs, contract.inputs), ("outputs", self.outputs, contract.outputs)):
+            implied_entries = [TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in implied]
+            if list(recorded) != implied_entries:
+                wrong = next((r, i) for r, i in zip([*recorded, None], [*implied_entries, None]) if r != i)
+                raise ManifestError(f"{source}: {field}: {_tensor(wrong[0])} is recorded, but its spec ({spec.width}x"
+                                    f"{spec.height}, batch {spec.batch}, {spec.precision}) implies {_tensor(wrong[1])}")
+        for entry in self.graphs():
+            if set(entry.keep) != set(self.tokens) or any(entry.keep[b] > n or entry.keep[b] < 1 for b, n in self.tokens.items()):
+                raise ManifestError(f"{source}: {entry.name}: keep counts must name every block of 'tokens' with 1 to "
+                                    "its token count")
+        if self.baseline.keep != self.tokens or self.baseline.steps != [0, spec.steps]:
+            raise ManifestError(f"{source}: baseline: must keep every token over steps [0, {spec.steps}]")
+        self._check_stages(source)
+
+    def _check_stages(self, source: Path | str) -> None:
+        """Each stage is its schedule's, in its order, over the steps the schedule gives it: the stages tile the run."""
+        schedule = self.graph_spec.dsap
+        ranges = dict(zip((s.name for s in schedule.stages), schedule.step_ranges(self.graph_spec.steps)))
+        until = {s.name: s.until for s in schedule.stages}
+        names = [e.name for e in self.stages]
+        if len(set(names)) != len(names) or any(n not in ranges for n in names) or \
+                names != [n for n in ranges if n in names]:
+            raise ManifestError(f"{source}: stages: {names} are not stages of its schedule in order "
+                                f"({', '.join(ranges)})")
+        for entry in self.stages:
+            expected = ranges[entry.name]
+            if entry.steps != [expected.start, expected.stop] or entry.until != until[entry.name]:
+                raise ManifestError(f"{source}: stage '{entry.name}': steps {entry.steps} (until {entry.until}) are "
+                                    f"recorded, but its schedule gives [{expected.start}, {expected.stop}) "
+                                    f"(until {until[entry.name]}) of {self.graph_spec.steps}")
+        if self.complete and len(names) != len(ranges):
+            raise ManifestError(f"{source}: complete: the build says every stage was built, but it has "
+                                f"{', '.join(names)} of {', '.join(ranges)}")
 
     def verify_files(self, folder: Path) -> None:
         """Every artifact against its size and sha256; the shared weights are hashed once."""
@@ -195,6 +277,10 @@ class Manifest(_Model):
                 if item is not None:
                     unique.setdefault(item.path, item)
         return list(unique.values())
+
+
+def _tensor(entry: TensorEntry | None) -> str:
+    return "nothing" if entry is None else f"'{entry.name}' {entry.shape} {entry.dtype}"
 
 
 def verify_entry(folder: Path, entry: GraphEntry, engine: bool = True) -> None:

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 
 from .contract import GraphContract, family_of
 from .errors import ModelError, first_line
+from .userfiles import load_json
 
 #: The UNet of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json), 2.57 B parameters.
 SDXL_BASE_CONFIG: dict[str, Any] = {
@@ -231,6 +232,37 @@ def _local_unet_folder(path: Path) -> tuple[Path, str | None] | None:
     return None
 
 
+PIPELINE_INDEX = "model_index.json"  # what makes a folder a diffusers pipeline
+
+
+def pipeline_folder(source: str) -> Path | None:
+    """The diffusers pipeline folder a local model belongs to: the folder itself (``pipe/``) or, for a UNet
+    folder inside one (``pipe/unet``), its parent. None for built-ins, single files, hub ids and bare UNets."""
+    if is_builtin(source):
+        return None
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return None
+    for folder in (path, path.parent):
+        if (folder / PIPELINE_INDEX).is_file():
+            return folder.resolve()
+    return None
+
+
+def pipeline_files(folder: Path) -> list[Path]:
+    """The files a pipeline loads around the UNet (what ``generate`` reads besides the build): configs,
+    tokenizer files and the default-variant safetensors of every component but ``unet/``. Other variants
+    (``*.fp16.safetensors``) and pickle files are never loaded, so they are not part of the fingerprint."""
+    found = []
+    for file in sorted(folder.rglob("*")):
+        parts = file.relative_to(folder).parts
+        if not file.is_file() or parts[0] == "unet" or any(p.startswith(".") for p in parts):
+            continue
+        if file.suffix in (".json", ".txt", ".model") or (file.suffix == ".safetensors" and file.name.count(".") == 1):
+            found.append(file)
+    return found
+
+
 def _is_path(source: str) -> bool:
     """A source written as a path (or a checkpoint file name) is never looked up on the hub."""
     return source.endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth")) or source.startswith((".", "/", "~"))
@@ -241,10 +273,7 @@ def _missing(source: str) -> ModelError:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc}); expected a diffusers UNet config") from None
+    config = load_json(path, "a diffusers UNet config", ModelError)
     if not isinstance(config, dict):
         raise ModelError(f"{path} holds a {type(config).__name__}; expected a diffusers UNet config (a JSON object)")
     return config

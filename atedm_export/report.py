@@ -6,13 +6,12 @@ from collections import Counter
 from pathlib import Path
 
 from .manifest import GraphEntry, Manifest
+from .userfiles import load_onnx
 
 
 def op_histogram(path: Path) -> dict[str, int]:
     """Node count per ONNX op type (the graph only, never the weights)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = load_onnx(path).graph
     return dict(Counter(node.op_type for node in graph.node).most_common())
 
 
@@ -23,11 +22,9 @@ def attention_forms(folder: Path, entry: GraphEntry) -> dict[str, int]:
     attention form); ``map``: any other softmax (the map layer's per-head maps, read by their sum);
     ``onnxruntime_fused``: the ``Attention``/``MultiHeadAttention`` kernels of the graph's onnxruntime form.
     """
-    import onnx
-
     from .ortfuse import FUSED_OPS, scaled_products
 
-    model = onnx.load(str(folder / entry.onnx.path), load_external_data=False)
+    model = load_onnx(folder / entry.onnx.path)
     fusable = len(scaled_products(model))
     forms = {"fusable": fusable, "map": sum(n.op_type == "Softmax" for n in model.graph.node) - fusable}
     if entry.ort_onnx is not None:

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .contract import PRECISIONS, GraphContract
-from .dsap import Schedule, load_preset, parse_schedule
-from .errors import SpecError, first_line, format_validation_error
+from .dsap import Schedule, is_preset, load_preset, load_schedule, parse_schedule
+from .errors import SpecError, format_validation_error
 from .pruning import PruneOptions
 from .pruning.patch import default_map_output, default_prune_point
+from .userfiles import load_yaml
 
 Precision = Literal["fp32", "fp16", "bf16"]  # registry.PRECISION_NAMES; their dtypes: contract.PRECISIONS
 
@@ -26,7 +26,7 @@ Precision = Literal["fp32", "fp16", "bf16"]  # registry.PRECISION_NAMES; their d
 class PruningSpec(BaseModel):
     """The method's open choices (see ``PruneOptions``), defaults as in the paper."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     iterations: int = Field(5, ge=1, le=100, description="G-WPR power iterations (unrolled in the graph)")
     heads: Literal["mean", "max"] = "mean"
@@ -61,7 +61,7 @@ class PruningSpec(BaseModel):
 class GraphSpec(BaseModel):
     """Everything a build needs: model source, static shapes, precision, steps and DSAP schedule."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     model: str = Field(min_length=1, description="built-in name, local folder, .safetensors file or hub id")
@@ -88,8 +88,7 @@ class GraphSpec(BaseModel):
         # SpecError is no ValueError, so it leaves pydantic as it is: one line about the schedule itself
         # rather than pydantic's report on both arms of the union.
         if isinstance(value, str):
-            load_preset(value)
-            return value
+            return value if is_preset(value) else load_schedule(value)
         return value if isinstance(value, Schedule) else parse_schedule(value, source="schedule")
 
     @property
@@ -113,11 +112,12 @@ class GraphSpec(BaseModel):
         return self.model_copy(update={"pruning": PruningSpec.model_validate({**pruning, "prune_point": prune_point})})
 
     def with_schedule(self, schedule: str | None) -> GraphSpec:
-        """The same spec on another schedule (a preset name), as ``--schedule`` asks."""
+        """The same spec on another schedule (a preset name or a YAML file), as ``--schedule`` asks."""
         if schedule is None:
             return self
-        load_preset(schedule)
-        return self.model_copy(update={"schedule": schedule})
+        loaded = load_schedule(schedule)
+        return self.model_copy(update={"schedule": loaded.name if is_preset(loaded.name) and is_preset(
+            schedule.removesuffix(".yaml")) else loaded})
 
 
 def builtin_specs_dir() -> Path:
@@ -135,14 +135,29 @@ def load_spec(source: str | Path) -> GraphSpec:
         path = builtin_specs_dir() / f"{source}.yaml"
     if not path.is_file():
         raise SpecError(f"spec '{source}' not found; expected a YAML file or one of: {', '.join(builtin_spec_names())}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML ({first_line(exc)})") from None
+    data = load_yaml(path, "a graph spec (YAML)", SpecError)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping of spec fields, got {type(data).__name__}")
     data.setdefault("name", path.stem)
-    return parse_spec(data, str(path))
+    return parse_spec(_relative_to(data, path.parent, str(path)), str(path))
+
+
+def _relative_to(data: dict, folder: Path, source: str) -> dict:
+    """Relative paths in a spec (``model``, a ``schedule`` file) are the spec's folder's, written down absolute,
+    so a spec builds the same from any working directory and its manifest works from anywhere."""
+    from .models import is_builtin
+
+    model = data.get("model")
+    if isinstance(model, str) and model and not is_builtin(model):
+        written = Path(model).expanduser()
+        if not written.is_absolute() and ((folder / written).exists() or model.startswith(".")):
+            data = {**data, "model": str((folder / written).resolve())}
+        elif written.is_absolute():
+            data = {**data, "model": str(written)}
+    schedule = data.get("schedule")
+    if isinstance(schedule, str) and not is_preset(schedule):
+        data = {**data, "schedule": load_schedule(schedule, base=folder).model_dump(mode="json")}
+    return data
 
 
 def parse_spec(data: dict, source: str = "spec") -> GraphSpec:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,45 +19,94 @@ from pathlib import Path
 from .errors import AtedmError
 
 
-def check_destination(out: Path, force: bool) -> None:
-    """Refuse an output folder that exists (without ``force``), is a file, or cannot be written."""
+#: What the hidden siblings add to an output's name (``.NAME.partial-PID``): the name must leave room for it.
+_SIBLING_EXTRA = len(".") + len(".partial-") + 10
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _check_writable(folder: Path, target: Path) -> None:
+    """Create and remove a temporary file in ``folder``: the one test that also holds for root on a read-only
+    mount, where ``os.access`` says yes."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise AtedmError(f"cannot write {target}: folder {folder} is not writable ({exc.strerror or exc})") from None
+
+
+def check_destination(out: Path, force: bool, create_parent: bool = False) -> None:
+    """Refuse an output folder that exists (without ``force``), is a file, has a name the file system refuses,
+    or cannot be written; ``create_parent``: its parent may be missing (``staged_folder`` creates it)."""
+    limit = _name_max(out.parent if out.parent.is_dir() else Path(".")) - _SIBLING_EXTRA
+    if len(out.name.encode()) > limit:
+        raise AtedmError(f"output name '{out.name[:40]}…' is {len(out.name.encode())} bytes; expected at most {limit} "
+                         f"(the file system's {limit + _SIBLING_EXTRA}, less room for the hidden work folder)")
     if out.exists() and not force:
         raise AtedmError(f"output folder {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise AtedmError(f"output path {out} exists and is not a folder")
     parent = out.parent
+    if create_parent and not parent.exists():
+        parent = parent.parent
     if not parent.is_dir():
-        raise AtedmError(f"cannot create {out}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise AtedmError(f"cannot write to {parent}: permission denied")
+        raise AtedmError(f"cannot create {out}: parent folder {out.parent} does not exist")
+    _check_writable(parent, out)
 
 
-def check_output_file(path: Path) -> None:
-    """Refuse an output file that could not be written (no such folder, or a folder in its place), before
-    the work that produces it."""
-    if not path.parent.resolve().is_dir():
+def check_output_file(path: Path, suffixes: tuple[str, ...] = ()) -> None:
+    """Refuse an output file that could not be written (no such folder, a folder in its place, a read-only
+    folder, a name too long, a format we do not write), before the work that produces it."""
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise AtedmError(f"output {path} must be a {' or '.join(suffixes)} file")
+    folder = path.parent.resolve()
+    if not folder.is_dir():
         raise AtedmError(f"cannot write {path}: folder {path.parent} does not exist")
+    limit = _name_max(folder) - len(".tmp") - 8  # written beside the target under a temporary name
+    if len(path.name.encode()) > limit:
+        raise AtedmError(f"output file name '{path.name[:40]}…' is {len(path.name.encode())} bytes; expected at most {limit}")
     if path.is_dir():
         raise AtedmError(f"cannot write {path}: it is a folder; expected a file name")
+    _check_writable(folder, path)
 
 
 @contextmanager
-def staged_folder(out: Path, what: str = "build") -> Iterator[Path]:
+def staged_folder(out: Path, what: str = "build", create_parent: bool = False) -> Iterator[Path]:
     """Yield an empty hidden work folder beside ``out``; on success it replaces ``out``, else it is removed.
 
-    OS errors (a full disk, permissions) become one-line ``AtedmError``s naming the file.
+    ``create_parent``: a missing parent folder is created, and removed again if the work fails (nothing is
+    left behind, not even an empty ``build/``). OS errors (a full disk, permissions) become one-line
+    ``AtedmError``s naming the file.
     """
-    with _exclusive(out, what):
-        work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    made = create_parent and not out.parent.exists()
+    if made:
+        out.parent.mkdir()
+    try:
+        with _exclusive(out, what):
+            yield from _work_folder(out, what)
+    except BaseException:
+        if made and not any(out.parent.iterdir()):
+            out.parent.rmdir()
+        raise
+
+
+def _work_folder(out: Path, what: str) -> Iterator[Path]:
+    """The body of ``staged_folder`` under the lock: the hidden folder, moved into place or removed."""
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        yield work
+        _move_into_place(work, out)
+    except OSError as exc:
+        raise AtedmError(f"{what} failed: {exc.strerror or exc} ({exc.filename or work})") from None
+    finally:
         shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        try:
-            yield work
-            _move_into_place(work, out)
-        except OSError as exc:
-            raise AtedmError(f"{what} failed: {exc.strerror or exc} ({exc.filename or work})") from None
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

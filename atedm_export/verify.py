@@ -20,6 +20,7 @@ from .contract import OUTPUT, PRECISIONS, UNetGraph
 from .manifest import Manifest
 from .models import load_unet
 from .pruning import set_plan
+from .userfiles import load_onnx
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def _torch_runner(graph: UNetGraph, name: str, feed: dict[str, np.ndarray]):  # 
 def _onnxrt_runner(path: Path, name: str):  # noqa: ANN202
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
+    load_onnx(path)  # a file that is not a model: one line naming it, not polygraphy's traceback
     return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name=name)
 
 

@@ -76,7 +76,76 @@ def inputs(tmp_path_factory) -> Path:
     (root / "not-an-image.png").write_bytes(b"text")
     (root / "bad-record").mkdir()
     (root / "bad-record" / "atedm-deploy.json").write_text("{")
+    # files that are not what their names say: UTF-16 and binary text, duplicated keys, non-finite numbers
+    spec_text = yaml.safe_dump({"name": "x", "model": "tiny-sd15", **TINY})
+    (root / "utf16.yaml").write_bytes(spec_text.encode("utf-16"))
+    (root / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" + os.urandom(64))
+    (root / "dup-key.yaml").write_text("name: dup\nmodel: tiny-sd15\nheight: 256\nwidth: 256\nheight: 512\n")
+    (root / "dup-nested.yaml").write_text("name: dup\nmodel: tiny-sd15\npruning:\n  damping: 0.9\n  damping: 0.5\n")
+    _spec(root, "nan-damping", pruning={"damping": float("nan")})
+    _spec(root, "inf-keep", schedule={"stages": [{"name": "main", "until": 1.0, "keep": float("inf")}]})
+    (root / "u16-schedule.yaml").write_bytes(yaml.safe_dump({"stages": [{"name": "a", "until": 1.0}]}).encode("utf-16"))
+    _spec(root, "schedule-file-missing", schedule="no-such-schedule.yaml")
+    _spec(root, "relative-missing", model="./no-such-pipeline")
+    for folder in ("utf16-manifest", "binary-manifest", "nan-manifest"):
+        (root / folder).mkdir()
+    (root / "utf16-manifest" / "manifest.json").write_bytes(json.dumps({"format": "x"}).encode("utf-16"))
+    (root / "binary-manifest" / "manifest.json").write_bytes(os.urandom(512).replace(b"\xff", b"\xfe") + b"\xff")
+    (root / "nan-manifest" / "manifest.json").write_text('{"format": NaN}')
     return root
+
+
+def _edited_build(build: Path, root: Path, name: str, edit, garbage: str | None = None) -> Path:  # noqa: ANN001
+    """A copy of the build (files hard-linked, the manifest rewritten by ``edit``); ``garbage``: that graph's
+    file replaced by bytes that are no ONNX model, its checksum updated so only the decoder can tell."""
+    from atedm_export.manifest import sha256
+
+    folder = root / name
+    if folder.exists():
+        return folder
+    for file in build.rglob("*"):
+        if file.is_file() and file.name != "manifest.json":
+            (folder / file.relative_to(build)).parent.mkdir(parents=True, exist_ok=True)
+            os.link(file, folder / file.relative_to(build))
+    data = json.loads((build / "manifest.json").read_text())
+    if garbage:
+        entry = data["baseline"] if garbage == "baseline" else next(s for s in data["stages"] if s["name"] == garbage)
+        target = folder / entry["onnx"]["path"]
+        target.unlink()
+        target.write_bytes(b"\x0a\xff\xff\xff\xff\x0f" + b"not a protobuf" * 8)
+        entry["onnx"].update(sha256=sha256(target), bytes=target.stat().st_size)
+    edit(data)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return folder
+
+
+def _height_512(data: dict) -> None:
+    data["spec"]["height"] = 512
+
+
+def _overlapping_stages(data: dict) -> None:
+    data["stages"][-1]["steps"] = [0, data["spec"]["steps"]]
+
+
+def _renamed_stage(data: dict) -> None:
+    data["stages"][-1]["name"] = "fastest"
+
+
+def _keep_over_tokens(data: dict) -> None:
+    block = next(iter(data["tokens"]))
+    data["stages"][-1]["keep"][block] = data["tokens"][block] + 1
+
+
+def _fp16_inputs(data: dict) -> None:
+    data["inputs"][0]["dtype"] = "float16"
+
+
+def _unchanged(data: dict) -> None:
+    del data
+
+
+EDITS = {"edited-height": _height_512, "overlapping-stages": _overlapping_stages, "renamed-stage": _renamed_stage,
+         "keep-over-tokens": _keep_over_tokens, "fp16-inputs": _fp16_inputs}
 
 
 def _manifest_only(build: Path, root: Path) -> Path:
@@ -149,6 +218,90 @@ CASES = [
     ("load-test ftp://host:1", "must look like http://HOST:PORT"),
     ("load-test http://127.0.0.1:1 --requests 1", "cannot reach Triton at http://127.0.0.1:1"),
     ("load-test http://127.0.0.1:1 --json {out}/no/dir/r.json", "does not exist"),
+
+    # class 1: what click refuses is one line too, with the --help hint
+    ("bench {build} --repeats 0", "Invalid value for '--repeats': 0 is not in the range x>=1"),
+    ("bench {build} --warmup -1", "Invalid value for '--warmup'"),
+    ("build tiny-sd15 --opt-level 9 --out {out}/b", "Invalid value for '--opt-level'"),
+    ("build tiny-sd15 --precision fp8 --out {out}/b", "Invalid value for '--precision'"),
+    ("build tiny-sd15 --workspace 0 --out {out}/b", "Invalid value for '--workspace'"),
+    ("build tiny-sd15 --bogus", "No such option '--bogus'"),
+    ("generate {build} -p x --steps 0 -o {out}/x.png", "Invalid value for '--steps'"),
+    ("generate {build} -p x --strength 0 -o {out}/x.png", "Invalid value for '--strength'"),
+    ("generate {build} -o {out}/x.png", "Missing option '--prompt'"),
+    ("flops tiny-sd15 --prune-point middle", "Invalid value for '--prune-point'"),
+    ("flops tiny-sd15 --device v100", "Invalid value for '--device'"),
+    ("verify", "Missing argument 'BUILD_DIR'"),
+    ("inspect {build} --device banana", "Invalid value for '--device'"),
+    ("bench {build} --engine-weights banana", "Invalid value for '--engine-weights'"),
+    ("deploy {build} --triton {out}/repo --instances 0", "Invalid value for '--instances'"),
+    ("deploy {build} --triton {out}/repo --backend banana", "Invalid value for '--backend'"),
+    ("serve {out}/repo --http-port 70000", "Invalid value for '--http-port'"),
+    ("load-test http://127.0.0.1:1 --concurrency 0", "Invalid value for '--concurrency'"),
+    ("nosuch", "No such command 'nosuch'"),
+    ("--bogus", "No such option '--bogus'"),
+
+    # class 2: odd files, numbers, devices and outputs, each checked before the work starts
+    ("build {in}/utf16.yaml --out {out}/b", "is not UTF-8 text (byte 0xff at offset 0); expected a graph spec"),
+    ("build {in}/binary.yaml --out {out}/b", "is not UTF-8 text"),
+    ("flops {in}/utf16.yaml", "is not UTF-8 text"),
+    ("flops tiny-sd15 --schedule {in}/u16-schedule.yaml", "is not UTF-8 text"),
+    ("inspect {in}/utf16-manifest", "is not UTF-8 text"),
+    ("verify {in}/binary-manifest", "is not UTF-8 text"),
+    ("bench {in}/binary-manifest", "is not UTF-8 text"),
+    ("generate {in}/utf16-manifest -p x -o {out}/x.png", "is not UTF-8 text"),
+    ("deploy {in}/binary-manifest --triton {out}/repo", "is not UTF-8 text"),
+    ("inspect {in}/nan-manifest", "NaN is not a number JSON allows"),
+    ("inspect {garbage_onnx}", "is not an ONNX model"),
+    ("verify {garbage_onnx}", "is not an ONNX model"),
+    ("build tiny-sd15 --out {out}/" + "b" * 300, "bytes; expected at most"),
+    ("generate {build} -p x -o {out}/" + "x" * 300 + ".png", "bytes; expected at most"),
+    ("generate {build} -p x --seed 99999999999999999999999 -o {out}/x.png", "Invalid value for '--seed'"),
+    ("generate {build} -p x --seed -1 -o {out}/x.png", "Invalid value for '--seed'"),
+    ("verify {build} --seed 99999999999999999999999", "Invalid value for '--seed'"),
+    ("generate {build} -p x --device banana -o {out}/x.png", "'banana' is not a torch device"),
+    ("bench {build} --device banana", "'banana' is not a torch device"),
+    ("bench {build} --device meta", "run on cpu or cuda"),
+    ("bench {build} --plot {out}/plot.txt", "must be a .png file"),
+    ("bench {build} --json {out}", "it is a folder"),
+    ("verify {edited-height}", "implies 'sample'"),
+    ("inspect {fp16-inputs}", "implies 'sample'"),
+
+    # class 3: what used to be accepted silently
+    ("build {in}/dup-key.yaml --out {out}/b", "key 'height' is given twice (first on line 3)"),
+    ("flops {in}/dup-key.yaml", "is given twice"),
+    ("flops {in}/dup-nested.yaml", "key 'damping' is given twice"),
+    ("flops {in}/nan-damping.yaml", "pruning.damping"),
+    ("flops {in}/inf-keep.yaml", "keep"),
+    ("generate {build} -p x --guidance nan -o {out}/x.png", "'nan' is not a finite number"),
+    ("generate {build} -p x --guidance inf -o {out}/x.png", "'inf' is not a finite number"),
+    ("inspect {overlapping-stages}", "its schedule gives"),
+    ("verify {overlapping-stages}", "its schedule gives"),
+    ("inspect {renamed-stage}", "are not stages of its schedule"),
+    ("inspect {keep-over-tokens}", "keep counts"),
+
+    # class 4 and friction: nothing created before the checks (not even ./build/), the whole spec checked first
+    ("build tiny-sd15 --stages nope", "unknown stage 'nope'"),
+    ("build {in}/bad-role.yaml", "unknown block role '@nowhere'"),
+    ("build {in}/bad-pattern.yaml", "matches no attention block"),
+    ("build tiny-sd15 --backend tensorrt", "pip install 'atedm-export[tensorrt]'"),
+    ("build tiny-sd15 --schedule fastest", "unknown schedule 'fastest'"),
+    ("build tiny-sd15 --schedule {in}/missing.yaml", "schedule file"),
+    ("build {in}/schedule-file-missing.yaml", "no-such-schedule.yaml not found"),
+    ("build {in}/relative-missing.yaml", "model path {in}/no-such-pipeline does not exist"),
+    ("build tiny-sd15 --prune-point middle", "Invalid value for '--prune-point'"),
+]
+
+#: Rows that write into a folder that refuses writes even to root (where this machine has one).
+READ_ONLY = Path("/sys")
+READ_ONLY_CASES = [
+    ("generate {build} -p x -o {ro}/x.png", "is not writable"),
+    ("bench {build} --json {ro}/r.json", "is not writable"),
+    ("bench {build} --plot {ro}/p.png", "is not writable"),
+    ("serve {out}/nothing --log {ro}/server.log", "is not writable"),
+    ("build tiny-sd15 --out {ro}/b", "is not writable"),
+    ("deploy {build} --triton {ro}/repo", "is not writable"),
+    ("load-test http://127.0.0.1:1 --json {ro}/r.json", "is not writable"),
 ]
 
 
@@ -156,22 +309,80 @@ def _listing(*folders: Path) -> list[str]:
     return sorted(str(p) for folder in folders for p in folder.rglob("*"))
 
 
-@pytest.mark.parametrize(("command", "expected"), CASES, ids=[c for c, _ in CASES])
-def test_bad_input_is_one_error_line_and_leaves_nothing(command, expected, inputs, tiny_build, tmp_path, monkeypatch):
+def _read_only_folder() -> Path | None:
+    """A folder no one may create files in, root included (``/sys`` on Linux), else None."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=READ_ONLY):
+            return None
+    except OSError:
+        return READ_ONLY
+
+
+def _run(command: str, inputs: Path, build: Path, tmp_path: Path, monkeypatch) -> tuple:  # noqa: ANN001
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.chdir(out)
-    args = command.format(build=tiny_build, out=out, manifest_only=_manifest_only(tiny_build, inputs), **{"in": inputs})
-    before = _listing(inputs, tiny_build, out)
+    folders = {name: _edited_build(build, inputs, name, edit) for name, edit in EDITS.items()}
+    args = command.format(build=build, out=out, manifest_only=_manifest_only(build, inputs), ro=_read_only_folder(),
+                          garbage_onnx=_edited_build(build, inputs, "garbage-onnx", _unchanged, garbage="baseline"),
+                          **folders, **{"in": inputs})
+    before = _listing(inputs, build, out)
     result = CliRunner().invoke(main, args.split())
+    return result, before, lambda: _listing(inputs, build, out)
+
+
+@pytest.mark.parametrize(("command", "expected"), CASES, ids=[c[:60] for c, _ in CASES])
+def test_bad_input_is_one_error_line_and_leaves_nothing(command, expected, inputs, tiny_build, tmp_path, monkeypatch):
+    result, before, after = _run(command, inputs, tiny_build, tmp_path, monkeypatch)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2, result.output
+    assert len(errors) == 1 and expected.format(**{"in": inputs}) in errors[0], result.output
+    assert "Traceback" not in result.output and "Usage:" not in result.output
+    assert after() == before
+
+
+@pytest.mark.parametrize(("command", "expected"), READ_ONLY_CASES, ids=[c for c, _ in READ_ONLY_CASES])
+def test_a_read_only_output_folder_is_refused_before_the_work(command, expected, inputs, tiny_build, tmp_path,
+                                                               monkeypatch):
+    if _read_only_folder() is None:
+        pytest.skip(f"{READ_ONLY} takes new files here; no read-only folder to test with")
+    result, before, after = _run(command, inputs, tiny_build, tmp_path, monkeypatch)
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2, result.output
     assert len(errors) == 1 and expected in errors[0], result.output
-    assert "Traceback" not in result.output
-    assert _listing(inputs, tiny_build, out) == before
+    assert after() == before
 
 
 def test_the_table_covers_every_command():
-    commands = {c.split()[0] for c, _ in CASES}
-    assert commands == {"build", "inspect", "verify", "flops", "generate", "bench", "deploy", "serve", "load-test"}
-    assert len(CASES) >= 40
+    commands = {c.split()[0] for c, _ in CASES if not c.startswith("-")}
+    assert {"build", "inspect", "verify", "flops", "generate", "bench", "deploy", "serve", "load-test"} <= commands
+    assert len(CASES) + len(READ_ONLY_CASES) >= 100
+
+
+def test_sigterm_mid_export_leaves_no_lock_and_no_partial_folder(tmp_path):
+    """``kill``, ``timeout`` and CI runners send SIGTERM: it cleans up as Ctrl-C does (exit 128 + 15)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import small_spec
+
+    spec = small_spec(tmp_path)
+    out = tmp_path / "b"
+    cli = shutil.which("atedm-export", path=str(Path(sys.executable).parent))
+    build = subprocess.Popen([cli, "build", spec, "--out", str(out), "--backend", "onnx"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not list(tmp_path.glob(".b.partial-*/onnx/.raw-baseline")) and build.poll() is None:
+        assert time.monotonic() < deadline, "the export never started"
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".b.lock")), "the build holds its lock while it exports"
+    build.send_signal(signal.SIGTERM)
+    _, stderr = build.communicate(timeout=120)
+    assert build.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted: SIGTERM received; nothing was left behind" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.yaml"]
