@@ -29,7 +29,7 @@ import torch
 from .errors import AtedmError
 from .manifest import Manifest
 from .registry import ENGINE_LIBRARIES
-from .runtime.backends import Backend, load_backend
+from .runtime.backends import Backend, backend_class, load_backend
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,9 @@ def run_bench(folder: str | Path, backends: list[str], warmup: int = 1, repeats:
     if repeats < 1 or warmup < 0:
         raise AtedmError(f"need --repeats >= 1 and --warmup >= 0, got {repeats} and {warmup}")
     folder = Path(folder)
-    manifest = Manifest.load(folder)
+    manifest = Manifest.load(folder, verify=False)
+    for name in backends:  # the files each backend opens (a missing plan concerns the engine backends only), first
+        backend_class(name, folder, manifest).verify_build(folder, manifest)
     samples: dict[tuple[str, str, str], list[float]] = {}  # (backend, form, graph) → ms
     for name in backends:
         for form in forms(name, manifest):

@@ -509,6 +509,14 @@ def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, 
     for row in staged.stage_report():
         table.add_row(row["stage"], row["steps"], str(row["calls"]), f"{row['seconds']:.2f}")
     console.print(table)
+    for what, cut in (("prompt", done.truncated_tokens), ("negative prompt", done.negative_truncated_tokens)):
+        if cut:
+            _say("note:", "yellow", f"the {what} runs {cut} tokens past the {done.token_limit} the text encoders read; "
+                                    "those tokens were cut")
+    if done.changed:
+        _say("note:", "yellow", f"{len(done.changed)} file(s) of the pipeline changed since the build ("
+                                f"{', '.join(done.changed[:3])}{', …' if len(done.changed) > 3 else ''}): "
+                                "the image used the files as they are now")
     if done.resized_from:
         _say("note:", "yellow", f"the input image was {done.resized_from[0]}x{done.resized_from[1]}; "
                                 f"resized to the build's {done.width}x{done.height}")
@@ -615,7 +623,8 @@ def deploy(build_dir: Path, repository: Path, name: str, backend: str, instances
         serves = info["graph"] or "router: " + ", ".join(f"{g}→{m}" for g, m in info["routes"].items())
         table.add_row(model, serves, str(len(info["files"])), _mib(sum(f["bytes"] for f in info["files"])))
     console.print(table)
-    _say("wrote", "green", f"{repository} in {time.perf_counter() - start:.1f}s; start it as its README.md says")
+    _say("wrote", "green", f"{repository} in {time.perf_counter() - start:.1f}s; start it as "
+                           f"{repository / record.get('readme', 'README.md')} says")
 
 
 @main.command()

@@ -136,7 +136,7 @@ class Schedule(BaseModel):
 
     name: str = "custom"
     description: str = ""
-    stages: list[Stage] = Field(min_length=1)
+    stages: tuple[Stage, ...] = Field(min_length=1)  # a tuple: a cached preset cannot be changed by a caller
 
     @model_validator(mode="after")
     def _ordered(self) -> Schedule:

@@ -258,11 +258,17 @@ class Manifest(_Model):
             raise ManifestError(f"{source}: complete: the build says every stage was built, but it has "
                                 f"{', '.join(names)} of {', '.join(ranges)}")
 
-    def verify_files(self, folder: Path) -> None:
-        """Every artifact against its size and sha256; the shared weights are hashed once."""
+    def verify_files(self, folder: Path, engines: bool = True) -> None:
+        """Every artifact against its size and sha256, each file hashed once (the shared weights, the graphs
+        stages share); ``engines=False`` leaves the plans out, for the backends that never open them."""
         verify_file(folder / self.weights.path, self.weights, "weights")
+        seen: set[str] = set()
         for entry in self.graphs():
-            verify_entry(folder, entry)
+            items = [entry.onnx, entry.ort_onnx, entry.engine if engines else None]
+            for item in items:
+                if item is not None and item.path not in seen:
+                    seen.add(item.path)
+                    verify_file(folder / item.path, item, entry.name)
 
     def verify_graph(self, folder: Path, entry: GraphEntry, engine: bool = True) -> None:
         """What one graph relies on: the shared weights, its graph file and (``engine``) its engine."""

@@ -87,7 +87,7 @@ def staged_folder(out: Path, what: str = "build", create_parent: bool = False) -
     if made:
         out.parent.mkdir()
     try:
-        with _exclusive(out, what):
+        with exclusive(out, what):
             yield from _work_folder(out, what)
     except BaseException:
         if made and not any(out.parent.iterdir()):
@@ -126,7 +126,7 @@ def _owner(path: Path) -> int | None:
 
 
 @contextmanager
-def _exclusive(out: Path, what: str) -> Iterator[None]:
+def exclusive(out: Path, what: str) -> Iterator[None]:
     """Hold ``.NAME.lock`` beside ``out`` for the ``with`` body: one writer per output at a time.
 
     The lock is created exclusively (``O_EXCL``), so of two writers starting together exactly one wins;

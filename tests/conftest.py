@@ -111,6 +111,19 @@ def ort_repo(tiny_build, tmp_path_factory):
     return repo
 
 
+def corrupted_copy(build, copy, graph: str):  # noqa: ANN001, ANN201 - paths
+    """A copy of ``build`` whose ``graph``'s ONNX file has its last bytes changed (size kept): only its
+    sha256 can tell, which every loader must check."""
+    import shutil
+
+    from atedm_export.manifest import Manifest
+
+    shutil.copytree(build, copy)
+    path = copy / Manifest.load(copy, verify=False).graph(graph).onnx.path
+    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
+    return copy
+
+
 def small_spec(tmp_path, **changes) -> str:
     """A one-stage spec (uniform-63) on tiny-sd15: two graphs to export instead of three, each in a third of
     tiny-sdxl's time, for the tests of build mechanics that any model exercises."""

@@ -76,6 +76,9 @@ def inputs(tmp_path_factory) -> Path:
     (root / "not-an-image.png").write_bytes(b"text")
     (root / "bad-record").mkdir()
     (root / "bad-record" / "atedm-deploy.json").write_text("{")
+    (root / "taken" / "atedm_unet").mkdir(parents=True)  # someone else's model under our router's name
+    (root / "deployed").mkdir()
+    (root / "deployed" / "atedm-deploy.json").write_text(json.dumps({"router": "atedm_unet", "models": {}}))
     # files that are not what their names say: UTF-16 and binary text, duplicated keys, non-finite numbers
     spec_text = yaml.safe_dump({"name": "x", "model": "tiny-sd15", **TINY})
     (root / "utf16.yaml").write_bytes(spec_text.encode("utf-16"))
@@ -211,7 +214,15 @@ CASES = [
     ("bench {build} --engine-weights cycled", "apply to the engine backends (tensorrt, tensorrt-rtx), not eager,onnxruntime"),
     # deploy, serve, load-test
     ("deploy {out}/nothing --triton {out}/repo", "is not a build folder"),
-    ("deploy {build} --triton {in}/existing", "already exists"),
+    ("deploy {build} --triton {build} --force", "overlap"),
+    ("deploy {build} --triton {build}/repo", "overlap"),
+    ("deploy {build} --triton {in}/bad-record --force", "is not valid JSON"),
+    ("deploy {build} --triton {in}/taken", "already exists and atedm-export deploy did not write it"),
+    ("deploy {build} --triton {in}/deployed", "already holds an atedm-export deployment"),
+    ("load-test http://127.0.0.1:notaport", "has port 'notaport'; expected a number from 1 to 65535"),
+    ("load-test grpc://127.0.0.1:99999", "expected a number from 1 to 65535"),
+    ("generate --triton http://127.0.0.1:0 -p x -o {out}/x.png", "has port '0'"),
+    ("load-test http://localhost", "must look like http://HOST:PORT"),
     ("deploy {build} --triton {out}/repo --name bad.name", "must be letters, digits"),
     ("serve {out}/nothing", "is not an atedm-export repository"),
     ("serve {in}/bad-record", "is not valid JSON"),

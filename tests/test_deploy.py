@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from atedm_export.cli import main
+from atedm_export.errors import AtedmError
+from atedm_export.deploy import placement
+from atedm_export.deploy.client import TritonClientError, parse_url
 from atedm_export.deploy.config import CONFIG, DeployError, check_model, parse, read_repository
 from atedm_export.deploy.repository import DeployRequest, check_repository, deploy
 from atedm_export.deploy.routing import Router, RoutingError
+from atedm_export.deploy.serving import RequestError, _PythonModel, check_finite
 from atedm_export.manifest import Manifest, ManifestError, sha256
 
-from .conftest import needs_rtx
+from .conftest import corrupted_copy, needs_rtx
 
 
 def _feed(batch: int, rows: int, marker: float) -> dict[str, torch.Tensor]:
@@ -186,18 +194,215 @@ def test_bad_requests_fail_with_one_line_and_leave_nothing(tiny_build, tmp_path)
     result = run("--instances", "0")
     assert result.exit_code == 2 and "--instances" in result.output
     assert list(tmp_path.iterdir()) == []
-    (tmp_path / "r").mkdir()
-    result = run("--backend", "onnxruntime")
-    assert result.exit_code == 2 and "already exists; pass --force" in result.output
-    result = CliRunner().invoke(main, ["deploy", str(tmp_path), "--triton", str(tmp_path / "s")])
+    (tmp_path / "r").mkdir()  # an empty folder: nothing in it to replace, so no --force needed
+    assert run("--backend", "onnxruntime").exit_code == 0
+    before = snapshot(tmp_path)
+    result = run("--backend", "onnxruntime", "--name", "other")
+    assert result.exit_code == 2 and "already holds an atedm-export deployment (router 'atedm_unet'); pass --force" in result.output
+    result = CliRunner().invoke(main, ["deploy", str(tmp_path / "nothing"), "--triton", str(tmp_path / "s")])
     assert result.exit_code == 2 and "is not a build folder" in result.output
+    assert snapshot(tmp_path) == before
+
+
+# --- what deploy may write, replace and never touch -----------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every entry under ``folder`` (hidden ones too): a file's sha256, else what it is. Equal snapshots mean
+    the folder was left exactly as it was."""
+    def state(path: Path) -> str:
+        if path.is_symlink():
+            return f"link to {os.readlink(path)}"
+        return sha256(path) if path.is_file() else "folder"
+
+    return {str(p.relative_to(folder)): state(p) for p in sorted(folder.rglob("*"))}
+
+
+FOREIGN_MODEL = """import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:  # another team's model: y = x
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor.from_dlpack(
+            "y", pb_utils.get_input_tensor_by_name(r, "x").to_dlpack())]) for r in requests]
+"""
+
+
+def foreign_model(repository: Path, name: str = "other_model") -> Path:
+    """Another team's model in a shared repository (a Python model a server loads), with known bytes."""
+    folder = repository / name
+    (folder / "1").mkdir(parents=True)
+    (folder / CONFIG).write_text(f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+                                 'input { name: "x" data_type: TYPE_FP32 dims: 1 }\n'
+                                 'output { name: "y" data_type: TYPE_FP32 dims: 1 }\n'
+                                 'instance_group { kind: KIND_CPU count: 1 }\n')
+    (folder / "1" / "model.py").write_text(FOREIGN_MODEL)
+    return folder
+
+
+@pytest.fixture()
+def build_copy(tiny_build, tmp_path):
+    """A copy of the tiny build, for tests where a regression would write into (or delete) the build."""
+    copy = tmp_path / "build"
+    shutil.copytree(tiny_build, copy)
+    return copy
+
+
+@pytest.mark.parametrize("repository", [".", "sub/repo", ".."], ids=["the build", "inside the build", "holding the build"])
+def test_a_repository_that_overlaps_the_build_is_refused_before_any_work(build_copy, tmp_path, repository):
+    """``deploy BUILD --triton BUILD --force`` replaced the build with the repository: a command never writes into
+    its input."""
+    target = (build_copy / repository).resolve()
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["deploy", str(build_copy), "--triton", str(build_copy / repository), "--force"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert f"repository {target} and build {build_copy} overlap" in errors[0]
+    assert snapshot(tmp_path) == before
+    Manifest.load(build_copy)  # whole, every artifact checked
+
+
+def _deploy(build: Path, repository: Path, **changes) -> dict:
+    return deploy(DeployRequest(build, repository, backend="onnxruntime", **changes))
+
+
+def test_deploy_adds_its_models_beside_others_and_force_replaces_only_its_own(tiny_build, tmp_path):
+    repo = tmp_path / "shared"
+    other = snapshot(foreign_model(repo))
+    (repo / "README.md").write_text("the other team's notes\n")
+    ours = {"atedm_unet", "atedm_unet_baseline", "atedm_unet_early", "atedm_unet_main", "atedm-deploy.json"}
+
+    record = _deploy(tiny_build, repo)  # no --force: nothing of anyone's is replaced
+    assert {p.name for p in repo.iterdir()} == {"other_model", "README.md", *ours}
+    assert snapshot(repo / "other_model") == other and (repo / "README.md").read_text() == "the other team's notes\n"
+    assert record["readme"] == "atedm_unet/README.md" and "atedm-export serve" in (repo / "atedm_unet" / "README.md").read_text()
+    assert check_repository(repo) == Manifest.load(tiny_build)  # only our models are checked: other_model is not ours
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"]  # no lock, no hidden work folder left beside it
+
+    with pytest.raises(DeployError, match="already holds an atedm-export deployment .*; pass --force"):
+        _deploy(tiny_build, repo, name="second")
+    _deploy(tiny_build, repo, name="second", force=True)  # replaces the first deployment, only it
+    assert {p.name for p in repo.iterdir()} == {"other_model", "README.md", "atedm-deploy.json", "second",
+                                                "second_baseline", "second_early", "second_main"}
+    assert snapshot(repo / "other_model") == other and (repo / "README.md").read_text() == "the other team's notes\n"
+    check_repository(repo)
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["a foreign folder", "beside an earlier deploy"])
+def test_a_name_another_entry_uses_is_refused_and_nothing_changes(tiny_build, tmp_path, earlier):
+    """--force replaces what deploy wrote, never someone else's entry that happens to have one of our names."""
+    repo = tmp_path / "shared"
+    foreign_model(repo, "x_main")  # where the 'main' graph model of --name x would go
+    if earlier:
+        _deploy(tiny_build, repo)
+    before = snapshot(tmp_path)
+    with pytest.raises(DeployError, match=f"{repo / 'x_main'} already exists and atedm-export deploy did not write it"):
+        _deploy(tiny_build, repo, name="x", force=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_record_that_names_a_path_is_refused(tiny_build, tmp_path):
+    """The record says what --force may delete; a hand-edited one must not point it elsewhere."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (tmp_path / "precious").mkdir()
+    (repo / "atedm-deploy.json").write_text(json.dumps({"router": "atedm_unet", "models": {"../precious": {}}}))
+    before = snapshot(tmp_path)
+    with pytest.raises(DeployError, match="lists model '../precious', which is not a model name"):
+        _deploy(tiny_build, repo, force=True)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("fail_at", ["writing", "moving in"])
+def test_a_failed_force_deploy_leaves_the_repository_as_it_was(tiny_build, tmp_path, monkeypatch, fail_at):
+    """All or nothing: a failure while the models are written, or while they are renamed into place (the
+    previous deployment already moved aside, some new models in), puts every entry back."""
+    repo = tmp_path / "shared"
+    foreign_model(repo)
+    _deploy(tiny_build, repo)
+    before = snapshot(tmp_path)
+    if fail_at == "writing":
+        def fail(*args, **kwargs):
+            raise OSError(28, "No space left on device", "atedm_unet_main/1/model.py")
+        monkeypatch.setattr("atedm_export.deploy.repository._graph_model", fail)
+    else:
+        real, moved_in = placement._move, []
+
+        def fail(source, target, moves):
+            if target.parent == repo:
+                moved_in.append(target)
+                if len(moved_in) == 2:  # the earlier deploy's entries are aside and one new model is in
+                    raise OSError(28, "No space left on device", str(target))
+            real(source, target, moves)
+        monkeypatch.setattr(placement, "_move", fail)
+    with pytest.raises(DeployError, match="deploy failed: No space left on device"):
+        _deploy(tiny_build, repo, name="second", force=True)
+    assert snapshot(tmp_path) == before
+    check_repository(repo)
+
+
+# --- served requests: the client's errors and the server's -------------------------------------
+
+
+def test_non_finite_inputs_are_the_clients_error():
+    check_finite({"sample": torch.zeros(2, 3), "step": torch.tensor([1, 2], dtype=torch.int32)})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(RequestError, match="input 'sample' holds NaN or infinite values"):
+            check_finite({"sample": torch.tensor([0.0, bad])})
+
+
+def test_a_requests_error_is_invalid_argument_and_a_models_is_internal():
+    """What HTTP clients see as 400 (their request) and 500 (the server), through the Python backend's codes."""
+    class TritonError:  # pb_utils.TritonError's constructor and code constants
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message: str, code: str) -> None:
+            self.message, self.code = message, code
+
+    model = _PythonModel()
+    model.pb = SimpleNamespace(TritonError=TritonError, InferenceResponse=lambda output_tensors, error: error)
+    refused = model.error_response(RequestError("step 20 is outside a run of 20 steps"))
+    failed = model.error_response(AtedmError("model 'atedm_unet_main' failed: killed"))
+    assert (refused.code, refused.message) == ("INVALID_ARG", "step 20 is outside a run of 20 steps")
+    assert failed.code == "INTERNAL"
+
+
+# --- the client's URL ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("ftp://host:1", "must look like http://HOST:PORT"),
+    ("http://127.0.0.1", "must look like http://HOST:PORT"),
+    ("http://:8000", "must look like http://HOST:PORT"),
+    ("http://host:8000/v2", "must look like http://HOST:PORT"),
+    ("http://127.0.0.1:notaport", "has port 'notaport'; expected a number from 1 to 65535"),
+    ("grpc://127.0.0.1:99999", "has port '99999'; expected a number from 1 to 65535"),
+    ("127.0.0.1:0", "has port '0'; expected a number from 1 to 65535"),
+    ("http://127.0.0.1:", "has port ''; expected a number from 1 to 65535"),
+])
+def test_a_bad_url_is_refused_before_a_client_is_made(url, message):
+    with pytest.raises(TritonClientError, match=message):
+        parse_url(url)
+
+
+def test_good_urls_parse():
+    assert parse_url("http://127.0.0.1:8000") == ("http", "127.0.0.1:8000")
+    assert parse_url("grpc://triton.example-1.internal:8001") == ("grpc", "triton.example-1.internal:8001")
+    assert parse_url("[::1]:8000") == ("http", "[::1]:8000")
+
+
+def test_load_test_with_a_bad_port_prints_one_line_and_no_traceback_at_exit():
+    """tritonclient's HTTP client, half-built from a port it cannot read, failed again in ``__del__`` when the
+    interpreter exited: a traceback after the error line, only visible from a real process."""
+    command = [str(Path(sys.executable).parent / "atedm-export"), "load-test", "http://127.0.0.1:notaport"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 2
+    assert lines == ["error: Triton URL 'http://127.0.0.1:notaport' has port 'notaport'; expected a number from 1 to 65535"]
 
 
 def test_a_corrupted_artifact_stops_the_deploy_and_leaves_nothing(tiny_build, tmp_path):
-    copy = tmp_path / "b"
-    shutil.copytree(tiny_build, copy)
-    graph = copy / Manifest.load(copy).graph("main").onnx.path
-    graph.write_bytes(graph.read_bytes()[:-4] + b"\0\0\0\0")
+    copy = corrupted_copy(tiny_build, tmp_path / "b", "main")
     with pytest.raises(ManifestError, match="main: .* does not match its checksum"):
         deploy(DeployRequest(copy, tmp_path / "repo", backend="onnxruntime"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import json
+
 import pytest
+from pydantic import ValidationError
 
 from atedm_export.dsap import Schedule, keep_count, load_preset, parse_schedule, preset_names, stage_plan
 from atedm_export.errors import PlanError, SpecError
@@ -85,5 +88,22 @@ def test_unknown_preset_names_the_presets():
         load_preset("papr")
 
 
-def test_schedule_is_a_plain_model():
-    assert isinstance(load_preset("uniform-63"), Schedule)
+@pytest.mark.parametrize("name", PRESETS)
+def test_schedule_is_a_plain_model(name):
+    """A schedule travels as data: the manifest records it inline as JSON and the runtime and the server read
+    it back, so it must come back equal and map every step to the same stage; and ``load_preset`` hands every
+    caller the same cached object, so nobody may change it in place."""
+    schedule = load_preset(name)
+    again = Schedule.model_validate(json.loads(json.dumps(schedule.model_dump(mode="json"))))
+    assert again == schedule and again is not schedule
+    for num_steps in (1, 2, 7, 20, 50, 999):
+        assert again.step_ranges(num_steps) == schedule.step_ranges(num_steps)
+        assert [step for steps in again.step_ranges(num_steps) for step in steps] == list(range(num_steps))
+        assert [again.stage_index(s, num_steps) for s in range(num_steps)] == \
+            [i for i, steps in enumerate(schedule.step_ranges(num_steps)) for _ in steps]
+    assert load_preset(name) is schedule
+    with pytest.raises(ValidationError, match="frozen"):
+        schedule.name = "changed"
+    with pytest.raises(ValidationError, match="frozen"):
+        schedule.stages[0].keep = 0.5
+    assert Schedule.model_validate({**schedule.model_dump(), "name": "changed"}) != schedule

@@ -61,3 +61,36 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(SpecError, match="expected a mapping"):
         load_spec(bad)
+
+
+def test_relative_paths_are_the_spec_folders_and_recorded_absolute(tmp_path, monkeypatch):
+    """A spec builds the same from any working directory: ``model`` and a schedule file are read from its folder."""
+    import yaml
+
+    from atedm_export.models import load_unet
+
+    specs = tmp_path / "specs"
+    (specs / "models").mkdir(parents=True)
+    load_unet("tiny-sd15").save_pretrained(specs / "models" / "pipe" / "unet")
+    (specs / "fast.yaml").write_text(yaml.safe_dump({"stages": [{"name": "all", "until": 1.0, "keep": 0.5}]}))
+    (specs / "mine.yaml").write_text(yaml.safe_dump({"model": "models/pipe", "height": 256, "width": 256,
+                                                     "schedule": "fast.yaml"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = load_spec(str(specs / "mine.yaml"))
+    assert spec.model == str((specs / "models" / "pipe").resolve())
+    assert spec.dsap.name == "fast" and spec.dsap.stages[0].keep == 0.5
+    (specs / "missing.yaml").write_text(yaml.safe_dump({"model": "./nowhere"}))
+    assert load_spec(str(specs / "missing.yaml")).model == str((specs / "nowhere").resolve())
+    assert load_spec("tiny-sd15").model == "tiny-sd15"  # built-in names are never paths
+
+
+def test_schedules_by_preset_name_with_or_without_yaml_or_by_file(tmp_path):
+    from atedm_export.dsap import load_preset, load_schedule
+
+    assert load_schedule("paper") == load_schedule("paper.yaml") == load_preset("paper")
+    custom = tmp_path / "custom.yaml"
+    custom.write_text("stages:\n  - {name: all, until: 1.0, keep: 0.4}\n")
+    assert load_schedule(str(custom)).name == "custom" and load_spec("tiny-sd15").with_schedule(str(custom)).dsap.stages[0].keep == 0.4
+    assert load_spec("tiny-sd15").with_schedule("dagger.yaml").schedule == "dagger"

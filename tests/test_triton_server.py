@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +25,12 @@ from click.testing import CliRunner
 
 from atedm_export.cli import main
 from atedm_export.deploy.client import TritonBackend, TritonClientError, connect
+from atedm_export.deploy.repository import DeployRequest, deploy
 from atedm_export.deploy.server import TritonServer, TritonServerError, find_server, free_port
 from atedm_export.manifest import Manifest
 from atedm_export.runtime import StagedUNet, load_backend
 
+from .test_deploy import foreign_model, snapshot
 from .test_runtime import _denoise
 
 
@@ -96,6 +100,40 @@ def test_a_step_outside_the_run_is_a_clear_error_and_the_server_keeps_serving(se
     assert stages.tolist() == [1, 1]
     with pytest.raises(TritonClientError, match="has no ready model 'unet'"):
         TritonBackend.connect(server.http_url, model="unet")
+
+
+def _http_infer(server: TritonServer, feed: dict[str, torch.Tensor]) -> tuple[int, str]:
+    """One call of the router over Triton's plain HTTP/JSON protocol: (HTTP status, body), as any client sees it."""
+    inputs = []
+    for name, tensor in feed.items():
+        array = tensor.numpy()
+        array = array.reshape(-1, 1) if array.ndim == 1 else array
+        inputs.append({"name": name, "shape": list(array.shape), "data": array.ravel().tolist(),
+                       "datatype": "INT32" if array.dtype == np.int32 else "FP32"})
+    request = urllib.request.Request(f"{server.http_url}/v2/models/atedm_unet/infer", json.dumps({"inputs": inputs}).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_bad_request_is_the_clients_error_http_400_with_one_line(server, feed):
+    """A step outside the run, a run of 0 steps, a NaN or infinite latent: the caller's mistake (400), not the
+    server's (500); a NaN latent is refused, not served as a NaN output."""
+    nan, inf = feed["sample"].clone(), feed["sample"].clone()
+    nan[0, 0, 0, 0], inf[1, 2, 3, 4] = float("nan"), float("inf")
+    for request, message in (
+        (_rows(feed, [0, 1], [20, 20], 20), "step 20 is outside a run of 20 steps"),
+        (_rows(feed, [0, 1], [0, 0], 0), "step 0 is outside a run of 0 steps"),
+        ({**_rows(feed, [0, 1], [3, 3], 20), "sample": nan}, "input 'sample' holds NaN or infinite values"),
+        ({**_rows(feed, [0, 1], [0, 0], 20), "sample": inf}, "input 'sample' holds NaN or infinite values"),
+    ):
+        status, body = _http_infer(server, request)
+        error = json.loads(body)["error"]
+        assert status == 400 and message in error and "\n" not in error, (status, body)
+    assert _http_infer(server, _rows(feed, [0, 1], [3, 3], 20))[0] == 200  # and it goes on serving
 
 
 def test_generate_through_triton_writes_the_same_png_as_local(server, tiny_build, tmp_path):
@@ -220,18 +258,27 @@ def test_serve_keeps_the_servers_log_and_shows_its_last_lines_when_it_fails(inst
     assert log.is_file() and "failed to load 'atedm_unet_main'" in log.read_text()
 
 
-def test_serve_runs_until_sigterm_then_stops_the_server(install, ort_repo, feed):
+def test_serve_runs_until_sigterm_then_stops_the_server_and_leaves_the_repository_as_it_was(install, tiny_build,
+                                                                                           feed, tmp_path):
+    """A shared repository (another team's Python model beside ours), served, called, stopped: every file and
+    folder as deploy left it; no ``__pycache__`` from the Python backend importing each ``model.py``."""
+    repo = tmp_path / "shared"
+    foreign_model(repo)
+    deploy(DeployRequest(tiny_build, repo, backend="onnxruntime"))
+    before = snapshot(tmp_path)
     http, grpc = free_port(), free_port()
-    command = [str(Path(sys.executable).parent / "atedm-export"), "serve", str(ort_repo),
+    command = [str(Path(sys.executable).parent / "atedm-export"), "serve", str(repo),
                "--http-port", str(http), "--grpc-port", str(grpc)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         ready = process.stdout.readline()
         assert "ready in" in ready and f"http://127.0.0.1:{http}" in ready, ready
-        _, stages = TritonBackend.connect(f"grpc://127.0.0.1:{grpc}").infer(
-            {**feed, "step": torch.tensor([0, 0], dtype=torch.int32),
-             "num_steps": torch.tensor([1, 1], dtype=torch.int32)})
+        backend = TritonBackend.connect(f"grpc://127.0.0.1:{grpc}")
+        _, stages = backend.infer({**feed, "step": torch.tensor([0, 0], dtype=torch.int32),
+                                   "num_steps": torch.tensor([1, 1], dtype=torch.int32)})
         assert stages.tolist() == [1, 1]
+        assert backend.client.is_model_ready("other_model")  # served beside ours
+        backend.release()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 130
     finally:
@@ -239,4 +286,5 @@ def test_serve_runs_until_sigterm_then_stops_the_server(install, ort_repo, feed)
         process.wait()
     with pytest.raises(TritonClientError, match="cannot reach Triton"):
         TritonBackend.connect(f"http://127.0.0.1:{http}")
+    assert snapshot(tmp_path) == before
 

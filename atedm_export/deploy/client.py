@@ -9,6 +9,7 @@ which stage ran, and the client checks that against its own reading of the sched
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ from .routing import STAGE_OUTPUT, STEP_INPUTS, Router
 from .serving import MANIFEST_PARAMETER
 
 DEFAULT_MODEL = "atedm_unet"
+#: A host name, an IPv4 address, or an IPv6 address in brackets: what may stand before ``:PORT``.
+HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)$")
 
 
 class TritonClientError(AtedmError):
@@ -35,11 +38,19 @@ class TritonClientError(AtedmError):
 
 
 def parse_url(url: str) -> tuple[str, str]:
-    """``http://host:port``, ``grpc://host:port`` or ``host:port`` (HTTP) → (protocol, host:port)."""
+    """``http://host:port``, ``grpc://host:port`` or ``host:port`` (HTTP) → (protocol, host:port).
+
+    Checked whole before any client is made: tritonclient's HTTP client, given a port it cannot read,
+    raises from its constructor half-built, and its ``__del__`` then fails again at exit (a traceback
+    after the one error line).
+    """
     protocol, _, address = url.rpartition("://")
     protocol = protocol or "http"
-    if protocol not in ("http", "grpc") or not address or "/" in address:
+    host, _, port = address.rpartition(":")
+    if protocol not in ("http", "grpc") or "/" in address or not HOST.match(host):
         raise TritonClientError(f"Triton URL '{url}' must look like http://HOST:PORT or grpc://HOST:PORT")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise TritonClientError(f"Triton URL '{url}' has port '{port}'; expected a number from 1 to 65535")
     return protocol, address
 
 
@@ -65,10 +76,24 @@ class TritonBackend(Backend):
 
     @classmethod
     def connect(cls, url: str, model: str = DEFAULT_MODEL) -> TritonBackend:
+        """A backend for the router ``model`` at ``url``; a client that cannot be used is closed, not left to GC."""
         protocol, address = parse_url(url)
         module = _module(protocol)
         try:
             client = module.InferenceServerClient(address)
+        except Exception as exc:  # noqa: BLE001 - what either client library raises for an address it refuses
+            raise TritonClientError(f"cannot reach Triton at {url}: {first_line(exc)}") from None
+        try:
+            manifest = cls._manifest(client, url, model, protocol)
+        except BaseException:
+            client.close()
+            raise
+        return cls(url, model, manifest, client, module)
+
+    @staticmethod
+    def _manifest(client: Any, url: str, model: str, protocol: str) -> Manifest:
+        """The build's manifest, from the router's config on the server."""
+        try:
             if not client.is_model_ready(model):
                 raise TritonClientError(f"Triton at {url} has no ready model '{model}'")
             config = client.get_model_config(model, **({"as_json": True} if protocol == "grpc" else {}))
@@ -80,7 +105,7 @@ class TritonBackend(Backend):
         text = config.get("parameters", {}).get(MANIFEST_PARAMETER, {}).get("string_value")
         if not text:
             raise TritonClientError(f"model '{model}' at {url} is not an atedm-export router (no {MANIFEST_PARAMETER})")
-        return cls(url, model, Manifest.model_validate_json(text), client, module)
+        return Manifest.model_validate_json(text)
 
     def inputs(self, feed: dict[str, torch.Tensor]) -> list[Any]:
         """Graph inputs plus step and step count, one row per latent; per-row scalars as ``[b, 1]``."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +148,20 @@ def check_model(folder: Path, config: Any) -> None:
             raise DeployError(f"{where}: instance group {kind_name} x{group.count}; {kind} runs {', '.join(sorted(allowed))}, count >= 1")
 
 
-def read_repository(repository: Path) -> dict[str, Any]:
-    """Every model of a repository, parsed and checked: ``{name: ModelConfig}``."""
+def read_repository(repository: Path, models: Iterable[str] | None = None) -> dict[str, Any]:
+    """The models of a repository, parsed and checked: ``{name: ModelConfig}``.
+
+    ``models``: only these (a deployment's, in a repository other models share), each of which must be
+    there; else every folder, as a server loads them.
+    """
+    if models is None:
+        folders = sorted(p for p in repository.iterdir() if p.is_dir())
+    else:
+        folders = [repository / name for name in sorted(models)]
     configs = {}
-    for folder in sorted(p for p in repository.iterdir() if p.is_dir()):
+    for folder in folders:
+        if not folder.is_dir():
+            raise DeployError(f"{repository}: model folder '{folder.name}' is missing; redeploy the repository")
         path = folder / CONFIG
         if not path.is_file():
             raise DeployError(f"{folder.name}: no {CONFIG}; Triton loads every folder of a repository as a model")

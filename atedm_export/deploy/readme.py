@@ -28,13 +28,14 @@ use the Triton release whose TensorRT is that version (Triton's release notes li
 engines were built on. The router model needs atedm-export and torch in the container's Python:
 
 ```bash
-docker run --rm --gpus all -p 8000:8000 -p 8001:8001 -v "$PWD":/models -v /path/to/atedm-export:/src \\
+docker run --rm --gpus all -p 8000:8000 -p 8001:8001 -v "$PWD":/models:ro -v /path/to/atedm-export:/src \\
   nvcr.io/nvidia/tritonserver:<release>-py3 \\
   bash -c "pip install /src && tritonserver --model-repository /models {SHELL_CONTROL}"
 ```
 
 `{SHELL_CONTROL}` lets the router reload a stage model whose process died (an
-out-of-memory kill): requests to that stage wait for it instead of failing for good."""
+out-of-memory kill): requests to that stage wait for it instead of failing for good. The repository is
+mounted read-only: serving never needs to write into it."""
     return """A CPU server. In the environment where atedm-export is installed (`bash tools/setup.sh` unpacks a
 `tritonserver` with the Python backend into `.venv/triton`):
 
@@ -46,11 +47,12 @@ Or with any `tritonserver` that has the Python backend, its stub started from th
 `python3` (first on `PATH`), and that interpreter's `libpython` first on `LD_LIBRARY_PATH`:
 
 ```bash
-tritonserver --model-repository . {control}
+PYTHONDONTWRITEBYTECODE=1 tritonserver --model-repository . {control}
 ```
 
 `{control}` lets the router reload a stage model whose process died (an
-out-of-memory kill); `serve` passes it.""".format(control=SHELL_CONTROL)
+out-of-memory kill); `PYTHONDONTWRITEBYTECODE=1` keeps Python from writing `__pycache__` folders into the
+model folders. `serve` passes both.""".format(control=SHELL_CONTROL)
 
 
 def repository_readme(record: dict, manifest: Manifest) -> str:
@@ -63,7 +65,8 @@ def repository_readme(record: dict, manifest: Manifest) -> str:
 
 Written by atedm-export {record['atedm_export']} from `{record['build']}` ({record['backend']} variant),
 {record['created']}. {spec.model} at {spec.width}x{spec.height}, {spec.precision}, schedule `{spec.dsap.name}`.
-`atedm-deploy.json` lists every file with its sha256.
+`atedm-deploy.json` lists every file with its sha256, and marks what `atedm-export deploy` wrote here:
+`deploy --force` replaces that and nothing else in the folder.
 
 ## Models
 
@@ -76,6 +79,8 @@ Stages:
 {stages}
 
 ## Start the server
+
+The commands run in the repository folder (the one holding `atedm-deploy.json`).
 
 {_start(record, manifest)}
 

@@ -13,7 +13,13 @@ A stage that prunes nothing is routed to the baseline model. The onnxruntime gra
 copy of the build's graphs and weights (Triton ignores a model folder's non-numeric subfolders), so
 the weights are on disk once and every model's session maps the same pages. Artifacts are copied (or hard-linked with
 ``link``) and each copy is checked against the manifest's sha256; configs are checked with Triton's own
-model-config protobuf; the repository is written to a hidden folder and renamed into place when whole.
+model-config protobuf.
+
+A deploy writes only its own entries (``placement``): the models above, the README and the record. Other
+models in the folder (a shared repository) stay as they are, and a name of ours that one of them already
+uses is an error. ``atedm-deploy.json`` marks what a deploy wrote: ``--force`` replaces exactly that, one
+atedm-export deployment per repository folder. A foreign ``README.md`` is left alone: ours then goes into
+the router's folder (the record says where).
 """
 
 from __future__ import annotations
@@ -30,12 +36,15 @@ from pathlib import Path
 from .. import __version__
 from ..manifest import FILENAME, FileEntry, GraphEntry, Manifest, sha256, verify_file
 from ..registry import DEPLOY_VARIANTS
-from ..staging import check_destination, staged_folder
+from ..staging import check_destination, check_output_file
+from ..userfiles import load_json
 from .config import CONFIG, MODEL_NAME, DeployError, check_routes, graph_config, read_repository, router_config, to_text
+from .placement import check_apart, check_movable, staged_entries
 from .readme import repository_readme
 
 SHARED_BUILD = "build"  # in the router's folder: what the onnxruntime graph models serve
-RECORD = "atedm-deploy.json"
+RECORD = "atedm-deploy.json"  # what a deploy wrote into the folder: the mark that lets --force replace it
+README = "README.md"
 MODEL_SOURCES = {  # what each generated model.py holds: the model lives in the package, versioned with it
     "router": "from atedm_export.deploy.serving import RouterModel as TritonPythonModel  # noqa: F401\n",
     "onnxruntime": "from atedm_export.deploy.serving import OnnxRuntimeStageModel as TritonPythonModel  # noqa: F401\n",
@@ -83,6 +92,71 @@ def _check(request: DeployRequest, manifest: Manifest) -> None:
                           "rebuild with --keep-weights")
 
 
+def graph_model_name(router: str, graph: str) -> str:
+    """The Triton model that serves one graph: named after the router, so deployments can sit side by side."""
+    return f"{router}_{graph}"
+
+
+def _model_names(request: DeployRequest, manifest: Manifest) -> list[str]:
+    """Every model folder the deploy will write: the router and one per distinct graph."""
+    return [request.name, *(graph_model_name(request.name, e.name) for e in manifest.graphs() if not e.same_as)]
+
+
+def read_record(repository: Path) -> dict:
+    """The record of the deployment in ``repository``: what it wrote there, and from which build."""
+    path = repository / RECORD
+    if not path.is_file():
+        raise DeployError(f"{repository} is not an atedm-export repository: {RECORD} not found")
+    record = load_json(path, "an atedm-export deploy record", DeployError)
+    if not isinstance(record, dict) or not isinstance(record.get("router"), str) or not isinstance(record.get("models"), dict):
+        raise DeployError(f"{path} has no router or models; expected an atedm-export deploy record (redeploy the repository)")
+    return record
+
+
+def owned_entries(record: dict, repository: Path) -> frozenset[str]:
+    """The entries of ``repository`` the deploy that wrote ``record`` made there: all that ``--force`` may replace.
+
+    A record is a file anyone can edit: a name that is not a model name (``..``, a path) is refused rather
+    than followed.
+    """
+    bad = [name for name in record["models"] if not MODEL_NAME.match(name)]
+    if bad:
+        raise DeployError(f"{repository / RECORD} lists model '{bad[0]}', which is not a model name (letters, digits, "
+                          "'_' or '-'): the record was edited by hand")
+    readme = [README] if record.get("readme", README) == README else []  # else it is in the router's folder
+    return frozenset([*record["models"], RECORD, *readme])
+
+
+def _replaceable(out: Path, force: bool) -> frozenset[str]:
+    """What the deploy may replace in ``out``: nothing, or (``force``) what the deployment recorded there wrote."""
+    check_destination(out, force=True)  # a file in its place, no parent, a read-only parent; existing is fine
+    check_movable(out)
+    if not out.exists():
+        return frozenset()
+    check_output_file(out / RECORD)  # the folder is writable and the record's name is free for a file
+    if not (out / RECORD).exists():
+        return frozenset()
+    record = read_record(out)
+    if not force:
+        raise DeployError(f"{out} already holds an atedm-export deployment (router '{record['router']}'); "
+                          "pass --force to replace it")
+    return owned_entries(record, out)
+
+
+def _check_free(out: Path, names: list[str], replace: frozenset[str]) -> None:
+    """Refuse a name of ours already taken by an entry that deploy did not write: such an entry is never replaced."""
+    for name in names:
+        if name not in replace and os.path.lexists(out / name):
+            raise DeployError(f"{out / name} already exists and atedm-export deploy did not write it; it is never "
+                              "replaced: choose another --name, or move it away")
+
+
+def _readme_path(out: Path, router: str, replace: frozenset[str]) -> str:
+    """``README.md`` at the top, unless someone else's is there: then ours goes into the router's folder."""
+    foreign = README not in replace and os.path.lexists(out / README)
+    return f"{router}/{README}" if foreign else README
+
+
 def _place(source: Path, target: Path, item: FileEntry, owner: str, link: bool) -> None:
     """Hard-link one artifact (the same file: nothing to re-check) or copy it and check the copy's sha256."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +180,7 @@ def _shared_build(work: Path, request: DeployRequest, manifest: Manifest) -> lis
     folder = work / request.name / SHARED_BUILD
     folder.mkdir(parents=True)
     manifest.save(folder)
-    graphs = {e.onnx.path: e.onnx for e in manifest.graphs()}
+    graphs = {f.path: f for e in manifest.graphs() for f in (e.onnx, e.ort_onnx) if f is not None}
     placements = [(item, folder / item.path) for item in (manifest.weights, *graphs.values())]
     for item, target in placements:
         _place(request.build / item.path, target, item, "build", request.link)
@@ -115,7 +189,7 @@ def _shared_build(work: Path, request: DeployRequest, manifest: Manifest) -> lis
 
 def _graph_model(work: Path, request: DeployRequest, manifest: Manifest, entry: GraphEntry) -> tuple[str, list[dict]]:
     """One graph's model folder; returns its name and the files placed, with their checksums."""
-    name = f"{request.name}_{entry.name}"
+    name = graph_model_name(request.name, entry.name)
     version = work / name / "1"
     version.mkdir(parents=True)
     placements = []
@@ -133,9 +207,14 @@ def _graph_model(work: Path, request: DeployRequest, manifest: Manifest, entry: 
 
 
 def deploy(request: DeployRequest, progress: Progress = lambda model, event: None) -> dict:
-    """Write the repository; returns its record (also written to ``REPO/atedm-deploy.json``)."""
-    build = request.build.resolve()
-    manifest = Manifest.load(build)  # checks every artifact's sha256 before anything is copied
+    """Write the deployment into the repository folder; returns its record (also ``REPO/atedm-deploy.json``).
+
+    Every check that can fail comes before the first file is written: the build and the repository apart,
+    the request, the folder, the names, then every artifact's sha256.
+    """
+    build, out = request.build.resolve(), request.repository.resolve()
+    check_apart(build, out)
+    manifest = Manifest.load(build, verify=False)
     request = dataclasses.replace(request, build=build)
     if request.backend == "auto":
         engine = manifest.engine
@@ -143,10 +222,16 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
         progress("repository", f"variant: {request.backend} (the build has "
                                f"{engine.backend if not engine.skipped else 'no'} engines)")
     _check(request, manifest)
-    out = request.repository.resolve()
-    check_destination(out, request.force)
+    replace = _replaceable(out, request.force)
+    readme = _readme_path(out, request.name, replace)
+    _check_free(out, [*_model_names(request, manifest), RECORD, Path(readme).parts[0]], replace)
+    others = sorted(p.name for p in out.iterdir() if p.name not in replace) if out.is_dir() else []
+    if others:
+        progress("repository", f"{len(others)} other entries in {out} are left as they are")
+    # every artifact the variant serves, against its sha256, before anything is copied (plans: tensorrt only)
+    manifest.verify_files(build, engines=request.backend == "tensorrt")
     max_batch = request.max_batch or int(manifest.inputs[0].shape[0])
-    with staged_folder(out, "deploy") as work:
+    with staged_entries(out, replace, last=RECORD) as work:
         graph_models, models = {}, {}
         shared = _shared_build(work, request, manifest) if request.backend == "onnxruntime" else []
         if shared:
@@ -181,28 +266,26 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
             "max_batch": max_batch,
             "instances": request.instances,
             "engine": manifest.engine.model_dump(mode="json"),
+            "readme": readme,
             "models": models,
         }
         (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        (work / "README.md").write_text(repository_readme(record, manifest))
+        (work / readme).write_text(repository_readme(record, manifest))
         progress("repository", "configs checked with Triton's ModelConfig")
     return record
 
 
 def check_repository(repository: Path, router: str | None = None, files: bool = True) -> Manifest:
-    """Re-check a written repository: every config, the routes, and (``files``) every file's recorded sha256.
+    """Re-check a deployment: its models' configs, the routes, and (``files``) every file's recorded sha256.
+
+    Only the models its record lists are checked: other models in the folder are someone else's.
 
     ``serve`` leaves the files out: each graph model checks its own files when the server loads it.
     """
     repository = Path(repository)
-    record_path = repository / RECORD
-    if not record_path.is_file():
-        raise DeployError(f"{repository} is not an atedm-export repository: {RECORD} not found")
-    try:
-        record = json.loads(record_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DeployError(f"{record_path} is not valid JSON ({exc.msg} at line {exc.lineno}); redeploy the repository") from None
-    manifest = check_routes(read_repository(repository), router or record["router"])
+    record = read_record(repository)
+    owned_entries(record, repository)  # the model names the record lists are names, not paths
+    manifest = check_routes(read_repository(repository, record["models"]), router or record["router"])
     for model, info in record["models"].items() if files else ():
         for f in info["files"]:
             verify_file(repository / f["path"], FileEntry(**f), model)

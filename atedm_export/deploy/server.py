@@ -11,6 +11,13 @@ The binary comes from an NGC Triton install (``/opt/tritonserver``), from ``nvid
 - ``LD_LIBRARY_PATH`` needs this interpreter's ``libpython`` first (else the stub picks an older
   system one and the model fails to initialize) and the wheel's ``nvidia_pytriton.libs`` (else the
   server hangs at start).
+
+Serving leaves the repository exactly as deploy wrote it. The stub imports each ``model.py`` in an
+interpreter set up isolated (``PyConfig_InitIsolatedConfig``: ``PYTHONDONTWRITEBYTECODE`` and every other
+``PYTHON*`` variable are ignored, as was seen here), and the model is imported before anything we could
+run in it, so Python writes a ``__pycache__`` beside each ``model.py``. So the server is given a mirror of
+the repository in its temporary folder: the model and version folders made anew, every file and deeper
+folder a symbolic link to the original. Whatever a backend writes into a version folder lands there.
 """
 
 from __future__ import annotations
@@ -115,6 +122,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _link_tree(source: Path, target: Path, depth: int) -> None:
+    """``target`` as ``source``: folders ``depth`` levels deep made anew, everything below and every file a link."""
+    if depth == 0 or not source.is_dir():
+        target.symlink_to(source)
+        return
+    target.mkdir()
+    for child in source.iterdir():
+        _link_tree(child, target / child.name, depth - 1)
+
+
 class TritonServer:
     """One ``tritonserver`` process serving ``repository`` on loopback; a context manager that always stops it."""
 
@@ -155,6 +172,13 @@ class TritonServer:
             shutil.copy2(self.install.python_stub(), stub)
         return folder
 
+    def _mirror(self) -> Path:
+        """The repository as the server sees it (see the module's notes): writes into it stay in the temporary folder."""
+        assert self._tmp is not None
+        folder = self._tmp / "repository"
+        _link_tree(self.repository, folder, depth=3)  # the repository, its model folders, their version folders
+        return folder
+
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -165,7 +189,7 @@ class TritonServer:
 
     def command(self) -> list[str]:
         return [
-            str(self.install.binary), "--model-repository", str(self.repository),
+            str(self.install.binary), "--model-repository", str(self._mirror()),
             "--backend-directory", str(self._backends()),
             "--http-address", self.host, "--http-port", str(self.http_port),
             "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),

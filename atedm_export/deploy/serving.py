@@ -4,6 +4,10 @@
 that graph's model through BLS. ``OnnxRuntimeStageModel`` serves one graph with the project's own
 onnxruntime backend, for CPU servers; on GPU servers each graph is a ``tensorrt_plan`` model instead.
 
+A request the model refuses (a step outside the run, a NaN or infinite input) is answered with Triton's
+invalid-argument code, which HTTP clients see as 400: the caller sent it and can fix it. A model that
+fails on a good request answers with the internal code (HTTP 500): that is the server's fault.
+
 Tensors cross the Python backend by DLPack only: its NumPy path (``as_numpy``, ``Tensor(name, array)``)
 was seen here to hand models garbage inputs and send empty outputs when the model's environment has
 NumPy 2, while DLPack is exact with any NumPy.
@@ -22,7 +26,7 @@ from ..errors import AtedmError, first_line
 from ..contract import precision_of
 from ..manifest import Manifest
 from ..runtime.backends import OnnxRuntimeBackend
-from .routing import STAGE_OUTPUT, STEP_INPUTS, Router
+from .routing import STAGE_OUTPUT, STEP_INPUTS, Router, RoutingError
 from .server import SHELL_CONTROL
 
 MANIFEST_PARAMETER = "atedm_manifest"  # the build's manifest (JSON), on the router: clients read it too
@@ -32,6 +36,18 @@ BUILD_PARAMETER = "atedm_build"  # on a stage model: the build folder all graph 
 #: What Triton's Python backend answers for a model whose process died (killed, out of memory): for good,
 #: while the model still reports ready. The router reloads such a model and retries once.
 DEAD_MODEL = "is not healthy"
+
+
+class RequestError(AtedmError):
+    """A request the model cannot serve as sent: the client's error, answered as invalid argument (HTTP 400)."""
+
+
+def check_finite(feed: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN and infinite floating-point inputs: the graphs would turn them into a NaN latent, served as
+    if fine. One pass over the inputs, small beside the UNet call they would feed."""
+    for name, tensor in feed.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RequestError(f"input '{name}' holds NaN or infinite values; expected finite numbers")
 
 
 class _PythonModel:
@@ -46,24 +62,32 @@ class _PythonModel:
         self.version_dir = Path(args["model_repository"]) / args["model_version"]
 
     def tensor_in(self, request: Any, name: str) -> torch.Tensor:
-        """An input of a request as a torch tensor (zero-copy)."""
-        return self._torch(self.pb.get_input_tensor_by_name(request, name), name, "request")
+        """An input of a request as a torch tensor (zero-copy); a missing one is the client's error."""
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            raise RequestError(f"no tensor '{name}' in the request")
+        return dlpack.from_dlpack(tensor.to_dlpack())
 
     def tensor_of(self, response: Any, name: str) -> torch.Tensor:
-        """An output of a BLS response as a torch tensor (zero-copy)."""
-        return self._torch(self.pb.get_output_tensor_by_name(response, name), name, "response")
-
-    @staticmethod
-    def _torch(tensor: Any, name: str, where: str) -> torch.Tensor:
+        """An output of a BLS response as a torch tensor (zero-copy); a missing one is the server's error."""
+        tensor = self.pb.get_output_tensor_by_name(response, name)
         if tensor is None:
-            raise AtedmError(f"no tensor '{name}' in the {where}")
+            raise AtedmError(f"no tensor '{name}' in the response")
         return dlpack.from_dlpack(tensor.to_dlpack())
+
+    def read_inputs(self, request: Any, names: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
+        """A request's inputs, checked: what is wrong with them is the client's error (``RequestError``)."""
+        feed = {name: self.tensor_in(request, name) for name in names}
+        check_finite(feed)
+        return feed
 
     def tensor_out(self, name: str, value: torch.Tensor) -> Any:
         return self.pb.Tensor.from_dlpack(name, dlpack.to_dlpack(value.contiguous()))
 
-    def error_response(self, message: str) -> Any:
-        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
+    def error_response(self, error: AtedmError) -> Any:
+        """The response for a failed request: invalid argument (HTTP 400) for a ``RequestError``, else internal (500)."""
+        code = self.pb.TritonError.INVALID_ARG if isinstance(error, RequestError) else self.pb.TritonError.INTERNAL
+        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(str(error), code))
 
 
 class RouterModel(_PythonModel):
@@ -79,12 +103,18 @@ class RouterModel(_PythonModel):
         self.dtype = precision_of(output.dtype).torch
 
     def read(self, request: Any) -> tuple[dict[str, torch.Tensor], list[tuple[int, str]]]:
-        """A request's tensors (timestep, step and step count flattened to one value per row) and routes."""
-        feed = {name: self.tensor_in(request, name) for name in (*self.manifest.input_names, *STEP_INPUTS)}
+        """A request's tensors (timestep, step and step count flattened to one value per row) and routes.
+
+        Raises ``RequestError`` for what the client sent wrong: a non-finite input, a step outside the run.
+        """
+        feed = self.read_inputs(request, (*self.manifest.input_names, *STEP_INPUTS))
         rows = feed["sample"].shape[0]
         for name in ("timestep", *STEP_INPUTS):
             feed[name] = feed[name].reshape(rows)
-        routes = [self.router.route(int(s), int(n)) for s, n in zip(feed["step"].tolist(), feed["num_steps"].tolist())]
+        try:
+            routes = [self.router.route(int(s), int(n)) for s, n in zip(feed["step"].tolist(), feed["num_steps"].tolist())]
+        except RoutingError as exc:
+            raise RequestError(str(exc)) from None
         return feed, routes
 
     def call_graph(self, graph: str, feed: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -121,21 +151,21 @@ class RouterModel(_PythonModel):
     def execute(self, requests: list[Any]) -> list[Any]:
         feeds: list[dict[str, torch.Tensor]] = []
         routes: list[list[tuple[int, str]]] = []
-        errors: dict[int, str] = {}
+        errors: dict[int, AtedmError] = {}
         for i, request in enumerate(requests):
             try:
                 feed, route = self.read(request)
             except AtedmError as exc:
-                feed, route, errors[i] = {}, [], str(exc)
+                feed, route, errors[i] = {}, [], exc
             feeds.append(feed)
             routes.append(route)
         outputs = [torch.empty((len(r), *self.row_shape), dtype=self.dtype) for r in routes]
         for chunk in self.router.plan([[name for _, name in r] for r in routes]):
             try:
                 self.router.scatter(chunk, self.call_graph(chunk.graph, self.router.gather(chunk, feeds)), outputs)
-            except AtedmError as exc:
+            except AtedmError as exc:  # the graph model failed: the server's error
                 for request, _ in chunk.rows:
-                    errors.setdefault(request, str(exc))
+                    errors.setdefault(request, exc)
         responses = []
         for i, route in enumerate(routes):
             if i in errors:
@@ -170,10 +200,10 @@ class OnnxRuntimeStageModel(_PythonModel):
         responses = []
         for request in requests:
             try:
-                feed = {name: self.tensor_in(request, name) for name in self.manifest.input_names}
+                feed = self.read_inputs(request, self.manifest.input_names)
                 latent = self.backend.run(self.graph, feed)
                 output = self.tensor_out(self.manifest.output_name, latent)
                 responses.append(self.pb.InferenceResponse(output_tensors=[output]))
             except AtedmError as exc:
-                responses.append(self.error_response(str(exc)))
+                responses.append(self.error_response(exc))
         return responses

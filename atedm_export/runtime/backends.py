@@ -1,7 +1,10 @@
 """Backends that run one graph of a build: eager PyTorch, onnxruntime, TensorRT / TensorRT-RTX.
 
-All take and return torch tensors keyed by the manifest's input names, and check shapes, dtypes and
-device against the manifest before running, naming the expected values when they differ.
+All take and return torch tensors keyed by the manifest's input names, and check shapes, dtypes, device
+and finiteness against the manifest before running, naming the expected values when they differ.
+
+Loading a backend checks the build files that backend opens, and only those (``Backend.verify_build``): a
+build whose engine plan is missing or stale still runs on onnxruntime, and refuses only where a plan is run.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import abc
 import ctypes
 import gc
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -19,6 +23,8 @@ from ..manifest import FileEntry, GraphEntry, Manifest
 from ..models import load_unet
 from ..pruning import set_plan
 from ..registry import ENGINE_LIBRARIES, RUNTIME_BACKENDS
+from ..userfiles import decoding
+from .quiet import quiet_libraries
 
 
 class RuntimeInputError(AtedmError):
@@ -29,14 +35,25 @@ class Backend(abc.ABC):
     """Runs the graphs of one build; ``run(graph, feed)`` returns the ``latent`` output."""
 
     name: str = "?"
+    default_device: ClassVar[str] = "cpu"
 
     def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device) -> None:
         self.folder = folder
         self.manifest = manifest
         self.device = torch.device(device)
 
+    @classmethod
+    def verify_build(cls, folder: Path, manifest: Manifest) -> None:
+        """Check the build files this backend opens against the manifest (size and sha256), and no others.
+
+        Graph backends open the shared weights and each graph's ONNX (its fused form included); a missing or
+        corrupted engine plan is no reason to refuse them.
+        """
+        manifest.verify_files(folder, engines=False)
+
     def check(self, feed: dict[str, torch.Tensor]) -> None:
-        """Refuse inputs that differ from the build in name, shape, dtype or device, naming what was expected."""
+        """Refuse inputs that differ from the build in name, shape, dtype, device or finiteness, naming what was
+        expected."""
         missing = [t.name for t in self.manifest.inputs if t.name not in feed]
         if missing:
             raise RuntimeInputError(
@@ -53,6 +70,26 @@ class Backend(abc.ABC):
                 raise RuntimeInputError(f"input '{spec.name}' is {tensor.dtype}; the build expects {spec.dtype}")
             if tensor.device.type != self.device.type:
                 raise RuntimeInputError(f"input '{spec.name}' is on {tensor.device}; the {self.name} backend runs on {self.device}")
+        self._check_finite(feed)
+
+    def _check_finite(self, feed: dict[str, torch.Tensor]) -> None:
+        """Refuse NaN or infinity in a floating-point input, naming the input.
+
+        A graph fed NaN returns NaN without complaint, and a pipeline turns that into a black image with no
+        word of why; an earlier step that overflowed (fp16) is the usual source. The check is one pass over
+        each input and, on a GPU, one synchronization: small beside a UNet call.
+        """
+        names = [spec.name for spec in self.manifest.inputs if feed[spec.name].is_floating_point()]
+        if not names:
+            return
+        finite = torch.stack([torch.isfinite(feed[name]).all() for name in names])
+        if bool(finite.all()):
+            return
+        name = names[int((~finite).nonzero()[0])]
+        tensor = feed[name]
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise RuntimeInputError(f"input '{name}' has {bad} of {tensor.numel()} values NaN or infinite; expected "
+                                "finite values (an earlier denoising step may have overflowed)")
 
     def run(self, graph: str, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         self.check(feed)
@@ -78,6 +115,10 @@ class EagerBackend(Backend):
     """The reference: the UNet of the manifest with each stage's plan applied in PyTorch."""
 
     name = "eager"
+
+    @classmethod
+    def verify_build(cls, folder: Path, manifest: Manifest) -> None:
+        """Nothing to check: the eager backend loads the UNet from the spec's model, no file of the build."""
 
     def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device = "cpu") -> None:
         super().__init__(folder, manifest, device)
@@ -145,7 +186,8 @@ class OnnxRuntimeBackend(Backend):
                 # call time (88.6 vs 87.4 s). fp16 graphs are cast to fp32 copies on a CPU anyway, where
                 # prepacking saves 11% of the call time, so they keep it.
                 options.add_session_config_entry("session.disable_prepacking", "1")
-            self._sessions[key] = ort.InferenceSession(str(self.folder / key), options, providers=self.providers)
+            with decoding(self.folder / key, "an ONNX model onnxruntime can load"):
+                self._sessions[key] = ort.InferenceSession(str(self.folder / key), options, providers=self.providers)
         return self._sessions[key]
 
     def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -193,6 +235,13 @@ class TensorRTBackend(Backend):
     owns: PNDM (SD 1.x's default scheduler) keeps earlier raw model outputs, which a later replay would
     otherwise overwrite (``tests/test_engine_runtime.py``).
     """
+
+    default_device: ClassVar[str] = "cuda"
+
+    @classmethod
+    def verify_build(cls, folder: Path, manifest: Manifest) -> None:
+        """The graphs' files and each graph's engine plan: weight-stripped plans are refitted from the graphs."""
+        manifest.verify_files(folder, engines=True)
 
     def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device = "cuda",
                  cuda_graphs: bool = False, weights: str = "resident") -> None:
@@ -263,17 +312,32 @@ def _addresses(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     return {name: tensor.data_ptr() for name, tensor in tensors.items()}
 
 
-def load_backend(name: str, folder: str | Path, manifest: Manifest | None = None, device: str | None = None,
-                 **options: object) -> Backend:
-    """A backend by name for a build folder (the manifest is loaded and checked when not given)."""
-    folder = Path(folder)
-    manifest = manifest or Manifest.load(folder)
+def backend_class(name: str, folder: Path, manifest: Manifest) -> type[Backend]:
+    """The backend class a name stands for (``engine``: whichever library built the build's plans)."""
     if name == "eager":
-        return EagerBackend(folder, manifest, device or "cpu")
+        return EagerBackend
     if name == "onnxruntime":
-        return OnnxRuntimeBackend(folder, manifest, device or "cpu", **options)
+        return OnnxRuntimeBackend
     if name in (*ENGINE_LIBRARIES, "engine"):
         if name != "engine" and manifest.engine.backend != name:
             raise AtedmError(f"build {folder} has {manifest.engine.backend} engines, not {name}")
-        return TensorRTBackend(folder, manifest, device or "cuda", **options)
+        return TensorRTBackend
     raise AtedmError(f"unknown backend '{name}'; expected one of: {', '.join(RUNTIME_BACKENDS)}")
+
+
+def load_backend(name: str, folder: str | Path, manifest: Manifest | None = None, device: str | None = None,
+                 **options: object) -> Backend:
+    """A backend by name for a build folder.
+
+    Without ``manifest``, the manifest is loaded and the files this backend opens are checked, and only those
+    (``Backend.verify_build``); a caller that passes a manifest has checked what it needs. The libraries'
+    loading notices stay out of the caller's output (``quiet.py``).
+    """
+    folder = Path(folder)
+    checked = manifest is not None
+    manifest = manifest or Manifest.load(folder, verify=False)
+    cls = backend_class(name, folder, manifest)
+    if not checked:
+        cls.verify_build(folder, manifest)
+    with quiet_libraries():
+        return cls(folder, manifest, device or cls.default_device, **options)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from ..contract import SD, SDXL_REFINER, Family, family_of, pooled_dim
 from ..errors import AtedmError, first_line
 from ..models import BUILTIN_CONFIGS, is_builtin
 from ..staging import check_output_file
+from .quiet import quiet_libraries
 from .staged import StagedUNet
 
 #: SDXL base 1.0's scheduler (scheduler/scheduler_config.json).
@@ -120,7 +122,13 @@ def tiny_pipeline(model: str, unet: Any = None, seed: int = 0) -> Any:
 
 
 def load_pipeline(staged: StagedUNet) -> Any:
-    """The stock pipeline of the build's model family with ``staged`` as its UNet."""
+    """The stock pipeline of the build's model family with ``staged`` as its UNet, loaded without the
+    libraries' loading bars and notices (``quiet.py``)."""
+    with quiet_libraries():
+        return _load_pipeline(staged)
+
+
+def _load_pipeline(staged: StagedUNet) -> Any:
     spec = staged.manifest.graph_spec
     family = staged.contract.family
     source = Path(spec.model).expanduser()
@@ -136,11 +144,13 @@ def load_pipeline(staged: StagedUNet) -> Any:
                          "to generate images, build from a diffusers pipeline folder")
     else:
         cls = _pipeline_class(family)
+        # The pipeline the build found (a unet/ folder's parent) and fingerprinted; else the model as given.
+        folder = staged.manifest.pipeline.folder if staged.manifest.pipeline else spec.model
         try:
-            pipe = cls.from_pretrained(spec.model, unet=None, torch_dtype=staged.dtype, use_safetensors=True,
+            pipe = cls.from_pretrained(folder, unet=None, torch_dtype=staged.dtype, use_safetensors=True,
                                        local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise AtedmError(f"cannot load the {cls.__name__} around the UNet from '{spec.model}': "
+            raise AtedmError(f"cannot load the {cls.__name__} around the UNet from '{folder}': "
                              f"{first_line(exc)}") from None
     pipe.set_progress_bar_config(disable=True)
     staged.attach(pipe)
@@ -149,13 +159,40 @@ def load_pipeline(staged: StagedUNet) -> Any:
 
 @dataclass(frozen=True)
 class Generation:
-    """What one ``generate`` did: the steps it ran, the image size, whether the input image was resized."""
+    """What one ``generate`` did: the steps it ran, the image size, whether the input image was resized, and
+    how many tokens of the prompt and the negative prompt the text encoders never saw.
+
+    The pipeline cuts each text to ``token_limit`` tokens, its start and end tokens included; the
+    libraries' own notice of it is held back (``quiet.py``), so the caller words the note from these fields.
+    """
 
     steps: int
     width: int
     height: int
     seconds: float
     resized_from: tuple[int, int] | None = None
+    changed: tuple[str, ...] = ()  # pipeline files (VAE, text encoders, ...) that differ from the build's record
+    truncated_tokens: int = 0  # of the prompt
+    negative_truncated_tokens: int = 0  # of the negative prompt
+    token_limit: int = 77  # what the text encoders read, start and end tokens included
+
+
+def _tokenizers(pipe: Any) -> list[Any]:
+    """The pipeline's tokenizers: SD's one, SDXL's two, the refiner's second only."""
+    return [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+
+
+def token_limit(pipe: Any) -> int:
+    """How many tokens the pipeline's text encoders read (start and end tokens included): 77 for CLIP."""
+    return min(int(t.model_max_length) for t in _tokenizers(pipe))
+
+
+def dropped_tokens(pipe: Any, text: str | None) -> int:
+    """How many tokens of ``text`` the pipeline cuts: counted with its own tokenizers, as it tokenizes
+    (each to its ``model_max_length``), the most over its tokenizers (SDXL encodes the text with both)."""
+    if not text:
+        return 0
+    return max([0, *(len(t(text, truncation=False).input_ids) - int(t.model_max_length) for t in _tokenizers(pipe))])
 
 
 def _input_image(family: Family, image: Path | None, width: int, height: int) -> tuple[Any, tuple[int, int] | None]:
@@ -183,7 +220,9 @@ def generate(staged: StagedUNet, prompt: str, output: Path, *, negative_prompt: 
     """Run the family's pipeline with ``staged`` as its UNet and write the first image to ``output`` (PNG).
 
     The build's static batch sets the images per prompt: with classifier-free guidance (scale > 1) each
-    image is a row pair, so batch 2 gives one image. The PNG appears whole or not at all.
+    image is a row pair, so batch 2 gives one image. The PNG appears whole or not at all. The pipeline
+    cuts a prompt past its text encoders' tokens; the result counts what it cut (``truncated_tokens``), and
+    the libraries' bars, notices and warnings stay out of the caller's output (``quiet.py``).
     """
     import time
 
@@ -208,19 +247,29 @@ def generate(staged: StagedUNet, prompt: str, output: Path, *, negative_prompt: 
         return kwargs
 
     size = {"image": picture, "strength": strength} if picture is not None else {"height": spec.height, "width": spec.width}
-    result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                  num_images_per_prompt=spec.batch // 2 if guidance > 1.0 else spec.batch,
-                  generator=torch.Generator().manual_seed(seed), callback_on_step_end=callback, **size)
+    with quiet_libraries():
+        truncated = dropped_tokens(pipe, prompt), dropped_tokens(pipe, negative_prompt if guidance > 1.0 else None)
+        result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                      num_images_per_prompt=spec.batch // 2 if guidance > 1.0 else spec.batch,
+                      generator=torch.Generator().manual_seed(seed), callback_on_step_end=callback, **size)
     _write_png(result.images[0], output)
-    return Generation(steps, spec.width, spec.height, time.perf_counter() - start, resized)
+    recorded = staged.manifest.pipeline
+    return Generation(steps, spec.width, spec.height, time.perf_counter() - start, resized,
+                      changed=tuple(recorded.changed()) if recorded else (), truncated_tokens=truncated[0],
+                      negative_truncated_tokens=truncated[1], token_limit=token_limit(pipe))
 
 
 def _write_png(image: Any, output: Path) -> None:
-    """Write beside the target and rename, so a failed or interrupted write leaves no partial file."""
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=output.parent.resolve())
-    os.close(fd)
+    """Write beside the target and rename, so a failed or interrupted write leaves no partial file.
+
+    The file is created with mode 0666 less the umask, what any program's new file gets (``mkstemp`` would
+    make it 0600: an image only its owner can read). Its hidden name fits what ``check_output_file`` allows.
+    """
+    tmp = output.parent / f".{output.name}.{secrets.token_hex(3)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        image.save(tmp, format="PNG")
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG")
         os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):

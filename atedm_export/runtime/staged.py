@@ -10,6 +10,10 @@ so::
 
 Each call's timestep is looked up in the scheduler's timesteps to find the step index; the schedule's
 step ranges (for the run's step count) give the stage. Custom loops call ``set_timesteps`` instead.
+
+Inputs are checked before each call (``Backend.check``): a wrong shape, dtype or device, or a NaN or
+infinite value in any floating-point input (``sample`` included), is refused with a one-line
+``RuntimeInputError`` naming the input, instead of a NaN latent that would come out as a black image.
 """
 
 from __future__ import annotations
@@ -62,8 +66,10 @@ class StagedUNet(torch.nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str | None = None, **options: Any) -> StagedUNet:
-        manifest = Manifest.load(folder)
-        return cls(manifest, load_backend(backend, folder, manifest, device, **options))
+        """The build at ``folder`` on ``backend``, with the build files that backend opens checked, and only those:
+        a missing engine plan refuses the engine backends, not onnxruntime or eager (``Backend.verify_build``)."""
+        runner = load_backend(backend, folder, None, device, **options)
+        return cls(runner.manifest, runner)
 
     # --- what pipelines read -------------------------------------------------------------------
 
@@ -135,6 +141,8 @@ class StagedUNet(torch.nn.Module):
         return_dict: bool = True,
         **unsupported: Any,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        """diffusers' UNet call: the stage of this timestep's step runs on the backend, which refuses inputs
+        that differ from the build or hold NaN or infinity (``Backend.check``), naming the input."""
         extra = [k for k, v in unsupported.items() if v is not None]
         if timestep_cond is not None or extra:
             raise AtedmError(f"StagedUNet does not take {(['timestep_cond'] if timestep_cond is not None else []) + extra}")
