@@ -202,7 +202,7 @@ CASES = [
     ("generate {build} -p x -o {out}/x.jpg", "must be a .png file"),
     ("generate {build} -p x -o {out}/no/dir/x.png", "does not exist"),
     ("generate {build} -p x --image {in}/not-an-image.png -o {out}/x.png", "--image is for SDXL refiner builds"),
-    ("generate {build} -p x --backend tensorrt-rtx -o {out}/x.png", "needs a CUDA GPU"),
+    ("generate {build} -p x --backend tensorrt-rtx -o {out}/x.png", "has no engines"),
     ("generate --triton ftp://host:1 -p x -o {out}/x.png", "must look like http://HOST:PORT"),
     ("generate --triton http://127.0.0.1:1 -p x -o {out}/x.png", "cannot reach Triton at http://127.0.0.1:1"),
     ("generate {out}/nothing -p x -o {out}/x.png", "is not a build folder"),

@@ -119,6 +119,7 @@ def test_onnxruntime_repository_layout_and_configs(ort_repo, tiny_build):
     assert "atedm-export serve" in readme and "`step` (in) | INT32 | `[b, 1]`" in readme
 
 
+@pytest.mark.slow
 def test_a_stage_that_prunes_nothing_is_routed_to_the_baseline(tmp_path):
     import yaml
 
@@ -139,20 +140,21 @@ def test_a_stage_that_prunes_nothing_is_routed_to_the_baseline(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tensorrt_build(tiny_build, tmp_path_factory):
+def tensorrt_build(tiny_engine_build, tmp_path_factory):
     """The tiny build as a TensorRT build would record it (the machine has no TensorRT to build one).
 
     Only the manifest's engine record changes; the plans are TensorRT-RTX's, which is all a config
     check needs: deploy copies plans, it does not parse them.
     """
     copy = tmp_path_factory.mktemp("trt") / "build"
-    shutil.copytree(tiny_build, copy)
+    shutil.copytree(tiny_engine_build, copy)
     data = json.loads((copy / "manifest.json").read_text())
     data["engine"].update(backend="tensorrt", library="tensorrt", version="10.13.0", targets=[])
     (copy / "manifest.json").write_text(json.dumps(data))
     return copy
 
 
+@pytest.mark.slow
 @needs_rtx
 def test_tensorrt_repository_configs_pass_validation(tensorrt_build, tmp_path):
     from tritonclient.grpc import model_config_pb2 as pb
@@ -177,9 +179,10 @@ def test_tensorrt_repository_configs_pass_validation(tensorrt_build, tmp_path):
     assert "nvcr.io/nvidia/tritonserver" in (repo / "README.md").read_text()
 
 
+@pytest.mark.slow
 @needs_rtx
-def test_tensorrt_rtx_plans_are_refused_for_triton(tiny_build, tmp_path):
-    result = CliRunner().invoke(main, ["deploy", str(tiny_build), "--triton", str(tmp_path / "r"), "--backend", "tensorrt"])
+def test_tensorrt_rtx_plans_are_refused_for_triton(tiny_engine_build, tmp_path):
+    result = CliRunner().invoke(main, ["deploy", str(tiny_engine_build), "--triton", str(tmp_path / "r"), "--backend", "tensorrt"])
     assert result.exit_code == 2
     assert "has tensorrt-rtx engines; Triton's tensorrt_plan backend loads TensorRT plans only" in result.output
     assert list(tmp_path.iterdir()) == []

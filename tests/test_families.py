@@ -177,6 +177,7 @@ def test_unets_the_method_cannot_serve_are_refused_in_one_line(tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd15", "sdxl-refiner", "ssd-1b"])
 def test_flops_prints_per_stage_savings_of_full_size_families(name):
     result = CliRunner().invoke(main, ["flops", name, "--json"])

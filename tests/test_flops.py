@@ -16,6 +16,7 @@ def _flops(*args: str) -> dict:
     return json.loads(result.output)
 
 
+@pytest.mark.slow
 def test_sdxl_paper_schedule_hits_the_paper_budget_at_the_papers_prune_point():
     report = _flops("graphs/sdxl-base-1024.yaml", "--schedule", "paper", "--prune-point", "layer")
     assert report["baseline_tflops"] == pytest.approx(6.76, abs=0.01)
@@ -26,6 +27,7 @@ def test_sdxl_paper_schedule_hits_the_paper_budget_at_the_papers_prune_point():
     assert main_stage["keep"]["down_blocks.1.attentions.0"] == 1516
 
 
+@pytest.mark.slow
 def test_sdxl_uniform_63_saves_40_percent_after_the_layer_and_45_after_attn1():
     layer = _flops("sdxl-base-1024", "--schedule", "uniform-63", "--prune-point", "layer")
     assert layer["schedule_saving"] == pytest.approx(0.402, abs=0.002)

@@ -52,6 +52,7 @@ def _bench(tmp_path: Path, parts: str) -> dict:
     return json.loads((tmp_path / "gpu-bench.json").read_text())
 
 
+@pytest.mark.slow
 def test_bench_smoke_on_the_cpu_eager_part(tmp_path) -> None:
     """Stock vs every pruned DSAP stage (with the cost model's prediction beside it), the map layer vs the
     stock self-attention at each pruned shape; the table and JSON written."""

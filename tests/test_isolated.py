@@ -62,6 +62,7 @@ def test_errors_come_back_as_one_line(function, message):
     assert str(caught.value) == message
 
 
+@pytest.mark.slow
 def test_a_graph_exported_in_its_own_process_matches_one_exported_here(tmp_path):
     """What a full-size build does (``export_stage`` over ``ISOLATE_BYTES``), on the tiny model."""
     import onnx

@@ -219,6 +219,7 @@ def test_half_precision_unet_runs_pruned(tiny_dir, tiny_blocks, tiny_inputs):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_pruned_unet_exports_as_one_static_graph(tiny_unet, tiny_blocks, tiny_inputs):
     apply_atedm(tiny_unet, _uniform_plan(tiny_blocks, 0.37))
     graph = GraphContract.from_config(dict(tiny_unet.config), 2, 256, 256).module(tiny_unet)

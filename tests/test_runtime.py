@@ -142,13 +142,20 @@ def test_missing_and_corrupted_files(tiny_build, tmp_path):
     assert result.exit_code == 2 and "is missing" in result.output
 
 
-def test_engines_need_a_gpu(tiny_build):
-    if not HAS_RTX or torch.cuda.is_available():
-        pytest.skip("needs RTX engines in the build and no GPU")
+@pytest.mark.slow
+def test_engines_need_a_gpu(tiny_engine_build):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
     with pytest.raises(AtedmError, match="needs a CUDA GPU"):
+        load_backend("tensorrt-rtx", tiny_engine_build)
+
+
+def test_a_build_without_engines_says_so_to_the_engine_backends(tiny_build):
+    with pytest.raises(AtedmError, match="has no engines .*--backend onnx.*rebuild with --backend tensorrt or tensorrt-rtx"):
         load_backend("tensorrt-rtx", tiny_build)
 
 
+@pytest.mark.slow
 def test_steps_outside_the_build(tmp_path_factory, tiny_build, feed):
     out = tmp_path_factory.mktemp("partial") / "main-only"
     build(BuildRequest(load_spec("tiny-sd15"), out, backend="onnx", stages=("main",)))

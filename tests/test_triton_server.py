@@ -148,6 +148,7 @@ def test_generate_through_triton_writes_the_same_png_as_local(server, tiny_build
     assert result.exit_code == 2 and "either BUILD_DIR" in result.output
 
 
+@pytest.mark.slow
 def test_load_test_200_requests_from_16_clients(server, tiny_build, tmp_path, capsys):
     report_path = tmp_path / "load.json"
     result = CliRunner().invoke(main, ["load-test", server.http_url, "--requests", "200", "--concurrency", "16",
@@ -229,6 +230,7 @@ def test_a_killed_stage_model_comes_back_and_no_request_fails(server, feed, caps
               f"kill, {len(failed)} failed; 'main' answered again {back:.1f} s after the kill")
 
 
+@pytest.mark.slow
 def test_a_repository_that_fails_to_load_stops_the_server_and_says_why(install, ort_repo, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     shutil.copytree(ort_repo, repo)
@@ -243,6 +245,7 @@ def test_a_repository_that_fails_to_load_stops_the_server_and_says_why(install, 
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]
 
 
+@pytest.mark.slow
 def test_serve_keeps_the_servers_log_and_shows_its_last_lines_when_it_fails(install, ort_repo, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     shutil.copytree(ort_repo, repo)

@@ -319,6 +319,9 @@ def backend_class(name: str, folder: Path, manifest: Manifest) -> type[Backend]:
     if name == "onnxruntime":
         return OnnxRuntimeBackend
     if name in (*ENGINE_LIBRARIES, "engine"):
+        if manifest.engine.skipped:
+            raise AtedmError(f"build {folder} has no engines ({manifest.engine.skipped}); rebuild with --backend "
+                             "tensorrt or tensorrt-rtx")
         if name != "engine" and manifest.engine.backend != name:
             raise AtedmError(f"build {folder} has {manifest.engine.backend} engines, not {name}")
         return TensorRTBackend
