@@ -99,9 +99,11 @@ def test_each_call_returns_a_tensor_the_caller_owns(gpu_engine_build, cuda_graph
     assert (first - second).abs().max() > 0
 
 
+@pytest.mark.slow
 @needs_rtx
-def test_plan_weights_reads_the_sections_of_every_stage_plan(tiny_build, tmp_path):
+def test_plan_weights_reads_the_sections_of_every_stage_plan(tiny_engine_build, tmp_path):
     """tools/plan_weights.py: each plan is header + engine section + weight section, and sharing is counted."""
+    tiny_build = tiny_engine_build
     report_path = tmp_path / "share.json"
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "plan_weights.py"), str(tiny_build), "--json",
                            str(report_path)], capture_output=True, text=True, timeout=120)

@@ -123,6 +123,7 @@ def test_the_prune_points_differ_in_flops_counted_from_the_graphs(saved, model, 
     assert counted["attn1"] < counted["layer"]
 
 
+@pytest.mark.slow
 def test_presets_name_blocks_by_role_in_every_family():
     for model in ("sdxl-base", "sd15", "sdxl-refiner", "ssd-1b"):
         config = BUILTIN_CONFIGS[model]

@@ -37,6 +37,7 @@ def test_sdxl_uniform_63_saves_40_percent_after_the_layer_and_45_after_attn1():
     assert paper["schedule_saving"] == pytest.approx(0.435, abs=0.002)  # more than the paper's 38.8%, same output
 
 
+@pytest.mark.slow
 def test_tiny_report_is_consistent():
     report = _flops("tiny-sdxl")
     stages = report["stages"]
