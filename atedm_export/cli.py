@@ -586,7 +586,7 @@ def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str
 @main.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--triton", "repository", required=True, type=click.Path(path_type=Path),
-              help="Model repository folder to write.")
+              help="Model repository folder to write, or an existing one to add the models to (others' models are kept).")
 @click.option("--name", default="atedm_unet", show_default=True, help="Name of the UNet model clients call.")
 @click.option("--backend", type=click.Choice(["auto", *DEPLOY_VARIANTS]), default="auto", show_default=True,
               help="tensorrt: the build's TensorRT plans as tensorrt_plan models (GPU servers); onnxruntime: the ONNX "
@@ -597,7 +597,8 @@ def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str
 @click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
               help="How long the dynamic batcher waits to fill a batch.")
 @click.option("--link", is_flag=True, help="Hard-link the artifacts instead of copying them (same filesystem).")
-@click.option("--force", is_flag=True, help="Replace an existing repository folder.")
+@click.option("--force", is_flag=True, help="Replace the deployment an earlier deploy wrote in REPO (only what its "
+                                            "atedm-deploy.json lists; other models are never touched).")
 def deploy(build_dir: Path, repository: Path, name: str, backend: str, instances: int, max_batch: int | None,
            queue_delay_us: int, link: bool, force: bool) -> None:
     """Write a Triton Inference Server model repository for a build.
