@@ -51,6 +51,11 @@ class TensorEntry(_Model):
     shape: list[int]
     dtype: str
 
+    @classmethod
+    def of(cls, tensor: Any) -> TensorEntry:  # noqa: ANN401 - contract.TensorSpec
+        """The manifest's record of one of the contract's tensors."""
+        return cls(name=tensor.name, shape=list(tensor.shape), dtype=tensor.dtype)
+
 
 class GraphEntry(_Model):
     """One static graph: a DSAP stage, or the unpruned baseline."""
@@ -99,9 +104,9 @@ class PipelineInfo(_Model):
     def of(cls, folder: Path) -> PipelineInfo:
         from .models import pipeline_files
 
-        return cls(folder=str(folder), files=[
-            PipelineFile(path=str(f.relative_to(folder)), sha256=sha256(f), bytes=f.stat().st_size,
-                         mtime_ns=f.stat().st_mtime_ns) for f in pipeline_files(folder)])
+        return cls(folder=str(folder), files=[PipelineFile(path=str(f.relative_to(folder)), sha256=sha256(f),
+                                                           bytes=(st := f.stat()).st_size, mtime_ns=st.st_mtime_ns)
+                                              for f in pipeline_files(folder)])
 
     def changed(self) -> list[str]:
         """The recorded files now missing or different (re-hashed only where size or time changed)."""
@@ -225,7 +230,7 @@ class Manifest(_Model):
         except AtedmError as exc:
             raise ManifestError(f"{source}: spec: {exc}") from None
         for field, recorded, implied in (("inputs", self.inputs, contract.inputs), ("outputs", self.outputs, contract.outputs)):
-            implied_entries = [TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in implied]
+            implied_entries = [TensorEntry.of(t) for t in implied]
             if list(recorded) != implied_entries:
                 wrong = next((r, i) for r, i in zip([*recorded, None], [*implied_entries, None]) if r != i)
                 raise ManifestError(f"{source}: {field}: {_tensor(wrong[0])} is recorded, but its spec ({spec.width}x"
