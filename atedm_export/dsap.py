@@ -203,11 +203,18 @@ def is_preset(source: str) -> bool:
     return source in preset_names()
 
 
+def preset_named(source: str) -> str | None:
+    """The preset a schedule source names (``paper``, also written ``paper.yaml``, where no such file is
+    here), else None: the source is a file."""
+    name = source.removesuffix(".yaml")
+    return name if is_preset(name) and not Path(source).is_file() else None
+
+
 def load_schedule(source: str, base: Path | None = None) -> Schedule:
-    """A schedule by preset name (``paper``, also written ``paper.yaml``) or from a YAML file, a relative path
-    read from ``base`` (the spec's folder) where given, else from the working directory."""
-    if is_preset(source.removesuffix(".yaml")) and not Path(source).is_file():
-        return load_preset(source.removesuffix(".yaml"))
+    """A schedule by preset name (``preset_named``) or from a YAML file, a relative path read from ``base``
+    (the spec's folder) where given, else from the working directory."""
+    if preset := preset_named(source):
+        return load_preset(preset)
     path = Path(source).expanduser()
     if base is not None and not path.is_absolute():
         path = base / path

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .contract import PRECISIONS, GraphContract
-from .dsap import Schedule, is_preset, load_preset, load_schedule, parse_schedule
+from .dsap import Schedule, is_preset, load_preset, load_schedule, parse_schedule, preset_named
 from .errors import SpecError, format_validation_error
 from .pruning import PruneOptions
 from .pruning.patch import default_map_output, default_prune_point
@@ -115,9 +115,7 @@ class GraphSpec(BaseModel):
         """The same spec on another schedule (a preset name or a YAML file), as ``--schedule`` asks."""
         if schedule is None:
             return self
-        loaded = load_schedule(schedule)
-        return self.model_copy(update={"schedule": loaded.name if is_preset(loaded.name) and is_preset(
-            schedule.removesuffix(".yaml")) else loaded})
+        return self.model_copy(update={"schedule": preset_named(schedule) or load_schedule(schedule)})
 
 
 def builtin_specs_dir() -> Path:

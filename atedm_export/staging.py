@@ -30,6 +30,14 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
+def _check_name(out: Path, folder: Path, extra: int, why: str) -> None:
+    """Refuse a name the file system would refuse once ``extra`` bytes are added to it (``why``)."""
+    limit = _name_max(folder) - extra
+    if len(out.name.encode()) > limit:
+        raise AtedmError(f"output name '{out.name[:40]}…' is {len(out.name.encode())} bytes; expected at most {limit} "
+                         f"(the file system's {limit + extra}, less room for {why})")
+
+
 def _check_writable(folder: Path, target: Path) -> None:
     """Create and remove a temporary file in ``folder``: the one test that also holds for root on a read-only
     mount, where ``os.access`` says yes."""
@@ -43,10 +51,7 @@ def _check_writable(folder: Path, target: Path) -> None:
 def check_destination(out: Path, force: bool, create_parent: bool = False) -> None:
     """Refuse an output folder that exists (without ``force``), is a file, has a name the file system refuses,
     or cannot be written; ``create_parent``: its parent may be missing (``staged_folder`` creates it)."""
-    limit = _name_max(out.parent if out.parent.is_dir() else Path(".")) - _SIBLING_EXTRA
-    if len(out.name.encode()) > limit:
-        raise AtedmError(f"output name '{out.name[:40]}…' is {len(out.name.encode())} bytes; expected at most {limit} "
-                         f"(the file system's {limit + _SIBLING_EXTRA}, less room for the hidden work folder)")
+    _check_name(out, out.parent if out.parent.is_dir() else Path("."), _SIBLING_EXTRA, "the hidden work folder")
     if out.exists() and not force:
         raise AtedmError(f"output folder {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
@@ -67,9 +72,7 @@ def check_output_file(path: Path, suffixes: tuple[str, ...] = ()) -> None:
     folder = path.parent.resolve()
     if not folder.is_dir():
         raise AtedmError(f"cannot write {path}: folder {path.parent} does not exist")
-    limit = _name_max(folder) - len(".tmp") - 8  # written beside the target under a temporary name
-    if len(path.name.encode()) > limit:
-        raise AtedmError(f"output file name '{path.name[:40]}…' is {len(path.name.encode())} bytes; expected at most {limit}")
+    _check_name(path, folder, len(".tmp") + 8, "the temporary name it is written under")
     if path.is_dir():
         raise AtedmError(f"cannot write {path}: it is a folder; expected a file name")
     _check_writable(folder, path)
