@@ -131,7 +131,7 @@ def _prepare(request: BuildRequest, selected: list[int]) -> _Model:
     spec = request.spec
     meta = build_unet(unet_config(spec.model), device="meta")
     blocks = attention_blocks(meta, spec.height, spec.width)
-    options = spec.pruning.options()
+    options = spec.pruning
     plans = {i: stage_plan(spec.dsap.stages[i], blocks, options) for i in selected}
     return _Model(meta, blocks, plans, pipeline_folder(spec.model))
 

@@ -168,7 +168,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("spec")
+@click.argument("specs", nargs=-1, required=True)
 @click.option("--schedule", help="DSAP schedule instead of the spec's: a preset (paper, uniform-63, dagger, none) or a "
                                  "YAML file.")
 @click.option("--prune-point", type=click.Choice(["attn1", "layer"]),
@@ -179,27 +179,36 @@ def main() -> None:
               help="Predict each graph's time on this device (repeatable): the cost model's speedup of each stage "
                    "and of the schedule vs the fused baseline, and the map layer's share.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def flops(spec: str, schedule: str | None, prune_point: str | None, precision: str | None,
+def flops(specs: tuple[str, ...], schedule: str | None, prune_point: str | None, precision: str | None,
           devices: tuple[str, ...], as_json: bool) -> None:
     """FLOPs per image-step of each DSAP stage and the baseline, counted on the patched UNet.
 
-    SPEC is a graph spec YAML file or a built-in spec name (sdxl-base-1024, sd15, sd21, sdxl-refiner, ssd-1b,
-    tiny-sdxl, ...).
+    SPECS are graph spec YAML files or built-in spec names (sdxl-base-1024, sdxl-base-1024-tome, sd15, sd21,
+    sdxl-refiner, ssd-1b, tiny-sdxl, ...). Several specs (AT-EDM and ToMe, say) end with one table of their
+    budgets side by side.
     """
     from .costmodel import device
     from .flops import flops_report
     from .spec import load_spec
 
-    graph_spec = load_spec(spec).with_schedule(schedule).with_prune_point(prune_point)
+    graph_specs = [load_spec(s).with_schedule(schedule).with_prune_point(prune_point) for s in specs]
     if precision:
-        graph_spec = graph_spec.model_copy(update={"precision": precision})
-    report = flops_report(graph_spec, tuple(device(d) for d in dict.fromkeys(devices)))
+        graph_specs = [g.model_copy(update={"precision": precision}) for g in graph_specs]
+    reports = [flops_report(g, tuple(device(d) for d in dict.fromkeys(devices))) for g in graph_specs]
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        data = [r.to_json() for r in reports]
+        click.echo(json.dumps(data[0] if len(data) == 1 else data, indent=2))
         return
+    for report in reports:
+        _print_flops(report)
+    if len(reports) > 1:
+        out.print(_budget_table(reports))
+
+
+def _print_flops(report) -> None:  # noqa: ANN001 - flops.FlopsReport
     scale, unit = (1.0, "TFLOPs") if report.baseline_tflops >= 0.1 else (1e3, "GFLOPs")
     table = Table(title=Text(f"{report.spec}: {report.model} at {report.width}x{report.height}, "
-                             f"{report.steps} steps, schedule '{report.schedule}'"))
+                             f"{report.steps} steps, method '{report.method}', schedule '{report.schedule}'"))
     for column in ("stage", "steps", f"{unit} / image-step", "saving", "pruned blocks"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     blocks = len(report.tokens)
@@ -215,6 +224,18 @@ def flops(spec: str, schedule: str | None, prune_point: str | None, precision: s
     out.print(_keep_table(report.tokens, {s.name: s.keep for s in report.stages}))
     for prediction in report.predictions:
         out.print(_prediction_table(prediction, report.batch, report.precision))
+
+
+def _budget_table(reports: list) -> Table:
+    """The specs' budgets side by side: what "at the same FLOPs" is read from."""
+    scale, unit = (1.0, "TFLOPs") if min(r.baseline_tflops for r in reports) >= 0.1 else (1e3, "GFLOPs")
+    table = Table(title="budgets side by side (per image-step, averaged over each schedule's steps)")
+    for column in ("spec", "method", "schedule", "resolution", f"baseline {unit}", f"schedule {unit}", "saving"):
+        table.add_column(column, justify="left" if column in ("spec", "method", "schedule") else "right")
+    for r in reports:
+        table.add_row(Text(r.spec), r.method, Text(r.schedule), f"{r.width}x{r.height}",
+                      f"{r.baseline_tflops * scale:.3f}", f"{r.schedule_tflops * scale:.3f}", f"{r.schedule_saving:.1%}")
+    return table
 
 
 def _prediction_table(prediction, batch: int, precision: str) -> Table:  # noqa: ANN001 - flops.DevicePrediction
@@ -397,7 +418,8 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
     engines = (f"{engine.backend} {engine.version} for {','.join(engine.targets) or 'the local GPU'}"
                if not engine.skipped else f"none ({engine.skipped})")
     out.print(Text.assemble((spec.name, "bold"), f": {spec.model} {spec.width}x{spec.height}, batch {spec.batch}, "
-              f"{spec.precision}, {spec.steps} steps, schedule '{spec.dsap.name}'; engines: {engines}"), highlight=False)
+              f"{spec.precision}, {spec.steps} steps, method '{spec.method}', schedule '{spec.dsap.name}'; engines: {engines}"),
+              highlight=False)
     out.print(_graphs_table(manifest, "graphs"))
     out.print(_keep_table(manifest.tokens, {e.name: e.keep for e in manifest.stages}))
     for name, forms in data["attention"].items():
@@ -428,7 +450,7 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
 def verify(build_dir: Path, as_json: bool, seed: int) -> None:
-    """Each graph of a build against the eager AT-EDM module on the same random inputs.
+    """Each graph of a build against the eager pruned module (its method's) on the same random inputs.
 
     Exit status 1 when any graph is outside the tolerances of its precision.
     """
@@ -440,7 +462,7 @@ def verify(build_dir: Path, as_json: bool, seed: int) -> None:
     if as_json:
         click.echo(json.dumps({"passed": passed, "checks": [c.to_json() for c in checks]}, indent=2))
     else:
-        table = Table(title=Text(f"{build_dir}: graphs vs eager AT-EDM"))
+        table = Table(title=Text(f"{build_dir}: graphs vs the eager module"))
         for column in ("graph", "backend", "max abs", "max rel", "mean abs", "cosine", "atol / rtol", "result"):
             table.add_column(column, justify="left" if column in ("graph", "backend") else "right")
         for c in checks:
@@ -521,6 +543,99 @@ def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, 
         _say("note:", "yellow", f"the input image was {done.resized_from[0]}x{done.resized_from[1]}; "
                                 f"resized to the build's {done.width}x{done.height}")
     _say("wrote", "green", f"{output} ({done.width}x{done.height})")
+
+
+@main.command("eval")
+@click.argument("builds", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for the images and reports: new, empty, or one an earlier eval of the same prompts made "
+                   "(its matching images are reused).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="Text file, one prompt per line.")
+@click.option("--coco-captions", type=click.Path(path_type=Path),
+              help="COCO captions JSON (annotations/captions_val2017.json): one caption per image, by image id.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts.")
+@click.option("--seed", "--seeds", "seed", type=SEED, default=0, show_default=True,
+              help="Base seed: image i is drawn with seed + i in every set.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [default: the specs'].")
+@click.option("--guidance", type=FiniteFloat(min=0.0), default=None,
+              help="Classifier-free guidance scale [default: the family's: 7.5 for SD 1.x/2.x, 5 for SDXL].")
+@click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="onnxruntime", show_default=True)
+@click.option("--device", type=TorchDevice(), default=None, help="torch device for the backend [default: cpu, cuda for TensorRT].")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+              help="Engine backends: capture each stage's launch once and replay it.")
+@click.option("--engine-weights", type=click.Choice(ENGINE_WEIGHTS), default="resident", show_default=True,
+              help="Engine backends: every stage's weights on the GPU, or one stage's at a time (TensorRT-RTX).")
+@click.option("--clip", type=click.Path(path_type=Path),
+              help="transformers CLIP checkpoint folder for the CLIP score (e.g. laion/CLIP-ViT-g-14-laion2B-s12B-b42K).")
+@click.option("--inception", type=click.Path(path_type=Path),
+              help="NVlabs' TorchScript Inception (inception-2015-12-05.pt) for FID and KID.")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="Folder of real images FID and KID compare against (e.g. COCO val2017) [default: the unpruned set].")
+def eval_command(builds: tuple[Path, ...], out_dir: Path, prompts_file: Path | None, coco_captions: Path | None,
+                 limit: int | None, seed: int, steps: int | None, guidance: float | None, backend: str,
+                 device: str | None, cuda_graphs: bool, engine_weights: str, clip: Path | None, inception: Path | None,
+                 reference: Path | None) -> None:
+    """Quality and speed of builds against the unpruned model: the same prompts and seeds through each.
+
+    Draws every prompt through the unpruned graph (the first build's baseline at every step) and through each
+    BUILD (its DSAP stages, as generate runs them), then scores each set: PSNR, SSIM and LPIPS against the
+    unpruned images, CLIP score with --clip, FID and KID with --inception, seconds per image. Writes OUT/eval.json,
+    eval.csv, grid.png, quality-speed.png and the images; a rerun reuses every image drawn with the same settings.
+    """
+    from .evaluate.report import rows, write_all
+    from .evaluate.request import EvalRequest, prepare
+    from .evaluate.run import draw_all
+    from .evaluate.score import score
+
+    request = EvalRequest(builds, out_dir, prompts_file, coco_captions, limit, seed, steps, guidance, backend, device,
+                          _engine_options(backend, cuda_graphs, engine_weights), clip, inception, reference)
+    start = time.perf_counter()
+    with console.status("checking the builds and the metrics' files…"):
+        plan = prepare(request)
+    width = max(12, *(len(job.label) for job in plan.jobs))
+    _say("eval:", "bold", f"{len(plan.prompts)} prompts ({plan.prompt_source}), seeds {seed}..{plan.seeds[-1]}, "
+                          f"{plan.steps} steps, guidance {plan.guidance:g}, on {plan.backend_name} ({plan.device})")
+
+    def progress(label: str, event: str, seconds: float | None) -> None:
+        _progress_line(start, label, width, event, seconds)
+
+    sets = draw_all(plan, progress)
+    table = rows(sets, score(plan, sets, progress))
+    paths = write_all(out_dir, plan, sets, table)
+    out.print(_eval_table(table, Text(f"{len(plan.prompts)} images per set, {plan.steps} steps on {plan.backend_name}")))
+    for note in plan.notes:
+        _say("note:", "yellow", note)
+    _say("wrote", "green", f"{', '.join(str(p) for p in paths)} and the images under {out_dir / 'images'} "
+                           f"in {time.perf_counter() - start:.1f}s")
+
+
+def _eval_table(table: list[dict], title: Text) -> Table:
+    """One row per image set: speed, fidelity to the unpruned images, prompt alignment, distribution."""
+    columns = [("set", "label"), ("schedule", "schedule"), ("s / image", "seconds_per_image"),
+               ("vs unpruned", "speedup_vs_unpruned"), ("PSNR dB", "psnr"), ("SSIM", "ssim"), ("LPIPS", "lpips"),
+               ("CLIP", "clip_score"), ("FID", "fid"), ("KID", "kid")]
+    shown = [(name, key) for name, key in columns if any(key in row for row in table)]
+    result = Table(title=title)
+    for name, key in shown:
+        result.add_column(name, justify="left" if key in ("label", "schedule") else "right")
+    for row in table:
+        result.add_row(*(Text(_eval_cell(key, row.get(key))) for _, key in shown))
+    return result
+
+
+def _eval_cell(key: str, value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if key == "speedup_vs_unpruned":
+        return _ratio(float(value))
+    if not math.isfinite(float(value)):
+        return "inf"
+    if key in ("fid", "kid"):  # FID runs from ~0 (same distribution) to hundreds; KID from ~0 to ~1
+        return f"{float(value):.4g}"
+    digits = {"seconds_per_image": 2, "psnr": 2, "ssim": 4, "lpips": 4, "clip_score": 2}
+    return f"{float(value):.{digits.get(key, 3)}f}"
 
 
 @main.command()

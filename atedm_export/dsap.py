@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import PlanError, SpecError, format_validation_error
 from .models import AttentionBlock
-from .pruning import PruneOptions, StagePlan
+from .pruning import PruneOptions, PruningOptions, StagePlan, method_of
 from .userfiles import load_yaml
 
 Ratio = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -174,11 +174,21 @@ def keep_count(ratio: float, tokens: int) -> int:
     return max(1, min(tokens, round(ratio * tokens)))
 
 
-def stage_plan(stage: Stage, blocks: list[AttentionBlock], options: PruneOptions = PruneOptions()) -> StagePlan:
-    """The static plan of one stage: blocks whose keep count is below their token count are pruned."""
+def stage_plan(stage: Stage, blocks: list[AttentionBlock], options: PruningOptions = PruneOptions()) -> StagePlan:
+    """The static plan of one stage: blocks whose keep count is below their token count are pruned.
+
+    A keep count below what the method can run (ToMe leaves at least its destination grid) is refused here,
+    from the spec, before anything is exported."""
     ratios = stage.ratios(blocks)
     keep = {b.name: keep_count(ratios[b.name], b.tokens) for b in blocks}
     pruned = {b.name: keep[b.name] for b in blocks if keep[b.name] < b.tokens}
+    method = method_of(options)
+    for block in blocks:
+        least = method.least_kept((block.height, block.width), options)
+        if block.name in pruned and pruned[block.name] < least:
+            raise PlanError(f"stage '{stage.name}': {method.name} keeps at least {least} of {block.name}'s "
+                            f"{block.tokens} tokens (a keep ratio of {least / block.tokens:.3g}), "
+                            f"the schedule asks {ratios[block.name]:g}")
     return StagePlan(pruned, options, {b.name: b.tokens for b in blocks})
 
 

@@ -7,6 +7,8 @@ The CLI prints that line and exits non-zero; anything else is a bug and keeps it
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from pydantic import ValidationError
 
 
@@ -32,10 +34,11 @@ def first_line(exc: BaseException) -> str:
     return (str(message).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """pydantic's first error as one line: where, what is wrong, what was given."""
+def format_validation_error(exc: ValidationError, source: str, tags: Collection[str] = ()) -> str:
+    """pydantic's first error as one line: where, what is wrong, what was given. ``tags``: names pydantic puts
+    in an error's location for the member of a tagged union (the pruning methods), left out of it."""
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    where = ".".join(str(p) for p in err["loc"] if p not in tags) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown key '{where}'"
     msg = err["msg"].removeprefix("Value error, ")

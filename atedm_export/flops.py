@@ -93,6 +93,7 @@ class FlopsReport:
     batch: int = 1
     precision: str = "fp32"
     predictions: list[DevicePrediction] = field(default_factory=list)
+    method: str = "atedm"  # the pruning method (pruning.METHODS)
 
     @property
     def schedule_tflops(self) -> float:
@@ -123,7 +124,7 @@ def flops_report(spec: GraphSpec, devices: tuple[Device, ...] = ()) -> FlopsRepo
     """
     unet = build_unet(unet_config(spec.model), device="meta")
     blocks = spec_blocks(spec, unet)
-    options = spec.pruning.options()
+    options = spec.pruning
     baseline = count_flops(unet, spec.height, spec.width, spec.text_length, None) / 1e12
     ranges = spec.dsap.step_ranges(spec.steps)
     stages = []
@@ -137,6 +138,7 @@ def flops_report(spec: GraphSpec, devices: tuple[Device, ...] = ()) -> FlopsRepo
         precision=spec.precision,
         predictions=_predictions(spec, devices, [s.name for s in stages], [s.num_steps for s in stages]) if devices else [],
         spec=spec.name,
+        method=spec.method,
         model=spec.model,
         schedule=spec.dsap.name,
         height=spec.height,
@@ -153,7 +155,7 @@ def _predictions(spec: GraphSpec, devices: tuple[Device, ...], names: list[str],
     unet = build_unet(unet_config(spec.model), dtype=spec.dtype, device="meta")
     contract = spec.contract(dict(unet.config))
     blocks = spec_blocks(spec, unet)
-    options = spec.pruning.options()
+    options = spec.pruning
     baseline = graph_ops(unet, contract, None)
     staged = {name: graph_ops(unet, contract, stage_plan(stage, blocks, options))
               for name, stage in zip(names, spec.dsap.stages)}

@@ -191,7 +191,7 @@ class Manifest(_Model):
         pruned = {b: k for b, k in entry.keep.items() if k < self.tokens[b]}
         if entry.name == "baseline" or not pruned:
             return None
-        return StagePlan(pruned, self.graph_spec.pruning.options(), dict(self.tokens))
+        return StagePlan(pruned, self.graph_spec.pruning, dict(self.tokens))
 
     def save(self, folder: Path) -> Path:
         path = folder / FILENAME

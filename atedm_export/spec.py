@@ -15,47 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .contract import PRECISIONS, GraphContract
 from .dsap import Schedule, is_preset, load_preset, load_schedule, parse_schedule, preset_named
-from .errors import SpecError, format_validation_error
-from .pruning import PruneOptions
-from .pruning.patch import default_map_output, default_prune_point
+from .errors import PlanError, SpecError, format_validation_error
+from .pruning import METHODS, PruneOptions, PruningOptions, parse_options
 from .userfiles import load_yaml
 
 Precision = Literal["fp32", "fp16", "bf16"]  # registry.PRECISION_NAMES; their dtypes: contract.PRECISIONS
-
-
-class PruningSpec(BaseModel):
-    """The method's open choices (see ``PruneOptions``), defaults as in the paper."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    iterations: int = Field(5, ge=1, le=100, description="G-WPR power iterations (unrolled in the graph)")
-    heads: Literal["mean", "max"] = "mean"
-    damping: float = Field(1.0, gt=0.0, le=1.0)
-    importance: Literal["self", "cross"] = "self"
-    prune_point: Literal["layer", "attn1"] | None = Field(
-        None, description="attn1 (default where exact: copy recovery, self importance) or layer (the paper's wording)")
-    recovery: Literal["copy", "skip"] = "copy"
-    selection: Literal["auto", "topk", "rank"] = Field(
-        "auto", description="TopK where k <= 3840 (TensorRT's limit), rank-by-comparison above; both keep the same tokens")
-    map_output: Literal["reuse", "fused"] | None = Field(
-        None, description="map layer output from each head's map (reuse, the default where exact) or through the "
-                          "fused attention (fused)")
-    map_pool: Literal[1, 2, 4] = Field(
-        1, description="approximate: the map's queries pooled over map_pool x map_pool patches (1 = exact G-WPR)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _resolve_prune_point(cls, data: object) -> object:
-        """Write the default prune point down, so a manifest says which one its graphs were built with."""
-        if isinstance(data, dict) and data.get("prune_point") is None:
-            point = default_prune_point(data.get("importance", "self"), data.get("recovery", "copy"))
-            data = {**data, "prune_point": point}
-        if isinstance(data, dict) and data.get("map_output") is None:
-            data = {**data, "map_output": default_map_output(data.get("map_pool", 1))}
-        return data
-
-    def options(self) -> PruneOptions:
-        return PruneOptions(**self.model_dump())
 
 
 class GraphSpec(BaseModel):
@@ -73,7 +37,28 @@ class GraphSpec(BaseModel):
     precision: Precision = "fp16"
     steps: int = Field(50, ge=1, le=1000)
     schedule: str | Schedule = "paper"
-    pruning: PruningSpec = PruningSpec()
+    pruning: PruningOptions = PruneOptions()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method(cls, data: object) -> object:
+        """``method: tome`` beside ``pruning:`` is the method's name; the options model it names holds it, so a
+        spec writes it in either place (twice only if both agree)."""
+        if not isinstance(data, dict) or "method" not in data:
+            return data
+        data = dict(data)
+        method = data.pop("method")
+        pruning = data.get("pruning") or {}
+        if isinstance(pruning, dict):
+            if pruning.get("method", method) != method:
+                raise SpecError(f"method: '{method}' but pruning.method: '{pruning['method']}'; give the method once")
+            data["pruning"] = {**pruning, "method": method}
+        return data
+
+    @property
+    def method(self) -> str:
+        """The pruning method's name (``pruning.METHODS``)."""
+        return self.pruning.method
 
     @field_validator("height", "width")
     @classmethod
@@ -108,8 +93,10 @@ class GraphSpec(BaseModel):
         """The same spec pruning at another point (``attn1`` or ``layer``), as ``--prune-point`` asks."""
         if prune_point is None:
             return self
+        if not isinstance(self.pruning, PruneOptions):
+            raise SpecError(f"--prune-point is an AT-EDM option; this spec prunes with {self.method}")
         pruning = self.pruning.model_dump()
-        return self.model_copy(update={"pruning": PruningSpec.model_validate({**pruning, "prune_point": prune_point})})
+        return self.model_copy(update={"pruning": parse_options({**pruning, "prune_point": prune_point})})
 
     def with_schedule(self, schedule: str | None) -> GraphSpec:
         """The same spec on another schedule (a preset name or a YAML file), as ``--schedule`` asks."""
@@ -162,6 +149,6 @@ def parse_spec(data: dict, source: str = "spec") -> GraphSpec:
     try:
         return GraphSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, source)) from None
-    except SpecError as exc:
+        raise SpecError(format_validation_error(exc, source, tags=METHODS)) from None
+    except (SpecError, PlanError) as exc:
         raise SpecError(f"{source}: {exc}") from None

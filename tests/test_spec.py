@@ -27,7 +27,7 @@ def test_inline_schedule_and_options(tmp_path):
     data = {**GOOD, "schedule": {"stages": [{"name": "only", "until": 1.0, "keep": 0.5}]}, "pruning": {"iterations": 3}}
     spec = load_spec(_write(tmp_path, data))
     assert spec.dsap.stages[0].keep == 0.5
-    assert spec.pruning.options().iterations == 3
+    assert spec.pruning.iterations == 3
     assert spec.with_schedule("none").dsap.name == "none"
 
 

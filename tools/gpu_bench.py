@@ -152,7 +152,7 @@ def eager(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: ANN0
     blocks = attention_blocks(unet, spec.height, spec.width)
     plans = {"stock UNet": None}
     for stage in spec.dsap.stages:
-        plan = stage_plan(stage, blocks, spec.pruning.options())
+        plan = stage_plan(stage, blocks, spec.pruning)
         if plan is not None and plan.keep:
             plans[f"AT-EDM {stage.name} stage"] = plan
     with torch.no_grad():
@@ -172,7 +172,7 @@ def map_layer(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: 
     from atedm_export.pruning.select import select_tokens
 
     unet = load_unet(spec.model, dtype=spec.dtype, device=args.device, seed=spec.seed).eval()
-    options = spec.pruning.options()
+    options = spec.pruning
     main_stage = next(s for s in spec.dsap.stages if s.name == "main")
     plan = stage_plan(main_stage, attention_blocks(unet, spec.height, spec.width), options)
     shapes = {}

@@ -1,0 +1,97 @@
+"""AT-EDM's block forward: rank the tokens with G-WPR on the first layer's self-attention map, run the rest
+of the block on the top k, and recover the pruned positions by similarity copy (or skip).
+
+The pair a method is (``methods.py``): *select* is G-WPR plus static top-k and a gather of the kept tokens;
+*restore* is one gather of ``[B, N]`` source slots read from the same attention map. Steps, in order:
+
+1. the first transformer layer's self-attention on all N tokens, also yielding its attention map;
+2. G-WPR over that map and top-k: ``k`` static kept tokens per batch item;
+3. the remaining layers on the ``[B, k, C]`` kept tokens (cross-attention and feed-forward included);
+4. ``proj_out`` on the k tokens and recovery to ``[B, N, C]`` by similarity copy (or skip);
+5. the block's residual, as the stock block does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from .attention import attention_with_map
+from .block import BlockState, close_block, cross_and_ff, open_block
+from .gwpr import cross_gwpr_scores, gwpr_scores, pooled_gwpr_scores
+from .options import PruneOptions
+from .recover import copy_recover, recovery_sources, skip_recover
+from .select import gather_tokens, select_tokens
+
+
+def _self_scores(self_map: torch.Tensor, opts: PruneOptions, grid: tuple[int, int]) -> torch.Tensor:
+    if opts.map_pool == 1:
+        return gwpr_scores(self_map, opts.iterations, opts.damping)
+    return pooled_gwpr_scores(self_map, grid, opts.map_pool, opts.iterations, opts.damping)
+
+
+def _map_rows(grid: tuple[int, int], pool: int, device: torch.device) -> torch.Tensor | None:
+    """The pooled map's row of each token (its patch), or None where the map has a row per token."""
+    if pool == 1:
+        return None
+    height, width = grid
+    index = torch.arange(height * width, device=device)
+    return (index // width // pool) * (width // pool) + (index % width) // pool
+
+
+def atedm_block(
+    block: Transformer2DModel,
+    state: BlockState,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    cross_attention_kwargs: dict[str, Any] | None,
+    attention_mask: torch.Tensor | None,
+    encoder_attention_mask: torch.Tensor | None,
+) -> Transformer2DModelOutput:
+    """One AT-EDM block (module docstring); the keep count is a Python int, so every shape is static."""
+    opts: PruneOptions = state.options
+    given = open_block(block, state, hidden_states, attention_mask, encoder_attention_mask)
+    tokens, grid = given.tokens, given.grid
+    first, rest = block.transformer_blocks[0], block.transformer_blocks[1:]
+
+    attn_out, self_map = attention_with_map(first.attn1, first.norm1(tokens), None, opts.heads, opts.map_output,
+                                            opts.map_pool, grid)
+    block_input, tokens = tokens, attn_out + tokens
+    if opts.prune_point == "layer":
+        if opts.importance == "cross":
+            cross_out, cross_map = attention_with_map(first.attn2, first.norm2(tokens), encoder_hidden_states, opts.heads)
+            tokens = cross_out + tokens
+            tokens = first.ff(first.norm3(tokens)) + tokens
+            scores = cross_gwpr_scores(cross_map, opts.iterations)
+        else:
+            tokens = cross_and_ff(first, tokens, encoder_hidden_states)
+            scores = _self_scores(self_map, opts, grid)
+    else:
+        scores = _self_scores(self_map, opts, grid)
+    rows = _map_rows(grid, opts.map_pool, hidden_states.device)
+
+    kept = select_tokens(scores, state.keep, opts.selection)
+    if opts.prune_point == "attn1":
+        # The residual added after the gather (the same sum, on k tokens): the cross-attention's LayerNorm then
+        # reads an Add, the form onnxruntime's optimizer fuses (after a Gather it leaves the attention unfused).
+        x = gather_tokens(attn_out, kept) + gather_tokens(block_input, kept)
+        x = cross_and_ff(first, x, encoder_hidden_states)
+    else:
+        x = gather_tokens(tokens, kept)
+    for layer in rest:
+        x = layer(x, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs)
+
+    if opts.recovery == "copy" and block.use_linear_projection:
+        # proj_out is per token: run it on the k kept tokens, then copy into the N positions.
+        batch, _, height, width = given.residual.shape
+        out = copy_recover(block.proj_out(x), recovery_sources(self_map, kept, rows))
+        out = out.reshape(batch, height, width, given.inner_dim).permute(0, 3, 1, 2).contiguous() + given.residual
+        return Transformer2DModelOutput(sample=out)
+    if opts.recovery == "copy":
+        full = copy_recover(x, recovery_sources(self_map, kept, rows))
+    else:
+        full = skip_recover(tokens, x, kept)
+    return Transformer2DModelOutput(sample=close_block(block, full, given))
