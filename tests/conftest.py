@@ -75,6 +75,22 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory):
     return out
 
 
+TOME_SPEC = {"name": "tiny-sd15-tome", "model": "tiny-sd15", "height": 256, "width": 256, "precision": "fp32",
+             "steps": 10, "method": "tome", "schedule": "uniform-63"}
+
+
+@pytest.fixture(scope="session")
+def tiny_tome_build(tmp_path_factory: pytest.TempPathFactory):
+    """tiny-sd15 with static ToMe (tomesd's defaults: self-attention merged), 63% of every block's tokens merged:
+    one stage, ONNX graphs only (~30 s), the ToMe build the eval and method tests share."""
+    from atedm_export.build import BuildRequest, build
+    from atedm_export.spec import parse_spec
+
+    out = tmp_path_factory.mktemp("builds") / "tiny-tome"
+    build(BuildRequest(parse_spec(dict(TOME_SPEC)), out, backend="onnx"))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_engine_build(tmp_path_factory: pytest.TempPathFactory):
     """The tiny spec with TensorRT-RTX engines for sm89: every stage parsed and built ahead of time by the real
