@@ -46,7 +46,7 @@ def test_without_a_gpu_a_real_run_stops_with_one_line() -> None:
 
 def _bench(tmp_path: Path, parts: str) -> dict:
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_bench.py"), "--device", "cpu", "--spec", "tiny-sdxl",
-                           "--precision", "fp32", "--warmup", "0", "--repeats", "1", "--parts", parts,
+                           "--precision", "fp32", "--warmup", "0", "--repeats", "1", "--parts", parts, "--compare", "tiny-sdxl-tome",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((tmp_path / "gpu-bench.json").read_text())
@@ -58,10 +58,11 @@ def test_bench_smoke_on_the_cpu_eager_part(tmp_path) -> None:
     stock self-attention at each pruned shape; the table and JSON written."""
     report = _bench(tmp_path, "eager,map-layer")
     eager = [f for f in report["figures"] if f["part"] == "eager"]
-    assert [f["what"] for f in eager] == ["stock UNet", "AT-EDM early stage", "AT-EDM main stage"]
+    assert [f["what"] for f in eager] == ["stock UNet", "AT-EDM early stage", "AT-EDM main stage", "ToMe main stage",
+                                          "ToMe main stage, tomesd 0.1.3 itself"]
     assert eager[0]["speedup"] == 1.0 and all(f["speedup"] > 0 for f in eager)
     assert report["cost_device"] == "this machine (CPU, measured)"
-    assert all(f["predicted_speedup"] > 0 for f in eager[1:])
+    assert all(f["predicted_speedup"] > 0 for f in eager[1:3])
     maps = [f["what"] for f in report["figures"] if f["part"] == "map-layer"]
     assert maps == ["stock self-attention, 256 tokens", "map layer, 256 tokens (keeps 95)",
                     "stock self-attention, 64 tokens", "map layer, 64 tokens (keeps 24)"]

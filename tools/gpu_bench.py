@@ -142,8 +142,13 @@ def part(report: Report, name: str, out: Path) -> Iterator[None]:
         print(f"[{time.strftime('%H:%M:%S')}] {name} done in {report.seconds[name]} s", flush=True)
 
 
+def _method_label(method: str) -> str:
+    return {"atedm": "AT-EDM", "tome": "ToMe"}.get(method, method)
+
+
 def eager(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: ANN001
-    """Stock vs AT-EDM in PyTorch: one UNet, the plan swapped in and out (``set_plan``) between timings."""
+    """Stock vs AT-EDM (and the ``--compare`` specs' methods, ToMe at the same FLOPs by default) in PyTorch: one
+    UNet, each plan swapped in and out (``set_plan``) between timings."""
     with PeakMemory() as load_peak:
         unet = load_unet(spec.model, dtype=spec.dtype, device=args.device, seed=spec.seed).eval()
     contract = spec.contract(dict(unet.config))
@@ -151,17 +156,79 @@ def eager(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: ANN0
     graph = contract.module(unet)
     blocks = attention_blocks(unet, spec.height, spec.width)
     plans = {"stock UNet": None}
-    for stage in spec.dsap.stages:
-        plan = stage_plan(stage, blocks, spec.pruning)
-        if plan is not None and plan.keep:
-            plans[f"AT-EDM {stage.name} stage"] = plan
+    for each in [spec, *args.compare_specs]:
+        for stage in each.dsap.stages:
+            plan = stage_plan(stage, blocks, each.pruning)
+            if plan is not None and plan.keep:
+                plans[f"{_method_label(each.method)} {stage.name} stage"] = plan
+    call = lambda: graph(*graph.args(feed))  # noqa: E731
     with torch.no_grad():
         for what, plan in plans.items():
             set_plan(unet, plan)
-            with PeakMemory() as peak:
-                samples = time_ms(lambda: graph(*graph.args(feed)), torch.device(args.device), args.warmup, args.repeats)
-            peak.base = load_peak.base  # the weights count, as they do in the parts that load inside the figure
-            report.figures.append(figure("eager", what, samples, peak))
+            timed(report, what, call, args, load_peak.base)
+        set_plan(unet, None)
+        for other in args.compare_specs:
+            tomesd_reference(report, other, unet, call, args, load_peak.base)
+
+
+def timed(report: Report, what: str, call, args: argparse.Namespace, base: int) -> None:  # noqa: ANN001
+    """One eager figure, and on a GPU (``--cuda-graphs``) the same call captured in a CUDA graph and replayed:
+    eager PyTorch pays the CPU's dispatch per kernel, which a method of many small ops (ToMe's matching)
+    feels most; a replayed graph, like an engine, does not."""
+    with PeakMemory() as peak:
+        samples = time_ms(call, torch.device(args.device), args.warmup, args.repeats)
+    peak.base = base  # the weights count, as they do in the parts that load inside the figure
+    report.figures.append(figure("eager", what, samples, peak))
+    if not (args.cuda_graphs and args.device == "cuda"):
+        return
+    with PeakMemory() as peak:
+        replay = cuda_graph(call)
+        samples = time_ms(replay, torch.device(args.device), args.warmup, args.repeats)
+    peak.base = base
+    report.figures.append(figure("eager", f"{what}, CUDA graph", samples, peak))
+    del replay
+    free_memory()
+
+
+def cuda_graph(call):  # noqa: ANN001, ANN201
+    """``call`` captured once (after warm-up on a side stream, as torch's documentation asks); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    captured = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(captured):
+        call()
+    return captured.replay
+
+
+def tomesd_reference(report: Report, spec, unet, call, args: argparse.Namespace, base: int) -> None:  # noqa: ANN001
+    """tomesd's own ToMe (0.1.3, randomness off) at the ToMe spec's uniform ratio, timed like ours: what our
+    static form costs beside the implementation it equals (tests/test_tome.py)."""
+    stages = spec.dsap.stages
+    if spec.method != "tome" or len(stages) != 1 or stages[0].blocks:
+        return
+    try:
+        import tomesd
+    except ImportError:
+        report.skipped["tomesd reference"] = "tomesd is not installed"
+        return
+    opts = spec.pruning
+    tomesd.apply_patch(unet, ratio=1 - stages[0].keep, max_downsample=8, sx=opts.stride, sy=opts.stride,
+                       use_rand=False, merge_attn=opts.merge_attn, merge_crossattn=opts.merge_crossattn,
+                       merge_mlp=opts.merge_mlp)
+    try:
+        timed(report, f"ToMe {stages[0].name} stage, tomesd {tomesd_version()} itself", call, args, base)
+    finally:
+        tomesd.remove_patch(unet)
+
+
+def tomesd_version() -> str:
+    from importlib.metadata import version
+
+    return version("tomesd")
 
 
 def map_layer(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: ANN001
@@ -285,7 +352,7 @@ def _what(graph: str) -> str:
 
 def _stage_of(what: str) -> str | None:
     """The DSAP stage a figure times (for its predicted speedup), or None."""
-    for prefix in ("AT-EDM ",):
+    for prefix in ("AT-EDM ",):  # the predictions are the main spec's (AT-EDM) stages
         if what.startswith(prefix):
             return what[len(prefix):].split(" ")[0]
     return None
@@ -352,6 +419,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=480, help="skip a part that would start after this")
     parser.add_argument("--parts", default="eager,map-layer,onnxruntime,engines")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time each eager figure captured in a CUDA graph (GPU only)")
+    parser.add_argument("--compare", default="sdxl-base-1024-tome",
+                        help="specs (comma-separated; '' for none) whose stages the eager part times beside --spec's: "
+                             "another method on the same model and resolution (ToMe at the same FLOPs by default)")
     parser.add_argument("--cost-device", help="cost model entry for the predictions [default: by the GPU's name]")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: a smoke run of the script's code paths (tests), no GPU figures")
@@ -361,6 +433,12 @@ def main() -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     spec = load_spec(args.spec).model_copy(update={"batch": args.batch, "precision": args.precision})
+    args.compare_specs = [load_spec(c).model_copy(update={"batch": args.batch, "precision": args.precision})
+                          for c in args.compare.split(",") if c]
+    for other in args.compare_specs:
+        if (other.model, other.height, other.width) != (spec.model, spec.height, spec.width):
+            parser.error(f"--compare {other.name}: {other.model} at {other.width}x{other.height}; expected "
+                         f"{spec.model} at {spec.width}x{spec.height}, as --spec")
     cuda = args.device == "cuda"
     capability = "sm{}{}".format(*torch.cuda.get_device_capability()) if cuda else "cpu"
     report = Report(spec.name, spec.batch, [spec.width, spec.height], spec.precision,

@@ -15,6 +15,7 @@ merges the tokens the fp32 module merges.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +34,22 @@ def partition(grid: tuple[int, int], stride: int, device: torch.device | None = 
     """``(destinations, sources)``: token indices of the top-left token of each full ``stride×stride`` cell,
     and of every other token, each ascending (tomesd's ``no_rand`` partition; a ragged edge is all sources).
 
-    Built from Python ints, so an export records two ``[N]``-sized constants rather than index arithmetic."""
-    height, width = int(grid[0]), int(grid[1])
+    Built from Python ints, so an export records two ``[N]``-sized constants rather than index arithmetic;
+    made once per grid and device (``_constants``), so an eager call spends no time on them."""
+    return _constants((int(grid[0]), int(grid[1])), stride, 0, device)[:2]
+
+
+@functools.lru_cache(maxsize=256)
+def _constants(grid: tuple[int, int], stride: int, kept: int, device: torch.device | None) -> tuple[torch.Tensor, ...]:
+    """The partition, and the slots of the unmerged sources (``0..kept-1``) and of the destinations after them."""
+    height, width = grid
     rows, cols = height // stride * stride, width // stride * stride
     dests = [i * width + j for i in range(0, rows, stride) for j in range(0, cols, stride)]
     taken = set(dests)
     sources = [t for t in range(height * width) if t not in taken]
-    return torch.tensor(dests, device=device), torch.tensor(sources, device=device)
+    return (torch.tensor(dests, device=device), torch.tensor(sources, device=device),
+            torch.tensor(range(kept), dtype=torch.int64, device=device),
+            torch.tensor(range(kept, kept + len(dests)), dtype=torch.int64, device=device))
 
 
 def destinations(grid: tuple[int, int], stride: int) -> int:
@@ -76,6 +86,7 @@ class Merge:
 
 def bipartite_merge(metric: torch.Tensor, grid: tuple[int, int], stride: int, r: int) -> Merge:
     """The static matching of ``r`` sources into destinations, from ``metric`` ``[B, N, C]`` (the layer's input)."""
+    grid = (int(grid[0]), int(grid[1]))
     dests, sources = partition(grid, stride, metric.device)
     if not 1 <= r <= len(sources):
         raise PlanError(f"ToMe merges between 1 and {len(sources)} of a {grid[0]}x{grid[1]} grid's tokens "
@@ -90,11 +101,10 @@ def bipartite_merge(metric: torch.Tensor, grid: tuple[int, int], stride: int, r:
     into = best_dest.gather(1, merged)
     batch, kept = metric.shape[0], len(sources) - r
     # Each token's slot in [unmerged | destinations]; constants from Python ints, as in ``partition``.
-    dest_slots = torch.tensor(range(kept, kept + len(dests)), device=metric.device).expand(batch, -1)
-    own_slots = torch.tensor(range(kept), dtype=torch.int64, device=metric.device).expand(batch, -1)
-    slots = torch.zeros_like(best_dest[:, :1]).expand(batch, int(grid[0]) * int(grid[1]))
-    slots = slots.scatter(1, dests.expand(batch, -1), dest_slots)
-    slots = slots.scatter(1, sources[unmerged], own_slots)
+    own_slots, dest_slots = _constants(grid, stride, kept, metric.device)[2:]
+    slots = torch.zeros_like(best_dest[:, :1]).expand(batch, grid[0] * grid[1])
+    slots = slots.scatter(1, dests.expand(batch, -1), dest_slots.expand(batch, -1))
+    slots = slots.scatter(1, sources[unmerged], own_slots.expand(batch, -1))
     slots = slots.scatter(1, sources[merged], kept + into)
     return Merge(sources, dests, unmerged, merged, into, slots)
 
