@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import AtedmError
-from .manifest import Manifest
+from .manifest import Manifest, check_same_model
 from .registry import ENGINE_LIBRARIES
 from .runtime.backends import Backend, backend_class, load_backend
 
@@ -120,6 +120,25 @@ def run_bench(folder: str | Path, backends: list[str], warmup: int = 1, repeats:
     return _report(folder, manifest, backends, samples, warmup, repeats)
 
 
+def run_benches(folders: list[Path], backends: list[str], warmup: int = 1, repeats: int = 5, device: str | None = None,
+                progress=None, engine_options: dict | None = None) -> list[dict]:  # noqa: ANN001
+    """``run_bench`` of several builds of one model (AT-EDM and ToMe, say) one after the other, in one run: each
+    report's ratios are against its own baseline graph, which is the same graph for builds of one model, timed
+    again beside each (its spread between reports shows the machine's noise)."""
+    manifests = [Manifest.load(f, verify=False) for f in folders]
+    check_same_model(folders, manifests, "bench")
+    for folder, manifest in zip(folders, manifests):  # every build's files, before any timing
+        for name in backends:
+            backend_class(name, folder, manifest).verify_build(folder, manifest)
+    return [run_bench(f, backends, warmup, repeats, device, progress, engine_options) for f in folders]
+
+
+def side_by_side(reports: list[dict]) -> list[dict]:
+    """The whole-schedule rows of several builds' reports, each with its build, method and schedule."""
+    return [{"build": r["build"], "method": r["method"], "schedule_name": r["schedule_name"], **row}
+            for r in reports for row in r["schedule"]]
+
+
 def forms(backend: str, manifest: Manifest) -> tuple[str, ...]:
     """The forms ``backend`` runs a build's graphs in (module docstring)."""
     if backend == "eager":
@@ -163,6 +182,8 @@ def _report(folder: Path, manifest: Manifest, backends: list[str], samples: dict
     return {
         "build": str(folder),
         "spec": spec.name,
+        "method": spec.method,
+        "schedule_name": spec.dsap.name,
         "precision": spec.precision,
         "batch": spec.batch,
         "resolution": [spec.width, spec.height],
@@ -188,11 +209,13 @@ def _reference(form: str) -> str:
     }[form]
 
 
-def write_csv(report: dict, path: Path) -> None:
+def write_csv(reports: list[dict], path: Path) -> None:
+    """One row per build, backend, form and graph."""
+    rows = [{"build": r["build"], "method": r["method"], **row} for r in reports for row in r["rows"]]
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(report["rows"][0]))
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(report["rows"])
+        writer.writerows(rows)
 
 
 def write_plot(report: dict, path: Path) -> None:
@@ -222,6 +245,39 @@ def write_plot(report: dict, path: Path) -> None:
     ax.set_ylabel("median latency per UNet call (ms)")
     ax.set_title(f"{report['spec']}: {report['resolution'][0]}x{report['resolution'][1]}, batch {report['batch']}, "
                  f"{report['precision']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_side_by_side_plot(reports: list[dict], path: Path) -> None:
+    """Bar chart of several builds: seconds per image over the whole schedule, per backend and form, with the
+    unpruned reference and each build's measured and FLOPs-predicted speedups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = side_by_side(reports)
+    series = list(dict.fromkeys((r["backend"], r["form"]) for r in rows))
+    labels = ["unpruned"] + [f"{Path(r['build']).name}\n({r['method']})" for r in reports]
+    fig, ax = plt.subplots(figsize=(2.5 + 1.5 * len(labels) * max(1, len(series)) / 2, 4.2))
+    width = 0.8 / max(1, len(series))
+    for i, (name, form) in enumerate(series):
+        mine = [r for r in rows if (r["backend"], r["form"]) == (name, form)]
+        values = [min(r["unpruned_seconds_per_image"] for r in mine)] + [r["seconds_per_image"] for r in mine]
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(values))]
+        bars = ax.bar(xs, values, width, label=f"{name} ({form})")
+        for bar, r in zip(bars[1:], mine):
+            ax.annotate(f"{r['speedup_vs_unpruned']:.2f}×\n(FLOPs {r['flops_speedup']:.2f}×)",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7,
+                        xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("seconds per image (whole schedule)")
+    first = reports[0]
+    ax.set_title(f"{first['resolution'][0]}x{first['resolution'][1]}, batch {first['batch']}, {first['precision']}, "
+                 f"{first['steps']} steps", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -599,7 +599,12 @@ def eval_command(builds: tuple[Path, ...], out_dir: Path, prompts_file: Path | N
     def progress(label: str, event: str, seconds: float | None) -> None:
         _progress_line(start, label, width, event, seconds)
 
-    sets = draw_all(plan, progress)
+    try:
+        sets = draw_all(plan, progress)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: what was drawn is kept on purpose, for the rerun
+        _say("interrupted:", "bold red", f"the images drawn so far are kept in {out_dir}; run the same command to "
+                                         "draw the rest")
+        sys.exit(128 + exc.signum if isinstance(exc, Terminated) else 130)
     table = rows(sets, score(plan, sets, progress))
     paths = write_all(out_dir, plan, sets, table)
     out.print(_eval_table(table, Text(f"{len(plan.prompts)} images per set, {plan.steps} steps on {plan.backend_name}")))
@@ -639,7 +644,7 @@ def _eval_cell(key: str, value: object) -> str:
 
 
 @main.command()
-@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.argument("build_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--backends", default="eager,onnxruntime", show_default=True,
               help=f"Comma-separated, from: {', '.join(RUNTIME_BACKENDS)}; 'eager' includes the stock diffusers UNet.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
@@ -649,13 +654,19 @@ def _eval_cell(key: str, value: object) -> str:
               help="Engine backends: capture each stage's launch once and replay it.")
 @click.option("--engine-weights", type=click.Choice(ENGINE_WEIGHTS), default="resident", show_default=True,
               help="Engine backends: every stage's weights on the GPU, or one stage's at a time (TensorRT-RTX).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
-@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per backend and graph.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG bar chart.")
-def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str | None, cuda_graphs: bool,
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Write the full report as JSON (several builds: {\"builds\": [...], \"side_by_side\": [...]}).")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per build, backend and graph.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path),
+              help="Write a PNG bar chart (several builds: seconds per image of each, side by side).")
+def bench(build_dirs: tuple[Path, ...], backends: str, warmup: int, repeats: int, device: str | None, cuda_graphs: bool,
           engine_weights: str, json_path: Path | None, csv_path: Path | None, plot_path: Path | None) -> None:
-    """Latency of every graph in every backend, side by side in one run, with speedup ratios."""
-    from .bench import run_bench, write_csv, write_plot
+    """Latency of every graph in every backend, side by side in one run, with speedup ratios.
+
+    Several BUILD_DIRS of one model (an AT-EDM build and a ToMe build at the same FLOPs, say) are timed one after
+    the other in the same run and end with one table of their whole schedules side by side.
+    """
+    from .bench import run_benches, side_by_side, write_csv, write_plot, write_side_by_side_plot
 
     _check_outputs(json_path, csv_path, plot_path, suffixes={plot_path: (".png",)} if plot_path else None)
     names = list(_split(backends))
@@ -665,10 +676,26 @@ def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str
     engine = next((n for n in names if n in ENGINE_LIBRARIES), ",".join(names))
     _engine_options(engine, cuda_graphs, engine_weights)  # refused before any timing when no engine backend is named
     with console.status("benchmarking…") as status:
-        report = run_bench(build_dir, names, warmup, repeats, device, progress=lambda s: status.update(f"timing {s}…"),
-                           engine_options=_engine_options(engine, cuda_graphs, engine_weights))
-    table = Table(title=f"{report['spec']}: median ms per UNet call ({repeats} repeats after {warmup} warm-up; "
-                        f"batch {report['batch']}, {report['precision']})")
+        reports = run_benches(list(build_dirs), names, warmup, repeats, device,
+                              progress=lambda s: status.update(f"timing {s}…"),
+                              engine_options=_engine_options(engine, cuda_graphs, engine_weights))
+    for report in reports:
+        _print_bench(report, warmup, repeats, several=len(reports) > 1)
+    if len(reports) > 1:
+        out.print(_side_by_side_table(reports))
+    if json_path:
+        data = reports[0] if len(reports) == 1 else {"builds": reports, "side_by_side": side_by_side(reports)}
+        json_path.write_text(json.dumps(data, indent=2) + "\n")
+    if csv_path:
+        write_csv(reports, csv_path)
+    if plot_path:
+        (write_plot(reports[0], plot_path) if len(reports) == 1 else write_side_by_side_plot(reports, plot_path))
+
+
+def _print_bench(report: dict, warmup: int, repeats: int, several: bool) -> None:
+    where = f"{report['build']} ({report['method']}), " if several else ""
+    table = Table(title=Text(f"{where}{report['spec']}: median ms per UNet call ({repeats} repeats after {warmup} "
+                             f"warm-up; batch {report['batch']}, {report['precision']})"))
     for column in ("backend", "graph", "form", "median ms", "p10-p90 ms", "vs eager", "vs fastest unpruned",
                    "FLOPs predict"):
         table.add_column(column, justify="left" if column in ("backend", "graph", "form") else "right")
@@ -684,19 +711,27 @@ def bench(build_dir: Path, backends: str, warmup: int, repeats: int, device: str
         out.print(Text(f"{name} reference (its fastest baseline): {reference['what']}"))
     if report["schedule"]:
         sched = Table(title=f"whole schedule, per image ({report['steps']} steps)")
-        for column in ("backend", "form", "AT-EDM s", "fastest unpruned s", "vs unpruned", "vs eager", "FLOPs predict"):
+        method = {"atedm": "AT-EDM", "tome": "ToMe"}.get(report["method"], report["method"])
+        for column in ("backend", "form", f"{method} s", "fastest unpruned s", "vs unpruned", "vs eager", "FLOPs predict"):
             sched.add_column(column, justify="left" if column in ("backend", "form") else "right")
         for s in report["schedule"]:
             sched.add_row(s["backend"], s["form"], f"{s['seconds_per_image']:.2f}", f"{s['unpruned_seconds_per_image']:.2f}",
                           _ratio(s["speedup_vs_unpruned"]), _ratio(s["speedup_vs_eager"]), _ratio(s["flops_speedup"]))
         out.print(sched)
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-    if csv_path:
-        write_csv(report, csv_path)
-    if plot_path:
-        write_plot(report, plot_path)
 
+
+def _side_by_side_table(reports: list[dict]) -> Table:
+    from .bench import side_by_side
+
+    table = Table(title=f"side by side: whole schedule, seconds per image ({reports[0]['steps']} steps)")
+    for column in ("build", "method", "schedule", "backend", "form", "s / image", "fastest unpruned s", "vs unpruned",
+                   "FLOPs predict"):
+        table.add_column(column, justify="right" if column.startswith(("s /", "fastest", "vs", "FLOPs")) else "left")
+    for s in side_by_side(reports):
+        table.add_row(Text(s["build"]), s["method"], Text(s["schedule_name"]), s["backend"], s["form"],
+                      f"{s['seconds_per_image']:.2f}", f"{s['unpruned_seconds_per_image']:.2f}",
+                      _ratio(s["speedup_vs_unpruned"]), _ratio(s["flops_speedup"]))
+    return table
 
 @main.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))

@@ -280,6 +280,16 @@ class Manifest(_Model):
         verify_file(folder / self.weights.path, self.weights, "weights")
         verify_entry(folder, entry, engine)
 
+    def model_fingerprint(self) -> dict[str, Any]:
+        """What must agree between builds whose outputs are compared (``eval``'s images, ``bench``'s side by side):
+        the model (the spec's, with the seed built-in weights are drawn with, and where the build recorded the
+        pipeline it came from, every file's sha256: two folders of one name can hold other weights), size, batch
+        and precision."""
+        spec = self.graph_spec
+        pipeline = sorted((f.path, f.sha256) for f in self.pipeline.files) if self.pipeline else None
+        return {"model": spec.model, "weights seed": spec.seed, "pipeline files": pipeline, "height": spec.height,
+                "width": spec.width, "batch": spec.batch, "precision": spec.precision}
+
     def files(self) -> list[FileEntry]:
         """Every distinct file of the build (stages that reuse the baseline's add nothing)."""
         unique = {self.weights.path: self.weights}
@@ -288,6 +298,25 @@ class Manifest(_Model):
                 if item is not None:
                     unique.setdefault(item.path, item)
         return list(unique.values())
+
+
+def check_same_model(folders: list[Path], manifests: list[Manifest], command: str) -> None:
+    """Refuse builds ``command`` cannot compare (``Manifest.model_fingerprint``), naming the first field that differs."""
+    first = manifests[0].model_fingerprint()
+    for folder, manifest in zip(folders[1:], manifests[1:]):
+        other = manifest.model_fingerprint()
+        for key, value in first.items():
+            if other[key] != value:
+                raise AtedmError(f"builds {folders[0]} and {folder} differ in {key} ({_shown(key, value)} vs "
+                                 f"{_shown(key, other[key])}); {command} compares builds of one model at one size, "
+                                 "batch and precision")
+
+
+def _shown(key: str, value: Any) -> str:  # noqa: ANN401
+    """A fingerprint field in a message: the pipeline's file list is too long to print."""
+    if key == "pipeline files":
+        return "a pipeline folder's files" if value else "no pipeline folder"
+    return str(value)
 
 
 def _tensor(entry: TensorEntry | None) -> str:

@@ -75,14 +75,15 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory):
     return out
 
 
-TOME_SPEC = {"name": "tiny-sd15-tome", "model": "tiny-sd15", "height": 256, "width": 256, "precision": "fp32",
-             "steps": 10, "method": "tome", "schedule": "uniform-63"}
+#: The ToMe build the eval and method tests share: the size and steps of tests/test_eval.py's AT-EDM builds.
+TOME_SPEC = {"name": "tiny-sd15-tome", "model": "tiny-sd15", "height": 128, "width": 128, "precision": "fp32",
+             "steps": 4, "method": "tome", "schedule": "uniform-63"}
 
 
 @pytest.fixture(scope="session")
 def tiny_tome_build(tmp_path_factory: pytest.TempPathFactory):
     """tiny-sd15 with static ToMe (tomesd's defaults: self-attention merged), 63% of every block's tokens merged:
-    one stage, ONNX graphs only (~30 s), the ToMe build the eval and method tests share."""
+    one stage, ONNX graphs only (~20 s), at 128 px: its smallest block (2x2 tokens) merges every source token."""
     from atedm_export.build import BuildRequest, build
     from atedm_export.spec import parse_spec
 

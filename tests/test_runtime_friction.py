@@ -27,7 +27,7 @@ from atedm_export.cli import main
 from atedm_export.manifest import FILENAME, Manifest, ManifestError, file_entry
 from atedm_export.runtime import StagedUNet
 from atedm_export.runtime.backends import RuntimeInputError
-from atedm_export.runtime.pipeline import _write_png, dropped_tokens, generate, tiny_pipeline, tiny_tokenizer
+from atedm_export.runtime.pipeline import write_png, dropped_tokens, generate, tiny_pipeline, tiny_tokenizer
 from atedm_export.staging import check_output_file
 
 from .conftest import HAS_RTX, corrupted_copy
@@ -213,7 +213,7 @@ def test_png_gets_the_mode_of_a_new_file(tmp_path, umask):
     previous = os.umask(umask)
     try:
         output = tmp_path / "image.png"
-        _write_png(Image.new("RGB", (4, 4)), output)
+        write_png(Image.new("RGB", (4, 4)), output)
     finally:
         os.umask(previous)
     assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~umask
@@ -224,7 +224,7 @@ def test_png_write_fits_the_longest_name_allowed_and_leaves_nothing_on_failure(t
     name = "x" * (os.pathconf(tmp_path, "PC_NAME_MAX") - len(".tmp") - 8 - len(".png")) + ".png"
     output = tmp_path / name
     check_output_file(output)  # the longest name the CLI lets through
-    _write_png(Image.new("RGB", (4, 4)), output)  # its temporary sibling's name fits the file system too
+    write_png(Image.new("RGB", (4, 4)), output)  # its temporary sibling's name fits the file system too
     assert output.is_file()
 
     class Broken:
@@ -232,7 +232,7 @@ def test_png_write_fits_the_longest_name_allowed_and_leaves_nothing_on_failure(t
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _write_png(Broken(), tmp_path / "broken.png")
+        write_png(Broken(), tmp_path / "broken.png")
     assert [p.name for p in tmp_path.iterdir()] == [name]
 
 

@@ -76,8 +76,10 @@ class Merge:
         ``2·Nd·r·C`` FLOPs per merge, which the graph's FLOPs count includes."""
         src, dst = x[:, self.sources], x[:, self.dests]
         joins = (self.into.unsqueeze(1) == torch.arange(dst.shape[1], device=x.device).view(1, -1, 1)).to(x.dtype)
-        sums = dst + joins @ gather_tokens(src, self.merged)
-        return torch.cat([gather_tokens(src, self.unmerged), sums / (1 + joins.sum(dim=-1, keepdim=True))], dim=1)
+        means = (dst + joins @ gather_tokens(src, self.merged)) / (1 + joins.sum(dim=-1, keepdim=True))
+        if self.unmerged.shape[1] == 0:  # every source merged: no empty tensor in the graph (exporters mis-shape them)
+            return means
+        return torch.cat([gather_tokens(src, self.unmerged), means], dim=1)
 
     def restore(self, y: torch.Tensor) -> torch.Tensor:
         """tomesd's ``unmerge``: every token takes its slot's value (a merged source, its destination's)."""
@@ -104,7 +106,8 @@ def bipartite_merge(metric: torch.Tensor, grid: tuple[int, int], stride: int, r:
     own_slots, dest_slots = _constants(grid, stride, kept, metric.device)[2:]
     slots = torch.zeros_like(best_dest[:, :1]).expand(batch, grid[0] * grid[1])
     slots = slots.scatter(1, dests.expand(batch, -1), dest_slots.expand(batch, -1))
-    slots = slots.scatter(1, sources[unmerged], own_slots.expand(batch, -1))
+    if kept:
+        slots = slots.scatter(1, sources[unmerged], own_slots.expand(batch, -1))
     slots = slots.scatter(1, sources[merged], kept + into)
     return Merge(sources, dests, unmerged, merged, into, slots)
 

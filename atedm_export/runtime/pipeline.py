@@ -14,7 +14,7 @@ import json
 import os
 import secrets
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
 from ..contract import SD, SDXL_REFINER, Family, family_of, pooled_dim
 from ..errors import AtedmError, first_line
+from ..manifest import Manifest
 from ..models import BUILTIN_CONFIGS, is_builtin
 from ..staging import check_output_file
 from .quiet import quiet_libraries
@@ -128,20 +129,24 @@ def load_pipeline(staged: StagedUNet) -> Any:
         return _load_pipeline(staged)
 
 
+def check_pipeline_source(manifest: Manifest) -> None:
+    """Refuse, before anything loads, a build whose model has no pipeline around the UNet to draw with: a
+    full-size built-in (a bare UNet with random weights) or a single UNet checkpoint."""
+    model = manifest.graph_spec.model
+    if is_builtin(model) and not model.startswith("tiny-"):
+        raise AtedmError(f"model '{model}' is a bare UNet with random weights (no text encoders or VAE); "
+                         "to generate images, build from a diffusers pipeline folder")
+    if not is_builtin(model) and Path(model).expanduser().is_file():
+        raise AtedmError(f"model '{model}' is a single UNet checkpoint (no text encoders or VAE); "
+                         "to generate images, build from a diffusers pipeline folder")
+
+
 def _load_pipeline(staged: StagedUNet) -> Any:
     spec = staged.manifest.graph_spec
     family = staged.contract.family
-    source = Path(spec.model).expanduser()
-    if is_builtin(spec.model) and spec.model.startswith("tiny-"):
+    check_pipeline_source(staged.manifest)
+    if is_builtin(spec.model):
         pipe = tiny_pipeline(spec.model, seed=spec.seed)
-    elif is_builtin(spec.model):
-        raise AtedmError(
-            f"model '{spec.model}' is a bare UNet with random weights (no text encoders or VAE); "
-            "to generate images, build from a diffusers pipeline folder"
-        )
-    elif source.is_file():
-        raise AtedmError(f"model '{spec.model}' is a single UNet checkpoint (no text encoders or VAE); "
-                         "to generate images, build from a diffusers pipeline folder")
     else:
         cls = _pipeline_class(family)
         # The pipeline the build found (a unet/ folder's parent) and fingerprinted; else the model as given.
@@ -214,32 +219,33 @@ def _input_image(family: Family, image: Path | None, width: int, height: int) ->
     return picture.resize((width, height), Image.LANCZOS), picture.size
 
 
-def generate(staged: StagedUNet, prompt: str, output: Path, *, negative_prompt: str | None = None,
-             steps: int | None = None, seed: int = 0, guidance: float | None = None, image: Path | None = None,
-             strength: float = 0.3, on_step: Callable[[int, int], None] | None = None) -> Generation:
-    """Run the family's pipeline with ``staged`` as its UNet and write the first image to ``output`` (PNG).
+def resolve_settings(manifest: Manifest, steps: int | None, guidance: float | None) -> tuple[int, float]:
+    """The run's step count and guidance scale (the spec's steps and the family's guidance where not given),
+    refused where the build cannot serve them: classifier-free guidance doubles each image's rows, so a build
+    of odd batch runs without it (``--guidance 1``)."""
+    spec = manifest.graph_spec
+    steps = steps or spec.steps
+    guidance = GUIDANCE[manifest.contract.family.name] if guidance is None else guidance
+    if spec.batch % 2 and guidance > 1.0:
+        raise AtedmError(f"the build has batch {spec.batch}: classifier-free guidance needs an even batch; pass --guidance 1")
+    return steps, guidance
 
-    The build's static batch sets the images per prompt: with classifier-free guidance (scale > 1) each
-    image is a row pair, so batch 2 gives one image. The PNG appears whole or not at all. The pipeline
-    cuts a prompt past its text encoders' tokens; the result counts what it cut (``truncated_tokens``), and
-    the libraries' bars, notices and warnings stay out of the caller's output (``quiet.py``).
+
+def draw(pipe: Any, staged: StagedUNet, prompt: str, *, steps: int, seed: int, guidance: float,
+         negative_prompt: str | None = None, picture: Any = None, strength: float = 0.3,
+         on_step: Callable[[int, int], None] | None = None) -> tuple[Any, Generation]:
+    """One pipeline call with ``staged`` as ``pipe``'s UNet: the first image (PIL) and what the call did.
+
+    The one place that calls the pipeline, so ``generate`` (one image to a file) and ``eval`` (many images through
+    one loaded pipeline) draw the same way. ``seconds`` is the wall time of the pipeline call alone (text encoders,
+    denoising loop, VAE decode), not of loading or writing. The build's static batch sets the images per call:
+    with classifier-free guidance (scale > 1) each image is a row pair, so batch 2 gives one image. The libraries'
+    bars, notices and warnings stay out of the caller's output (``quiet.py``); the tokens the pipeline cut from
+    each text are counted instead.
     """
     import time
 
-    if output.suffix.lower() != ".png":
-        raise AtedmError(f"output {output} must be a .png file")
-    check_output_file(output)
     spec = staged.manifest.graph_spec
-    family = staged.contract.family
-    steps = steps or spec.steps
-    guidance = GUIDANCE[family.name] if guidance is None else guidance
-    if spec.batch % 2 and guidance > 1.0:
-        raise AtedmError(f"the build has batch {spec.batch}: classifier-free guidance needs an even batch; pass --guidance 1")
-    if not 0.0 < strength <= 1.0:
-        raise AtedmError(f"--strength must be in (0, 1], got {strength}")
-    picture, resized = _input_image(family, image, spec.width, spec.height)
-    pipe = load_pipeline(staged)
-    start = time.perf_counter()
 
     def callback(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
         if on_step:
@@ -249,17 +255,41 @@ def generate(staged: StagedUNet, prompt: str, output: Path, *, negative_prompt: 
     size = {"image": picture, "strength": strength} if picture is not None else {"height": spec.height, "width": spec.width}
     with quiet_libraries():
         truncated = dropped_tokens(pipe, prompt), dropped_tokens(pipe, negative_prompt if guidance > 1.0 else None)
+        start = time.perf_counter()
         result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                       num_images_per_prompt=spec.batch // 2 if guidance > 1.0 else spec.batch,
                       generator=torch.Generator().manual_seed(seed), callback_on_step_end=callback, **size)
-    _write_png(result.images[0], output)
+        seconds = time.perf_counter() - start
+    return result.images[0], Generation(steps, spec.width, spec.height, seconds, truncated_tokens=truncated[0],
+                                        negative_truncated_tokens=truncated[1], token_limit=token_limit(pipe))
+
+
+def generate(staged: StagedUNet, prompt: str, output: Path, *, negative_prompt: str | None = None,
+             steps: int | None = None, seed: int = 0, guidance: float | None = None, image: Path | None = None,
+             strength: float = 0.3, on_step: Callable[[int, int], None] | None = None) -> Generation:
+    """Run the family's pipeline with ``staged`` as its UNet and write the first image to ``output`` (PNG).
+
+    Everything is checked before the pipeline loads (output file, guidance against the batch, strength, input
+    image); the PNG appears whole or not at all. The result counts the prompt tokens the pipeline cut
+    (``truncated_tokens``) and names the pipeline files changed since the build.
+    """
+    if output.suffix.lower() != ".png":
+        raise AtedmError(f"output {output} must be a .png file")
+    check_output_file(output)
+    spec = staged.manifest.graph_spec
+    steps, guidance = resolve_settings(staged.manifest, steps, guidance)
+    if not 0.0 < strength <= 1.0:
+        raise AtedmError(f"--strength must be in (0, 1], got {strength}")
+    picture, resized = _input_image(staged.contract.family, image, spec.width, spec.height)
+    pipe = load_pipeline(staged)
+    drawn, done = draw(pipe, staged, prompt, steps=steps, seed=seed, guidance=guidance,
+                       negative_prompt=negative_prompt, picture=picture, strength=strength, on_step=on_step)
+    write_png(drawn, output)
     recorded = staged.manifest.pipeline
-    return Generation(steps, spec.width, spec.height, time.perf_counter() - start, resized,
-                      changed=tuple(recorded.changed()) if recorded else (), truncated_tokens=truncated[0],
-                      negative_truncated_tokens=truncated[1], token_limit=token_limit(pipe))
+    return replace(done, resized_from=resized, changed=tuple(recorded.changed()) if recorded else ())
 
 
-def _write_png(image: Any, output: Path) -> None:
+def write_png(image: Any, output: Path) -> None:
     """Write beside the target and rename, so a failed or interrupted write leaves no partial file.
 
     The file is created with mode 0666 less the umask, what any program's new file gets (``mkstemp`` would

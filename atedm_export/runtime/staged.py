@@ -11,6 +11,10 @@ so::
 Each call's timestep is looked up in the scheduler's timesteps to find the step index; the schedule's
 step ranges (for the run's step count) give the stage. Custom loops call ``set_timesteps`` instead.
 
+``StagedUNet.load(folder, unpruned=True)`` runs the build's baseline graph at every step instead: the
+unpruned model of the same build, on the same backend, for what the pruned images are compared against
+(``atedm-export eval``).
+
 Inputs are checked before each call (``Backend.check``): a wrong shape, dtype or device, or a NaN or
 infinite value in any floating-point input (``sample`` included), is refused with a one-line
 ``RuntimeInputError`` naming the input, instead of a NaN latent that would come out as a black image.
@@ -45,12 +49,14 @@ class StageStats:
 
 
 class StagedUNet(torch.nn.Module):
-    """Runs a build's stage graphs across the denoising loop on one backend."""
+    """Runs a build's stage graphs across the denoising loop on one backend (``unpruned``: its baseline graph at
+    every step)."""
 
-    def __init__(self, manifest: Manifest, backend: Backend) -> None:
+    def __init__(self, manifest: Manifest, backend: Backend, unpruned: bool = False) -> None:
         super().__init__()
         self.manifest = manifest
         self.backend = backend
+        self.unpruned = unpruned
         self.schedule = manifest.graph_spec.dsap
         self.contract = manifest.contract
         self.config = FrozenDict(manifest.unet_config)
@@ -62,14 +68,20 @@ class StagedUNet(torch.nn.Module):
         self._scheduler: Any = None
         self._timesteps: torch.Tensor | None = None
         self._order = 1
-        self.stats: dict[str, StageStats] = {s.name: StageStats() for s in manifest.stages}
+        self.stats: dict[str, StageStats] = {name: StageStats() for name in self.graph_names()}
 
     @classmethod
-    def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str | None = None, **options: Any) -> StagedUNet:
+    def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str | None = None, unpruned: bool = False,
+             **options: Any) -> StagedUNet:
         """The build at ``folder`` on ``backend``, with the build files that backend opens checked, and only those:
-        a missing engine plan refuses the engine backends, not onnxruntime or eager (``Backend.verify_build``)."""
+        a missing engine plan refuses the engine backends, not onnxruntime or eager (``Backend.verify_build``).
+        ``unpruned``: run the baseline graph at every step (the same model, nothing pruned)."""
         runner = load_backend(backend, folder, None, device, **options)
-        return cls(runner.manifest, runner)
+        return cls(runner.manifest, runner, unpruned=unpruned)
+
+    def graph_names(self) -> list[str]:
+        """The graphs this UNet can run: the baseline alone when unpruned, else the built stages."""
+        return [self.manifest.baseline.name] if self.unpruned else [s.name for s in self.manifest.stages]
 
     # --- what pipelines read -------------------------------------------------------------------
 
@@ -96,7 +108,7 @@ class StagedUNet(torch.nn.Module):
         self._check_stages(-(-len(self._timesteps) // order))
 
     def reset_stats(self) -> None:
-        self.stats = {s.name: StageStats() for s in self.manifest.stages}
+        self.stats = {name: StageStats() for name in self.graph_names()}
 
     def _current_timesteps(self) -> tuple[torch.Tensor, int]:
         if self._scheduler is not None and getattr(self._scheduler, "timesteps", None) is not None:
@@ -108,15 +120,18 @@ class StagedUNet(torch.nn.Module):
         raise ScheduleError("StagedUNet does not know the run's timesteps: call attach(pipe) or set_timesteps(...) first")
 
     def _check_stages(self, num_steps: int) -> None:
-        """Refuse a run that needs a stage the build lacks, before its first step (the manifest's lookup)."""
+        """Refuse a run that needs a stage the build lacks, before its first step (the manifest's lookup); an
+        unpruned run needs the baseline alone, which every build has."""
         if num_steps < 1:
             raise ScheduleError(f"a run needs at least 1 step, got {num_steps}")
+        if self.unpruned:
+            return
         for steps in self.schedule.step_ranges(num_steps):
             if len(steps):
                 self.manifest.stage_at(steps.start, num_steps)
 
     def locate(self, timestep: torch.Tensor | float) -> tuple[int, int, str]:
-        """``(step, num_steps, stage name)`` of a call at ``timestep``."""
+        """``(step, num_steps, graph name)`` of a call at ``timestep``: its step's stage (the baseline when unpruned)."""
         timesteps, order = self._current_timesteps()
         value = float(torch.as_tensor(timestep).flatten()[0])
         matches = (timesteps - value).abs() < 1e-3
@@ -126,6 +141,8 @@ class StagedUNet(torch.nn.Module):
         num_steps = int(getattr(self._scheduler, "num_inference_steps", 0) or 0) or -(-len(timesteps) // order)
         step = min(-(-int(matches.nonzero()[0]) // order), num_steps - 1)
         self._check_stages(num_steps)
+        if self.unpruned:
+            return step, num_steps, self.manifest.baseline.name
         return step, num_steps, self.manifest.stage_at(step, num_steps)[1].name
 
     # --- the UNet call -------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Which builds one eval can compare, the label each one's images go under, and what identifies each image set.
+
+An eval compares image sets pixel by pixel, so every build must draw the same picture space: one model (the
+spec's model and seed, and the fingerprint of the pipeline it was built from), one size, batch and precision.
+The unpruned images come from the first build's baseline graph; any build of the same model has the same one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..contract import SDXL_REFINER
+from ..errors import AtedmError
+from ..manifest import FILENAME, Manifest, check_same_model
+
+#: The label of the unpruned image set; builds never take it.
+UNPRUNED = "unpruned"
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """One build as the eval sees it: where it is, its checked manifest, its label and its identity."""
+
+    folder: Path
+    manifest: Manifest
+    label: str
+    identity: str  # sha256 of manifest.json: another build in the same folder draws other images
+
+
+def manifest_sha(folder: Path) -> str:
+    """The sha256 of a build's manifest.json, which records every graph file's own sha256."""
+    return hashlib.sha256((folder / FILENAME).read_bytes()).hexdigest()
+
+
+def baseline_identity(manifest: Manifest) -> str:
+    """What identifies the unpruned images: the baseline graph's files (and the weights they point into), so
+    they are reused across evals of any build of the same model whose baseline is byte for byte the same."""
+    base = manifest.baseline
+    parts = [manifest.weights.sha256, base.onnx.sha256, *(f.sha256 for f in (base.ort_onnx, base.engine) if f)]
+    return "baseline:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _label(folder: Path) -> str:
+    """A folder-safe label from the build folder's name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", folder.resolve().name).strip("-.") or "build"
+
+
+def labels_for(folders: list[Path]) -> list[str]:
+    """One label per build, from its folder's name; repeats get ``-2``, ``-3``, and none is ``unpruned``."""
+    labels: list[str] = []
+    for folder in folders:
+        base = _label(folder)
+        label, n = base, 1
+        while label in labels or label == UNPRUNED:
+            n += 1
+            label = f"{base}-{n}"
+        labels.append(label)
+    return labels
+
+
+def load_builds(folders: list[Path]) -> list[BuildInfo]:
+    """Each build's manifest (format and consistency checked), refused where the eval cannot compare them."""
+    seen: dict[Path, Path] = {}
+    for folder in folders:
+        if folder.resolve() in seen:
+            raise AtedmError(f"build {folder} is given twice (as {seen[folder.resolve()]} and {folder})")
+        seen[folder.resolve()] = folder
+    manifests = [Manifest.load(folder, verify=False) for folder in folders]
+    for folder, manifest in zip(folders, manifests):
+        if manifest.contract.family is SDXL_REFINER:
+            raise AtedmError(f"build {folder} is the SDXL refiner, which refines images rather than drawing from text; "
+                             "eval compares text-to-image builds")
+    check_same_model(folders, manifests, "eval")
+    return [BuildInfo(folder, manifest, label, manifest_sha(folder))
+            for folder, manifest, label in zip(folders, manifests, labels_for(folders))]
+
+
+def common_steps(builds: list[BuildInfo], steps: int | None) -> int:
+    """The step count every image is drawn with: ``--steps``, else the builds' specs' where they agree."""
+    if steps:
+        return steps
+    counts = sorted({b.manifest.graph_spec.steps for b in builds})
+    if len(counts) > 1:
+        raise AtedmError(f"the builds' specs differ in steps ({', '.join(map(str, counts))}); pass --steps N so every "
+                         "image is drawn with the same steps")
+    return counts[0]
