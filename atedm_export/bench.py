@@ -237,18 +237,18 @@ def write_plot(report: dict, path: Path) -> None:
                             [rows[g]["p90_ms"] - rows[g]["median_ms"] for g in graphs]], capsize=3)
         for bar, g in zip(bars, graphs):
             if g != "baseline":
-                r = rows[g]
-                ax.annotate(f"{r['speedup_vs_unpruned']:.2f}×\n(FLOPs {r['flops_speedup']:.2f}×)",
-                            (bar.get_x() + bar.get_width() / 2, r["p90_ms"]), ha="center", va="bottom", fontsize=7,
-                            xytext=(0, 2), textcoords="offset points")
+                _annotate(ax, bar, rows[g], rows[g]["p90_ms"])
     ax.set_xticks(range(len(graphs)), graphs)
     ax.set_ylabel("median latency per UNet call (ms)")
-    ax.set_title(f"{report['spec']}: {report['resolution'][0]}x{report['resolution'][1]}, batch {report['batch']}, "
-                 f"{report['precision']}", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, f"{report['spec']}: {report['resolution'][0]}x{report['resolution'][1]}, "
+                         f"batch {report['batch']}, {report['precision']}")
+
+
+def _annotate(ax, bar, row: dict, top: float) -> None:  # noqa: ANN001 - matplotlib axes and bar
+    """A bar's measured speedup vs the fastest unpruned, and what the FLOPs predict, above ``top``."""
+    ax.annotate(f"{row['speedup_vs_unpruned']:.2f}×\n(FLOPs {row['flops_speedup']:.2f}×)",
+                (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom", fontsize=7,
+                xytext=(0, 2), textcoords="offset points")
 
 
 def write_side_by_side_plot(reports: list[dict], path: Path) -> None:
@@ -270,14 +270,20 @@ def write_side_by_side_plot(reports: list[dict], path: Path) -> None:
         xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(values))]
         bars = ax.bar(xs, values, width, label=f"{name} ({form})")
         for bar, r in zip(bars[1:], mine):
-            ax.annotate(f"{r['speedup_vs_unpruned']:.2f}×\n(FLOPs {r['flops_speedup']:.2f}×)",
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7,
-                        xytext=(0, 2), textcoords="offset points")
+            _annotate(ax, bar, r, bar.get_height())
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("seconds per image (whole schedule)")
     first = reports[0]
-    ax.set_title(f"{first['resolution'][0]}x{first['resolution'][1]}, batch {first['batch']}, {first['precision']}, "
-                 f"{first['steps']} steps", fontsize=10)
+    _save(fig, ax, path, f"{first['resolution'][0]}x{first['resolution'][1]}, batch {first['batch']}, "
+                         f"{first['precision']}, {first['steps']} steps")
+
+
+def _save(fig, ax, path: Path, title: str) -> None:  # noqa: ANN001 - matplotlib figure and axes
+    """Title, legend and a tight layout, written to ``path``, the figure closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.18)  # room for the annotations above the tallest bar
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

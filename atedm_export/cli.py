@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -473,6 +473,24 @@ def verify(build_dir: Path, as_json: bool, seed: int) -> None:
         sys.exit(1)
 
 
+def _pipeline_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of the commands that run the family's pipeline on a backend (``generate``, ``eval``)."""
+    options = [
+        click.option("--guidance", type=FiniteFloat(min=0.0), default=None,
+                     help="Classifier-free guidance scale [default: the family's: 7.5 for SD 1.x/2.x, 5 for SDXL]."),
+        click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="onnxruntime", show_default=True),
+        click.option("--device", type=TorchDevice(), default=None,
+                     help="torch device for the backend [default: cpu, cuda for TensorRT]."),
+        click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+                     help="Engine backends: capture each stage's launch once and replay it."),
+        click.option("--engine-weights", type=click.Choice(ENGINE_WEIGHTS), default="resident", show_default=True,
+                     help="Engine backends: every stage's weights on the GPU, or one stage's at a time (TensorRT-RTX)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("build_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--triton", "triton_url", metavar="URL",
@@ -482,18 +500,11 @@ def verify(build_dir: Path, as_json: bool, seed: int) -> None:
 @click.option("--negative-prompt", default=None, help="What to avoid.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [default: the spec's].")
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--guidance", type=FiniteFloat(min=0.0), default=None,
-              help="Classifier-free guidance scale [default: the family's: 7.5 for SD 1.x/2.x, 5 for SDXL].")
 @click.option("--image", type=click.Path(path_type=Path), default=None,
               help="SDXL refiner builds: the image to refine (resized to the build's size where it differs).")
 @click.option("--strength", type=FiniteFloat(0.0, 1.0, min_open=True), default=0.3, show_default=True,
               help="SDXL refiner builds: how much of the denoising to redo (the last fraction of the steps).")
-@click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="onnxruntime", show_default=True)
-@click.option("--device", type=TorchDevice(), default=None, help="torch device for the backend [default: cpu, cuda for TensorRT].")
-@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
-              help="Engine backends: capture each stage's launch once and replay it.")
-@click.option("--engine-weights", type=click.Choice(ENGINE_WEIGHTS), default="resident", show_default=True,
-              help="Engine backends: every stage's weights on the GPU, or one stage's at a time (TensorRT-RTX).")
+@_pipeline_options
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
 def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, prompt: str, negative_prompt: str | None,
              steps: int | None, seed: int, guidance: float | None, image: Path | None, strength: float, backend: str,
@@ -557,14 +568,7 @@ def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, 
 @click.option("--seed", "--seeds", "seed", type=SEED, default=0, show_default=True,
               help="Base seed: image i is drawn with seed + i in every set.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [default: the specs'].")
-@click.option("--guidance", type=FiniteFloat(min=0.0), default=None,
-              help="Classifier-free guidance scale [default: the family's: 7.5 for SD 1.x/2.x, 5 for SDXL].")
-@click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="onnxruntime", show_default=True)
-@click.option("--device", type=TorchDevice(), default=None, help="torch device for the backend [default: cpu, cuda for TensorRT].")
-@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
-              help="Engine backends: capture each stage's launch once and replay it.")
-@click.option("--engine-weights", type=click.Choice(ENGINE_WEIGHTS), default="resident", show_default=True,
-              help="Engine backends: every stage's weights on the GPU, or one stage's at a time (TensorRT-RTX).")
+@_pipeline_options
 @click.option("--clip", type=click.Path(path_type=Path),
               help="transformers CLIP checkpoint folder for the CLIP score (e.g. laion/CLIP-ViT-g-14-laion2B-s12B-b42K).")
 @click.option("--inception", type=click.Path(path_type=Path),

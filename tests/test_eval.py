@@ -379,3 +379,23 @@ def test_an_unpruned_staged_unet_runs_the_baseline_at_every_step(build_of):
     pruned = StagedUNet(staged.manifest, staged.backend)  # the same build and backend, its stages as built
     draw(load_pipeline(pruned), pruned, "a fox", steps=3, seed=0, guidance=7.5)
     assert [r["stage"] for r in pruned.stage_report()] == ["main"]
+
+
+def test_bench_puts_atedm_and_tome_side_by_side(build_of, tiny_build, tmp_path):
+    """``bench`` of two builds of one model: each build's rows, then one table of their schedules; the JSON holds
+    both reports and the side-by-side rows, the CSV one row per build and graph, the plot one bar per build."""
+    builds = [build_of("atedm"), build_of("tome")]
+    report_path, csv_path, plot_path = tmp_path / "b.json", tmp_path / "b.csv", tmp_path / "b.png"
+    result = _cli("bench", *builds, "--backends", "onnxruntime", "--warmup", "0", "--repeats", "1",
+                  "--json", report_path, "--csv", csv_path, "--plot", plot_path)
+    assert result.exit_code == 0, result.output
+    assert "side by side" in result.output
+    data = json.loads(report_path.read_text())
+    assert [r["method"] for r in data["builds"]] == ["atedm", "tome"]
+    side = data["side_by_side"]
+    assert [(r["method"], r["backend"]) for r in side] == [("atedm", "onnxruntime"), ("tome", "onnxruntime")]
+    assert all(r["seconds_per_image"] > 0 and r["flops_speedup"] > 1 for r in side)
+    assert len(csv_path.read_text().splitlines()) == 1 + 2 * 2  # header, two graphs of each build
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = _cli("bench", builds[0], tiny_build, "--backends", "onnxruntime")  # tiny-sdxl beside tiny-sd15
+    assert other.exit_code == 2 and "differ in model (tiny-sd15 vs tiny-sdxl)" in other.output

@@ -90,7 +90,7 @@ def test_bench_json_is_consistent(tiny_build, tmp_path):
         assert s["seconds_per_image"] == pytest.approx(per_image)
         assert s["speedup_vs_unpruned"] == pytest.approx(s["unpruned_seconds_per_image"] / per_image)
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "b.csv").read_text().startswith("backend,graph,")
+    assert (tmp_path / "b.csv").read_text().startswith("build,method,backend,graph,")
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_topk_selection_would_not_build_above_3840(tiny_unet, tmp_path, monkeypa
     def topk_indices(scores: torch.Tensor, keep: int, how: str) -> torch.Tensor:
         return scores.topk(keep, dim=1).indices
 
-    monkeypatch.setattr("atedm_export.pruning.patch.select_tokens", topk_indices)
+    monkeypatch.setattr("atedm_export.pruning.atedm.select_tokens", topk_indices)
     path = tmp_path / "topk.onnx"
     _export(tiny_unet, round(0.95 * GRID * GRID), path)
     assert "TopK" in {n.op_type for n in onnx.load(str(path)).graph.node}

@@ -13,14 +13,12 @@ The pair a method is (``methods.py``): *select* is G-WPR plus static top-k and a
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from .attention import attention_with_map
-from .block import BlockState, close_block, cross_and_ff, open_block
+from .block import BlockCall, BlockState, close_block, cross_and_ff, open_block
 from .gwpr import cross_gwpr_scores, gwpr_scores, pooled_gwpr_scores
 from .options import PruneOptions
 from .recover import copy_recover, recovery_sources, skip_recover
@@ -42,18 +40,11 @@ def _map_rows(grid: tuple[int, int], pool: int, device: torch.device) -> torch.T
     return (index // width // pool) * (width // pool) + (index % width) // pool
 
 
-def atedm_block(
-    block: Transformer2DModel,
-    state: BlockState,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor | None,
-    cross_attention_kwargs: dict[str, Any] | None,
-    attention_mask: torch.Tensor | None,
-    encoder_attention_mask: torch.Tensor | None,
-) -> Transformer2DModelOutput:
+def atedm_block(block: Transformer2DModel, state: BlockState, call: BlockCall) -> Transformer2DModelOutput:
     """One AT-EDM block (module docstring); the keep count is a Python int, so every shape is static."""
     opts: PruneOptions = state.options
-    given = open_block(block, state, hidden_states, attention_mask, encoder_attention_mask)
+    encoder_hidden_states = call.encoder_hidden_states
+    given = open_block(block, state, call)
     tokens, grid = given.tokens, given.grid
     first, rest = block.transformer_blocks[0], block.transformer_blocks[1:]
 
@@ -71,7 +62,7 @@ def atedm_block(
             scores = _self_scores(self_map, opts, grid)
     else:
         scores = _self_scores(self_map, opts, grid)
-    rows = _map_rows(grid, opts.map_pool, hidden_states.device)
+    rows = _map_rows(grid, opts.map_pool, tokens.device)
 
     kept = select_tokens(scores, state.keep, opts.selection)
     if opts.prune_point == "attn1":
@@ -82,7 +73,7 @@ def atedm_block(
     else:
         x = gather_tokens(tokens, kept)
     for layer in rest:
-        x = layer(x, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs)
+        x = layer(x, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=call.cross_attention_kwargs)
 
     if opts.recovery == "copy" and block.use_linear_projection:
         # proj_out is per token: run it on the k kept tokens, then copy into the N positions.

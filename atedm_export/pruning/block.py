@@ -28,6 +28,17 @@ class BlockState:
 
 
 @dataclass(frozen=True)
+class BlockCall:
+    """The arguments of one ``Transformer2DModel`` call that a method's forward reads."""
+
+    hidden_states: torch.Tensor  # [B, C, H, W]
+    encoder_hidden_states: torch.Tensor | None
+    cross_attention_kwargs: dict[str, Any] | None = None
+    attention_mask: torch.Tensor | None = None
+    encoder_attention_mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class BlockInput:
     """The block's input as tokens, with what the epilogue needs to rebuild the feature map."""
 
@@ -40,10 +51,10 @@ class BlockInput:
         return tuple(self.residual.shape[2:])  # type: ignore[return-value]
 
 
-def open_block(block: Transformer2DModel, state: BlockState, hidden_states: torch.Tensor,
-               attention_mask: torch.Tensor | None, encoder_attention_mask: torch.Tensor | None) -> BlockInput:
+def open_block(block: Transformer2DModel, state: BlockState, call: BlockCall) -> BlockInput:
     """Refuse what the plan cannot serve (masks, another resolution, too few tokens), then the stock prologue."""
-    if attention_mask is not None or encoder_attention_mask is not None:
+    hidden_states = call.hidden_states
+    if call.attention_mask is not None or call.encoder_attention_mask is not None:
         raise PlanError("pruned blocks do not take attention masks (the stock SD and SDXL pipelines pass none)")
     _, _, height, width = hidden_states.shape
     if state.tokens is not None and state.tokens != height * width:

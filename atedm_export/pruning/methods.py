@@ -21,7 +21,7 @@ from .attention import check_supported
 from .options import DEFAULT_METHOD, PruneOptions, ToMeOptions
 from .tome import check_tome, destinations, tome_block
 
-BlockForward = Callable[..., Any]  # (block, state, hidden, context, cross_attention_kwargs, mask, encoder_mask)
+BlockForward = Callable[..., Any]  # (block, block.BlockState, block.BlockCall) -> Transformer2DModelOutput
 BlockCheck = Callable[[str, Transformer2DModel, Any], None]
 
 

@@ -19,7 +19,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from ..errors import PlanError
-from .block import BlockState
+from .block import BlockCall, BlockState
 from .methods import method_of
 from .options import PruneOptions, ToMeOptions
 
@@ -114,6 +114,6 @@ def _pruned_forward(
 ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
     """``Transformer2DModel.forward``'s signature; the block runs as its plan's method runs it."""
     state: BlockState = getattr(self, _ATTR)
-    out = method_of(state.options).forward(self, state, hidden_states, encoder_hidden_states, cross_attention_kwargs,
-                                           attention_mask, encoder_attention_mask)
+    call = BlockCall(hidden_states, encoder_hidden_states, cross_attention_kwargs, attention_mask, encoder_attention_mask)
+    out = method_of(state.options).forward(self, state, call)
     return out if return_dict else (out.sample,)

@@ -25,7 +25,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from ..errors import ModelError, PlanError
-from .block import BlockState, close_block, open_block
+from .block import BlockCall, BlockState, close_block, open_block
 from .options import ToMeOptions
 from .select import gather_tokens, select_tokens
 
@@ -126,22 +126,14 @@ def _tome_layer(layer: BasicTransformerBlock, x: torch.Tensor, context: torch.Te
     return around(opts.merge_mlp, layer.ff, layer.norm3(x)) + x
 
 
-def tome_block(
-    block: Transformer2DModel,
-    state: BlockState,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor | None,
-    cross_attention_kwargs: dict[str, Any] | None,
-    attention_mask: torch.Tensor | None,
-    encoder_attention_mask: torch.Tensor | None,
-) -> Transformer2DModelOutput:
+def tome_block(block: Transformer2DModel, state: BlockState, call: BlockCall) -> Transformer2DModelOutput:
     """One ToMe block: every transformer layer matches on its own input and merges ``N − keep`` tokens."""
-    given = open_block(block, state, hidden_states, attention_mask, encoder_attention_mask)
+    given = open_block(block, state, call)
     grid = given.grid
     r = grid[0] * grid[1] - state.keep
     x = given.tokens
     for layer in block.transformer_blocks:
-        x = _tome_layer(layer, x, encoder_hidden_states, grid, r, state.options)
+        x = _tome_layer(layer, x, call.encoder_hidden_states, grid, r, state.options)
     return Transformer2DModelOutput(sample=close_block(block, x, given))
 
 
