@@ -31,7 +31,7 @@ from atedm_export.costmodel import DEVICES  # noqa: E402
 from atedm_export.flops import flops_report  # noqa: E402
 from atedm_export.pruning.attention import attention_with_map  # noqa: E402
 from atedm_export.pruning.gwpr import gwpr_scores, pooled_gwpr_scores  # noqa: E402
-from atedm_export.pruning.patch import _map_rows  # noqa: E402
+from atedm_export.pruning.atedm import _map_rows  # noqa: E402
 from atedm_export.pruning.recover import copy_recover, recovery_sources  # noqa: E402
 from atedm_export.pruning.select import gather_tokens, select_tokens  # noqa: E402
 from atedm_export.spec import load_spec  # noqa: E402
