@@ -70,6 +70,7 @@ def inspect_build(folder: Path, manifest: Manifest) -> dict:
     graph_bytes = sum(e.onnx.bytes for e in unique.values())
     return {
         "folder": str(folder),
+        "method": manifest.graph_spec.method,
         "spec": manifest.spec,
         "engine": manifest.engine.model_dump(),
         "inputs": [t.model_dump() for t in manifest.inputs],

@@ -119,6 +119,20 @@ def test_tome_build_verifies_and_counts_its_flops_from_the_graphs(tiny_tome_buil
     assert report.method == "tome"
     assert stage.graph_tflops == pytest.approx(report.stages[0].tflops, rel=0.02)
     assert stage.graph_tflops < manifest.baseline.graph_tflops
+    # inspect names the method; ToMe's attentions are all stock (on merged tokens): no map layer, all fusable.
+    import json
+
+    from click.testing import CliRunner
+
+    from atedm_export.cli import main
+
+    shown = CliRunner().invoke(main, ["inspect", str(tiny_tome_build), "--json"])
+    data = json.loads(shown.output)
+    assert data["method"] == "tome" and data["spec"]["pruning"]["method"] == "tome"
+    assert data["attention"]["main"]["map"] == 0
+    assert data["attention"]["main"]["fusable"] == data["attention"]["baseline"]["fusable"]
+    table = CliRunner().invoke(main, ["inspect", str(tiny_tome_build)])
+    assert "method 'tome'" in table.output
 
 
 @pytest.mark.slow
