@@ -207,8 +207,11 @@ def flops(specs: tuple[str, ...], schedule: str | None, prune_point: str | None,
 
 def _print_flops(report) -> None:  # noqa: ANN001 - flops.FlopsReport
     scale, unit = (1.0, "TFLOPs") if report.baseline_tflops >= 0.1 else (1e3, "GFLOPs")
+    from .pruning.methods import summary_of
+
     table = Table(title=Text(f"{report.spec}: {report.model} at {report.width}x{report.height}, "
-                             f"{report.steps} steps, method '{report.method}', schedule '{report.schedule}'"))
+                             f"{report.steps} steps, method '{report.method}', schedule '{report.schedule}'"),
+                  caption=Text(summary_of(report.method)))
     for column in ("stage", "steps", f"{unit} / image-step", "saving", "pruned blocks"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     blocks = len(report.tokens)
@@ -420,6 +423,9 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
     out.print(Text.assemble((spec.name, "bold"), f": {spec.model} {spec.width}x{spec.height}, batch {spec.batch}, "
               f"{spec.precision}, {spec.steps} steps, method '{spec.method}', schedule '{spec.dsap.name}'; engines: {engines}"),
               highlight=False)
+    from .pruning.methods import summary_of
+
+    out.print(Text(f"method: {summary_of(spec.method)}"))
     out.print(_graphs_table(manifest, "graphs"))
     out.print(_keep_table(manifest.tokens, {e.name: e.keep for e in manifest.stages}))
     for name, forms in data["attention"].items():
@@ -715,7 +721,9 @@ def _print_bench(report: dict, warmup: int, repeats: int, several: bool) -> None
         out.print(Text(f"{name} reference (its fastest baseline): {reference['what']}"))
     if report["schedule"]:
         sched = Table(title=f"whole schedule, per image ({report['steps']} steps)")
-        method = {"atedm": "AT-EDM", "tome": "ToMe"}.get(report["method"], report["method"])
+        from .pruning.methods import label_of
+
+        method = label_of(report["method"])
         for column in ("backend", "form", f"{method} s", "fastest unpruned s", "vs unpruned", "vs eager", "FLOPs predict"):
             sched.add_column(column, justify="left" if column in ("backend", "form") else "right")
         for s in report["schedule"]:

@@ -46,6 +46,7 @@ from atedm_export.bench import percentile, time_calls, time_ms  # noqa: E402
 from atedm_export.dsap import stage_plan  # noqa: E402
 from atedm_export.models import attention_blocks, load_unet  # noqa: E402
 from atedm_export.pruning import set_plan  # noqa: E402
+from atedm_export.pruning.methods import label_of  # noqa: E402
 from atedm_export.spec import load_spec  # noqa: E402
 
 MiB = 2**20
@@ -142,10 +143,6 @@ def part(report: Report, name: str, out: Path) -> Iterator[None]:
         print(f"[{time.strftime('%H:%M:%S')}] {name} done in {report.seconds[name]} s", flush=True)
 
 
-def _method_label(method: str) -> str:
-    return {"atedm": "AT-EDM", "tome": "ToMe"}.get(method, method)
-
-
 def eager(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: ANN001
     """Stock vs AT-EDM (and the ``--compare`` specs' methods, ToMe at the same FLOPs by default) in PyTorch: one
     UNet, each plan swapped in and out (``set_plan``) between timings."""
@@ -160,7 +157,7 @@ def eager(report: Report, spec, args: argparse.Namespace) -> None:  # noqa: ANN0
         for stage in each.dsap.stages:
             plan = stage_plan(stage, blocks, each.pruning)
             if plan is not None and plan.keep:
-                plans[f"{_method_label(each.method)} {stage.name} stage"] = plan
+                plans[f"{label_of(each.method)} {stage.name} stage"] = plan
     call = lambda: graph(*graph.args(feed))  # noqa: E731
     with torch.no_grad():
         for what, plan in plans.items():

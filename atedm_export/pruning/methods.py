@@ -28,6 +28,7 @@ BlockCheck = Callable[[str, Transformer2DModel, Any], None]
 @dataclass(frozen=True)
 class Method:
     name: str
+    label: str  # how tables name it
     summary: str  # one line for inspect and flops
     options: type
     forward: BlockForward
@@ -40,9 +41,9 @@ def _check_atedm(name: str, block: Transformer2DModel, opts: PruneOptions) -> No
 
 
 METHODS: dict[str, Method] = {
-    "atedm": Method("atedm", "AT-EDM: G-WPR ranking on the first self-attention map, top-k, similarity-copy recovery",
+    "atedm": Method("atedm", "AT-EDM", "AT-EDM: G-WPR ranking on the first self-attention map, top-k, similarity-copy recovery",
                     PruneOptions, atedm_block, _check_atedm, lambda grid, opts: 1),
-    "tome": Method("tome", "ToMe (tomesd, static): bipartite soft matching per layer, destinations on a fixed grid, "
+    "tome": Method("tome", "ToMe", "ToMe (tomesd, static): bipartite soft matching per layer, destinations on a fixed grid, "
                            "unmerge by copy", ToMeOptions, tome_block, check_tome,
                    lambda grid, opts: destinations(grid, opts.stride)),
 }
@@ -69,3 +70,13 @@ def parse_options(data: Any) -> Any:
 
 def method_of(options: Any) -> Method:
     return METHODS[options.method]
+
+
+def summary_of(name: str) -> str:
+    """One line on what a method does, for ``inspect`` and ``flops``."""
+    return METHODS[name].summary if name in METHODS else name
+
+
+def label_of(name: str) -> str:
+    """A method's name as tables show it (``AT-EDM``, ``ToMe``); an unknown name as given."""
+    return METHODS[name].label if name in METHODS else name
