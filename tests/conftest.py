@@ -155,11 +155,11 @@ def corrupted_copy(build, copy, graph: str):  # noqa: ANN001, ANN201 - paths
 
 
 def small_spec(tmp_path, **changes) -> str:
-    """A one-stage spec (uniform-63) on tiny-sd15 at 128 px: two small graphs to export instead of tiny-sdxl's
-    three, for the tests of build mechanics that any model exercises."""
+    """A one-stage spec (uniform-63) on tiny-sd15: two graphs to export instead of three, each in a third of
+    tiny-sdxl's time, for the tests of build mechanics that any model exercises."""
     import yaml
 
-    data = {"name": "small", "model": "tiny-sd15", "height": 128, "width": 128, "precision": "fp32",
+    data = {"name": "small", "model": "tiny-sd15", "height": 256, "width": 256, "precision": "fp32",
             "steps": 10, "schedule": "uniform-63", **changes}
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(data))
