@@ -97,12 +97,18 @@ def run_bench(folder: str | Path, backends: list[str], warmup: int = 1, repeats:
               device: str | None = None, progress=None, engine_options: dict | None = None) -> dict:  # noqa: ANN001
     """Time every graph in every backend; returns the JSON-ready report. ``engine_options`` go to the
     engine backends only (``cuda_graphs``, ``weights``)."""
-    if repeats < 1 or warmup < 0:
-        raise AtedmError(f"need --repeats >= 1 and --warmup >= 0, got {repeats} and {warmup}")
-    folder = Path(folder)
-    manifest = Manifest.load(folder, verify=False)
-    for name in backends:  # the files each backend opens (a missing plan concerns the engine backends only), first
+    return run_benches([Path(folder)], backends, warmup, repeats, device, progress, engine_options)[0]
+
+
+def _verify(folder: Path, manifest: Manifest, backends: list[str]) -> None:
+    """The files each backend opens (a missing plan concerns the engine backends only), before any timing."""
+    for name in backends:
         backend_class(name, folder, manifest).verify_build(folder, manifest)
+
+
+def _time_build(folder: Path, manifest: Manifest, backends: list[str], warmup: int, repeats: int, device: str | None,
+                progress=None, engine_options: dict | None = None) -> dict:  # noqa: ANN001
+    """Every graph of a checked build timed in every backend and form: the report."""
     samples: dict[tuple[str, str, str], list[float]] = {}  # (backend, form, graph) → ms
     for name in backends:
         for form in forms(name, manifest):
@@ -125,12 +131,15 @@ def run_benches(folders: list[Path], backends: list[str], warmup: int = 1, repea
     """``run_bench`` of several builds of one model (AT-EDM and ToMe, say) one after the other, in one run: each
     report's ratios are against its own baseline graph, which is the same graph for builds of one model, timed
     again beside each (its spread between reports shows the machine's noise)."""
+    if repeats < 1 or warmup < 0:
+        raise AtedmError(f"need --repeats >= 1 and --warmup >= 0, got {repeats} and {warmup}")
+    folders = [Path(f) for f in folders]
     manifests = [Manifest.load(f, verify=False) for f in folders]
     check_same_model(folders, manifests, "bench")
-    for folder, manifest in zip(folders, manifests):  # every build's files, before any timing
-        for name in backends:
-            backend_class(name, folder, manifest).verify_build(folder, manifest)
-    return [run_bench(f, backends, warmup, repeats, device, progress, engine_options) for f in folders]
+    for folder, manifest in zip(folders, manifests):  # every build's files, each hashed once, before any timing
+        _verify(folder, manifest, backends)
+    return [_time_build(f, m, backends, warmup, repeats, device, progress, engine_options)
+            for f, m in zip(folders, manifests)]
 
 
 def side_by_side(reports: list[dict]) -> list[dict]:

@@ -35,21 +35,25 @@ def partition(grid: tuple[int, int], stride: int, device: torch.device | None = 
     and of every other token, each ascending (tomesd's ``no_rand`` partition; a ragged edge is all sources).
 
     Built from Python ints, so an export records two ``[N]``-sized constants rather than index arithmetic;
-    made once per grid and device (``_constants``), so an eager call spends no time on them."""
-    return _constants((int(grid[0]), int(grid[1])), stride, 0, device)[:2]
+    made once per grid and device, so an eager call spends no time on them."""
+    return _partition((int(grid[0]), int(grid[1])), stride, device)
 
 
 @functools.lru_cache(maxsize=256)
-def _constants(grid: tuple[int, int], stride: int, kept: int, device: torch.device | None) -> tuple[torch.Tensor, ...]:
-    """The partition, and the slots of the unmerged sources (``0..kept-1``) and of the destinations after them."""
+def _partition(grid: tuple[int, int], stride: int, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
     height, width = grid
     rows, cols = height // stride * stride, width // stride * stride
     dests = [i * width + j for i in range(0, rows, stride) for j in range(0, cols, stride)]
     taken = set(dests)
     sources = [t for t in range(height * width) if t not in taken]
-    return (torch.tensor(dests, device=device), torch.tensor(sources, device=device),
-            torch.tensor(range(kept), dtype=torch.int64, device=device),
-            torch.tensor(range(kept, kept + len(dests)), dtype=torch.int64, device=device))
+    return torch.tensor(dests, device=device), torch.tensor(sources, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _slots(kept: int, dests: int, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots of the unmerged sources (``0..kept-1``) and of the destinations after them, as constants."""
+    return (torch.tensor(range(kept), dtype=torch.int64, device=device),
+            torch.tensor(range(kept, kept + dests), dtype=torch.int64, device=device))
 
 
 def destinations(grid: tuple[int, int], stride: int) -> int:
@@ -59,13 +63,17 @@ def destinations(grid: tuple[int, int], stride: int) -> int:
 
 @dataclass(frozen=True)
 class Merge:
-    """One layer's matching: merge ``[B, N, C]`` → ``[B, N − r, C]`` and unmerge back by copy."""
+    """One layer's matching: merge ``[B, N, C]`` → ``[B, N − r, C]`` and unmerge back by copy.
+
+    ``joins`` and ``counts`` are made once per matching: a layer merges before up to three sublayers."""
 
     sources: torch.Tensor  # [Ns] token index of each source
     dests: torch.Tensor  # [Nd] token index of each destination
     unmerged: torch.Tensor  # [B, Ns − r] source slots that stay
     merged: torch.Tensor  # [B, r] source slots that merge
     into: torch.Tensor  # [B, r] the destination slot each merged source joins
+    joins: torch.Tensor  # [B, Nd, r] one-hot of ``into``: merged source j joins destination i
+    counts: torch.Tensor  # [B, Nd, 1] 1 + the sources joining each destination: what its mean divides by
     slots: torch.Tensor  # [B, N] each token's slot in the merged sequence [unmerged | destinations]
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +83,7 @@ class Merge:
         ``scatter_reduce``: TensorRT's ONNX parser takes no ``ScatterElements`` reduction. It costs
         ``2·Nd·r·C`` FLOPs per merge, which the graph's FLOPs count includes."""
         src, dst = x[:, self.sources], x[:, self.dests]
-        joins = (self.into.unsqueeze(1) == torch.arange(dst.shape[1], device=x.device).view(1, -1, 1)).to(x.dtype)
-        means = (dst + joins @ gather_tokens(src, self.merged)) / (1 + joins.sum(dim=-1, keepdim=True))
+        means = (dst + self.joins @ gather_tokens(src, self.merged)) / self.counts
         if self.unmerged.shape[1] == 0:  # every source merged: no empty tensor in the graph (exporters mis-shape them)
             return means
         return torch.cat([gather_tokens(src, self.unmerged), means], dim=1)
@@ -100,16 +107,17 @@ def bipartite_merge(metric: torch.Tensor, grid: tuple[int, int], stride: int, r:
     merged = select_tokens(best, r)
     stays = torch.ones_like(best).scatter(1, merged, torch.zeros_like(merged, dtype=best.dtype))
     unmerged = select_tokens(stays, len(sources) - r) if r < len(sources) else merged[:, :0]
-    into = best_dest.gather(1, merged)
+    into = best_dest.gather(1, merged)  # [B, r] the destination slot each merged source joins
+    joins = (into.unsqueeze(1) == torch.arange(len(dests), device=metric.device).view(1, -1, 1)).to(metric.dtype)
+    counts = 1 + joins.sum(dim=-1, keepdim=True)
     batch, kept = metric.shape[0], len(sources) - r
-    # Each token's slot in [unmerged | destinations]; constants from Python ints, as in ``partition``.
-    own_slots, dest_slots = _constants(grid, stride, kept, metric.device)[2:]
+    own_slots, dest_slots = _slots(kept, len(dests), metric.device)
     slots = torch.zeros_like(best_dest[:, :1]).expand(batch, grid[0] * grid[1])
     slots = slots.scatter(1, dests.expand(batch, -1), dest_slots.expand(batch, -1))
     if kept:
         slots = slots.scatter(1, sources[unmerged], own_slots.expand(batch, -1))
     slots = slots.scatter(1, sources[merged], kept + into)
-    return Merge(sources, dests, unmerged, merged, into, slots)
+    return Merge(sources, dests, unmerged, merged, into, joins, counts, slots)
 
 
 def _tome_layer(layer: BasicTransformerBlock, x: torch.Tensor, context: torch.Tensor | None, grid: tuple[int, int],
