@@ -28,10 +28,12 @@ from .export import EXTERNAL_DATA_BYTES, check_onnx, export_graph, finalize
 from .isolated import run_isolated
 from .flops import count_flops, graph_flops
 from .ortfuse import fuse
-from .manifest import EngineInfo, FileEntry, GraphEntry, Manifest, PipelineInfo, TensorEntry, file_entry, tool_versions
+from .manifest import (EngineInfo, FileEntry, GraphEntry, Manifest, PipelineInfo, ShapeGraphs, TensorEntry, file_entry,
+                       tool_versions)
 from .models import PIPELINE_INDEX, attention_blocks, build_unet, pipeline_folder, unet_config
 from .pruning import StagePlan
 from .registry import BUILD_BACKENDS, ENGINE_LIBRARIES
+from .shapes import Shape
 from .spec import GraphSpec
 from .staging import check_destination, staged_folder
 from .weights import WEIGHTS_FILE, WeightStore
@@ -116,31 +118,56 @@ def _select_stages(request: BuildRequest) -> list[int]:
 
 
 @dataclass(frozen=True)
-class _Model:
-    """What is known of the model before any export: its skeleton (meta device), blocks and every stage's plan."""
+class _ShapePlan:
+    """One static shape of the build: the spec at that shape, its attention blocks and each selected stage's plan."""
 
-    meta: torch.nn.Module
+    shape: Shape
+    spec: GraphSpec  # single-shape
     blocks: list
     plans: dict[int, StagePlan]  # schedule index → plan, for the selected stages
+
+    def label(self, graph: str, multi: bool) -> str:
+        """A graph's name in progress lines: ``main``, or ``main@1216x832-b2`` in a multi-shape build."""
+        return f"{graph}@{self.shape.key}" if multi else graph
+
+    def stem(self, graph: str, multi: bool) -> str:
+        """A graph's file name stem: ``main``, or ``main.1216x832-b2`` in a multi-shape build."""
+        return f"{graph}.{self.shape.key}" if multi else graph
+
+
+@dataclass(frozen=True)
+class _Model:
+    """What is known of the model before any export: its skeleton (meta device) and every shape's plans."""
+
+    meta: torch.nn.Module
+    shapes: list[_ShapePlan]
     pipeline: Path | None  # the diffusers pipeline folder generate will load around the UNet
 
 
 def _prepare(request: BuildRequest, selected: list[int]) -> _Model:
     """Every check that needs the model but not its weights: the config loads, each selected stage's keys
-    match blocks. A typo in a schedule fails here, in a second, not after minutes of export."""
+    match blocks at every shape. A typo in a schedule fails here, in a second, not after minutes of export."""
     spec = request.spec
     meta = build_unet(unet_config(spec.model), device="meta")
-    blocks = attention_blocks(meta, spec.height, spec.width)
-    options = spec.pruning
-    plans = {i: stage_plan(spec.dsap.stages[i], blocks, options) for i in selected}
-    return _Model(meta, blocks, plans, pipeline_folder(spec.model))
+    shapes = []
+    for shape in spec.shape_list:
+        at = spec.at(shape)
+        blocks = attention_blocks(meta, at.height, at.width)
+        try:
+            plans = {i: stage_plan(spec.dsap.stages[i], blocks, at.pruning) for i in selected}
+        except AtedmError as exc:
+            if not spec.shapes:
+                raise
+            raise type(exc)(f"shape {shape.key}: {exc}") from None
+        shapes.append(_ShapePlan(shape, at, blocks, plans))
+    return _Model(meta, shapes, pipeline_folder(spec.model))
 
 
 def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
     """Run the whole build; returns the manifest of the folder now at ``request.out``.
 
-    The spec, the stages, the engine library, the model's config and every stage's plan are checked, and
-    the output folder tested for writing, before anything is written.
+    The spec, the stages, the engine library, the model's config and every stage's plan at every shape are
+    checked, and the output folder tested for writing, before anything is written.
     """
     out = request.out.resolve()
     selected = _select_stages(request)
@@ -154,6 +181,106 @@ def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
         return _build_into(work, request, model, library, engine_info, progress)
 
 
+@dataclass
+class _GraphMaker:
+    """Exports, checks, fuses and compiles one graph at a time into the build folder ``work``.
+
+    Every graph's weights go into the one ``store``; a graph whose (shape, plan) was made already is not made
+    again: the entry reuses its files (``same_as``), so identical graphs are stored once.
+    """
+
+    work: Path
+    request: BuildRequest
+    meta: torch.nn.Module
+    store: WeightStore
+    library: EngineLibrary | None
+    options: BuildOptions
+    ort_fusion: bool
+    weight_bytes: int
+    progress: Progress
+    multi: bool
+    made: dict[tuple, GraphEntry]
+
+    def graph(self, at: _ShapePlan, name: str, plan: StagePlan | None, until: float | None, steps: range) -> GraphEntry:
+        tokens = {b.name: b.tokens for b in at.blocks}
+        keep = {b: (plan.keep.get(b, n) if plan else n) for b, n in tokens.items()}
+        key = (at.shape, tuple(sorted(keep.items())))
+        label = at.label(name, self.multi)
+        if key in self.made:
+            first = self.made[key]
+            self.progress(label, f"same graph as {first.name}: reuses its files", None)
+            return first.model_copy(update={"name": name, "until": until, "steps": [steps.start, steps.stop],
+                                            "same_as": first.same_as or first.name})
+        entry = self._make(at, label, at.stem(name, self.multi), name, plan, keep, until, steps)
+        self.made[key] = entry
+        return entry
+
+    def _make(self, at: _ShapePlan, label: str, stem: str, name: str, plan: StagePlan | None, keep: dict[str, int],
+              until: float | None, steps: range) -> GraphEntry:
+        spec, store, work, progress = at.spec, self.store, self.work, self.progress
+        contract = spec.contract(dict(self.meta.config))
+        graphs = work / GRAPHS_DIR
+        tick = time.perf_counter()
+        # The UNet lives only in the export's own process; this one cleans a weight-free skeleton
+        # of the graph and moves the weights into the shared file: they are never held twice.
+        raw = graphs / f".raw-{stem}" / "raw.onnx"
+        raw.parent.mkdir()
+        export_peak = export_stage(spec, plan, contract, raw, self.weight_bytes)
+        stored, reused = store.size, store.reused
+        path = finalize(raw, graphs / f"{stem}.onnx", store)
+        shutil.rmtree(raw.parent)
+        export_seconds = time.perf_counter() - tick
+        peak = f", exporter peak {export_peak / 1e9:.2f} GB" if export_peak else ""
+        progress(label, f"exported: {(store.size - stored) / 1e9:.3f} GB new weights, "
+                        f"{(store.reused - reused) / 1e9:.3f} GB shared{peak}", export_seconds)
+        tick = time.perf_counter()
+        check_onnx(path)
+        graph = graph_flops(str(path), spec.batch) / 1e12
+        module = count_flops(self.meta, spec.height, spec.width, spec.text_length, plan) / 1e12
+        progress(label, f"checked: {graph * 1e3:.3f} GFLOPs/image-step in the graph", time.perf_counter() - tick)
+        ort = None
+        if self.ort_fusion:
+            tick = time.perf_counter()
+            fused, counts = fuse(path, store)
+            check_onnx(fused)
+            ort = file_entry(work, fused)
+            progress(label, f"onnxruntime fusion: {counts['Attention']} Attention, {counts['MultiHeadAttention']} "
+                            f"MultiHeadAttention, {counts['Softmax']} Softmax left", time.perf_counter() - tick)
+        engine, compile_seconds, compile_peak = None, None, None
+        library = self.library
+        if library is not None:
+            store.flush()  # the builder maps the weights file
+            target = "-".join(self.request.targets) or "local"
+            engine_path = work / ENGINES_DIR / f"{stem}.{library.backend}.{target}.plan"
+            progress(label, f"compiling with {library.backend} {library.version} for {target}", None)
+            built = build_isolated(library, path, engine_path, self.options)
+            compile_seconds, compile_peak = built.result, built.peak_rss
+            engine = file_entry(work, engine_path)
+            progress(label, f"engine {engine.bytes / 2**20:.1f} MiB, builder peak {built.peak_rss / 1e9:.2f} GB",
+                     compile_seconds)
+        return GraphEntry(
+            name=name, until=until, steps=[steps.start, steps.stop], keep=keep,
+            onnx=file_entry(work, path), ort_onnx=ort, engine=engine, graph_tflops=graph, module_tflops=module,
+            export_seconds=export_seconds, compile_seconds=compile_seconds,
+            export_peak_rss=export_peak, compile_peak_rss=compile_peak,
+        )
+
+    def shape(self, at: _ShapePlan) -> ShapeGraphs:
+        """The baseline and every selected stage of one shape."""
+        spec = self.request.spec
+        ranges = spec.dsap.step_ranges(spec.steps)
+        baseline = self.graph(at, "baseline", None, None, range(0, spec.steps))
+        stages = []
+        for index, plan in at.plans.items():
+            stage = spec.dsap.stages[index]
+            stages.append(self.graph(at, stage.name, plan if plan.keep else None, stage.until, ranges[index]))
+        contract = at.spec.contract(dict(self.meta.config))
+        return ShapeGraphs(batch=at.shape.batch, height=at.shape.height, width=at.shape.width,
+                           tokens={b.name: b.tokens for b in at.blocks},
+                           inputs=[TensorEntry.of(t) for t in contract.inputs],
+                           outputs=[TensorEntry.of(t) for t in contract.outputs], baseline=baseline, stages=stages)
+
+
 def _build_into(
     work: Path,
     request: BuildRequest,
@@ -164,8 +291,7 @@ def _build_into(
 ) -> Manifest:
     spec = request.spec
     start = time.perf_counter()
-    meta, blocks = model.meta, model.blocks
-    contract = spec.contract(dict(meta.config))
+    meta = model.meta
     strip = request.strip_weights
     gpu = torch.cuda.is_available()
     if strip and library is not None and not gpu:
@@ -179,73 +305,14 @@ def _build_into(
         engine_info = engine_info.model_copy(update={"weights_stripped": strip})
     # The optimizer takes ~25 s a graph whatever the model's width: worth it where a call takes seconds.
     ort_fusion = request.ort_fusion if request.ort_fusion is not None else weight_bytes > ISOLATE_BYTES
-    tokens = {b.name: b.tokens for b in blocks}
-    ranges = spec.dsap.step_ranges(spec.steps)
 
-    graphs = work / GRAPHS_DIR
-    graphs.mkdir()
+    (work / GRAPHS_DIR).mkdir()
     (work / ENGINES_DIR).mkdir()
-    store = WeightStore(graphs / WEIGHTS_FILE)
-
-    def make(name: str, plan: StagePlan | None, until: float | None, steps: range) -> GraphEntry:
-        tick = time.perf_counter()
-        # The UNet lives only in the export's own process; this one cleans a weight-free skeleton
-        # of the graph and moves the weights into the shared file: they are never held twice.
-        raw = graphs / f".raw-{name}" / "raw.onnx"
-        raw.parent.mkdir()
-        export_peak = export_stage(spec, plan, contract, raw, weight_bytes)
-        stored, reused = store.size, store.reused
-        path = finalize(raw, graphs / f"{name}.onnx", store)
-        shutil.rmtree(raw.parent)
-        export_seconds = time.perf_counter() - tick
-        peak = f", exporter peak {export_peak / 1e9:.2f} GB" if export_peak else ""
-        progress(name, f"exported: {(store.size - stored) / 1e9:.3f} GB new weights, "
-                       f"{(store.reused - reused) / 1e9:.3f} GB shared{peak}", export_seconds)
-        tick = time.perf_counter()
-        check_onnx(path)
-        graph = graph_flops(str(path), spec.batch) / 1e12
-        module = count_flops(meta, spec.height, spec.width, spec.text_length, plan) / 1e12
-        progress(name, f"checked: {graph * 1e3:.3f} GFLOPs/image-step in the graph", time.perf_counter() - tick)
-        ort = None
-        if ort_fusion:
-            tick = time.perf_counter()
-            fused, counts = fuse(path, store)
-            check_onnx(fused)
-            ort = file_entry(work, fused)
-            progress(name, f"onnxruntime fusion: {counts['Attention']} Attention, {counts['MultiHeadAttention']} "
-                           f"MultiHeadAttention, {counts['Softmax']} Softmax left", time.perf_counter() - tick)
-        engine, compile_seconds, compile_peak = None, None, None
-        if library is not None:
-            store.flush()  # the builder maps the weights file
-            target = "-".join(request.targets) or "local"
-            engine_path = work / ENGINES_DIR / f"{name}.{library.backend}.{target}.plan"
-            progress(name, f"compiling with {library.backend} {library.version} for {target}", None)
-            built = build_isolated(library, path, engine_path, options)
-            compile_seconds, compile_peak = built.result, built.peak_rss
-            engine = file_entry(work, engine_path)
-            progress(name, f"engine {engine.bytes / 2**20:.1f} MiB, builder peak {built.peak_rss / 1e9:.2f} GB",
-                     compile_seconds)
-        keep = {b: (plan.keep.get(b, n) if plan else n) for b, n in tokens.items()}
-        return GraphEntry(
-            name=name, until=until, steps=[steps.start, steps.stop], keep=keep,
-            onnx=file_entry(work, path), ort_onnx=ort, engine=engine, graph_tflops=graph, module_tflops=module,
-            export_seconds=export_seconds, compile_seconds=compile_seconds,
-            export_peak_rss=export_peak, compile_peak_rss=compile_peak,
-        )
-
+    store = WeightStore(work / GRAPHS_DIR / WEIGHTS_FILE)
     with store:  # closed on any error too; the staging folder then goes with it
-        baseline = make("baseline", None, None, range(0, spec.steps))
-        stages = []
-        for index, plan in model.plans.items():
-            stage = spec.dsap.stages[index]
-            if not plan.keep:
-                progress(stage.name, "prunes nothing: reuses the baseline graph", None)
-                steps = ranges[index]
-                stages.append(baseline.model_copy(update={
-                    "name": stage.name, "until": stage.until, "steps": [steps.start, steps.stop], "same_as": "baseline",
-                }))
-                continue
-            stages.append(make(stage.name, plan, stage.until, ranges[index]))
+        maker = _GraphMaker(work, request, meta, store, library, options, ort_fusion, weight_bytes, progress,
+                            multi=len(model.shapes) > 1, made={})
+        shapes = [maker.shape(at) for at in model.shapes]
 
     spec_data = spec.model_dump(mode="json")
     spec_data["schedule"] = spec.dsap.model_dump(mode="json")
@@ -253,13 +320,9 @@ def _build_into(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         spec=spec_data,
         unet_config={k: v for k, v in dict(meta.config).items() if not k.startswith("_")},
-        tokens=tokens,
-        inputs=[TensorEntry.of(t) for t in contract.inputs],
-        outputs=[TensorEntry.of(t) for t in contract.outputs],
         weights=file_entry(work, store.path),
-        baseline=baseline,
-        stages=stages,
-        complete=len(model.plans) == len(spec.dsap.stages),
+        shapes=shapes,
+        complete=len(model.shapes[0].plans) == len(spec.dsap.stages),
         engine=engine_info,
         versions=tool_versions(),
         build_seconds=time.perf_counter() - start,

@@ -24,6 +24,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .errors import ModelError
+# The family records live in families.py; their names stay importable from here, where they used to be.
+from .families import SD, SDXL, SDXL_REFINER, Family, family_of  # noqa: F401
 from .registry import PRECISION_NAMES
 
 OUTPUT = "latent"
@@ -73,68 +75,6 @@ def precision_of(dtype: str | torch.dtype | np.dtype | type) -> Precision:
 
 
 @dataclass(frozen=True)
-class Family:
-    """What a UNet is conditioned on, and the stock diffusers pipeline that drives it."""
-
-    name: str
-    time_ids: int  # 0: no added conditioning
-    pipeline: str  # diffusers class name
-    description: str
-
-    @property
-    def added_conditioning(self) -> bool:
-        return self.time_ids > 0
-
-
-SD = Family("sd", 0, "StableDiffusionPipeline", "SD 1.x / 2.x (text conditioning only)")
-SDXL = Family("sdxl", 6, "StableDiffusionXLPipeline", "SDXL (pooled text + size/crop time ids)")
-SDXL_REFINER = Family("sdxl-refiner", 5, "StableDiffusionXLImg2ImgPipeline",
-                      "SDXL refiner (pooled text + size/crop/aesthetic-score time ids)")
-
-
-def family_of(config: dict[str, Any]) -> Family:
-    """The family of a ``UNet2DConditionModel`` config, or a one-line refusal naming what was found.
-
-    SDXL base and refiner differ only in the number of time ids, which the config does not state: its
-    ``projection_class_embeddings_input_dim`` is ``pooled + n × addition_time_embed_dim``. The refiner's
-    pooled text width equals its cross-attention width (one text encoder), SDXL base's does not (two
-    encoders, 768 + 1280 wide, pooled 1280), so ``n = 5`` is recognized when it makes the two equal.
-    """
-    missing = [k for k in ("in_channels", "cross_attention_dim", "block_out_channels") if k not in config]
-    if missing:
-        raise ModelError(f"the UNet config has no '{missing[0]}'; expected a diffusers UNet2DConditionModel config")
-    unsupported = {
-        key: config.get(key)
-        for key in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
-        if config.get(key) is not None
-    }
-    if unsupported:
-        key, value = next(iter(unsupported.items()))
-        raise ModelError(f"the UNet config sets {key}={value!r}; supported are SD 1.x/2.x and SDXL UNets, "
-                         "which take only text (and SDXL's text_time) conditioning")
-    kind = config.get("addition_embed_type")
-    if kind is None:
-        return SD
-    if kind != "text_time":
-        raise ModelError(f"the UNet config sets addition_embed_type={kind!r}; supported: none (SD 1.x/2.x) "
-                         "or 'text_time' (SDXL base, refiner, SSD-1B, Vega)")
-    try:
-        projection = int(config["projection_class_embeddings_input_dim"])
-        per_id = int(config["addition_time_embed_dim"])
-    except (KeyError, TypeError, ValueError):
-        raise ModelError("the UNet config has text_time conditioning without integer projection_class_embeddings_input_dim "
-                         "and addition_time_embed_dim; expected an SDXL UNet config") from None
-    return SDXL_REFINER if projection - 5 * per_id == int(config["cross_attention_dim"]) else SDXL
-
-
-def pooled_dim(config: dict[str, Any], family: Family) -> int:
-    """Width of the pooled text embedding (``text_embeds``): the added projection less the time ids; 0 for SD."""
-    if not family.added_conditioning:
-        return 0
-    return int(config["projection_class_embeddings_input_dim"]) - family.time_ids * int(config["addition_time_embed_dim"])
-
-
-@dataclass(frozen=True)
 class TensorSpec:
     """Name, static shape and dtype (manifest spelling: ``float16``) of one graph input or output."""
 
@@ -166,7 +106,7 @@ class GraphContract:
             raise ModelError(f"the UNet config has a cross_attention_dim per block ({text_dim}); "
                              "supported are UNets with one text width")
         return cls(family, batch, height, width, int(config["in_channels"]), text_length, text_dim,
-                   pooled_dim(config, family), precision)
+                   family.pooled_dim(config), precision)
 
     # --- shapes and names -------------------------------------------------------------------------
 

@@ -91,6 +91,9 @@ def _attach_weights(model: onnx.ModelProto, weights: dict[str, onnx.TensorProto]
     model.graph.initializer.extend(t for name, t in weights.items() if name in used)
 
 
+CLEANUP_ROUNDS = 40
+
+
 def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold constants and shape computations, drop dead nodes, sort topologically (onnx-graphsurgeon).
 
@@ -101,13 +104,19 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
     weights = _detach_weights(model)
-    for _ in range(2):  # the second round folds what the first round's shapes made static
+    # Each round folds what the previous round's shapes made static; rounds go on while the graph shrinks
+    # (two suffice at batch 2; at batch 1 each round frees one more block's GroupNorm Shape: a round per block).
+    nodes = None
+    for _ in range(CLEANUP_ROUNDS):
         graph = gs.import_onnx(infer_shapes(model))
         del model
         graph.fold_constants(size_threshold=FOLD_BYTES)
         graph.cleanup().toposort()
         model = gs.export_onnx(graph)
         del graph
+        if len(model.graph.node) == nodes:
+            break
+        nodes = len(model.graph.node)
     _attach_weights(model, weights)
     return infer_shapes(model)
 

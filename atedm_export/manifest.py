@@ -16,20 +16,25 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from .contract import GraphContract
 from .errors import AtedmError, format_validation_error
 from .pruning import StagePlan
+from .shapes import Shape, shape_keys
 from .spec import GraphSpec, parse_spec
 from .userfiles import load_json
 
-FORMAT = "atedm-export.manifest/2"  # 2: every graph in onnx/, one shared weights file
+FORMAT = "atedm-export.manifest/3"  # 2: every graph in onnx/, one shared weights file; 3: graphs per shape
 FILENAME = "manifest.json"
 
 
 class ManifestError(AtedmError):
     """A build folder whose manifest or artifacts cannot be trusted."""
+
+
+class ShapeError(ManifestError):
+    """A shape the build has no graphs for."""
 
 
 class ScheduleError(ManifestError):
@@ -123,26 +128,118 @@ class PipelineInfo(_Model):
         return changed
 
 
+class ShapeGraphs(_Model):
+    """The graphs of one static shape: its token counts, I/O, unpruned baseline and DSAP stages."""
+
+    batch: int
+    height: int
+    width: int
+    tokens: dict[str, int]
+    inputs: list[TensorEntry]
+    outputs: list[TensorEntry]
+    baseline: GraphEntry
+    stages: list[GraphEntry]
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(batch=self.batch, height=self.height, width=self.width)
+
+
 class Manifest(_Model):
+    """A build's record. Most readers work on one shape: ``tokens``, ``inputs``, ``outputs``, ``baseline``,
+    ``stages`` and ``graph_spec`` are those of the selected shape (the first; ``at(shape)`` selects another),
+    so a single-shape reader needs no change to read each shape of a multi-shape build."""
+
     format: str = FORMAT
     created: str
     spec: dict[str, Any]
     unet_config: dict[str, Any]
-    tokens: dict[str, int]
-    inputs: list[TensorEntry]
-    outputs: list[TensorEntry]
     weights: FileEntry  # the one external-data file every graph's weights point into (onnx/)
-    baseline: GraphEntry
-    stages: list[GraphEntry]
+    shapes: list[ShapeGraphs]  # in the spec's order; the first is the default
     complete: bool  # every stage of the schedule was built (not a --stages subset)
     engine: EngineInfo
     versions: dict[str, str]
     build_seconds: float
     pipeline: PipelineInfo | None = None  # where the model is a local diffusers pipeline
+    _selected: int = PrivateAttr(0)
+
+    # --- shapes ---------------------------------------------------------------------------------
+
+    @property
+    def selected(self) -> ShapeGraphs:
+        """The shape this view of the manifest reads (``at``)."""
+        return self.shapes[self._selected]
+
+    @property
+    def shape(self) -> Shape:
+        return self.selected.shape
+
+    @property
+    def shape_list(self) -> list[Shape]:
+        return [s.shape for s in self.shapes]
+
+    @property
+    def multi_shape(self) -> bool:
+        return len(self.shapes) > 1
+
+    def at(self, shape: Shape) -> Manifest:
+        """This manifest viewing ``shape``'s graphs; a shape the build lacks is one line listing those it has."""
+        for index, graphs in enumerate(self.shapes):
+            if graphs.shape == shape:
+                return self._view(index)
+        raise ShapeError(f"this build has no graphs for {shape} ({shape.key}); it has: {shape_keys(self.shape_list)}")
+
+    def at_latent(self, batch: int, height: int, width: int) -> Manifest:
+        """The view for a UNet call whose ``sample`` is ``[batch, C, height, width]`` (latent pixels)."""
+        for index, graphs in enumerate(self.shapes):
+            if graphs.shape.latent == (batch, height, width):
+                return self._view(index)
+        raise ShapeError(f"no graphs for batch {batch} at {width * 8}x{height * 8} px (latent {width}x{height}); "
+                         f"this build has: {shape_keys(self.shape_list)}")
+
+    def views(self) -> list[Manifest]:
+        """One view per shape, in the build's order."""
+        return [self._view(i) for i in range(len(self.shapes))]
+
+    def _view(self, index: int) -> Manifest:
+        if index == self._selected:
+            return self
+        view = self.model_copy()
+        for cached in ("graph_spec", "contract"):
+            view.__dict__.pop(cached, None)
+        view._selected = index
+        return view
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        return self.selected.tokens
+
+    @property
+    def inputs(self) -> list[TensorEntry]:
+        return self.selected.inputs
+
+    @property
+    def outputs(self) -> list[TensorEntry]:
+        return self.selected.outputs
+
+    @property
+    def baseline(self) -> GraphEntry:
+        return self.selected.baseline
+
+    @property
+    def stages(self) -> list[GraphEntry]:
+        return self.selected.stages
+
+    @functools.cached_property
+    def full_spec(self) -> GraphSpec:
+        """The spec as built, every shape listed."""
+        return parse_spec(self.spec, "manifest spec")
 
     @functools.cached_property
     def graph_spec(self) -> GraphSpec:
-        return parse_spec(self.spec, "manifest spec")
+        """The spec at the selected shape (a single-shape spec)."""
+        spec = self.full_spec
+        return spec.at(self.shape) if spec.shapes else spec
 
     @functools.cached_property
     def contract(self) -> GraphContract:
@@ -178,7 +275,12 @@ class Manifest(_Model):
         )
 
     def graphs(self) -> list[GraphEntry]:
+        """The selected shape's graphs: its baseline, then its stages."""
         return [self.baseline, *self.stages]
+
+    def all_graphs(self) -> list[GraphEntry]:
+        """Every shape's graphs."""
+        return [g for shape in self.shapes for g in (shape.baseline, *shape.stages)]
 
     def graph(self, name: str) -> GraphEntry:
         for entry in self.graphs():
@@ -225,10 +327,24 @@ class Manifest(_Model):
         and mislead later: a runtime feeding graphs the wrong shapes, ``inspect`` summing steps twice.
         """
         try:
+            listed = self.full_spec.shape_list
+        except AtedmError as exc:
+            raise ManifestError(f"{source}: spec: {exc}") from None
+        if list(listed) != self.shape_list:
+            raise ManifestError(f"{source}: shapes: {shape_keys(self.shape_list)} are recorded, but its spec lists "
+                                f"{shape_keys(listed)}")
+        for view in self.views():
+            view._check_shape(source)
+
+    def _check_shape(self, source: Path | str) -> None:
+        """The selected shape's I/O, keep counts and stages against what its spec implies."""
+        try:
             spec = self.graph_spec
             contract = self.contract
         except AtedmError as exc:
             raise ManifestError(f"{source}: spec: {exc}") from None
+        where = f"{source}: shape {self.shape.key}" if self.multi_shape else str(source)
+        source = where
         for field, recorded, implied in (("inputs", self.inputs, contract.inputs), ("outputs", self.outputs, contract.outputs)):
             implied_entries = [TensorEntry.of(t) for t in implied]
             if list(recorded) != implied_entries:
@@ -268,7 +384,7 @@ class Manifest(_Model):
         stages share); ``engines=False`` leaves the plans out, for the backends that never open them."""
         verify_file(folder / self.weights.path, self.weights, "weights")
         seen: set[str] = set()
-        for entry in self.graphs():
+        for entry in self.all_graphs():
             items = [entry.onnx, entry.ort_onnx, entry.engine if engines else None]
             for item in items:
                 if item is not None and item.path not in seen:
@@ -293,7 +409,7 @@ class Manifest(_Model):
     def files(self) -> list[FileEntry]:
         """Every distinct file of the build (stages that reuse the baseline's add nothing)."""
         unique = {self.weights.path: self.weights}
-        for entry in self.graphs():
+        for entry in self.all_graphs():
             for item in (entry.onnx, entry.ort_onnx, entry.engine):
                 if item is not None:
                     unique.setdefault(item.path, item)

@@ -1,8 +1,8 @@
 """Load a diffusers UNet of any supported family from wherever the user keeps it, or build a built-in one.
 
-Families (``contract.py`` tells them apart from the config): SD 1.x, SD 2.x, SDXL base and every
-SDXL-architecture checkpoint (Playground v2.5, fine-tunes), the SDXL refiner, distilled SDXL (SSD-1B,
-Vega). Sources, tried in this order:
+Families (``families.py`` tells them apart from the config and owns the built-in architectures): SD 1.x,
+SD 2.x, SDXL base and every SDXL-architecture checkpoint (Playground v2.5, fine-tunes), the SDXL refiner,
+distilled SDXL (SSD-1B, Vega). Sources, tried in this order:
 
 * a built-in architecture name (``sd15``, ``sdxl-base``, ``tiny-sd15``, ...): seeded random weights, offline;
 * a local diffusers folder (a pipeline folder with ``unet/`` or a bare UNet folder);
@@ -31,152 +31,13 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from safetensors import SafetensorError
 
-from .contract import GraphContract, family_of
+from .contract import GraphContract
 from .errors import ModelError, first_line
+from .families import SDXL_BASE_CONFIG, TINY_SDXL_CONFIG, builtin_configs, family_of  # noqa: F401 - configs re-exported
 from .userfiles import load_json
 
-#: The UNet of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json), 2.57 B parameters.
-SDXL_BASE_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
-}
-
-#: The UNet of stabilityai/stable-diffusion-xl-refiner-1.0: one text encoder (OpenCLIP bigG, 1280 wide),
-#: 5 time ids (original size, crop, aesthetic score), 4-layer attention blocks at 64x64 and 32x32 tokens.
-SDXL_REFINER_CONFIG: dict[str, Any] = {
-    **SDXL_BASE_CONFIG,
-    "attention_head_dim": [6, 12, 24, 24],
-    "block_out_channels": [384, 768, 1536, 1536],
-    "cross_attention_dim": 1280,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "projection_class_embeddings_input_dim": 2560,
-    "transformer_layers_per_block": 4,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-}
-
-#: The UNet of stable-diffusion-v1-5: conv proj_in/proj_out, 16 one-layer attention blocks, 4096 tokens
-#: at the finest level at 512 px, text conditioning only (CLIP ViT-L, 768 wide).
-SD15_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-
-#: The UNet of stabilityai/stable-diffusion-2-1 (768 px, v-prediction): linear projections, OpenCLIP-H text
-#: (1024 wide), attention upcast to fp32.
-SD21_CONFIG: dict[str, Any] = {
-    **SD15_CONFIG,
-    "attention_head_dim": [5, 10, 20, 20],
-    "cross_attention_dim": 1024,
-    "sample_size": 96,
-    "upcast_attention": True,
-    "use_linear_projection": True,
-}
-
-#: segmind/SSD-1B: SDXL distilled to 1.3 B parameters. Fewer layers per block, asymmetric between the down
-#: and up paths (``reverse_transformer_layers_per_block``), and a mid block with no attention.
-SSD_1B_CONFIG: dict[str, Any] = {
-    **SDXL_BASE_CONFIG,
-    "mid_block_type": "UNetMidBlock2D",
-    "transformer_layers_per_block": [[1], [2, 2], [4, 4]],
-    "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], 1],
-}
-#: segmind/Segmind-Vega: SDXL distilled further (1-2 layers per block, no mid-block attention).
-VEGA_CONFIG: dict[str, Any] = {
-    **SDXL_BASE_CONFIG,
-    "mid_block_type": "UNetMidBlock2D",
-    "transformer_layers_per_block": [1, 1, 2],
-}
-
-#: Each family's topology at tiny widths, so every code path runs in seconds on a CPU. Text widths are
-#: narrow too (SDXL: encoder_hidden_states [B, T, 64], text_embeds [B, 32], time_ids [B, 6]).
-TINY_SDXL_CONFIG: dict[str, Any] = {
-    **SDXL_BASE_CONFIG,
-    "addition_time_embed_dim": 8,
-    "attention_head_dim": [1, 2, 3],
-    "block_out_channels": [32, 64, 96],
-    "cross_attention_dim": 64,
-    "projection_class_embeddings_input_dim": 32 + 6 * 8,
-    "sample_size": 32,
-}
-#: The refiner's pooled text is as wide as its text (48): that is how its 5 time ids are recognized.
-TINY_SDXL_REFINER_CONFIG: dict[str, Any] = {
-    **SDXL_REFINER_CONFIG,
-    "addition_time_embed_dim": 8,
-    "attention_head_dim": [1, 2, 3, 3],
-    "block_out_channels": [32, 64, 96, 96],
-    "cross_attention_dim": 48,
-    "projection_class_embeddings_input_dim": 48 + 5 * 8,
-    "sample_size": 32,
-}
-TINY_SSD_1B_CONFIG: dict[str, Any] = {
-    **TINY_SDXL_CONFIG,
-    "mid_block_type": "UNetMidBlock2D",
-    "transformer_layers_per_block": SSD_1B_CONFIG["transformer_layers_per_block"],
-    "reverse_transformer_layers_per_block": SSD_1B_CONFIG["reverse_transformer_layers_per_block"],
-}
-TINY_SD15_CONFIG: dict[str, Any] = {
-    **SD15_CONFIG,
-    "block_out_channels": [32, 64, 64, 64],
-    "cross_attention_dim": 32,
-    "sample_size": 32,
-}
-TINY_SD21_CONFIG: dict[str, Any] = {
-    **SD21_CONFIG,
-    "attention_head_dim": [2, 4, 4, 4],
-    "block_out_channels": [32, 64, 64, 64],
-    "cross_attention_dim": 48,
-    "sample_size": 32,
-}
-
-BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
-    "sdxl-base": SDXL_BASE_CONFIG,
-    "sdxl-refiner": SDXL_REFINER_CONFIG,
-    "sd15": SD15_CONFIG,
-    "sd21": SD21_CONFIG,
-    "ssd-1b": SSD_1B_CONFIG,
-    "segmind-vega": VEGA_CONFIG,
-    "tiny-sdxl": TINY_SDXL_CONFIG,
-    "tiny-sdxl-refiner": TINY_SDXL_REFINER_CONFIG,
-    "tiny-sd15": TINY_SD15_CONFIG,
-    "tiny-sd21": TINY_SD21_CONFIG,
-    "tiny-ssd1b": TINY_SSD_1B_CONFIG,
-}
+#: Every built-in architecture's config by name, read off the family records (``families.py`` owns them).
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = builtin_configs()
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,38 @@ from .contract import PRECISIONS, GraphContract
 from .dsap import Schedule, is_preset, load_preset, load_schedule, parse_schedule, preset_named
 from .errors import PlanError, SpecError, format_validation_error
 from .pruning import METHODS, PruneOptions, PruningOptions, parse_options
+from .shapes import Shape, load_shape_set, shape_keys
 from .userfiles import load_yaml
 
 Precision = Literal["fp32", "fp16", "bf16"]  # registry.PRECISION_NAMES; their dtypes: contract.PRECISIONS
+
+
+class LoraSpec(BaseModel):
+    """One LoRA fused into the UNet before export: a diffusers/PEFT or kohya ``.safetensors`` file and its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    file: str = Field(min_length=1)
+    scale: float = Field(1.0, ge=-16, le=16)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data: object) -> object:
+        """``style.safetensors`` or ``style.safetensors:0.8`` (the command line's spelling) as well as a mapping."""
+        if isinstance(data, str):
+            file, sep, scale = data.rpartition(":")
+            if sep and file and _is_number(scale):
+                return {"file": file, "scale": float(scale)}
+            return {"file": data}
+        return data
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class GraphSpec(BaseModel):
@@ -38,6 +67,36 @@ class GraphSpec(BaseModel):
     steps: int = Field(50, ge=1, le=1000)
     schedule: str | Schedule = "paper"
     pruning: PruningOptions = PruneOptions()
+    shapes: tuple[Shape, ...] | None = Field(None, description="several static shapes; the first sets height/width/batch")
+    loras: tuple[LoraSpec, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shapes(cls, data: object) -> object:
+        """``shapes:`` (a list or a built-in set's name) → its shapes, checked and distinct; ``height``, ``width`` and
+        ``batch`` become the first shape's, so code that reads one shape reads the build's first. One shape is no
+        list: the spec is then an ordinary single-shape spec."""
+        if not isinstance(data, dict) or data.get("shapes") is None:
+            return data
+        listed = data["shapes"]
+        if isinstance(listed, str):
+            listed = load_shape_set(listed)
+        if not isinstance(listed, (list, tuple)) or not listed:
+            raise SpecError("shapes: expected a non-empty list of {batch, height, width} or a set's name")
+        shapes = [_shape(item, i) for i, item in enumerate(listed)]
+        seen: set[Shape] = set()
+        for shape in shapes:
+            if shape in seen:
+                raise SpecError(f"shapes: {shape.key} is listed twice")
+            seen.add(shape)
+        first = shapes[0]
+        for field in ("batch", "height", "width"):
+            if field in data and data[field] != getattr(first, field):
+                raise SpecError(f"{field}: {data[field]} beside shapes: give shapes, or one batch/height/width, not "
+                                f"both (the first shape, {first.key}, sets them)")
+        single = len(shapes) == 1
+        return {**data, "shapes": None if single else [s.model_dump() for s in shapes],
+                "batch": first.batch, "height": first.height, "width": first.width}
 
     @model_validator(mode="before")
     @classmethod
@@ -54,6 +113,18 @@ class GraphSpec(BaseModel):
                 raise SpecError(f"method: '{method}' but pruning.method: '{pruning['method']}'; give the method once")
             data["pruning"] = {**pruning, "method": method}
         return data
+
+    @property
+    def shape_list(self) -> tuple[Shape, ...]:
+        """Every static shape the build holds graphs for, the first being ``height``/``width``/``batch``."""
+        return self.shapes or (Shape(batch=self.batch, height=self.height, width=self.width),)
+
+    def at(self, shape: Shape) -> GraphSpec:
+        """This spec at one of its shapes, as a single-shape spec: what one shape's graphs are exported from."""
+        if shape not in self.shape_list:
+            raise SpecError(f"no shape {shape.key} in this spec; it has: {shape_keys(self.shape_list)}")
+        return self.model_copy(update={"batch": shape.batch, "height": shape.height, "width": shape.width,
+                                       "shapes": None})
 
     @property
     def method(self) -> str:
@@ -139,10 +210,30 @@ def _relative_to(data: dict, folder: Path, source: str) -> dict:
             data = {**data, "model": str((folder / written).resolve())}
         elif written.is_absolute():
             data = {**data, "model": str(written)}
+    loras = data.get("loras")
+    if isinstance(loras, list):
+        data = {**data, "loras": [_lora_path(item, folder) for item in loras]}
     schedule = data.get("schedule")
     if isinstance(schedule, str) and not is_preset(schedule):
         data = {**data, "schedule": load_schedule(schedule, base=folder).model_dump(mode="json")}
     return data
+
+
+def _lora_path(item: object, folder: Path) -> object:
+    """A LoRA's file relative to the spec's folder, written down absolute (as ``model`` is)."""
+    try:
+        lora = LoraSpec.model_validate(item)
+    except ValidationError:
+        return item  # the spec's validation reports it, with the field's name
+    path = Path(lora.file).expanduser()
+    return {"file": str(path if path.is_absolute() else (folder / path).resolve()), "scale": lora.scale}
+
+
+def _shape(item: object, index: int) -> Shape:
+    try:
+        return Shape.model_validate(item)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, f"shapes[{index}]")) from None
 
 
 def parse_spec(data: dict, source: str = "spec") -> GraphSpec:

@@ -92,6 +92,24 @@ def tiny_tome_build(tmp_path_factory: pytest.TempPathFactory):
     return out
 
 
+#: Three static shapes in one build (two resolutions, two batch sizes), one stage: 6 graphs, one weights file.
+MULTI_SPEC = {"name": "tiny-sd15-multi", "model": "tiny-sd15", "precision": "fp32", "steps": 4,
+              "schedule": "uniform-63", "shapes": [{"batch": 2, "height": 128, "width": 128},
+                                                   {"batch": 2, "height": 128, "width": 192},
+                                                   {"batch": 4, "height": 128, "width": 128}]}
+
+
+@pytest.fixture(scope="session")
+def tiny_multi_build(tmp_path_factory: pytest.TempPathFactory):
+    """tiny-sd15 at three shapes (MULTI_SPEC), ONNX graphs only."""
+    from atedm_export.build import BuildRequest, build
+    from atedm_export.spec import parse_spec
+
+    out = tmp_path_factory.mktemp("builds") / "tiny-multi"
+    build(BuildRequest(parse_spec(dict(MULTI_SPEC)), out, backend="onnx"))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_engine_build(tmp_path_factory: pytest.TempPathFactory):
     """The tiny spec with TensorRT-RTX engines for sm89: every stage parsed and built ahead of time by the real

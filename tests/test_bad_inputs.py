@@ -112,7 +112,8 @@ def _edited_build(build: Path, root: Path, name: str, edit, garbage: str | None 
             os.link(file, folder / file.relative_to(build))
     data = json.loads((build / "manifest.json").read_text())
     if garbage:
-        entry = data["baseline"] if garbage == "baseline" else next(s for s in data["stages"] if s["name"] == garbage)
+        shape = data["shapes"][0]
+        entry = shape["baseline"] if garbage == "baseline" else next(s for s in shape["stages"] if s["name"] == garbage)
         target = folder / entry["onnx"]["path"]
         target.unlink()
         target.write_bytes(b"\x0a\xff\xff\xff\xff\x0f" + b"not a protobuf" * 8)
@@ -127,20 +128,21 @@ def _height_512(data: dict) -> None:
 
 
 def _overlapping_stages(data: dict) -> None:
-    data["stages"][-1]["steps"] = [0, data["spec"]["steps"]]
+    data["shapes"][0]["stages"][-1]["steps"] = [0, data["spec"]["steps"]]
 
 
 def _renamed_stage(data: dict) -> None:
-    data["stages"][-1]["name"] = "fastest"
+    data["shapes"][0]["stages"][-1]["name"] = "fastest"
 
 
 def _keep_over_tokens(data: dict) -> None:
-    block = next(iter(data["tokens"]))
-    data["stages"][-1]["keep"][block] = data["tokens"][block] + 1
+    shape = data["shapes"][0]
+    block = next(iter(shape["tokens"]))
+    shape["stages"][-1]["keep"][block] = shape["tokens"][block] + 1
 
 
 def _fp16_inputs(data: dict) -> None:
-    data["inputs"][0]["dtype"] = "float16"
+    data["shapes"][0]["inputs"][0]["dtype"] = "float16"
 
 
 def _unchanged(data: dict) -> None:

@@ -9,6 +9,7 @@ through TensorRT-RTX and the served requests run in the slow suite, which CI run
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,10 +18,12 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
 
+from atedm_export import families
 from atedm_export.cli import main
-from atedm_export.contract import GraphContract, family_of
+from atedm_export.contract import GraphContract
 from atedm_export.dsap import ROLES, load_preset, resolve, stage_plan
 from atedm_export.errors import AtedmError, ModelError
+from atedm_export.families import FAMILIES, Family, family_named, family_of
 from atedm_export.flops import count_flops, graph_flops
 from atedm_export.models import BUILTIN_CONFIGS, attention_blocks, build_unet, load_unet
 from atedm_export.pruning import PruneOptions, StagePlan, planned
@@ -59,6 +62,82 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("model", list(FAMILY))
 def test_each_builtin_is_recognized_as_its_family(model):
     assert family_of(BUILTIN_CONFIGS[model]).name == FAMILY[model]
+
+
+# --- the family records ------------------------------------------------------------------------------
+
+
+def test_the_registry_lists_each_family_once_and_each_builtin_in_one_family():
+    assert list(FAMILIES) == [f.name for f in FAMILIES.values()] == ["sd", "sdxl-refiner", "sdxl"]
+    assert len({id(f) for f in FAMILIES.values()}) == len(FAMILIES)
+    owned = [b.name for f in FAMILIES.values() for b in f.builtins]
+    assert sorted(owned) == sorted(BUILTIN_CONFIGS) == sorted(FAMILY)
+    assert all(family_named(name) is f for name, f in FAMILIES.items())
+    with pytest.raises(ModelError, match="unknown model family 'sd3'; known: sd, sdxl-refiner, sdxl"):
+        family_named("sd3")
+
+
+def test_the_old_names_are_the_registered_records():
+    from atedm_export import contract
+
+    assert (contract.SD, contract.SDXL, contract.SDXL_REFINER) == (families.SD, families.SDXL, families.SDXL_REFINER)
+    assert contract.SD is FAMILIES["sd"] and contract.family_of is family_of and contract.Family is Family
+
+
+@pytest.mark.parametrize("model", list(FAMILY))
+def test_family_of_a_builtin_is_the_record_that_owns_it(model):
+    found = family_of(BUILTIN_CONFIGS[model])
+    assert found.builtin(model) is not None and found.builtin(model).config is BUILTIN_CONFIGS[model]
+
+
+def test_a_family_registered_twice_is_refused():
+    registry: dict = {}
+    tiny = families.Builtin("tiny-other", BUILTIN_CONFIGS["tiny-sd15"])
+    other = replace(families.SD, name="other", builtins=(tiny,))
+    assert families.register(other, registry) is other and list(registry) == ["other"]
+    with pytest.raises(ValueError, match="model family 'other' is already registered"):
+        families.register(other, registry)
+    with pytest.raises(ValueError, match="built-in 'tiny-other' of model family 'again' is already registered"):
+        families.register(replace(other, name="again"), registry)
+    assert list(registry) == ["other"]
+    with pytest.raises(ValueError, match="model family 'sd' is already registered"):
+        families.register(replace(families.SD, builtins=()))
+    assert list(FAMILIES) == ["sd", "sdxl-refiner", "sdxl"]
+
+
+def test_a_family_whose_builtins_read_as_an_earlier_one_is_refused():
+    """SDXL's reading accepts every text_time config, so the refiner must register before it."""
+    registry: dict = {}
+    families.register(replace(families.SDXL, builtins=()), registry)
+    refiner = families.Builtin("tiny-r", BUILTIN_CONFIGS["tiny-sdxl-refiner"])
+    with pytest.raises(ValueError, match="built-in 'tiny-r' reads as model family 'sdxl', not 'sdxl-refiner'"):
+        families.register(replace(families.SDXL_REFINER, builtins=(refiner,)), registry)
+
+
+def test_the_widths_the_pipeline_reads_come_from_the_record():
+    sdxl, refiner = BUILTIN_CONFIGS["sdxl-base"], BUILTIN_CONFIGS["sdxl-refiner"]
+    assert families.SDXL.add_embedding_width(sdxl) == sdxl["projection_class_embeddings_input_dim"] == 2816
+    assert (families.SDXL.pooled_dim(sdxl), families.SDXL_REFINER.pooled_dim(refiner)) == (1280, 1280)
+    sd15 = BUILTIN_CONFIGS["sd15"]
+    assert families.SD.add_embedding_width(sd15) == families.SD.pooled_dim(sd15) == 0
+    with pytest.raises(ModelError, match="without integer projection_class_embeddings_input_dim"):
+        family_of({k: v for k, v in sdxl.items() if k != "addition_time_embed_dim"})
+
+
+def test_pipeline_guidance_and_vae_scaling_are_read_from_the_record():
+    from atedm_export.runtime.pipeline import GUIDANCE, _pipeline_class, tiny_components, tiny_pipeline
+
+    assert GUIDANCE == {"sd": 7.5, "sdxl": 5.0, "sdxl-refiner": 5.0} == {n: f.guidance for n, f in FAMILIES.items()}
+    pipe = tiny_pipeline("tiny-sd21")
+    assert type(pipe).__name__ == families.SD.pipeline == "StableDiffusionPipeline"
+    assert pipe.vae.config.scaling_factor == families.SD.vae_scaling == 0.18215
+    assert pipe.scheduler.config.prediction_type == families.SD.prediction_type_of("tiny-sd21") == "v_prediction"
+    assert families.SD.prediction_type_of("tiny-sd15") == "epsilon" and pipe.safety_checker is None
+    variant = replace(families.SDXL, pipeline="StableDiffusionXLInpaintPipeline", vae_scaling=0.5)
+    assert _pipeline_class(variant).__name__ == "StableDiffusionXLInpaintPipeline"
+    parts = tiny_components(variant, BUILTIN_CONFIGS["tiny-sdxl"], "tiny-sdxl")
+    assert parts["vae"].config.scaling_factor == 0.5
+    assert parts["text_encoder_2"].config.projection_dim == families.SDXL.pooled_dim(BUILTIN_CONFIGS["tiny-sdxl"])
 
 
 def test_the_contract_follows_the_family():

@@ -53,7 +53,7 @@ def _build_missing_a_plan(tiny_build: Path, copy: Path) -> Path:
         def with_plans(data: dict) -> None:
             data["engine"] = {"backend": "tensorrt-rtx", "library": "tensorrt_rtx_bindings", "version": "1.0",
                               "targets": ["sm89"]}
-            for entry in [data["baseline"], *data["stages"]]:
+            for entry in [data["shapes"][0]["baseline"], *data["shapes"][0]["stages"]]:
                 plan = copy / "engines" / f"{entry['name']}.plan"
                 plan.parent.mkdir(exist_ok=True)
                 plan.write_bytes(b"a plan")

@@ -51,8 +51,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     manifest = json.loads((args.build / "manifest.json").read_text())
-    graphs = [manifest["baseline"], *manifest["stages"]]
-    plans = {g["name"]: args.build / g["engine"]["path"] for g in graphs if g.get("engine")}
+    graphs = [g for shape in manifest["shapes"] for g in (shape["baseline"], *shape["stages"])]
+    plans = {g["engine"]["path"]: args.build / g["engine"]["path"] for g in graphs if g.get("engine")}
     if len(plans) < 2:
         print(f"plan_weights: {args.build} has {len(plans)} engine plans; sharing needs two or more", file=sys.stderr)
         return 2

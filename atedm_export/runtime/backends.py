@@ -10,6 +10,7 @@ build whose engine plan is missing or stale still runs on onnxruntime, and refus
 from __future__ import annotations
 
 import abc
+import copy
 import ctypes
 import gc
 from pathlib import Path
@@ -42,6 +43,18 @@ class Backend(abc.ABC):
         self.manifest = manifest
         self.device = torch.device(device)
 
+    def at(self, view: Manifest) -> Backend:
+        """This backend running the graphs of another shape of its build (``Manifest.at``).
+
+        A shallow copy: the loaded state (the UNet, sessions, engines) is shared, so a multi-shape build
+        costs one backend, and only the shape-bound reading (inputs checked, output allocated) changes.
+        """
+        if view is self.manifest:
+            return self
+        other = copy.copy(self)
+        other.manifest = view
+        return other
+
     @classmethod
     def verify_build(cls, folder: Path, manifest: Manifest) -> None:
         """Check the build files this backend opens against the manifest (size and sha256), and no others.
@@ -63,8 +76,7 @@ class Backend(abc.ABC):
             if list(tensor.shape) != spec.shape:
                 raise RuntimeInputError(
                     f"input '{spec.name}' has shape {list(tensor.shape)}; the build expects {spec.shape} "
-                    f"(static: batch {self.manifest.spec['batch']}, {self.manifest.spec['width']}x"
-                    f"{self.manifest.spec['height']} px)"
+                    f"(static: {self.manifest.shape})"
                 )
             if tensor.dtype != precision_of(spec.dtype).torch:
                 raise RuntimeInputError(f"input '{spec.name}' is {tensor.dtype}; the build expects {spec.dtype}")
@@ -125,12 +137,12 @@ class EagerBackend(Backend):
         spec = manifest.graph_spec
         self.unet = load_unet(spec.model, dtype=spec.dtype, device=str(self.device), seed=spec.seed)
         self.graph = manifest.contract.module(self.unet).eval()
-        self._active: str | None = None
+        self._active = {"graph": None}  # the plan on the UNet, shared with this backend's other shapes (``at``)
 
     def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self._active != entry.name:
+        if self._active["graph"] != entry.onnx.path:  # one file per (shape, plan)
             set_plan(self.unet, self.manifest.plan(entry))
-            self._active = entry.name
+            self._active["graph"] = entry.onnx.path
         with torch.no_grad():
             return self.graph(*self.graph.args(feed))
 
@@ -260,7 +272,7 @@ class TensorRTBackend(Backend):
             raise AtedmError(f"the {info.backend} backend needs a CUDA GPU; this machine has none (use --backend onnxruntime)")
         self._check_target(info.targets)
         self.cuda_graphs = cuda_graphs
-        entries = {e.engine.path: e for e in manifest.graphs() if e.engine is not None}
+        entries = {e.engine.path: e for e in manifest.all_graphs() if e.engine is not None}
         refit = {key: folder / e.onnx.path for key, e in entries.items()} if info.weights_stripped else None
         with torch.cuda.device(self.device):
             self.engines = StageEngines(library.api, folder, {key: Path(key) for key in entries},

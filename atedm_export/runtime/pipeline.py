@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
-from ..contract import SD, SDXL_REFINER, Family, family_of, pooled_dim
 from ..errors import AtedmError, first_line
+from ..families import FAMILIES, SDXL_REFINER, Family, family_of
 from ..manifest import Manifest
 from ..models import BUILTIN_CONFIGS, is_builtin
 from ..staging import check_output_file
@@ -34,10 +34,8 @@ SDXL_SCHEDULER = {
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
     "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
 }
-#: SD 2.1 (768 px) predicts velocity, not noise: its tiny pipeline does too, so the loop is the family's.
-V_PREDICTION_MODELS = ("tiny-sd21",)
-#: Classifier-free guidance scale each family's pipeline defaults to.
-GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sdxl-refiner": 5.0}
+#: Classifier-free guidance scale each family's pipeline defaults to (``Family.guidance``), by family name.
+GUIDANCE = {name: family.guidance for name, family in FAMILIES.items()}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -87,25 +85,35 @@ def _tiny_vae(unet_config: dict[str, Any], scaling: float, seed: int = 0) -> Aut
 
 
 def tiny_components(family: Family, unet_config: dict[str, Any], model: str, seed: int = 0) -> dict[str, Any]:
-    """Every pipeline component but the UNet, for the tiny built-in ``model`` of ``family``, seeded."""
+    """Every pipeline component but the UNet, for the tiny built-in ``model`` of ``family``, seeded.
+
+    The scheduler predicts what the built-in does (tiny SD 2.1: velocity, so the loop is the family's), the VAE
+    scales latents by the family's factor, and the pipeline's own keywords (SD: no safety checker) come along.
+    """
+    scheduler = EulerDiscreteScheduler(**{**SDXL_SCHEDULER, "prediction_type": family.prediction_type_of(model)})
+    return {"vae": _tiny_vae(unet_config, family.vae_scaling, seed), "scheduler": scheduler,
+            **_tiny_text_encoders(family, unet_config, seed), **family.pipeline_kwargs}
+
+
+def _tiny_text_encoders(family: Family, unet_config: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The family's tokenizers and text encoders, as wide as the UNet's text (and its pooled text, if any).
+
+    SD: one encoder. One encoder with added conditioning (the refiner, OpenCLIP bigG's role): it sits in the
+    second slot and its pooled output is as wide as its text. Two (SDXL): the text is split between them, and
+    the second also gives the pooled text.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = tiny_tokenizer(Path(tmp))
     width = int(unet_config["cross_attention_dim"])
-    prediction = "v_prediction" if model in V_PREDICTION_MODELS else "epsilon"
-    scheduler = EulerDiscreteScheduler(**{**SDXL_SCHEDULER, "prediction_type": prediction})
-    if family is SD:
-        return {"text_encoder": _tiny_text_encoder(tokenizer, width, seed=seed), "tokenizer": tokenizer,
-                "vae": _tiny_vae(unet_config, 0.18215, seed), "scheduler": scheduler, "safety_checker": None,
-                "feature_extractor": None, "requires_safety_checker": False}
-    pooled = pooled_dim(unet_config, family)
-    parts = {"tokenizer_2": tokenizer, "vae": _tiny_vae(unet_config, 0.13025, seed), "scheduler": scheduler}
-    if family is SDXL_REFINER:  # one text encoder (OpenCLIP bigG's role), pooled as wide as its text
-        parts.update(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
-                     text_encoder_2=_tiny_text_encoder(tokenizer, width, projection=pooled, seed=seed))
-        return parts
-    parts.update(tokenizer=tokenizer, text_encoder=_tiny_text_encoder(tokenizer, width // 2, seed=seed),
-                 text_encoder_2=_tiny_text_encoder(tokenizer, width - width // 2, projection=pooled, seed=seed + 1))
-    return parts
+    if not family.added_conditioning:
+        return {"tokenizer": tokenizer, "text_encoder": _tiny_text_encoder(tokenizer, width, seed=seed)}
+    pooled = family.pooled_dim(unet_config)
+    if family.text_encoders == 1:
+        return {"tokenizer": None, "text_encoder": None, "tokenizer_2": tokenizer,
+                "text_encoder_2": _tiny_text_encoder(tokenizer, width, projection=pooled, seed=seed)}
+    return {"tokenizer": tokenizer, "text_encoder": _tiny_text_encoder(tokenizer, width // 2, seed=seed),
+            "tokenizer_2": tokenizer,
+            "text_encoder_2": _tiny_text_encoder(tokenizer, width - width // 2, projection=pooled, seed=seed + 1)}
 
 
 def _pipeline_class(family: Family) -> Any:

@@ -15,6 +15,9 @@ step ranges (for the run's step count) give the stage. Custom loops call ``set_t
 unpruned model of the same build, on the same backend, for what the pruned images are compared against
 (``atedm-export eval``).
 
+A multi-shape build (``shapes:`` in its spec) runs the graphs of the call's own shape, read from ``sample``
+(batch, latent height and width); a shape the build lacks is a one-line ``ShapeError`` listing those it has.
+
 Inputs are checked before each call (``Backend.check``): a wrong shape, dtype or device, or a NaN or
 infinite value in any floating-point input (``sample`` included), is refused with a one-line
 ``RuntimeInputError`` naming the input, instead of a NaN latent that would come out as a black image.
@@ -35,10 +38,10 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ..contract import precision_of
 from ..errors import AtedmError
-from ..manifest import Manifest, ScheduleError
-from .backends import Backend, load_backend
+from ..manifest import Manifest, ScheduleError, ShapeError
+from .backends import Backend, RuntimeInputError, load_backend
 
-__all__ = ["ScheduleError", "StageStats", "StagedUNet"]
+__all__ = ["ScheduleError", "ShapeError", "StageStats", "StagedUNet"]
 
 
 @dataclass
@@ -62,12 +65,13 @@ class StagedUNet(torch.nn.Module):
         self.config = FrozenDict(manifest.unet_config)
         if self.contract.family.added_conditioning:
             self.add_embedding = SimpleNamespace(
-                linear_1=SimpleNamespace(in_features=int(manifest.unet_config["projection_class_embeddings_input_dim"]))
+                linear_1=SimpleNamespace(in_features=self.contract.family.add_embedding_width(manifest.unet_config))
             )
         self.encoder_hid_proj = None
         self._scheduler: Any = None
         self._timesteps: torch.Tensor | None = None
         self._order = 1
+        self._shapes: dict[tuple[int, int, int], Backend] = {}  # (batch, latent h, latent w) → backend at that shape
         self.stats: dict[str, StageStats] = {name: StageStats() for name in self.graph_names()}
 
     @classmethod
@@ -145,6 +149,25 @@ class StagedUNet(torch.nn.Module):
             return step, num_steps, self.manifest.baseline.name
         return step, num_steps, self.manifest.stage_at(step, num_steps)[1].name
 
+    # --- shapes ------------------------------------------------------------------------------------
+
+    def backend_for(self, sample: torch.Tensor) -> Backend:
+        """The backend at ``sample``'s shape (its batch and latent size): the build's graphs for that shape. A
+        single-shape build has one backend, whose input check names the one shape it takes."""
+        if not self.manifest.multi_shape:
+            return self.backend
+        if sample.dim() != 4:
+            raise RuntimeInputError(f"input 'sample' has shape {list(sample.shape)}; expected [batch, channels, "
+                                    "height, width]")
+        batch, _, height, width = sample.shape
+        key = (int(batch), int(height), int(width))
+        if key not in self._shapes:
+            if self.manifest.shape.latent == key:
+                self._shapes[key] = self.backend
+            else:
+                self._shapes[key] = self.backend.at(self.manifest.at_latent(*key))
+        return self._shapes[key]
+
     # --- the UNet call -------------------------------------------------------------------------
 
     def forward(
@@ -164,14 +187,15 @@ class StagedUNet(torch.nn.Module):
         if timestep_cond is not None or extra:
             raise AtedmError(f"StagedUNet does not take {(['timestep_cond'] if timestep_cond is not None else []) + extra}")
         feed = self.contract.feed_from_call(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        backend = self.backend_for(sample)
         step, num_steps, stage = self.locate(timestep)
         batch = sample.shape[0]
         # Graph backends read the graph inputs only; a served UNet (Triton) routes by these.
         feed["step"] = torch.full((batch,), step, dtype=torch.int32)
         feed["num_steps"] = torch.full((batch,), num_steps, dtype=torch.int32)
         start = time.perf_counter()
-        out = self.backend.run(stage, feed)
-        self.backend.synchronize()
+        out = backend.run(stage, feed)
+        backend.synchronize()
         stats = self.stats[stage]
         stats.calls += 1
         stats.seconds += time.perf_counter() - start

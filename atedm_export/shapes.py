@@ -1,0 +1,89 @@
+"""Static shapes: one batch × height × width a build's graphs are exported at, and the named sets of them.
+
+Every graph is static (each keep count is fixed per token count), so a build that serves several sizes
+holds one graph per (shape, stage). This module is the one place that names a shape (``1216x832-b2``:
+width × height, then batch), parses it from the command line (``1216x832`` or ``1216x832:4``) and loads
+the built-in sets (``graphs/shapes/*.yaml``, e.g. ``sdxl-buckets``).
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import SpecError
+from .userfiles import load_yaml
+
+DEFAULT_BATCH = 2  # classifier-free guidance: the conditional and the unconditional row
+
+
+class Shape(BaseModel):
+    """One static input shape: ``batch`` images of ``width`` × ``height`` pixels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch: int = Field(DEFAULT_BATCH, ge=1, le=64, description="2 for classifier-free guidance")
+    height: int = Field(ge=64, le=4096)
+    width: int = Field(ge=64, le=4096)
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+        return value
+
+    @property
+    def key(self) -> str:
+        """The shape's name in file names, the manifest and messages: ``1216x832-b2`` (width × height, batch)."""
+        return f"{self.width}x{self.height}-b{self.batch}"
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        """``(batch, latent height, latent width)``: what a UNet call's ``sample`` tells of its shape."""
+        return self.batch, self.height // 8, self.width // 8
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height} batch {self.batch}"
+
+
+def shape_keys(shapes: list[Shape] | tuple[Shape, ...]) -> str:
+    """The shapes of a build, for a message: ``1024x1024-b2, 1216x832-b2``."""
+    return ", ".join(s.key for s in shapes)
+
+
+_CLI = re.compile(r"^(\d+)x(\d+)(?::(\d+))?$")
+
+
+def parse_shape(text: str, batch: int = DEFAULT_BATCH) -> Shape:
+    """``WIDTHxHEIGHT`` or ``WIDTHxHEIGHT:BATCH`` (the command line's spelling) → a ``Shape``."""
+    match = _CLI.match(text.strip())
+    if not match:
+        raise SpecError(f"shape '{text}' is not WIDTHxHEIGHT or WIDTHxHEIGHT:BATCH (e.g. 1216x832 or 1216x832:2)")
+    width, height, given = match.groups()
+    try:
+        return Shape(width=int(width), height=int(height), batch=int(given) if given else batch)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        reason = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+        raise SpecError(f"shape '{text}': {reason}") from None
+
+
+def shape_sets_dir() -> Path:
+    return Path(str(resources.files("atedm_export") / "graphs" / "shapes"))
+
+
+def shape_set_names() -> list[str]:
+    return sorted(p.stem for p in shape_sets_dir().glob("*.yaml"))
+
+
+def load_shape_set(name: str) -> list[dict]:
+    """A built-in set of shapes by name (``sdxl-buckets``), as the spec's ``shapes:`` list would write it."""
+    path = shape_sets_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise SpecError(f"shapes: unknown set '{name}'; expected a list of shapes or one of: "
+                        f"{', '.join(shape_set_names())}")
+    data = load_yaml(path, "a set of shapes (YAML)", SpecError)
+    return list(data["shapes"])
