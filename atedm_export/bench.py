@@ -28,6 +28,7 @@ import torch
 
 from .errors import AtedmError
 from .manifest import Manifest, check_same_model
+from .shapes import Shape
 from .registry import ENGINE_LIBRARIES
 from .runtime.backends import Backend, backend_class, load_backend
 
@@ -94,10 +95,11 @@ def time_calls(backend: Backend, graph: str, feed: dict[str, torch.Tensor], warm
 
 
 def run_bench(folder: str | Path, backends: list[str], warmup: int = 1, repeats: int = 5,
-              device: str | None = None, progress=None, engine_options: dict | None = None) -> dict:  # noqa: ANN001
+              device: str | None = None, progress=None, engine_options: dict | None = None,  # noqa: ANN001
+              shape: Shape | None = None) -> dict:
     """Time every graph in every backend; returns the JSON-ready report. ``engine_options`` go to the
     engine backends only (``cuda_graphs``, ``weights``)."""
-    return run_benches([Path(folder)], backends, warmup, repeats, device, progress, engine_options)[0]
+    return run_benches([Path(folder)], backends, warmup, repeats, device, progress, engine_options, shape)[0]
 
 
 def _verify(folder: Path, manifest: Manifest, backends: list[str]) -> None:
@@ -127,14 +129,18 @@ def _time_build(folder: Path, manifest: Manifest, backends: list[str], warmup: i
 
 
 def run_benches(folders: list[Path], backends: list[str], warmup: int = 1, repeats: int = 5, device: str | None = None,
-                progress=None, engine_options: dict | None = None) -> list[dict]:  # noqa: ANN001
+                progress=None, engine_options: dict | None = None,  # noqa: ANN001
+                shape: Shape | None = None) -> list[dict]:
     """``run_bench`` of several builds of one model (AT-EDM and ToMe, say) one after the other, in one run: each
     report's ratios are against its own baseline graph, which is the same graph for builds of one model, timed
-    again beside each (its spread between reports shows the machine's noise)."""
+    again beside each (its spread between reports shows the machine's noise). ``shape``: the builds' graphs at
+    that shape (``Manifest.at``); their first shape by default."""
     if repeats < 1 or warmup < 0:
         raise AtedmError(f"need --repeats >= 1 and --warmup >= 0, got {repeats} and {warmup}")
     folders = [Path(f) for f in folders]
     manifests = [Manifest.load(f, verify=False) for f in folders]
+    if shape is not None:
+        manifests = [m.at(shape) for m in manifests]
     check_same_model(folders, manifests, "bench")
     for folder, manifest in zip(folders, manifests):  # every build's files, each hashed once, before any timing
         _verify(folder, manifest, backends)
@@ -196,6 +202,7 @@ def _report(folder: Path, manifest: Manifest, backends: list[str], samples: dict
         "precision": spec.precision,
         "batch": spec.batch,
         "resolution": [spec.width, spec.height],
+        "shape": manifest.shape.key,
         "steps": spec.steps,
         "machine": {"processor": platform.processor() or platform.machine(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "warmup": warmup,

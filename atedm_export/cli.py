@@ -258,11 +258,11 @@ def _prediction_table(prediction, batch: int, precision: str) -> Table:  # noqa:
     return table
 
 
-def _keep_table(tokens: dict[str, int], stages: dict[str, dict[str, int]]) -> Table:
+def _keep_table(tokens: dict[str, int], stages: dict[str, dict[str, int]], where: str = "") -> Table:
     """Blocks × stages: the tokens each stage keeps in each attention block ("all": not pruned), with roles."""
     from .dsap import block_roles
 
-    table = Table(title="kept tokens per attention block (all = not pruned)")
+    table = Table(title=f"kept tokens per attention block{where} (all = not pruned)")
     table.add_column("block")
     table.add_column("roles")
     table.add_column("tokens", justify="right")
@@ -284,29 +284,37 @@ def _secs(s: float | None) -> str:
 
 
 def _graphs_table(manifest, title: str | Text) -> Table:  # noqa: ANN001
+    """Every graph of a build, a section per shape (the grid of shapes × stages) with its schedule's total."""
     from .report import graph_summary, schedule_totals
 
     base = manifest.baseline.graph_tflops
     scale, unit = (1.0, "TFLOPs") if base >= 0.1 else (1e3, "GFLOPs")
+    multi = manifest.multi_shape
     table = Table(title=title)
-    for column in ("graph", "steps", "pruned", "kept", f"{unit}/img-step", "saving",
-                   "ONNX MiB", "engine MiB", "export s", "compile s"):
-        table.add_column(column, justify="left" if column == "graph" else "right")
-    blocks = len(manifest.tokens)
-    for entry in manifest.graphs():
-        g = graph_summary(manifest, entry)
-        steps = f"{g['steps'][0]}-{g['steps'][1] - 1}" if g["steps"][1] > g["steps"][0] else "(none)"
-        table.add_row(
-            entry.name + (f" (= {entry.same_as})" if entry.same_as else ""), steps,
-            f"{g['pruned_blocks']}/{blocks}", f"{g['kept_fraction']:.0%}", f"{g['graph_tflops'] * scale:.3f}",
-            "-" if entry.name == "baseline" else f"{g['saving']:.1%}",
-            _mib(g["onnx_bytes"]), _mib(g["engine_bytes"]), _secs(g["export_seconds"]), _secs(g["compile_seconds"]),
-        )
-    totals = schedule_totals(manifest)
-    if totals:
-        table.add_section()
-        table.add_row("schedule", str(totals["steps"]), "", "", f"{totals['graph_tflops'] * scale:.3f}",
-                      f"{totals['saving']:.1%}", "", "", "", "")
+    columns = ["shape"] * multi + ["graph", "steps", "pruned", "kept", f"{unit}/img-step", "saving", "ONNX MiB",
+                                   "engine MiB", "export s", "compile s"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("shape", "graph") else "right")
+    for index, view in enumerate(manifest.views()):
+        if index:
+            table.add_section()
+        blocks = len(view.tokens)
+        shape = [view.shape.key] * multi
+        for entry in view.graphs():
+            g = graph_summary(view, entry)
+            steps = f"{g['steps'][0]}-{g['steps'][1] - 1}" if g["steps"][1] > g["steps"][0] else "(none)"
+            table.add_row(
+                *shape, entry.name + (f" (= {entry.same_as})" if entry.same_as else ""), steps,
+                f"{g['pruned_blocks']}/{blocks}", f"{g['kept_fraction']:.0%}", f"{g['graph_tflops'] * scale:.3f}",
+                "-" if entry.name == "baseline" else f"{g['saving']:.1%}",
+                _mib(g["onnx_bytes"]), _mib(g["engine_bytes"]), _secs(g["export_seconds"]), _secs(g["compile_seconds"]),
+            )
+        totals = schedule_totals(view)
+        if totals:
+            if not multi:
+                table.add_section()
+            table.add_row(*shape, "schedule", str(totals["steps"]), "", "", f"{totals['graph_tflops'] * scale:.3f}",
+                          f"{totals['saving']:.1%}", "", "", "", "", style="bold" if multi else None)
     return table
 
 
@@ -420,22 +428,32 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
     engine = manifest.engine
     engines = (f"{engine.backend} {engine.version} for {','.join(engine.targets) or 'the local GPU'}"
                if not engine.skipped else f"none ({engine.skipped})")
-    out.print(Text.assemble((spec.name, "bold"), f": {spec.model} {spec.width}x{spec.height}, batch {spec.batch}, "
+    from .shapes import shape_keys
+
+    sizes = (f"{len(manifest.shapes)} shapes ({shape_keys(manifest.shape_list)})" if manifest.multi_shape
+             else f"{spec.width}x{spec.height}, batch {spec.batch}")
+    out.print(Text.assemble((spec.name, "bold"), f": {spec.model} {sizes}, "
               f"{spec.precision}, {spec.steps} steps, method '{spec.method}', schedule '{spec.dsap.name}'; engines: {engines}"),
               highlight=False)
     from .pruning.methods import summary_of
 
     out.print(Text(f"method: {summary_of(spec.method)}"))
     out.print(_graphs_table(manifest, "graphs"))
-    out.print(_keep_table(manifest.tokens, {e.name: e.keep for e in manifest.stages}))
+    for view in manifest.views():
+        out.print(_keep_table(view.tokens, {e.name: e.keep for e in view.stages},
+                              f" at {view.shape.key}" if manifest.multi_shape else ""))
+    first = {entry.name if not manifest.multi_shape else f"{entry.name}@{manifest.shape.key}"
+             for entry in manifest.graphs()}  # other shapes' graphs have the same ops and attentions
     for name, forms in data["attention"].items():
+        if name not in first:
+            continue
         fused = (f"; {forms['onnxruntime_fused']} fused kernels in its onnxruntime form"
                  if "onnxruntime_fused" in forms else "")
         out.print(Text(f"{name}: {forms['fusable']} attentions in TensorRT's fused form, {forms['map']} maps read "
                        f"by the map layer{fused}"))
-    ops = Table(title="op histogram (top 12)")
+    ops = Table(title="op histogram (top 12)" + (f", at {manifest.shape.key}" if manifest.multi_shape else ""))
     ops.add_column("op")
-    graphs = list(data["ops"])
+    graphs = [g for g in data["ops"] if g in first]
     for g in graphs:
         ops.add_column(g, justify="right")
     first = data["ops"][graphs[0]]
@@ -455,15 +473,20 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
-def verify(build_dir: Path, as_json: bool, seed: int) -> None:
-    """Each graph of a build against the eager pruned module (its method's) on the same random inputs.
+@click.option("--shape", "shapes", metavar="WxH[:BATCH]", multiple=True,
+              help="Only the graphs of this shape of a multi-shape build (repeatable) [default: every shape].")
+def verify(build_dir: Path, as_json: bool, seed: int, shapes: tuple[str, ...]) -> None:
+    """Each graph of a build against the eager pruned module (its method's) on the same random inputs, at each of
+    the build's shapes.
 
     Exit status 1 when any graph is outside the tolerances of its precision.
     """
+    from .shapes import parse_shape
     from .verify import verify_build
 
+    wanted = [parse_shape(s) for s in shapes]
     with console.status("verifying…"):
-        checks = verify_build(build_dir, seed=seed)
+        checks = verify_build(build_dir, seed=seed, shapes=wanted or None)
     passed = all(c.passed for c in checks)
     if as_json:
         click.echo(json.dumps({"passed": passed, "checks": [c.to_json() for c in checks]}, indent=2))
@@ -510,10 +533,17 @@ def _pipeline_options(command: Callable[..., Any]) -> Callable[..., Any]:
               help="SDXL refiner builds: the image to refine (resized to the build's size where it differs).")
 @click.option("--strength", type=FiniteFloat(0.0, 1.0, min_open=True), default=0.3, show_default=True,
               help="SDXL refiner builds: how much of the denoising to redo (the last fraction of the steps).")
+@click.option("--width", type=click.IntRange(min=8), default=None,
+              help="Image width: one of the build's shapes [default: its first shape's].")
+@click.option("--height", type=click.IntRange(min=8), default=None,
+              help="Image height: one of the build's shapes [default: its first shape's].")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="UNet batch (2 per image with guidance): one of the build's shapes at that size [default: the first].")
 @_pipeline_options
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
 def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, prompt: str, negative_prompt: str | None,
-             steps: int | None, seed: int, guidance: float | None, image: Path | None, strength: float, backend: str,
+             steps: int | None, seed: int, guidance: float | None, image: Path | None, strength: float,
+             width: int | None, height: int | None, batch: int | None, backend: str,
              device: str | None, cuda_graphs: bool, engine_weights: str, output: Path) -> None:
     """Run the stock pipeline of the build's model family with its stage graphs as the UNet; write one PNG.
 
@@ -541,7 +571,8 @@ def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, 
             status.update(f"denoising: step {step + 1}/{steps} ({time.perf_counter() - start:.1f}s)")
 
         done = run_generate(staged, prompt, output, negative_prompt=negative_prompt, steps=steps, seed=seed,
-                            guidance=guidance, image=image, strength=strength, on_step=on_step)
+                            guidance=guidance, image=image, strength=strength, on_step=on_step, width=width,
+                            height=height, batch=batch)
     table = Table(title=Text(f"{done.steps} steps on {backend} in {done.seconds:.1f}s"))
     for column in ("stage", "steps", "UNet calls", "UNet seconds"):
         table.add_column(column, justify="left" if column == "stage" else "right")
@@ -669,14 +700,18 @@ def _eval_cell(key: str, value: object) -> str:
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per build, backend and graph.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="Write a PNG bar chart (several builds: seconds per image of each, side by side).")
+@click.option("--shape", metavar="WxH[:BATCH]",
+              help="Time the graphs of this shape of a multi-shape build, e.g. 1216x832 [default: its first shape].")
 def bench(build_dirs: tuple[Path, ...], backends: str, warmup: int, repeats: int, device: str | None, cuda_graphs: bool,
-          engine_weights: str, json_path: Path | None, csv_path: Path | None, plot_path: Path | None) -> None:
+          engine_weights: str, json_path: Path | None, csv_path: Path | None, plot_path: Path | None,
+          shape: str | None) -> None:
     """Latency of every graph in every backend, side by side in one run, with speedup ratios.
 
     Several BUILD_DIRS of one model (an AT-EDM build and a ToMe build at the same FLOPs, say) are timed one after
     the other in the same run and end with one table of their whole schedules side by side.
     """
     from .bench import run_benches, side_by_side, write_csv, write_plot, write_side_by_side_plot
+    from .shapes import parse_shape
 
     _check_outputs(json_path, csv_path, plot_path, suffixes={plot_path: (".png",)} if plot_path else None)
     names = list(_split(backends))
@@ -688,7 +723,8 @@ def bench(build_dirs: tuple[Path, ...], backends: str, warmup: int, repeats: int
     with console.status("benchmarking…") as status:
         reports = run_benches(list(build_dirs), names, warmup, repeats, device,
                               progress=lambda s: status.update(f"timing {s}…"),
-                              engine_options=_engine_options(engine, cuda_graphs, engine_weights))
+                              engine_options=_engine_options(engine, cuda_graphs, engine_weights),
+                              shape=parse_shape(shape) if shape else None)
     for report in reports:
         _print_bench(report, warmup, repeats, several=len(reports) > 1)
     if len(reports) > 1:

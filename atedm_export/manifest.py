@@ -197,6 +197,17 @@ class Manifest(_Model):
         raise ShapeError(f"no graphs for batch {batch} at {width * 8}x{height * 8} px (latent {width}x{height}); "
                          f"this build has: {shape_keys(self.shape_list)}")
 
+    def find(self, width: int | None = None, height: int | None = None, batch: int | None = None) -> Manifest:
+        """The view of the first shape (in the build's order) with the given width, height and batch (each optional):
+        what ``generate --width/--height/--batch`` asks for; none is a one-line ``ShapeError`` listing the shapes."""
+        wanted = {"width": width, "height": height, "batch": batch}
+        for index, graphs in enumerate(self.shapes):
+            if all(value is None or getattr(graphs, key) == value for key, value in wanted.items()):
+                return self._view(index)
+        asked = " ".join(f"{key} {value}" for key, value in wanted.items() if value is not None)
+        raise ShapeError(f"this build has no graphs for {asked}; it has: {shape_keys(self.shape_list)} "
+                         "(width x height, batch)")
+
     def views(self) -> list[Manifest]:
         """One view per shape, in the build's order."""
         return [self._view(i) for i in range(len(self.shapes))]

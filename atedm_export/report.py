@@ -63,23 +63,38 @@ def schedule_totals(manifest: Manifest) -> dict | None:
     return {"steps": steps, "graph_tflops": tflops, "saving": 1 - tflops / manifest.baseline.graph_tflops}
 
 
+def shape_summary(view: Manifest) -> dict:
+    """One shape of a build (``view = manifest.at(shape)``): its I/O, tokens, graphs and schedule totals."""
+    shape = view.shape
+    return {
+        "shape": shape.key, "batch": shape.batch, "height": shape.height, "width": shape.width,
+        "inputs": [t.model_dump() for t in view.inputs],
+        "outputs": [t.model_dump() for t in view.outputs],
+        "tokens": view.tokens,
+        "graphs": [{**graph_summary(view, e), "keep": e.keep, "onnx": e.onnx.path,
+                    "engine": e.engine.path if e.engine else None} for e in view.graphs()],
+        "schedule": schedule_totals(view),
+    }
+
+
 def inspect_build(folder: Path, manifest: Manifest) -> dict:
-    """The JSON of ``atedm-export inspect``."""
-    unique = {e.onnx.path: e for e in manifest.graphs()}
+    """The JSON of ``atedm-export inspect``: the first shape's figures at the top level (as a single-shape build
+    has them), every shape under ``shapes``, and the files of all of them."""
+    unique = {e.onnx.path: e for e in manifest.all_graphs()}
+    labels = {path: (f"{e.name}@{view.shape.key}" if manifest.multi_shape else e.name)
+              for view in manifest.views() for e in view.graphs() for path in [e.onnx.path]}
     weights = manifest.weights.bytes
     graph_bytes = sum(e.onnx.bytes for e in unique.values())
+    first = shape_summary(manifest)
     return {
         "folder": str(folder),
         "method": manifest.graph_spec.method,
         "spec": manifest.spec,
         "engine": manifest.engine.model_dump(),
-        "inputs": [t.model_dump() for t in manifest.inputs],
-        "outputs": [t.model_dump() for t in manifest.outputs],
-        "tokens": manifest.tokens,
-        "graphs": [{**graph_summary(manifest, e), "keep": e.keep} for e in manifest.graphs()],
-        "schedule": schedule_totals(manifest),
-        "ops": {e.name: op_histogram(folder / path) for path, e in unique.items()},
-        "attention": {e.name: attention_forms(folder, e) for e in unique.values()},
+        **{key: first[key] for key in ("inputs", "outputs", "tokens", "graphs", "schedule")},
+        "shapes": [shape_summary(view) for view in manifest.views()],
+        "ops": {labels[path]: op_histogram(folder / path) for path in unique},
+        "attention": {labels[path]: attention_forms(folder, e) for path, e in unique.items()},
         "weights": {"path": manifest.weights.path, "bytes": weights, "graphs_sharing": len(unique)},
         # what the graphs would take with a copy of the weights each, against what they take on disk
         "onnx_bytes": {"on_disk": weights + graph_bytes, "unshared": len(unique) * weights + graph_bytes},

@@ -20,6 +20,7 @@ from .contract import OUTPUT, PRECISIONS, UNetGraph
 from .manifest import Manifest
 from .models import load_unet
 from .pruning import set_plan
+from .shapes import Shape
 from .userfiles import load_onnx
 
 
@@ -102,24 +103,29 @@ def compare(reference, candidate, feed: dict[str, np.ndarray], graph: str, backe
                       _cosine(np.asarray(ref_out), np.asarray(cand_out)), atol, rtol, bool(stats))
 
 
-def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = None) -> list[GraphCheck]:
-    """Every graph of a build (or the named ones) in onnxruntime, plain and fused, against eager AT-EDM."""
+def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = None,
+                 shapes: list[Shape] | None = None) -> list[GraphCheck]:
+    """Every graph of a build (or the named ones, at the given shapes) in onnxruntime, plain and fused, against
+    eager AT-EDM on random inputs of each graph's shape. In a multi-shape build a graph is named ``main@1216x832-b2``."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
+    views = [manifest.at(s) for s in shapes] if shapes else manifest.views()
     spec = manifest.graph_spec
     unet = load_unet(spec.model, dtype=spec.dtype, seed=spec.seed)
-    contract = manifest.contract
-    feed = {k: v.numpy() for k, v in contract.example_feed(seed=seed).items()}
     checks = []
-    for entry in manifest.graphs():
-        if graphs and entry.name not in graphs:
-            continue
-        set_plan(unet, manifest.plan(entry))
-        reference = _torch_runner(contract.module(unet).eval(), f"eager-{entry.name}", feed)
-        candidate = _onnxrt_runner(folder / entry.onnx.path, f"onnxruntime-{entry.name}")
-        checks.append(compare(reference, candidate, feed, entry.name, "onnxruntime", spec.precision))
-        if entry.ort_onnx is not None:  # the fused form the onnxruntime backend runs
-            fused = _onnxrt_runner(folder / entry.ort_onnx.path, f"onnxruntime-fused-{entry.name}")
-            checks.append(compare(reference, fused, feed, entry.name, "onnxruntime-fused", spec.precision))
+    for view in views:
+        contract = view.contract
+        feed = {k: v.numpy() for k, v in contract.example_feed(seed=seed).items()}
+        for entry in view.graphs():
+            if graphs and entry.name not in graphs:
+                continue
+            name = f"{entry.name}@{view.shape.key}" if manifest.multi_shape else entry.name
+            set_plan(unet, view.plan(entry))
+            reference = _torch_runner(contract.module(unet).eval(), f"eager-{name}", feed)
+            candidate = _onnxrt_runner(folder / entry.onnx.path, f"onnxruntime-{name}")
+            checks.append(compare(reference, candidate, feed, name, "onnxruntime", spec.precision))
+            if entry.ort_onnx is not None:  # the fused form the onnxruntime backend runs
+                fused = _onnxrt_runner(folder / entry.ort_onnx.path, f"onnxruntime-fused-{name}")
+                checks.append(compare(reference, fused, feed, name, "onnxruntime-fused", spec.precision))
     set_plan(unet, None)
     return checks

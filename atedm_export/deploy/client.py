@@ -3,8 +3,11 @@
 ``connect(url)`` returns a ``StagedUNet`` whose stage graphs run on the server: a drop-in for
 ``pipe.unet``, with the build's manifest read from the router model's config, so no build folder is
 needed on the client. Each call sends the step and the step count; the server routes the rows and says
-which stage ran, and the client checks that against its own reading of the schedule.
-``load_test`` measures latency under concurrency and checks every output against a sequential one.
+which stage ran, and the client checks that against its own reading of the schedule. A multi-shape build's
+served UNet takes each of its shapes, as a local ``StagedUNet`` does (the server picks the graphs from the
+``sample``); ``connect(url, shape=...)`` makes another shape the one a pipeline draws at.
+``load_test`` measures latency under concurrency, over every (shape, stage) of the build, and checks every
+output against a sequential one.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from ..errors import AtedmError, ModelError, first_line
 from ..manifest import GraphEntry, Manifest
 from ..runtime.backends import Backend, load_backend
 from ..runtime.staged import StagedUNet
-from .routing import STAGE_OUTPUT, STEP_INPUTS, Router
+from ..shapes import Shape
+from .routing import STAGE_OUTPUT, STEP_INPUTS
 from .serving import MANIFEST_PARAMETER
 
 DEFAULT_MODEL = "atedm_unet"
@@ -66,7 +70,8 @@ def _module(protocol: str) -> ModuleType:
 
 
 class TritonBackend(Backend):
-    """Runs each UNet call on the server's router model; the server picks the graph from the step."""
+    """Runs each UNet call on the server's router model; the server picks the graph from the step and the
+    ``sample``'s shape (``at(view)`` is this backend checking calls against another shape of the build)."""
 
     name = "triton"
 
@@ -136,7 +141,8 @@ class TritonBackend(Backend):
 
     def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         latent, stages = self.infer(feed)
-        ran = {self.manifest.stages[int(i)].name for i in stages}
+        schedule = self.manifest.graph_spec.dsap.stages  # the server answers indices in the schedule
+        ran = {schedule[int(i)].name if 0 <= int(i) < len(schedule) else f"#{int(i)}" for i in stages}
         if ran != {entry.name}:
             raise TritonClientError(f"the server ran stage {', '.join(sorted(ran))} where this client expected "
                                     f"'{entry.name}': server and client read the schedule differently")
@@ -146,27 +152,39 @@ class TritonBackend(Backend):
         self.client.close()
 
 
-def connect(url: str, model: str = DEFAULT_MODEL) -> StagedUNet:
-    """The served UNet as a ``StagedUNet`` (``attach(pipe)`` it, or call it in a custom loop)."""
+def connect(url: str, model: str = DEFAULT_MODEL, shape: Shape | None = None) -> StagedUNet:
+    """The served UNet as a ``StagedUNet`` (``attach(pipe)`` it, or call it in a custom loop). It runs each call at
+    the build's shape its ``sample`` has; ``shape`` (one of the build's: a one-line ``ShapeError`` otherwise) is the
+    one it reports, so the one a pipeline draws at (default: the build's first)."""
     backend = TritonBackend.connect(url, model)
-    return StagedUNet(backend.manifest, backend)
+    try:
+        view = backend.manifest.at(shape) if shape is not None else backend.manifest
+    except BaseException:
+        backend.release()
+        raise
+    return StagedUNet(view, backend.at(view))
 
 
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def stage_feeds(backend: TritonBackend, seed: int = 0) -> tuple[list[int], list[dict[str, torch.Tensor]]]:
-    """One full-batch request at the first step of each non-empty stage of the spec's step count."""
-    manifest = backend.manifest
-    spec = manifest.graph_spec
-    base = manifest.contract.example_feed(seed=seed)
-    steps = [r.start for r in spec.dsap.step_ranges(spec.steps) if len(r)]
-    feeds = [{**base, "step": torch.full((spec.batch,), s, dtype=torch.int32),
-              "num_steps": torch.full((spec.batch,), spec.steps, dtype=torch.int32)} for s in steps]
-    for feed in feeds:
-        backend.check(feed)
-    return steps, feeds
+def stage_feeds(backend: TritonBackend, seed: int = 0) -> list[tuple[Manifest, int, dict[str, torch.Tensor]]]:
+    """``(shape's view, step, request)``: one full-batch request at the first step of each non-empty stage of the
+    spec's step count, at every shape of the build."""
+    requests = []
+    for view in backend.manifest.views():
+        spec = view.graph_spec
+        base = view.contract.example_feed(seed=seed)
+        shaped = backend.at(view)
+        for steps in spec.dsap.step_ranges(spec.steps):
+            if not len(steps):
+                continue
+            feed = {**base, "step": torch.full((spec.batch,), steps.start, dtype=torch.int32),
+                    "num_steps": torch.full((spec.batch,), spec.steps, dtype=torch.int32)}
+            shaped.check(feed)
+            requests.append((view, steps.start, feed))
+    return requests
 
 
 def compare_local(url: str, build: str | Path, model: str = DEFAULT_MODEL, repeats: int = 20, seed: int = 0) -> dict:
@@ -174,21 +192,23 @@ def compare_local(url: str, build: str | Path, model: str = DEFAULT_MODEL, repea
 
     Calls alternate (local, served, local, served, …) at concurrency 1 in one run, so both see the same
     machine; every served output must equal the local one bit for bit. The difference is what the
-    server adds per call: encoding, transfer, routing, the BLS hop, and the reply.
+    server adds per call: encoding, transfer, routing, the BLS hop, and the reply. Every (shape, stage) of the
+    build takes its turn.
     """
     remote = TritonBackend.connect(url, model)
     local = load_backend("onnxruntime", build)
     if local.manifest.model_dump(exclude={"created"}) != remote.manifest.model_dump(exclude={"created"}):
         raise TritonClientError(f"{url} serves another build than {build} (their manifests differ)")
-    router = Router(remote.manifest)
-    steps, feeds = stage_feeds(remote, seed)
-    graphs = [router.graph_of(router.route(s, remote.manifest.graph_spec.steps)[1]) for s in steps]
+    calls = []
+    for view, step, feed in stage_feeds(remote, seed):
+        entry = view.stage_at(step, view.graph_spec.steps)[1]
+        calls.append((local.at(local.manifest.at(view.shape)), entry.same_as or entry.name, feed))
     times: dict[str, list[float]] = {"local": [], "triton": []}
     identical = True
     for round_ in range(repeats + 1):  # round 0 warms both up and is not timed
-        for graph, feed in zip(graphs, feeds):
+        for runner, graph, feed in calls:
             tick = time.perf_counter()
-            want = local.run(graph, feed)
+            want = runner.run(graph, feed)
             middle = time.perf_counter()
             got, _ = remote.infer(feed)
             end = time.perf_counter()
@@ -204,14 +224,16 @@ def compare_local(url: str, build: str | Path, model: str = DEFAULT_MODEL, repea
 
 def load_test(url: str, model: str = DEFAULT_MODEL, requests: int = 200, concurrency: int = 16, seed: int = 0,
               progress: Any = None) -> dict:
-    """``requests`` UNet calls from ``concurrency`` clients, cycling over every stage of the schedule.
+    """``requests`` UNet calls from ``concurrency`` clients, cycling over every stage of the schedule at every shape
+    of the build.
 
     Each distinct request is first sent once, alone: every concurrent output must equal it exactly.
     Latency is per request, measured on the client (encode, send, queue, run, receive).
     """
     backend = TritonBackend.connect(url, model)
     spec = backend.manifest.graph_spec
-    steps, feeds = stage_feeds(backend, seed)
+    sent = stage_feeds(backend, seed)
+    feeds = [feed for _, _, feed in sent]
     reference = [backend.infer(feed) for feed in feeds]
     local = threading.local()
     clients: list[Any] = []
@@ -244,7 +266,9 @@ def load_test(url: str, model: str = DEFAULT_MODEL, requests: int = 200, concurr
     errors = [e for _, _, e in results if e]
     latencies = [s * 1e3 for s, _, e in results if not e]
     return {
-        "url": url, "model": model, "spec": spec.name, "batch": spec.batch, "steps_sent": steps,
+        "url": url, "model": model, "spec": spec.name, "batch": spec.batch,
+        "steps_sent": list(dict.fromkeys(step for _, step, _ in sent)),
+        "shapes_sent": list(dict.fromkeys(view.shape.key for view, _, _ in sent)),
         "requests": requests, "concurrency": concurrency, "errors": len(errors), "first_error": errors[0] if errors else None,
         "mismatches": sum(1 for _, same, e in results if not e and not same),
         "wall_seconds": wall, "throughput_rps": requests / wall,

@@ -5,6 +5,10 @@ back, and checked for what makes a server refuse a model at load: a name that di
 no backend or an unknown one, a missing model file, non-static or empty dims, duplicate tensor names,
 batching options on a model that cannot batch, instance kinds the backend does not run on. A repository
 that would not load is an error at deploy time, not on the server.
+
+Graph models take static dims, their shape's. The router takes every shape of the build: a per-row dim that
+differs between shapes (a multi-shape build's latent height or width) is ``-1``, variable, and the router
+picks the shape from each request's ``sample`` (``routing``).
 """
 
 from __future__ import annotations
@@ -15,11 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..contract import INT32, precision_of
+from ..contract import INT32, Precision, precision_of
 from ..errors import AtedmError
 from ..manifest import Manifest, TensorEntry
-from .routing import STAGE_OUTPUT, STEP_INPUTS
-from .serving import BUILD_PARAMETER, GRAPH_MODELS_PARAMETER, GRAPH_PARAMETER, MANIFEST_PARAMETER
+from .routing import STAGE_OUTPUT, STEP_INPUTS, graph_id
+from .serving import BUILD_PARAMETER, GRAPH_MODELS_PARAMETER, GRAPH_PARAMETER, MANIFEST_PARAMETER, SHAPE_PARAMETER
 
 CONFIG = "config.pbtxt"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -50,8 +54,32 @@ def _graph_tensors(entries: list[TensorEntry]) -> list[tuple[str, str, list[int]
     return [(t.name, precision_of(t.dtype).triton, list(t.shape)) for t in entries]
 
 
+def router_tensors(manifest: Manifest) -> tuple[list[tuple[str, Precision, list[int]]], list[tuple[str, Precision, list[int]]]]:
+    """The router's per-row inputs and outputs (the graphs' without their batch dim; a scalar per row is ``[1]``, as
+    are the step inputs and the stage output): ``(name, precision, dims)``, a dim ``-1`` where the build's shapes
+    differ in it."""
+    views = manifest.views()
+
+    def rows(pick: Any) -> list[tuple[str, Precision, list[int]]]:
+        tensors = []
+        for i, t in enumerate(pick(manifest)):
+            dims = [list(pick(v)[i].shape[1:]) or [1] for v in views]
+            merged = [d if all(other[j] == d for other in dims) else -1 for j, d in enumerate(dims[0])]
+            tensors.append((t.name, precision_of(t.dtype), merged))
+        return tensors
+
+    inputs = rows(lambda v: v.inputs) + [(n, INT32, [1]) for n in STEP_INPUTS]
+    outputs = rows(lambda v: v.outputs[:1]) + [(STAGE_OUTPUT, INT32, [1])]
+    return inputs, outputs
+
+
+def _triton(tensors: list[tuple[str, Precision, list[int]]]) -> list[tuple[str, str, list[int]]]:
+    return [(name, p.triton, dims) for name, p, dims in tensors]
+
+
 def graph_config(name: str, manifest: Manifest, graph: str, backend: str, instances: int, build: str = "") -> Any:
-    """One graph at the build's static shapes: a TensorRT plan on GPUs, or the onnxruntime stage model.
+    """One graph at the static shape ``manifest`` views (``Manifest.at``): a TensorRT plan on GPUs, or the onnxruntime
+    stage model.
 
     ``build``: for the onnxruntime model, the shared build folder, relative to the repository.
     """
@@ -65,6 +93,7 @@ def graph_config(name: str, manifest: Manifest, graph: str, backend: str, instan
         config.backend = "python"
         config.parameters[GRAPH_PARAMETER].string_value = graph
         config.parameters[BUILD_PARAMETER].string_value = build
+        config.parameters[SHAPE_PARAMETER].string_value = manifest.shape.model_dump_json()
         kind = pb.ModelInstanceGroup.KIND_CPU
     _add_tensors(config.input, _graph_tensors(manifest.inputs))
     _add_tensors(config.output, _graph_tensors(manifest.outputs))
@@ -74,14 +103,13 @@ def graph_config(name: str, manifest: Manifest, graph: str, backend: str, instan
 
 def router_config(name: str, manifest: Manifest, graph_models: dict[str, str], instances: int, max_batch: int,
                   queue_delay_us: int) -> Any:
-    """The UNet clients call: per-row inputs plus step and step count, batched up to ``max_batch`` rows."""
+    """The UNet clients call: per-row inputs plus step and step count, batched up to ``max_batch`` rows, at any of
+    the build's shapes (``router_tensors``); ``graph_models`` maps each ``graph_id`` to the model serving it."""
     pb = _pb()
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=max_batch)
-    rows = [(t.name, precision_of(t.dtype).triton, list(t.shape[1:]) or [1]) for t in manifest.inputs]
-    _add_tensors(config.input, rows + [(n, INT32.triton, [1]) for n in STEP_INPUTS])
-    out = manifest.outputs[0]
-    _add_tensors(config.output, [(out.name, precision_of(out.dtype).triton, list(out.shape[1:])),
-                                 (STAGE_OUTPUT, INT32.triton, [1])])
+    inputs, outputs = router_tensors(manifest)
+    _add_tensors(config.input, _triton(inputs))
+    _add_tensors(config.output, _triton(outputs))
     config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=instances)
     config.parameters[MANIFEST_PARAMETER].string_value = manifest.model_dump_json()
@@ -132,6 +160,7 @@ def check_model(folder: Path, config: Any) -> None:
         raise DeployError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
     if config.HasField("dynamic_batching") and config.max_batch_size == 0:
         raise DeployError(f"{where}: dynamic_batching needs max_batch_size > 0")
+    router = MANIFEST_PARAMETER in config.parameters  # takes every shape of its build: -1 where they differ
     for direction, tensors in (("input", config.input), ("output", config.output)):
         names = [t.name for t in tensors]
         if not names or len(set(names)) != len(names) or not all(names):
@@ -139,8 +168,11 @@ def check_model(folder: Path, config: Any) -> None:
         for t in tensors:
             if t.data_type == pb.TYPE_INVALID:
                 raise DeployError(f"{where}: {direction} '{t.name}' has no data_type")
+            if router and t.dims and all(d >= 1 or d == -1 for d in t.dims):
+                continue
             if not t.dims or any(d < 1 for d in t.dims):
-                raise DeployError(f"{where}: {direction} '{t.name}' needs static positive dims, got {list(t.dims)}")
+                what = "positive dims, or -1 (variable)" if router else "static positive dims"
+                raise DeployError(f"{where}: {direction} '{t.name}' needs {what}, got {list(t.dims)}")
     allowed = INSTANCE_KINDS[kind]
     for group in config.instance_group:
         kind_name = pb.ModelInstanceGroup.Kind.Name(group.kind)
@@ -174,22 +206,37 @@ def read_repository(repository: Path, models: Iterable[str] | None = None) -> di
 
 
 def check_routes(configs: dict[str, Any], router: str) -> Manifest:
-    """The router's graph models exist and take exactly the build's static inputs and outputs."""
+    """The router takes every shape of its build, and its graph models exist and take exactly their shape's static
+    inputs and outputs; every stage of every shape has a model."""
     config = configs.get(router)
     if config is None or MANIFEST_PARAMETER not in config.parameters:
         raise DeployError(f"the repository has no atedm-export router model '{router}'; it has: {', '.join(configs)}")
     manifest = Manifest.model_validate_json(config.parameters[MANIFEST_PARAMETER].string_value)
     graph_models = json.loads(config.parameters[GRAPH_MODELS_PARAMETER].string_value)
     want = _pb().ModelConfig()
-    _add_tensors(want.input, _graph_tensors(manifest.inputs))
-    _add_tensors(want.output, _graph_tensors(manifest.outputs))
+    inputs, outputs = router_tensors(manifest)
+    _add_tensors(want.input, _triton(inputs))
+    _add_tensors(want.output, _triton(outputs))
+    if list(config.input) != list(want.input) or list(config.output) != list(want.output):
+        raise DeployError(f"{router}/{CONFIG}: inputs and outputs differ from what its build's shapes take")
+    graphs = {graph_id(view, entry.name): view for view in manifest.views() for entry in view.graphs()
+              if not entry.same_as}
     for graph, model in graph_models.items():
         served = configs.get(model)
         if served is None:
             raise DeployError(f"{router} routes graph '{graph}' to model '{model}', which the repository lacks")
+        view = graphs.get(graph)
+        if view is None:
+            raise DeployError(f"{router} routes graph '{graph}', which its build does not have")
+        want = _pb().ModelConfig()
+        _add_tensors(want.input, _graph_tensors(view.inputs))
+        _add_tensors(want.output, _graph_tensors(view.outputs))
         if list(served.input) != list(want.input) or list(served.output) != list(want.output):
-            raise DeployError(f"{model}/{CONFIG}: inputs and outputs differ from the build's static graph I/O")
-    for stage in manifest.stages:
-        if (stage.same_as or stage.name) not in graph_models:
-            raise DeployError(f"{router} has no model for stage '{stage.name}'")
+            shape = f" (shape {view.shape.key})" if manifest.multi_shape else ""
+            raise DeployError(f"{model}/{CONFIG}: inputs and outputs differ from the build's static graph I/O{shape}")
+    for view in manifest.views():
+        for stage in view.stages:
+            if graph_id(view, stage.same_as or stage.name) not in graph_models:
+                shape = f" at {view.shape.key}" if manifest.multi_shape else ""
+                raise DeployError(f"{router} has no model for stage '{stage.name}'{shape}")
     return manifest

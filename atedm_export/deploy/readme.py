@@ -3,21 +3,48 @@
 from __future__ import annotations
 
 from ..manifest import Manifest
-from ..contract import precision_of
-from .routing import STAGE_OUTPUT, STEP_INPUTS
+from .config import router_tensors
+from .routing import STAGE_OUTPUT, graph_id
 from .server import SHELL_CONTROL
 
 
+def _dims(dims: list[int]) -> str:
+    """A router tensor's dims per request: ``[b, 4, 128, 128]``, a variable latent height and width as ``h, w``."""
+    named = [str(d) if d != -1 else ("h", "w")[i - len(dims) + 2] if i >= len(dims) - 2 else "?"
+             for i, d in enumerate(dims)]
+    return f"`[b, {', '.join(named)}]`"
+
+
 def _io_table(manifest: Manifest, max_batch: int) -> str:
+    inputs, outputs = router_tensors(manifest)
     rows = ["| tensor | type | shape per request |", "|---|---|---|"]
-    for t in manifest.inputs:
-        rows.append(f"| `{t.name}` (in) | {precision_of(t.dtype).wire} | `[b, {', '.join(map(str, t.shape[1:] or [1]))}]` |")
-    for name in STEP_INPUTS:
-        rows.append(f"| `{name}` (in) | INT32 | `[b, 1]` |")
-    out = manifest.outputs[0]
-    rows.append(f"| `{out.name}` (out) | {precision_of(out.dtype).wire} | `[b, {', '.join(map(str, out.shape[1:]))}]` |")
-    rows.append(f"| `{STAGE_OUTPUT}` (out) | INT32 | `[b, 1]`: index of the DSAP stage that ran |")
-    return "\n".join(rows) + f"\n\n`b` is 1 to {max_batch} rows (one latent each; a classifier-free-guidance pair is 2)."
+    for direction, tensors in (("in", inputs), ("out", outputs)):
+        for name, precision, dims in tensors:
+            note = ": index of the DSAP stage that ran" if name == STAGE_OUTPUT else ""
+            rows.append(f"| `{name}` ({direction}) | {precision.wire} | {_dims(dims)}{note} |")
+    text = "\n".join(rows) + f"\n\n`b` is 1 to {max_batch} rows (one latent each; a classifier-free-guidance pair is 2)."
+    if any(-1 in dims for _, _, dims in inputs):
+        text += " `h` × `w` is the latent size (pixels / 8) of one of the shapes above."
+    return text
+
+
+def _shapes(record: dict, manifest: Manifest) -> str:
+    """A multi-shape build's shapes: what a request of each looks like, and the models that serve it."""
+    if not manifest.multi_shape:
+        return ""
+    models = {info["graph"]: model for model, info in record["models"].items() if info["graph"]}
+    rows = ["| shape | latent `sample` of a full request | graph models |", "|---|---|---|"]
+    for view in manifest.views():
+        served = ", ".join(f"`{models[graph_id(view, e.name)]}`" for e in view.graphs() if not e.same_as)
+        rows.append(f"| `{view.shape.key}` ({view.shape}) | `{view.inputs[0].shape}` | {served} |")
+    return f"""
+Shapes: the router takes each of them, read from the request's `sample` (batch, latent height and width).
+A request of `b` rows at a latent size the build has runs the shape of `b` rows there; where there is none,
+the shape of the next larger batch at that size (its rows padded), else of the largest (in chunks). A latent
+size the build lacks is refused with one line naming the shapes it has.
+
+{chr(10).join(rows)}
+"""
 
 
 def _start(record: dict, manifest: Manifest) -> str:
@@ -61,23 +88,28 @@ def repository_readme(record: dict, manifest: Manifest) -> str:
     graphs = "\n".join(f"- `{model}`: graph `{info['graph']}`" for model, info in record["models"].items() if info["graph"])
     stages = "\n".join(f"- `{s.name}`: up to {s.until:g} of the steps (steps {s.steps[0]}-{s.steps[1] - 1} of a "
                        f"{spec.steps}-step run), graph `{s.same_as or s.name}`" for s in manifest.stages)
+    if manifest.multi_shape:
+        size = f"at {len(manifest.shapes)} shapes ({', '.join(s.key for s in manifest.shape_list)})"
+        batches = "its shape's static batch of"
+    else:
+        size, batches = f"at {spec.width}x{spec.height}", f"static batches of\n  {manifest.inputs[0].shape[0]}"
     return f"""# Triton model repository: {spec.name}
 
 Written by atedm-export {record['atedm_export']} from `{record['build']}` ({record['backend']} variant),
-{record['created']}. {spec.model} at {spec.width}x{spec.height}, {spec.precision}, schedule `{spec.dsap.name}`.
+{record['created']}. {spec.model} {size}, {spec.precision}, schedule `{spec.dsap.name}`.
 `atedm-deploy.json` lists every file with its sha256, and marks what `atedm-export deploy` wrote here:
 `deploy --force` replaces that and nothing else in the folder.
 
 ## Models
 
 - `{router}`: the UNet to call. It routes each row to the graph of the DSAP stage its step falls in
-  (a stage ends at `round(until × num_steps)`) and calls that graph's model (BLS), in static batches of
-  {manifest.inputs[0].shape[0]} rows; it batches requests dynamically.
+  (a stage ends at `round(until × num_steps)`) and calls that graph's model (BLS), in {batches} rows; it
+  batches requests dynamically.
 {graphs}
 
 Stages:
 {stages}
-
+{_shapes(record, manifest)}
 ## Start the server
 
 The commands run in the repository folder (the one holding `atedm-deploy.json`).

@@ -9,7 +9,10 @@ Layout (``--name atedm_unet``)::
     REPO/README.md              how to start the server and call it
     REPO/atedm-deploy.json      what was deployed from where, every file with its sha256
 
-A stage that prunes nothing is routed to the baseline model. The onnxruntime graph models share one
+A multi-shape build has a graph model per (shape, graph): ``atedm_unet_<graph>_<shape key>``
+(``atedm_unet_main_1216x832-b2``), each config at its shape's static dims; the one router takes every shape
+and picks the graph model from each request's ``sample`` and step (``routing``). A stage that prunes
+nothing is routed to the baseline model of its shape. The onnxruntime graph models share one
 copy of the build's graphs and weights (Triton ignores a model folder's non-numeric subfolders), so
 the weights are on disk once and every model's session maps the same pages. Artifacts are copied (or hard-linked with
 ``link``) and each copy is checked against the manifest's sha256; configs are checked with Triton's own
@@ -41,6 +44,7 @@ from ..userfiles import load_json
 from .config import CONFIG, MODEL_NAME, DeployError, check_routes, graph_config, read_repository, router_config, to_text
 from .placement import check_apart, check_movable, staged_entries
 from .readme import repository_readme
+from .routing import graph_id
 
 SHARED_BUILD = "build"  # in the router's folder: what the onnxruntime graph models serve
 RECORD = "atedm-deploy.json"  # what a deploy wrote into the folder: the mark that lets --force replace it
@@ -59,7 +63,7 @@ class DeployRequest:
     name: str = "atedm_unet"
     backend: str = "auto"  # tensorrt: tensorrt_plan models (GPUs) | onnxruntime: Python-backend models (CPUs) | auto
     instances: int = 1
-    max_batch: int | None = None  # rows per router call; default: the build's static batch
+    max_batch: int | None = None  # rows per router call; default: the build's static batch (the largest of its shapes)
     queue_delay_us: int = 2000  # how long the router's dynamic batcher waits to fill a batch
     link: bool = False  # hard-link artifacts instead of copying (same filesystem)
     force: bool = False
@@ -93,13 +97,20 @@ def _check(request: DeployRequest, manifest: Manifest) -> None:
 
 
 def graph_model_name(router: str, graph: str) -> str:
-    """The Triton model that serves one graph: named after the router, so deployments can sit side by side."""
-    return f"{router}_{graph}"
+    """The Triton model that serves one graph (``routing.graph_id``): named after the router, so deployments can sit
+    side by side: ``atedm_unet_main``, or ``atedm_unet_main_1216x832-b2`` in a multi-shape build."""
+    return f"{router}_{graph.replace('.', '_')}"
+
+
+def _distinct_graphs(manifest: Manifest) -> list[tuple[Manifest, GraphEntry]]:
+    """Every graph a model serves, with the view of its shape: per shape, the graphs no stage reuses from another."""
+    return [(view, entry) for view in manifest.views() for entry in view.graphs() if not entry.same_as]
 
 
 def _model_names(request: DeployRequest, manifest: Manifest) -> list[str]:
-    """Every model folder the deploy will write: the router and one per distinct graph."""
-    return [request.name, *(graph_model_name(request.name, e.name) for e in manifest.graphs() if not e.same_as)]
+    """Every model folder the deploy will write: the router and one per distinct graph of each shape."""
+    return [request.name, *(graph_model_name(request.name, graph_id(view, entry.name))
+                            for view, entry in _distinct_graphs(manifest))]
 
 
 def read_record(repository: Path) -> dict:
@@ -176,11 +187,12 @@ def _records(work: Path, placements: list[tuple[FileEntry, Path]]) -> list[dict]
 
 
 def _shared_build(work: Path, request: DeployRequest, manifest: Manifest) -> list[dict]:
-    """The router's ``build/``: the manifest, every distinct graph and the one weights file, for all graph models."""
+    """The router's ``build/``: the manifest, every distinct graph of every shape and the one weights file, for all
+    graph models."""
     folder = work / request.name / SHARED_BUILD
     folder.mkdir(parents=True)
     manifest.save(folder)
-    graphs = {f.path: f for e in manifest.graphs() for f in (e.onnx, e.ort_onnx) if f is not None}
+    graphs = {f.path: f for e in manifest.all_graphs() for f in (e.onnx, e.ort_onnx) if f is not None}
     placements = [(item, folder / item.path) for item in (manifest.weights, *graphs.values())]
     for item, target in placements:
         _place(request.build / item.path, target, item, "build", request.link)
@@ -188,8 +200,9 @@ def _shared_build(work: Path, request: DeployRequest, manifest: Manifest) -> lis
 
 
 def _graph_model(work: Path, request: DeployRequest, manifest: Manifest, entry: GraphEntry) -> tuple[str, list[dict]]:
-    """One graph's model folder; returns its name and the files placed, with their checksums."""
-    name = graph_model_name(request.name, entry.name)
+    """One graph's model folder, at the shape ``manifest`` views; returns its name and the files placed, with their
+    checksums."""
+    name = graph_model_name(request.name, graph_id(manifest, entry.name))
     version = work / name / "1"
     version.mkdir(parents=True)
     placements = []
@@ -230,29 +243,30 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
         progress("repository", f"{len(others)} other entries in {out} are left as they are")
     # every artifact the variant serves, against its sha256, before anything is copied (plans: tensorrt only)
     manifest.verify_files(build, engines=request.backend == "tensorrt")
-    max_batch = request.max_batch or int(manifest.inputs[0].shape[0])
+    max_batch = request.max_batch or max(shape.batch for shape in manifest.shape_list)
     with staged_entries(out, replace, last=RECORD) as work:
         graph_models, models = {}, {}
         shared = _shared_build(work, request, manifest) if request.backend == "onnxruntime" else []
         if shared:
             progress(request.name, f"{SHARED_BUILD}/: {len(shared) - 1} graphs and one weights file, "
                                    f"{sum(f['bytes'] for f in shared) / 2**20:,.1f} MiB placed and checked")
-        for entry in manifest.graphs():
-            if entry.same_as:
-                continue  # routed to the graph it reuses
-            model, files = _graph_model(work, request, manifest, entry)
-            graph_models[entry.name] = model
-            models[model] = {"graph": entry.name, "files": files}
+        for view, entry in _distinct_graphs(manifest):  # a stage with same_as is routed to the graph it reuses
+            graph = graph_id(view, entry.name)
+            model, files = _graph_model(work, request, view, entry)
+            graph_models[graph] = model
+            models[model] = {"graph": graph, "shape": view.shape.key, "files": files}
             placed = (f"{sum(f['bytes'] for f in files) / 2**20:,.1f} MiB placed and checked" if files
                       else f"served from {request.name}/{SHARED_BUILD}/")
-            progress(model, f"{entry.name} graph, {placed}")
+            shape = f" at {view.shape.key}" if manifest.multi_shape else ""
+            progress(model, f"{entry.name} graph{shape}, {placed}")
         router = work / request.name / "1"
         router.mkdir(parents=True)
         (router / "model.py").write_text(MODEL_SOURCES["router"])
         config = router_config(request.name, manifest, graph_models, request.instances, max_batch, request.queue_delay_us)
         (work / request.name / CONFIG).write_text(to_text(config))
         models[request.name] = {"graph": None, "routes": graph_models, "files": shared}
-        progress(request.name, f"router: {len(manifest.stages)} stages over {len(graph_models)} graph models, "
+        shapes = f"{len(manifest.shapes)} shapes × " if manifest.multi_shape else ""
+        progress(request.name, f"router: {shapes}{len(manifest.stages)} stages over {len(graph_models)} graph models, "
                                f"up to {max_batch} rows per call")
         check_routes(read_repository(work), request.name)
         record = {
@@ -264,6 +278,7 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
             "backend": request.backend,
             "router": request.name,
             "max_batch": max_batch,
+            "shapes": [shape.key for shape in manifest.shape_list],
             "instances": request.instances,
             "engine": manifest.engine.model_dump(mode="json"),
             "readme": readme,

@@ -1,10 +1,12 @@
 """The Triton Python-backend models of a deployed repository (each ``model.py`` imports one of these).
 
-``RouterModel`` is the UNet clients call: it routes each row to the graph of its DSAP stage and calls
-that graph's model through BLS. ``OnnxRuntimeStageModel`` serves one graph with the project's own
-onnxruntime backend, for CPU servers; on GPU servers each graph is a ``tensorrt_plan`` model instead.
+``RouterModel`` is the UNet clients call: it picks the build's shape from each request's ``sample``, routes
+each row to the graph of its DSAP stage at that shape, and calls that graph's model through BLS.
+``OnnxRuntimeStageModel`` serves one graph (of one shape) with the project's own onnxruntime backend, for CPU
+servers; on GPU servers each graph is a ``tensorrt_plan`` model instead.
 
-A request the model refuses (a step outside the run, a NaN or infinite input) is answered with Triton's
+A request the model refuses (a shape the build lacks, a step outside the run, a NaN or infinite input) is
+answered with Triton's
 invalid-argument code, which HTTP clients see as 400: the caller sent it and can fix it. A model that
 fails on a good request answers with the internal code (HTTP 500): that is the server's fault.
 
@@ -24,14 +26,16 @@ from torch.utils import dlpack
 
 from ..errors import AtedmError, first_line
 from ..contract import precision_of
-from ..manifest import Manifest
+from ..manifest import Manifest, ShapeError
 from ..runtime.backends import OnnxRuntimeBackend
+from ..shapes import Shape
 from .routing import STAGE_OUTPUT, STEP_INPUTS, Router, RoutingError
 from .server import SHELL_CONTROL
 
 MANIFEST_PARAMETER = "atedm_manifest"  # the build's manifest (JSON), on the router: clients read it too
-GRAPH_MODELS_PARAMETER = "atedm_graph_models"  # graph name → the Triton model serving it (JSON)
+GRAPH_MODELS_PARAMETER = "atedm_graph_models"  # graph (routing.graph_id) → the Triton model serving it (JSON)
 GRAPH_PARAMETER = "atedm_graph"  # on a stage model: the graph it serves
+SHAPE_PARAMETER = "atedm_shape"  # on a stage model: the shape of that graph (shapes.Shape, JSON)
 BUILD_PARAMETER = "atedm_build"  # on a stage model: the build folder all graph models share, from the repository
 #: What Triton's Python backend answers for a model whose process died (killed, out of memory): for good,
 #: while the model still reports ready. The router reloads such a model and retries once.
@@ -91,31 +95,36 @@ class _PythonModel:
 
 
 class RouterModel(_PythonModel):
-    """``sample, timestep, encoder_hidden_states, text_embeds, time_ids, step, num_steps`` → ``latent, stage``."""
+    """``sample, timestep, encoder_hidden_states, text_embeds, time_ids, step, num_steps`` → ``latent, stage``.
+
+    Each request runs at the build's shape its ``sample`` has (``Router.view_for``); requests Triton batched
+    together may be of different shapes.
+    """
 
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
         self.manifest = Manifest.model_validate_json(self.parameters[MANIFEST_PARAMETER])
         self.router = Router(self.manifest)
         self.models: dict[str, str] = json.loads(self.parameters[GRAPH_MODELS_PARAMETER])
-        output = self.manifest.outputs[0]
-        self.row_shape = tuple(output.shape[1:])
-        self.dtype = precision_of(output.dtype).torch
 
-    def read(self, request: Any) -> tuple[dict[str, torch.Tensor], list[tuple[int, str]]]:
-        """A request's tensors (timestep, step and step count flattened to one value per row) and routes.
+    def read(self, request: Any) -> tuple[dict[str, torch.Tensor], Manifest, list[tuple[int, str]]]:
+        """A request's tensors (timestep, step and step count flattened to one value per row), its shape and routes.
 
-        Raises ``RequestError`` for what the client sent wrong: a non-finite input, a step outside the run.
+        Raises ``RequestError`` for what the client sent wrong: a non-finite input, a shape the build lacks, a
+        step outside the run.
         """
         feed = self.read_inputs(request, (*self.manifest.input_names, *STEP_INPUTS))
-        rows = feed["sample"].shape[0]
+        sample = feed["sample"]
+        rows = sample.shape[0]
         for name in ("timestep", *STEP_INPUTS):
             feed[name] = feed[name].reshape(rows)
         try:
-            routes = [self.router.route(int(s), int(n)) for s, n in zip(feed["step"].tolist(), feed["num_steps"].tolist())]
-        except RoutingError as exc:
+            view = self.router.view_for(rows, int(sample.shape[-2]), int(sample.shape[-1]))
+            routes = [self.router.route(int(s), int(n), view)
+                      for s, n in zip(feed["step"].tolist(), feed["num_steps"].tolist())]
+        except (RoutingError, ShapeError) as exc:
             raise RequestError(str(exc)) from None
-        return feed, routes
+        return feed, view, routes
 
     def call_graph(self, graph: str, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         """One BLS call to the model serving ``graph``; its output comes back in CPU memory.
@@ -150,17 +159,22 @@ class RouterModel(_PythonModel):
 
     def execute(self, requests: list[Any]) -> list[Any]:
         feeds: list[dict[str, torch.Tensor]] = []
+        views: list[Manifest] = []
         routes: list[list[tuple[int, str]]] = []
         errors: dict[int, AtedmError] = {}
         for i, request in enumerate(requests):
             try:
-                feed, route = self.read(request)
+                feed, view, route = self.read(request)
             except AtedmError as exc:
-                feed, route, errors[i] = {}, [], exc
+                feed, view, route, errors[i] = {}, self.manifest, [], exc
             feeds.append(feed)
+            views.append(view)
             routes.append(route)
-        outputs = [torch.empty((len(r), *self.row_shape), dtype=self.dtype) for r in routes]
-        for chunk in self.router.plan([[name for _, name in r] for r in routes]):
+        outputs = []
+        for view, route in zip(views, routes):
+            output = view.outputs[0]
+            outputs.append(torch.empty((len(route), *output.shape[1:]), dtype=precision_of(output.dtype).torch))
+        for chunk in self.router.plan([[name for _, name in r] for r in routes], views):
             try:
                 self.router.scatter(chunk, self.call_graph(chunk.graph, self.router.gather(chunk, feeds)), outputs)
             except AtedmError as exc:  # the graph model failed: the server's error
@@ -180,7 +194,8 @@ class RouterModel(_PythonModel):
 
 
 class OnnxRuntimeStageModel(_PythonModel):
-    """One graph of the build on the project's onnxruntime backend (CPU), its files checked at load.
+    """One graph of the build, at one of its shapes, on the project's onnxruntime backend (CPU), its files checked at
+    load.
 
     The graph models of a repository share one build folder (the router's ``build/``): one copy of the
     weights on disk, mapped by every model's session, so the server's processes share its pages.
@@ -189,7 +204,8 @@ class OnnxRuntimeStageModel(_PythonModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
         build = Path(args["model_repository"]).parent / self.parameters[BUILD_PARAMETER]
-        self.manifest = Manifest.load(build, verify=False)
+        shape = Shape.model_validate_json(self.parameters[SHAPE_PARAMETER])
+        self.manifest = Manifest.load(build, verify=False).at(shape)
         self.graph = self.parameters[GRAPH_PARAMETER]
         entry = self.manifest.graph(self.graph)
         self.manifest.verify_graph(build, entry, engine=False)

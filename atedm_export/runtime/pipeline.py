@@ -241,7 +241,7 @@ def resolve_settings(manifest: Manifest, steps: int | None, guidance: float | No
 
 def draw(pipe: Any, staged: StagedUNet, prompt: str, *, steps: int, seed: int, guidance: float,
          negative_prompt: str | None = None, picture: Any = None, strength: float = 0.3,
-         on_step: Callable[[int, int], None] | None = None) -> tuple[Any, Generation]:
+         on_step: Callable[[int, int], None] | None = None, shape: Manifest | None = None) -> tuple[Any, Generation]:
     """One pipeline call with ``staged`` as ``pipe``'s UNet: the first image (PIL) and what the call did.
 
     The one place that calls the pipeline, so ``generate`` (one image to a file) and ``eval`` (many images through
@@ -249,11 +249,12 @@ def draw(pipe: Any, staged: StagedUNet, prompt: str, *, steps: int, seed: int, g
     denoising loop, VAE decode), not of loading or writing. The build's static batch sets the images per call:
     with classifier-free guidance (scale > 1) each image is a row pair, so batch 2 gives one image. The libraries'
     bars, notices and warnings stay out of the caller's output (``quiet.py``); the tokens the pipeline cut from
-    each text are counted instead.
+    each text are counted instead. ``shape``: the view (``Manifest.find``) of the build's shape to draw at; the
+    build's first shape by default.
     """
     import time
 
-    spec = staged.manifest.graph_spec
+    spec = (shape or staged.manifest).graph_spec
 
     def callback(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
         if on_step:
@@ -274,24 +275,28 @@ def draw(pipe: Any, staged: StagedUNet, prompt: str, *, steps: int, seed: int, g
 
 def generate(staged: StagedUNet, prompt: str, output: Path, *, negative_prompt: str | None = None,
              steps: int | None = None, seed: int = 0, guidance: float | None = None, image: Path | None = None,
-             strength: float = 0.3, on_step: Callable[[int, int], None] | None = None) -> Generation:
+             strength: float = 0.3, on_step: Callable[[int, int], None] | None = None, width: int | None = None,
+             height: int | None = None, batch: int | None = None) -> Generation:
     """Run the family's pipeline with ``staged`` as its UNet and write the first image to ``output`` (PNG).
 
-    Everything is checked before the pipeline loads (output file, guidance against the batch, strength, input
-    image); the PNG appears whole or not at all. The result counts the prompt tokens the pipeline cut
-    (``truncated_tokens``) and names the pipeline files changed since the build.
+    ``width``/``height``/``batch`` pick one of the build's shapes (the first that matches; the first shape when
+    none is given). Everything is checked before the pipeline loads (output file, the shape, guidance against the
+    batch, strength, input image); the PNG appears whole or not at all. The result counts the prompt tokens the
+    pipeline cut (``truncated_tokens``) and names the pipeline files changed since the build.
     """
     if output.suffix.lower() != ".png":
         raise AtedmError(f"output {output} must be a .png file")
     check_output_file(output)
-    spec = staged.manifest.graph_spec
-    steps, guidance = resolve_settings(staged.manifest, steps, guidance)
+    shape = staged.manifest.find(width, height, batch)
+    spec = shape.graph_spec
+    steps, guidance = resolve_settings(shape, steps, guidance)
     if not 0.0 < strength <= 1.0:
         raise AtedmError(f"--strength must be in (0, 1], got {strength}")
     picture, resized = _input_image(staged.contract.family, image, spec.width, spec.height)
     pipe = load_pipeline(staged)
     drawn, done = draw(pipe, staged, prompt, steps=steps, seed=seed, guidance=guidance,
-                       negative_prompt=negative_prompt, picture=picture, strength=strength, on_step=on_step)
+                       negative_prompt=negative_prompt, picture=picture, strength=strength, on_step=on_step,
+                       shape=shape)
     write_png(drawn, output)
     recorded = staged.manifest.pipeline
     return replace(done, resized_from=resized, changed=tuple(recorded.changed()) if recorded else ())
