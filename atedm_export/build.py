@@ -28,8 +28,9 @@ from .export import EXTERNAL_DATA_BYTES, check_onnx, export_graph, finalize
 from .isolated import run_isolated
 from .flops import count_flops, graph_flops
 from .ortfuse import fuse
-from .manifest import (EngineInfo, FileEntry, GraphEntry, Manifest, PipelineInfo, ShapeGraphs, TensorEntry, file_entry,
-                       tool_versions)
+from .lora import check_loras
+from .manifest import (EngineInfo, FileEntry, GraphEntry, LoraEntry, Manifest, PipelineInfo, ShapeGraphs, TensorEntry,
+                       file_entry, tool_versions)
 from .models import PIPELINE_INDEX, attention_blocks, build_unet, pipeline_folder, unet_config
 from .pruning import StagePlan
 from .registry import BUILD_BACKENDS, ENGINE_LIBRARIES
@@ -57,6 +58,7 @@ class BuildRequest:
     timing_cache: Path | None = None
     strip_weights: bool | None = None  # None: strip when the weights pass 2 GB and a GPU is present
     ort_fusion: bool | None = None  # onnxruntime's fused form of each graph; None: where weights pass ISOLATE_BYTES
+    refittable_engines: bool = False  # plans that take other weights (BuilderFlag.REFIT): what refit and use_weights need
     create_parent: bool = False  # out's parent may be created (the default build/), and goes again on failure
 
 
@@ -75,9 +77,10 @@ def export_stage(spec: GraphSpec, plan: StagePlan | None, contract: GraphContrac
     the exporter's leftovers with it when it exits. Smaller models are exported here, where those
     leftovers are small and a child's start (torch and diffusers imports, ~8 s) would dominate.
     """
+    loras = tuple(spec.loras)  # fused into the UNet before export (lora.py)
     if weight_bytes > ISOLATE_BYTES:
-        return run_isolated(export_graph, spec.model, spec.seed, plan, contract, raw, what="export").peak_rss
-    export_graph(spec.model, spec.seed, plan, contract, raw)
+        return run_isolated(export_graph, spec.model, spec.seed, plan, contract, raw, loras, what="export").peak_rss
+    export_graph(spec.model, spec.seed, plan, contract, raw, loras)
     return None
 
 
@@ -142,6 +145,7 @@ class _Model:
     meta: torch.nn.Module
     shapes: list[_ShapePlan]
     pipeline: Path | None  # the diffusers pipeline folder generate will load around the UNet
+    loras: tuple[LoraEntry, ...] = ()  # the spec's LoRAs, checked against the skeleton, with their checksums
 
 
 def _prepare(request: BuildRequest, selected: list[int]) -> _Model:
@@ -149,6 +153,8 @@ def _prepare(request: BuildRequest, selected: list[int]) -> _Model:
     match blocks at every shape. A typo in a schedule fails here, in a second, not after minutes of export."""
     spec = request.spec
     meta = build_unet(unet_config(spec.model), device="meta")
+    check_loras(spec.loras, meta)  # a tensor the UNet lacks or cannot take: one line, before any export
+    loras = tuple(LoraEntry.of(item.file, item.scale) for item in spec.loras)
     shapes = []
     for shape in spec.shape_list:
         at = spec.at(shape)
@@ -160,7 +166,7 @@ def _prepare(request: BuildRequest, selected: list[int]) -> _Model:
                 raise
             raise type(exc)(f"shape {shape.key}: {exc}") from None
         shapes.append(_ShapePlan(shape, at, blocks, plans))
-    return _Model(meta, shapes, pipeline_folder(spec.model))
+    return _Model(meta, shapes, pipeline_folder(spec.model), loras)
 
 
 def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
@@ -300,9 +306,10 @@ def _build_into(
     weight_bytes = sum(p.numel() for p in meta.parameters()) * torch.finfo(spec.dtype).bits // 8
     if strip is None:
         strip = weight_bytes > EXTERNAL_DATA_BYTES and gpu
-    options = BuildOptions(request.targets, request.optimization_level, request.workspace_gib, request.timing_cache, strip)
+    options = BuildOptions(request.targets, request.optimization_level, request.workspace_gib, request.timing_cache, strip,
+                           refittable=request.refittable_engines)
     if library is not None:
-        engine_info = engine_info.model_copy(update={"weights_stripped": strip})
+        engine_info = engine_info.model_copy(update={"weights_stripped": strip, "refittable": request.refittable_engines})
     # The optimizer takes ~25 s a graph whatever the model's width: worth it where a call takes seconds.
     ort_fusion = request.ort_fusion if request.ort_fusion is not None else weight_bytes > ISOLATE_BYTES
 
@@ -327,6 +334,7 @@ def _build_into(
         versions=tool_versions(),
         build_seconds=time.perf_counter() - start,
         pipeline=PipelineInfo.of(model.pipeline) if model.pipeline else None,
+        loras=list(model.loras),
     )
     manifest.save(work)
     return manifest

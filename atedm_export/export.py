@@ -104,7 +104,8 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
     weights = _detach_weights(model)
-    # Each round folds what the previous round's shapes made static; rounds go on while the graph shrinks
+    # Each round folds what the previous round's shapes made static; rounds go on while Shape ops are left
+    # and the graph shrinks
     # (two suffice at batch 2; at batch 1 each round frees one more block's GroupNorm Shape: a round per block).
     nodes = None
     for _ in range(CLEANUP_ROUNDS):
@@ -114,7 +115,8 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
         graph.cleanup().toposort()
         model = gs.export_onnx(graph)
         del graph
-        if len(model.graph.node) == nodes:
+        shapes_left = any(node.op_type == "Shape" for node in model.graph.node)
+        if not shapes_left or len(model.graph.node) == nodes:
             break
         nodes = len(model.graph.node)
     _attach_weights(model, weights)
@@ -134,11 +136,13 @@ def export_raw(unet: UNet2DConditionModel, plan: StagePlan | None, contract: Gra
         _torch_export(graph, args, raw, exporter_for(unet))
 
 
-def export_graph(model: str, seed: int, plan: StagePlan | None, contract: GraphContract, raw: Path) -> None:
-    """Load the UNet and export one graph to ``raw``: what a build runs in a process of its own."""
+def export_graph(model: str, seed: int, plan: StagePlan | None, contract: GraphContract, raw: Path,
+                 loras: tuple = ()) -> None:
+    """Load the UNet (``loras`` fused into it, ``lora.py``) and export one graph to ``raw``: what a build runs in a
+    process of its own."""
     from .models import load_unet
 
-    export_raw(load_unet(model, dtype=contract.dtype, seed=seed), plan, contract, raw)
+    export_raw(load_unet(model, dtype=contract.dtype, seed=seed, loras=loras), plan, contract, raw)
 
 
 def finalize(raw: Path, path: Path, store: WeightStore) -> Path:

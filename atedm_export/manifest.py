@@ -88,7 +88,42 @@ class EngineInfo(_Model):
     targets: list[str] = []
     optimization_level: int | None = None
     weights_stripped: bool = False  # plans without weights, refitted from each graph's ONNX at load
+    refittable: bool = False  # plans take other weights than their graph's (a refit build's): built with REFIT
     skipped: str | None = None  # why no engines were built
+
+
+class LoraEntry(_Model):
+    """A LoRA fused into the build's weights (``lora.py``): the file as given, its checksum and its scale."""
+
+    file: str  # absolute
+    sha256: str
+    bytes: int
+    scale: float
+
+    @classmethod
+    def of(cls, file: str, scale: float) -> LoraEntry:
+        from .lora import lora_path
+
+        path = lora_path(file).resolve()
+        return cls(file=str(path), sha256=sha256(path), bytes=path.stat().st_size, scale=scale)
+
+    def check(self) -> None:
+        """The file is still the one the build fused: a changed LoRA would make a reference of another model."""
+        from .lora import LoraError, lora_path
+
+        path = lora_path(self.file)
+        if path.stat().st_size != self.bytes or sha256(path) != self.sha256:
+            raise LoraError(f"LoRA {self.file} changed since the build fused it (sha256 differs); restore it, or "
+                            "rebuild (or refit) with the new file")
+
+
+class RefitInfo(_Model):
+    """Where a refit build (``atedm-export refit``) came from: the same graphs, other weights."""
+
+    build: str  # the build folder it was refitted from (absolute, at the time)
+    manifest_sha256: str  # that build's manifest.json
+    origin_sha256: str  # manifest.json of the build that exported these graphs (the first of a chain of refits)
+    seconds: float
 
 
 class PipelineFile(_Model):
@@ -154,13 +189,16 @@ class Manifest(_Model):
     created: str
     spec: dict[str, Any]
     unet_config: dict[str, Any]
-    weights: FileEntry  # the one external-data file every graph's weights point into (onnx/)
+    weights: FileEntry  # the external-data file every graph's weights point into (onnx/); a refit build's base
+    weights_delta: FileEntry | None = None  # a refit build's tensors its LoRAs changed, beside the base (onnx/)
     shapes: list[ShapeGraphs]  # in the spec's order; the first is the default
     complete: bool  # every stage of the schedule was built (not a --stages subset)
     engine: EngineInfo
     versions: dict[str, str]
     build_seconds: float
     pipeline: PipelineInfo | None = None  # where the model is a local diffusers pipeline
+    loras: list[LoraEntry] = []  # fused into the weights, in order: the spec's, then each refit's
+    refit: RefitInfo | None = None  # a refit build: the graphs of another build, with other weights
     _selected: int = PrivateAttr(0)
 
     # --- shapes ---------------------------------------------------------------------------------
@@ -390,10 +428,24 @@ class Manifest(_Model):
             raise ManifestError(f"{source}: complete: the build says every stage was built, but it has "
                                 f"{', '.join(names)} of {', '.join(ranges)}")
 
+    @property
+    def weight_files(self) -> list[FileEntry]:
+        """The external-data files the graphs point into: the base weights, and a refit build's delta."""
+        return [self.weights, *([self.weights_delta] if self.weights_delta else [])]
+
+    def verify_weights(self, folder: Path, linked_from: Path | None = None) -> None:
+        """The weights files against their sizes and sha256. ``linked_from``: a build folder whose files were
+        checked already; a weights file that is the same file there (a hard link: same inode) is not hashed again."""
+        for item in self.weight_files:
+            target = folder / item.path
+            if linked_from is not None and _same_file(target, linked_from / item.path, item):
+                continue
+            verify_file(target, item, "weights")
+
     def verify_files(self, folder: Path, engines: bool = True) -> None:
         """Every artifact against its size and sha256, each file hashed once (the shared weights, the graphs
         stages share); ``engines=False`` leaves the plans out, for the backends that never open them."""
-        verify_file(folder / self.weights.path, self.weights, "weights")
+        self.verify_weights(folder)
         seen: set[str] = set()
         for entry in self.all_graphs():
             items = [entry.onnx, entry.ort_onnx, entry.engine if engines else None]
@@ -404,7 +456,7 @@ class Manifest(_Model):
 
     def verify_graph(self, folder: Path, entry: GraphEntry, engine: bool = True) -> None:
         """What one graph relies on: the shared weights, its graph file and (``engine``) its engine."""
-        verify_file(folder / self.weights.path, self.weights, "weights")
+        self.verify_weights(folder)
         verify_entry(folder, entry, engine)
 
     def model_fingerprint(self) -> dict[str, Any]:
@@ -414,12 +466,30 @@ class Manifest(_Model):
         and precision."""
         spec = self.graph_spec
         pipeline = sorted((f.path, f.sha256) for f in self.pipeline.files) if self.pipeline else None
-        return {"model": spec.model, "weights seed": spec.seed, "pipeline files": pipeline, "height": spec.height,
+        return {"model": spec.model, "weights seed": spec.seed, "pipeline files": pipeline,
+                "loras": [(lora.sha256, lora.scale) for lora in self.loras], "height": spec.height,
                 "width": spec.width, "batch": spec.batch, "precision": spec.precision}
+
+    def origin(self, folder: Path) -> str:
+        """The sha256 of the manifest of the build that exported these graphs: this build's own, or for a refit
+        build the one it was refitted from (through any chain of refits). Two builds of one origin run the same
+        graphs with their own weights (``StagedUNet.use_weights``)."""
+        return self.refit.origin_sha256 if self.refit else sha256(folder / FILENAME)
+
+    def check_same_graphs(self, folder: Path, other: Manifest, other_folder: Path) -> None:
+        """Refuse ``other`` unless it holds these very graphs (a refit of one origin) at every shape and stage."""
+        if other.origin(other_folder) != self.origin(folder):
+            raise ManifestError(f"{other_folder} does not hold the graphs of {folder} (it is not a refit of the same "
+                                "build); switching weights needs the same graphs: use atedm-export refit")
+        mine = [(s.shape, [g.name for g in (s.baseline, *s.stages)]) for s in self.shapes]
+        theirs = [(s.shape, [g.name for g in (s.baseline, *s.stages)]) for s in other.shapes]
+        if mine != theirs:
+            raise ManifestError(f"{other_folder} has other shapes or stages than {folder}; switching weights needs "
+                                "the same graphs")
 
     def files(self) -> list[FileEntry]:
         """Every distinct file of the build (stages that reuse the baseline's add nothing)."""
-        unique = {self.weights.path: self.weights}
+        unique = {item.path: item for item in self.weight_files}
         for entry in self.all_graphs():
             for item in (entry.onnx, entry.ort_onnx, entry.engine):
                 if item is not None:
@@ -443,6 +513,8 @@ def _shown(key: str, value: Any) -> str:  # noqa: ANN401
     """A fingerprint field in a message: the pipeline's file list is too long to print."""
     if key == "pipeline files":
         return "a pipeline folder's files" if value else "no pipeline folder"
+    if key == "loras":
+        return "LoRAs " + ", ".join(f"{sha[:12]}… ×{scale:g}" for sha, scale in value) if value else "no LoRA"
     return str(value)
 
 
@@ -455,6 +527,15 @@ def verify_entry(folder: Path, entry: GraphEntry, engine: bool = True) -> None:
     for item in [entry.onnx, *([entry.ort_onnx] if entry.ort_onnx else []),
                  *([entry.engine] if engine and entry.engine else [])]:
         verify_file(folder / item.path, item, entry.name)
+
+
+def _same_file(target: Path, checked: Path, item: FileEntry) -> bool:
+    """Whether ``target`` is ``checked`` itself (one inode, as a hard link makes) at the recorded size."""
+    try:
+        mine, theirs = target.stat(), checked.stat()
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino) and mine.st_size == item.bytes
 
 
 def verify_file(target: Path, item: FileEntry, owner: str) -> None:

@@ -21,7 +21,7 @@ import functools
 import json
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,19 +161,26 @@ def unet_config(source: str) -> dict[str, Any]:
 
 
 def load_unet(
-    source: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+    source: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0, loras: Sequence[Any] = ()
 ) -> UNet2DConditionModel:
-    """Load (or build) the UNet named by ``source``; see the module docstring for the sources."""
+    """Load (or build) the UNet named by ``source``; see the module docstring for the sources. ``loras`` (each with
+    ``file`` and ``scale``: the spec's ``LoraSpec``, the manifest's ``LoraEntry``) are fused into it (``lora.py``)."""
     if is_builtin(source):
-        return build_unet(BUILTIN_CONFIGS[source], dtype=dtype, device=device, seed=seed)
-    path = Path(source).expanduser()
-    if path.exists():
-        unet = _load_local(path, dtype)
-    elif _is_path(source):
-        raise _missing(source)
+        unet = build_unet(BUILTIN_CONFIGS[source], dtype=dtype, device=device, seed=seed)
     else:
-        unet = _load_from_hub(source, dtype)
-    return unet.to(device).eval().requires_grad_(False)
+        path = Path(source).expanduser()
+        if path.exists():
+            unet = _load_local(path, dtype)
+        elif _is_path(source):
+            raise _missing(source)
+        else:
+            unet = _load_from_hub(source, dtype)
+        unet = unet.to(device).eval().requires_grad_(False)
+    if loras:
+        from .lora import fuse_loras
+
+        fuse_loras(unet, loras)
+    return unet
 
 
 def _load_local(path: Path, dtype: torch.dtype) -> UNet2DConditionModel:

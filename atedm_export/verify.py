@@ -111,7 +111,9 @@ def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = N
     manifest = Manifest.load(folder)
     views = [manifest.at(s) for s in shapes] if shapes else manifest.views()
     spec = manifest.graph_spec
-    unet = load_unet(spec.model, dtype=spec.dtype, seed=spec.seed)
+    for lora in manifest.loras:
+        lora.check()  # the reference is the build's model only with the LoRA files it fused
+    unet = load_unet(spec.model, dtype=spec.dtype, seed=spec.seed, loras=manifest.loras)
     checks = []
     for view in views:
         contract = view.contract

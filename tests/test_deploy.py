@@ -22,7 +22,7 @@ from atedm_export.deploy.config import CONFIG, DeployError, check_model, parse, 
 from atedm_export.deploy.repository import DeployRequest, check_repository, deploy
 from atedm_export.deploy.routing import Router, RoutingError
 from atedm_export.deploy.serving import RequestError, _PythonModel, check_finite
-from atedm_export.manifest import Manifest, ManifestError, sha256
+from atedm_export.manifest import Manifest, ManifestError, ShapeError, sha256
 
 from .conftest import corrupted_copy, needs_rtx
 
@@ -464,3 +464,89 @@ def test_link_hard_links_the_artifacts(tiny_build, tmp_path):
     session = ort.InferenceSession(str(build / entry.onnx.path), providers=["CPUExecutionProvider"])
     assert session.get_outputs()[0].name == "latent"
     check_repository(repo)
+
+
+# --- a multi-shape build: one router over every shape ---------------------------------------------
+
+
+MULTI_KEYS = ["128x128-b2", "192x128-b2", "128x128-b4"]  # conftest.MULTI_SPEC's shapes
+
+
+@pytest.fixture(scope="module")
+def multi_repo(tiny_multi_build, tmp_path_factory):
+    """The session's three-shape build (conftest ``MULTI_SPEC``) deployed, onnxruntime variant."""
+    repo = tmp_path_factory.mktemp("deploy-multi") / "repo"
+    deploy(DeployRequest(tiny_multi_build, repo, backend="onnxruntime"))
+    return repo
+
+
+def test_multi_shape_repository_has_a_graph_model_per_shape_and_stage(multi_repo, tiny_multi_build):
+    manifest = Manifest.load(tiny_multi_build)
+    assert [s.key for s in manifest.shape_list] == MULTI_KEYS
+    configs = read_repository(multi_repo)
+    graphs = {f"{g}.{key}": f"atedm_unet_{g}_{key}" for key in MULTI_KEYS for g in ("baseline", "main")}
+    assert sorted(configs) == sorted(["atedm_unet", *graphs.values()])
+    assert check_repository(multi_repo) == manifest
+    for view in manifest.views():
+        for graph in ("baseline", "main"):
+            config = configs[f"atedm_unet_{graph}_{view.shape.key}"]
+            assert config.parameters["atedm_graph"].string_value == graph
+            assert json.loads(config.parameters["atedm_shape"].string_value) == view.shape.model_dump()
+            assert [(i.name, list(i.dims)) for i in config.input] == [(t.name, t.shape) for t in view.inputs]
+            assert [(o.name, list(o.dims)) for o in config.output] == [("latent", view.outputs[0].shape)]
+            assert view.outputs[0].shape == [view.shape.batch, 4, 16, view.shape.width // 8]
+    router = configs["atedm_unet"]
+    assert router.max_batch_size == 4  # the largest batch of the build's shapes
+    # latent height 16 at every shape, width 16 or 24: variable (-1) only where the shapes differ
+    assert [(i.name, list(i.dims)) for i in router.input] == [
+        ("sample", [4, 16, -1]), ("timestep", [1]), ("encoder_hidden_states", [77, 32]), ("step", [1]),
+        ("num_steps", [1])]
+    assert [(o.name, list(o.dims)) for o in router.output] == [("latent", [4, 16, -1]), ("stage", [1])]
+    assert json.loads(router.parameters["atedm_graph_models"].string_value) == graphs
+    weights = list(multi_repo.rglob("*.onnx.data"))
+    assert weights == [multi_repo / "atedm_unet" / "build" / manifest.weights.path]  # one copy for every shape
+    record = json.loads((multi_repo / "atedm-deploy.json").read_text())
+    assert record["shapes"] == MULTI_KEYS and record["max_batch"] == 4
+    assert record["models"]["atedm_unet_main_192x128-b2"]["graph"] == "main.192x128-b2"
+    readme = (multi_repo / "README.md").read_text()
+    assert all(f"`atedm_unet_main_{key}`" in readme for key in MULTI_KEYS)
+    assert "| `sample` (in) | FP32 | `[b, 4, 16, w]` |" in readme
+
+
+def test_the_router_picks_each_requests_shape_and_a_missing_one_is_one_line(tiny_multi_build):
+    """Shape by (rows, latent height, width) through the manifest's lookup: the shape of exactly those rows, else the
+    next larger batch at that size (padded), else the largest (chunked); an unbuilt size names the shapes."""
+    router = Router(Manifest.load(tiny_multi_build, verify=False))
+    picked = {rows_hw: router.view_for(*rows_hw).shape.key
+              for rows_hw in ((2, 16, 16), (4, 16, 16), (2, 16, 24), (1, 16, 24), (3, 16, 16), (1, 16, 16), (6, 16, 16))}
+    assert picked == {(2, 16, 16): "128x128-b2", (4, 16, 16): "128x128-b4", (2, 16, 24): "192x128-b2",
+                      (1, 16, 24): "192x128-b2", (3, 16, 16): "128x128-b4", (1, 16, 16): "128x128-b2",
+                      (6, 16, 16): "128x128-b4"}
+    with pytest.raises(ShapeError) as caught:
+        router.view_for(2, 16, 20)
+    assert str(caught.value) == ("no graphs for batch 2 at 160x128 px (latent 20x16); this build has: 128x128-b2, "
+                                 "192x128-b2, 128x128-b4")
+    # a pair at 128x128, one row at 192x128, a pair at 192x128, three rows at 128x128 (the batch-4 graph, padded)
+    views = [router.view_for(2, 16, 16), router.view_for(1, 16, 24), router.view_for(2, 16, 24),
+             router.view_for(3, 16, 16)]
+    chunks = router.plan([["main"] * 2, ["main"], ["main"] * 2, ["main"] * 3], views)
+    assert [(c.graph, c.rows, c.batch) for c in chunks] == [
+        ("main.128x128-b2", ((0, 0), (0, 1)), 2),
+        ("main.192x128-b2", ((1, 0), (2, 0)), 2), ("main.192x128-b2", ((2, 1),), 2),
+        ("main.128x128-b4", ((3, 0), (3, 1), (3, 2)), 4),
+    ]
+    feeds = [{name: torch.full((rows, 4, 16, width), float(i)) for name in router.input_names}
+             for i, (rows, width) in enumerate(((2, 16), (1, 24), (2, 24), (3, 16)))]
+    assert router.gather(chunks[0], feeds)["sample"] is feeds[0]["sample"]  # a whole request passes through
+    assert router.gather(chunks[1], feeds)["sample"][:, 0, 0, 0].tolist() == [1.0, 2.0]  # two requests' rows
+    assert router.gather(chunks[3], feeds)["sample"].shape == (4, 4, 16, 16)  # padded to the batch of 4
+
+
+def test_a_graph_model_at_another_shapes_dims_is_refused(multi_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(multi_repo, repo)
+    path = repo / "atedm_unet_main_192x128-b2" / CONFIG
+    path.write_text(path.read_text().replace("dims: 24\n", "dims: 16\n"))
+    with pytest.raises(DeployError, match=r"atedm_unet_main_192x128-b2/config.pbtxt: inputs and outputs differ from "
+                                          r"the build's static graph I/O \(shape 192x128-b2\)"):
+        check_repository(repo, files=False)

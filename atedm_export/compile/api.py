@@ -120,17 +120,23 @@ class TensorRTApi:
         return errors
 
     def builder_config(self, builder: Handle, optimization_level: int, workspace_bytes: int | None,
-                       targets: tuple[str, ...], strip_weights: bool) -> Handle:
+                       targets: tuple[str, ...], strip_weights: bool, refittable: bool = False) -> Handle:
         trt = self._trt
         config = builder.create_builder_config()
         config.builder_optimization_level = optimization_level
         if workspace_bytes is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
         self._set_targets(config, targets)
+        if refittable:
+            # Every weight may be replaced by other values (a LoRA's): what refit builds and use_weights need.
+            # REFIT_IDENTICAL would let the builder assume the values it saw ("different weights during refits
+            # yield unpredictable behavior", both libraries' docs).
+            config.set_flag(trt.BuilderFlag.REFIT)
         if strip_weights:
-            # The plan leaves out weights identical to the ONNX file's; the runtime refits them from it.
+            # The plan leaves out the refittable weights; the runtime refits them from the graph's ONNX.
             config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-            config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
+            if not refittable:
+                config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
         return config
 
     def _set_targets(self, config: Handle, targets: tuple[str, ...]) -> None:
@@ -175,10 +181,15 @@ class TensorRTApi:
         return [engine.get_tensor_name(index) for index in range(engine.num_io_tensors)]
 
     def refit_from_onnx(self, engine: Handle, logger: Handle, onnx_path: str) -> bool:
-        """Put the weights back into a weight-stripped engine, read from the graph they were stripped from."""
+        """Put weights into an engine, read from a graph (and its external data): a weight-stripped engine's own at
+        load, or another build's of the same graph (``StagedUNet.use_weights``) into a refittable one."""
         refitter = self._trt.Refitter(engine, logger)
         parser = self._trt.OnnxParserRefitter(refitter, logger)
         return bool(parser.refit_from_file(onnx_path)) and bool(refitter.refit_cuda_engine())
+
+    def refittable(self, engine: Handle) -> bool:
+        """Whether the engine's weights can be replaced at all (built with a refit flag)."""
+        return bool(engine.refittable)
 
     def device_memory_size(self, engine: Handle) -> int:
         """Activation memory one context of ``engine`` needs (``device_memory_size_v2``: a property in both libraries)."""

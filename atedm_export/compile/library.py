@@ -29,6 +29,7 @@ class BuildOptions:
     workspace_gib: float | None = None
     timing_cache: Path | None = None  # tensorrt only; TensorRT-RTX has none
     strip_weights: bool = False  # weight-stripped plan, refitted from the graph's weights at load
+    refittable: bool = False  # the plan takes other weights than its graph's (a refit build's): BuilderFlag.REFIT
 
 
 class EngineLibrary:
@@ -84,7 +85,7 @@ class EngineLibrary:
             workspace = int(options.workspace_gib * (1 << 30)) if options.workspace_gib is not None else None
             try:
                 config = api.builder_config(builder, options.optimization_level, workspace, options.targets,
-                                            options.strip_weights)
+                                            options.strip_weights, options.refittable)
             except AtedmError as exc:
                 raise EngineBuildError(str(exc)) from None
             use_cache = api.has_timing_cache and options.timing_cache is not None

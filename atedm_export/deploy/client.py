@@ -5,7 +5,7 @@
 needed on the client. Each call sends the step and the step count; the server routes the rows and says
 which stage ran, and the client checks that against its own reading of the schedule. A multi-shape build's
 served UNet takes each of its shapes, as a local ``StagedUNet`` does (the server picks the graphs from the
-``sample``); ``connect(url, shape=...)`` makes another shape the one a pipeline draws at.
+``sample``; ``generate --width/--height/--batch`` picks the shape a pipeline draws at).
 ``load_test`` measures latency under concurrency, over every (shape, stage) of the build, and checks every
 output against a sequential one.
 """
@@ -28,7 +28,6 @@ from ..errors import AtedmError, ModelError, first_line
 from ..manifest import GraphEntry, Manifest
 from ..runtime.backends import Backend, load_backend
 from ..runtime.staged import StagedUNet
-from ..shapes import Shape
 from .routing import STAGE_OUTPUT, STEP_INPUTS
 from .serving import MANIFEST_PARAMETER
 
@@ -152,17 +151,11 @@ class TritonBackend(Backend):
         self.client.close()
 
 
-def connect(url: str, model: str = DEFAULT_MODEL, shape: Shape | None = None) -> StagedUNet:
-    """The served UNet as a ``StagedUNet`` (``attach(pipe)`` it, or call it in a custom loop). It runs each call at
-    the build's shape its ``sample`` has; ``shape`` (one of the build's: a one-line ``ShapeError`` otherwise) is the
-    one it reports, so the one a pipeline draws at (default: the build's first)."""
+def connect(url: str, model: str = DEFAULT_MODEL) -> StagedUNet:
+    """The served UNet as a ``StagedUNet`` (``attach(pipe)`` it, or call it in a custom loop); a call runs at the
+    build's shape its ``sample`` has, as on a local build."""
     backend = TritonBackend.connect(url, model)
-    try:
-        view = backend.manifest.at(shape) if shape is not None else backend.manifest
-    except BaseException:
-        backend.release()
-        raise
-    return StagedUNet(view, backend.at(view))
+    return StagedUNet(backend.manifest, backend)
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -9,8 +9,9 @@ from .server import SHELL_CONTROL
 
 
 def _dims(dims: list[int]) -> str:
-    """A router tensor's dims per request: ``[b, 4, 128, 128]``, a variable latent height and width as ``h, w``."""
-    named = [str(d) if d != -1 else ("h", "w")[i - len(dims) + 2] if i >= len(dims) - 2 else "?"
+    """A router tensor's dims per request: ``[b, 4, 128, 128]``; a latent height or width the shapes differ in
+    (``-1`` in the config) as ``h`` or ``w``."""
+    named = [str(d) if d != -1 else ("h", "w")[i - len(dims) + 2] if i >= len(dims) - 2 else "n"
              for i, d in enumerate(dims)]
     return f"`[b, {', '.join(named)}]`"
 
@@ -24,27 +25,37 @@ def _io_table(manifest: Manifest, max_batch: int) -> str:
             rows.append(f"| `{name}` ({direction}) | {precision.wire} | {_dims(dims)}{note} |")
     text = "\n".join(rows) + f"\n\n`b` is 1 to {max_batch} rows (one latent each; a classifier-free-guidance pair is 2)."
     if any(-1 in dims for _, _, dims in inputs):
-        text += " `h` × `w` is the latent size (pixels / 8) of one of the shapes above."
+        text += ("\n`h`, `w`: a latent height, a width (pixels / 8) the build's shapes differ in: the router's config "
+                 "takes any\nvalue there, and the router refuses a shape the build lacks with one line naming its shapes.")
     return text
 
 
-def _shapes(record: dict, manifest: Manifest) -> str:
-    """A multi-shape build's shapes: what a request of each looks like, and the models that serve it."""
+def _models(record: dict, manifest: Manifest) -> str:
+    """The graph models: a list, or for a multi-shape build a table by shape with what a request of each looks like."""
     if not manifest.multi_shape:
-        return ""
+        return "\n".join(f"- `{model}`: graph `{info['graph']}`" for model, info in record["models"].items() if info["graph"])
     models = {info["graph"]: model for model, info in record["models"].items() if info["graph"]}
-    rows = ["| shape | latent `sample` of a full request | graph models |", "|---|---|---|"]
+    rows = ["| shape | `sample` of a full request | graph models |", "|---|---|---|"]
     for view in manifest.views():
         served = ", ".join(f"`{models[graph_id(view, e.name)]}`" for e in view.graphs() if not e.same_as)
         rows.append(f"| `{view.shape.key}` ({view.shape}) | `{view.inputs[0].shape}` | {served} |")
     return f"""
-Shapes: the router takes each of them, read from the request's `sample` (batch, latent height and width).
-A request of `b` rows at a latent size the build has runs the shape of `b` rows there; where there is none,
-the shape of the next larger batch at that size (its rows padded), else of the largest (in chunks). A latent
-size the build lacks is refused with one line naming the shapes it has.
+Shapes: one graph model per shape and graph. The router reads each request's shape from its `sample`
+(rows, latent height and width). `b` rows at a latent size the build has run the shape of `b` rows there;
+where there is none, the shape of the next larger batch at that size (the rows padded), else of the largest
+(in chunks). A latent size the build lacks is refused with one line naming the shapes it has.
 
-{chr(10).join(rows)}
-"""
+{chr(10).join(rows)}"""
+
+
+def _stages(manifest: Manifest) -> str:
+    spec = manifest.graph_spec
+    lines = []
+    for s in manifest.stages:
+        steps = f"steps {s.steps[0]}-{s.steps[1] - 1}" if s.steps[1] > s.steps[0] else "no steps"
+        lines.append(f"- `{s.name}`: up to {s.until:g} of the steps ({steps} of a {spec.steps}-step run), "
+                     f"graph `{s.same_as or s.name}`")
+    return "\n".join(lines)
 
 
 def _start(record: dict, manifest: Manifest) -> str:
@@ -85,14 +96,13 @@ model folders. `serve` passes both.""".format(control=SHELL_CONTROL)
 def repository_readme(record: dict, manifest: Manifest) -> str:
     spec = manifest.graph_spec
     router = record["router"]
-    graphs = "\n".join(f"- `{model}`: graph `{info['graph']}`" for model, info in record["models"].items() if info["graph"])
-    stages = "\n".join(f"- `{s.name}`: up to {s.until:g} of the steps (steps {s.steps[0]}-{s.steps[1] - 1} of a "
-                       f"{spec.steps}-step run), graph `{s.same_as or s.name}`" for s in manifest.stages)
     if manifest.multi_shape:
         size = f"at {len(manifest.shapes)} shapes ({', '.join(s.key for s in manifest.shape_list)})"
-        batches = "its shape's static batch of"
+        batches = "static batches\n  of the request's shape"
+        first = (f"\n`generate` draws at the build's first shape, {manifest.shape.key}, unless `--width`, `--height` or "
+                 "`--batch`\npick another; the UNet `connect` gives runs each call at its `sample`'s shape.\n")
     else:
-        size, batches = f"at {spec.width}x{spec.height}", f"static batches of\n  {manifest.inputs[0].shape[0]}"
+        size, batches, first = f"at {spec.width}x{spec.height}", f"static batches of {manifest.inputs[0].shape[0]} rows", ""
     return f"""# Triton model repository: {spec.name}
 
 Written by atedm-export {record['atedm_export']} from `{record['build']}` ({record['backend']} variant),
@@ -103,13 +113,13 @@ Written by atedm-export {record['atedm_export']} from `{record['build']}` ({reco
 ## Models
 
 - `{router}`: the UNet to call. It routes each row to the graph of the DSAP stage its step falls in
-  (a stage ends at `round(until × num_steps)`) and calls that graph's model (BLS), in {batches} rows; it
-  batches requests dynamically.
-{graphs}
+  (a stage ends at `round(until × num_steps)`) and calls that graph's model (BLS), in {batches};
+  it batches requests dynamically.
+{_models(record, manifest)}
 
 Stages:
-{stages}
-{_shapes(record, manifest)}
+{_stages(manifest)}
+
 ## Start the server
 
 The commands run in the repository folder (the one holding `atedm-deploy.json`).
@@ -122,7 +132,7 @@ The commands run in the repository folder (the one holding `atedm-deploy.json`).
 atedm-export generate --triton http://127.0.0.1:8000 -p "a red fox" -o fox.png   # or grpc://127.0.0.1:8001
 atedm-export load-test http://127.0.0.1:8000 --requests 200 --concurrency 16     # p50/p99 latency, errors
 ```
-
+{first}
 From Python, the served UNet is a drop-in for `pipe.unet`:
 
 ```python

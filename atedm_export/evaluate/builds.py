@@ -40,7 +40,8 @@ def baseline_identity(manifest: Manifest) -> str:
     """What identifies the unpruned images: the baseline graph's files (and the weights they point into), so
     they are reused across evals of any build of the same model whose baseline is byte for byte the same."""
     base = manifest.baseline
-    parts = [manifest.weights.sha256, base.onnx.sha256, *(f.sha256 for f in (base.ort_onnx, base.engine) if f)]
+    parts = [*(f.sha256 for f in manifest.weight_files), base.onnx.sha256,
+             *(f.sha256 for f in (base.ort_onnx, base.engine) if f)]
     return "baseline:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -20,7 +20,7 @@ import torch
 
 from ..contract import precision_of
 from ..errors import AtedmError
-from ..manifest import FileEntry, GraphEntry, Manifest
+from ..manifest import FileEntry, GraphEntry, Manifest, ShapeGraphs
 from ..models import load_unet
 from ..pruning import set_plan
 from ..registry import ENGINE_LIBRARIES, RUNTIME_BACKENDS
@@ -122,6 +122,13 @@ class Backend(abc.ABC):
     def release(self) -> None:
         """Drop per-graph state that can be rebuilt (sessions): full-size graphs one at a time in memory."""
 
+    def use_weights(self, folder: Path, manifest: Manifest) -> None:
+        """Run the graphs of ``folder`` from now on: another build of the very same graphs with other weights (a refit
+        build, ``Manifest.check_same_graphs``, checked by the caller), at this backend's shape. Subclasses swap what
+        they hold of the old weights."""
+        self.folder = folder
+        self.manifest = manifest.at(self.manifest.shape)
+
 
 class EagerBackend(Backend):
     """The reference: the UNet of the manifest with each stage's plan applied in PyTorch."""
@@ -134,10 +141,24 @@ class EagerBackend(Backend):
 
     def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device = "cpu") -> None:
         super().__init__(folder, manifest, device)
+        self._load()
+
+    def _load(self) -> None:
+        """The spec's UNet with the build's LoRAs fused (each file checked against its recorded sha256 first)."""
+        manifest = self.manifest
         spec = manifest.graph_spec
-        self.unet = load_unet(spec.model, dtype=spec.dtype, device=str(self.device), seed=spec.seed)
+        for lora in manifest.loras:
+            lora.check()
+        self.unet = load_unet(spec.model, dtype=spec.dtype, device=str(self.device), seed=spec.seed,
+                              loras=manifest.loras)
         self.graph = manifest.contract.module(self.unet).eval()
         self._active = {"graph": None}  # the plan on the UNet, shared with this backend's other shapes (``at``)
+
+    def use_weights(self, folder: Path, manifest: Manifest) -> None:
+        """The UNet again, with the other build's LoRAs."""
+        super().use_weights(folder, manifest)
+        self.unet = self.graph = None  # the old weights go before the new ones are made
+        self._load()
 
     def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._active["graph"] != entry.onnx.path:  # one file per (shape, plan)
@@ -173,6 +194,12 @@ class OnnxRuntimeBackend(Backend):
     def release(self) -> None:
         self._sessions.clear()
         _return_freed_memory()
+
+    def use_weights(self, folder: Path, manifest: Manifest) -> None:
+        """New sessions, made as each graph is next run, on the other build's graph files (the same graphs pointing
+        into other weights): the old sessions and their weights go first."""
+        super().use_weights(folder, manifest)
+        self.release()
 
     def graph_file(self, entry: GraphEntry) -> FileEntry:
         """The file this backend runs for ``entry``: its fused form where built and wanted."""
@@ -281,6 +308,23 @@ class TensorRTBackend(Backend):
         self.engines.share_activations(self.activations.data_ptr(), self.activations.numel())
         self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
 
+    def use_weights(self, folder: Path, manifest: Manifest) -> None:
+        """Refit the loaded engines in place from the other build's graphs (its weights), keeping contexts and the
+        shared activations; CUDA graphs are captured again (weights may move). Only engines built refittable take
+        other weights: a weight-stripped plan built for identical weights would run, wrongly."""
+        info = self.manifest.engine
+        if not info.refittable:
+            raise AtedmError(f"the engines of {self.folder} were built for their own weights only (plans "
+                             f"{'stripped for identical weights' if info.weights_stripped else 'not refittable'}); "
+                             f"load {folder} instead, or build with refittable engines to switch weights in place")
+        by_graph = {(view.shape, e.name): e for view in manifest.views() for e in view.graphs()}
+        graphs = {e.engine.path: folder / by_graph[(view.shape, e.name)].onnx.path
+                  for view in self.manifest.views() for e in view.graphs() if e.engine is not None}
+        with torch.cuda.device(self.device):
+            self.engines.refit(graphs, self.synchronize)
+        self.graphs.clear()
+        super().use_weights(folder, _keep_engines(manifest, self.manifest))
+
     def _check_target(self, targets: list[str]) -> None:
         major, minor = torch.cuda.get_device_capability(self.device)
         local = f"sm{major}{minor}"
@@ -318,6 +362,18 @@ class TensorRTBackend(Backend):
             static[name].copy_(feed[name])
         graph.replay()
         return out.clone()  # the caller's own tensor: the next replay overwrites ``out``
+
+
+def _keep_engines(new: Manifest, old: Manifest) -> Manifest:
+    """``new``'s graphs with ``old``'s engines: the engines this backend loaded, now holding ``new``'s weights."""
+    plans = {(s.shape, g.name): g.engine for s in old.shapes for g in (s.baseline, *s.stages)}
+
+    def keep(shape: ShapeGraphs, entry: GraphEntry) -> GraphEntry:
+        return entry.model_copy(update={"engine": plans[(shape.shape, entry.name)]})
+
+    shapes = [s.model_copy(update={"baseline": keep(s, s.baseline), "stages": [keep(s, g) for g in s.stages]})
+              for s in new.shapes]
+    return new.model_copy(update={"shapes": shapes, "engine": old.engine})
 
 
 def _addresses(tensors: dict[str, torch.Tensor]) -> dict[str, int]:

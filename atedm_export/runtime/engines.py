@@ -119,6 +119,28 @@ class StageEngines:
         if not self.api.execute(self.stages[key].context, stream):
             raise EngineRuntimeError(f"{key}: engine execution failed{': ' + self.errors[-1] if self.errors else ''}")
 
+    def refit(self, graphs: dict[str, Path], synchronize: Callable[[], None]) -> None:
+        """Replace every engine's weights with those of ``graphs`` (plan key → ONNX graph of another build of the same
+        graph: ``StagedUNet.use_weights``), in place: contexts, activation memory and bindings stay as they are.
+
+        The engines must have been built refittable (``EngineInfo.refittable``; the caller checks the manifest, which
+        knows what an engine cannot tell: a plan built for identical weights says refittable too).
+        """
+        if self.cycled:
+            raise EngineRuntimeError("weights 'cycled' reload each stage's weights from its plan, which would undo a "
+                                     "refit; use 'resident' to switch weights")
+        missing = [key for key in self.stages if key not in graphs]
+        if missing:
+            raise EngineRuntimeError(f"{missing[0]}: no graph to refit its engine from")
+        synchronize()  # nothing may still run on the weights about to change
+        for key, stage in self.stages.items():
+            if not self.api.refittable(stage.engine):
+                raise EngineRuntimeError(f"{key}: the engine was built without refit support; rebuild with refittable "
+                                         "engines to switch its weights")
+            if not self.api.refit_from_onnx(stage.engine, self.logger, str(graphs[key])):
+                reason = f": {self.errors[-1]}" if self.errors else ""
+                raise EngineRuntimeError(f"{graphs[key].name}: refitting {key} failed (graph and engine differ?){reason}")
+
     def close(self) -> None:
         """Drop contexts and engines before their plans' mappings close (the library may read the plan until then)."""
         plans = [stage.plan for stage in self.stages.values()]

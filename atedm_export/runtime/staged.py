@@ -210,3 +210,25 @@ class StagedUNet(torch.nn.Module):
             span = f"{steps[0]}-{steps[-1]}" if steps else "-"
             rows.append({"stage": name, "steps": span, "calls": s.calls, "seconds": s.seconds})
         return rows
+
+    def use_weights(self, folder: str | Path) -> None:
+        """Switch to the weights of another build of the same graphs (``atedm-export refit``: other LoRAs) without
+        loading the graphs again: onnxruntime opens new sessions on its graph files as each stage next runs, engines
+        are refitted in place (built refittable), the eager backend fuses its LoRAs into a fresh UNet.
+
+        ``folder`` must hold these very graphs (a refit of the same origin), or nothing changes and one line says why;
+        its graph and weights files are checked first (a weights file hard-linked from this build is not hashed again).
+        """
+        from ..manifest import verify_entry
+
+        folder = Path(folder)
+        current = self.backend.folder
+        manifest = Manifest.load(folder, verify=False)
+        self.manifest.check_same_graphs(current, manifest, folder)
+        if self.backend.name != "eager":
+            manifest.verify_weights(folder, linked_from=current)
+            for entry in manifest.all_graphs():
+                verify_entry(folder, entry, engine=False)
+        self.backend.use_weights(folder, manifest)
+        self.manifest = self.backend.manifest
+        self._shapes.clear()  # the other shapes' views of the backend are made again from it
