@@ -197,8 +197,10 @@ def fuse_loras(unet: torch.nn.Module, loras: Sequence[LoraLike]) -> list[str]:
         name = f"atedm_lora_{index}"
         try:
             with _quiet(), torch.no_grad():
+                # low_cpu_mem_usage: the adapter's layers take the file's tensors as they are, never initialized first
                 unet.load_lora_adapter(lora.tensors, prefix=PREFIX, adapter_name=name, metadata=lora.metadata,
-                                       network_alphas=None if lora.metadata else lora.network_alphas)
+                                       network_alphas=None if lora.metadata else lora.network_alphas,
+                                       low_cpu_mem_usage=True)
                 missing = [p for p in lora.modules() if not isinstance(unet.get_submodule(p), BaseTunerLayer)]
                 if missing:
                     raise LoraError(f"LoRA {lora.name}: diffusers left '{missing[0]}' out of the adapter it loaded "

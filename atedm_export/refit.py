@@ -40,7 +40,9 @@ import mmap
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +57,7 @@ from .manifest import (FILENAME, EngineInfo, FileEntry, GraphEntry, LoraEntry, M
                        file_entry, sha256, tool_versions, verify_entry)
 from .spec import LoraSpec
 from .staging import check_destination, staged_folder
-from .weights import WEIGHTS_FILE, WeightStore, point_to
+from .weights import WeightStore, point_to
 
 DELTA_FILE = "weights.refit.onnx.data"  # beside the base weights, in onnx/
 KEY_BYTES = 64  # the cheap key: a region's length and its first and last KEY_BYTES bytes
@@ -118,6 +120,23 @@ def _rows(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 def _layout(tensor: torch.Tensor, transposed: bool) -> np.ndarray:
     return _bytes(_rows(tensor, transposed))
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NP_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _same(stored: np.ndarray, tensor: torch.Tensor, transposed: bool) -> bool:
+    """Whether a region's bytes are ``tensor`` in a layout, bit for bit, compared in place: the tensor is never copied
+    into that layout (a transposed 10 GB model would be), nor the region read twice."""
+    view = _rows(tensor.detach(), transposed)
+    size = view.element_size()
+    if stored.nbytes != view.numel() * size:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch notes that the mapped region is read-only: it is only read
+        region = torch.from_numpy(stored.view(_NP_BITS[size])).reshape(view.shape)
+    return torch.equal(region, view.view(_BITS[size]))
 
 
 def _key(tensor: torch.Tensor, transposed: bool) -> tuple[int, bytes, bytes]:
@@ -244,8 +263,7 @@ def _match(params: dict[str, torch.Tensor], changed: list[str], weights: _Weight
             candidates = index.get(key, [])
             if not candidates:
                 continue
-            data = _layout(tensor, transposed)
-            hits = [r for r in candidates if np.array_equal(weights.view(r), data)]
+            hits = [r for r in candidates if _same(weights.view(r), tensor, transposed)]
             if len(hits) > 1:
                 raise RefitError(f"parameter '{name}' is stored {len(hits)} times ({_where(hits)}); refit cannot tell "
                                  "which copy is this parameter")
@@ -254,7 +272,7 @@ def _match(params: dict[str, torch.Tensor], changed: list[str], weights: _Weight
                                  "graphs store it")
             for region in hits:
                 for other, other_transposed in others.get(key, []):
-                    if other != name and np.array_equal(_layout(params[other], other_transposed), data):
+                    if other != name and _same(weights.view(region), params[other], other_transposed):
                         raise RefitError(f"parameter '{name}' has the same bytes as '{other}': one stored tensor serves "
                                          "both, so refit cannot change one alone")
                 found.append(_Place(region, transposed))
@@ -327,26 +345,41 @@ def _stacks(params: dict[str, torch.Tensor], attentions: list[str], changed: set
 
 
 class _HashingFile:
-    """A file written once, front to back, whose sha256 is taken as it is written (never read back)."""
+    """A file written once, front to back, whose sha256 is taken as it is written (never read back), on a thread of
+    its own: hashing a block overlaps writing it and making the next (sha256 lets go of the GIL on large blocks)."""
 
     def __init__(self, handle) -> None:  # noqa: ANN001 - a binary file
         self._handle = handle
         self._digest = hashlib.sha256()
-        self.hash_seconds = 0.0
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="refit-sha256")
+        self._pending: Future | None = None  # one block in flight: memory stays bounded
+        self.hash_seconds = 0.0  # on the hashing thread
 
-    def write(self, data: bytes | memoryview) -> int:
+    def _update(self, data: bytes | memoryview) -> None:
         tick = time.perf_counter()
         self._digest.update(data)
         self.hash_seconds += time.perf_counter() - tick
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._wait()
+        self._pending = self._hasher.submit(self._update, data)  # the future keeps ``data`` alive until hashed
         return self._handle.write(data)
 
     def flush(self) -> None:
         self._handle.flush()
 
     def close(self) -> None:
+        self._wait()
+        self._hasher.shutdown()
         self._handle.close()
 
     def hexdigest(self) -> str:
+        self._wait()
         return self._digest.hexdigest()
 
 
@@ -378,8 +411,8 @@ def refit(request: RefitRequest, progress: Progress = _silent) -> RefitResult:
     """Write ``request.out``: BUILD's graphs with ``request.loras`` fused into their weights (module docstring).
 
     The LoRAs add to those BUILD already has (its spec's, earlier refits'); to swap one LoRA for another, refit
-    the build without it. Every check that needs no weights (the build's manifest and graph files, each LoRA
-    against the UNet's modules, the output folder) runs before anything is loaded or written.
+    the build without it. Every check that needs no weights (the build's manifest, each LoRA against the UNet's
+    modules, BUILD's own LoRA files, the output folder) runs before anything is loaded or written.
     """
     start = time.perf_counter()
     build, out = request.build.resolve(), request.out.resolve()
@@ -471,8 +504,8 @@ class _Refit:
                 remap = self._write_delta(delta, params, places, stacks, graphs, weights, fused_ok)
                 delta_entry = delta.entry(work)
             del unet, params
-            self.hashing += delta.hash_seconds
-            self.writing += time.perf_counter() - tick - delta.hash_seconds
+            self.hashing += delta.hash_seconds  # on a thread of its own, alongside the writing
+            self.writing += time.perf_counter() - tick
             self.progress("delta", f"{len(remap)} tensors, {delta_entry.bytes / 1e6:.1f} MB in {DELTA_FILE}",
                           time.perf_counter() - tick)
         finally:

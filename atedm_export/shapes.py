@@ -12,12 +12,24 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Annotated
 
-from .errors import SpecError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import SpecError, format_validation_error
 from .userfiles import load_yaml
 
 DEFAULT_BATCH = 2  # classifier-free guidance: the conditional and the unconditional row
+
+
+def _multiple_of_8(value: int) -> int:
+    if value % 8:
+        raise ValueError("must be a multiple of 8 (the VAE downsamples by 8)")
+    return value
+
+
+#: An image side in pixels, as specs and shapes take it.
+Pixels = Annotated[int, Field(ge=64, le=4096), AfterValidator(_multiple_of_8)]
 
 
 class Shape(BaseModel):
@@ -26,15 +38,8 @@ class Shape(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     batch: int = Field(DEFAULT_BATCH, ge=1, le=64, description="2 for classifier-free guidance")
-    height: int = Field(ge=64, le=4096)
-    width: int = Field(ge=64, le=4096)
-
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
-        return value
+    height: Pixels
+    width: Pixels
 
     @property
     def key(self) -> str:
@@ -66,9 +71,8 @@ def parse_shape(text: str, batch: int = DEFAULT_BATCH) -> Shape:
     width, height, given = match.groups()
     try:
         return Shape(width=int(width), height=int(height), batch=int(given) if given else batch)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        reason = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
-        raise SpecError(f"shape '{text}': {reason}") from None
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, f"shape '{text}'")) from None
 
 
 def shape_sets_dir() -> Path:

@@ -17,7 +17,7 @@ from .contract import PRECISIONS, GraphContract
 from .dsap import Schedule, is_preset, load_preset, load_schedule, parse_schedule, preset_named
 from .errors import PlanError, SpecError, format_validation_error
 from .pruning import METHODS, PruneOptions, PruningOptions, parse_options
-from .shapes import Shape, load_shape_set, shape_keys
+from .shapes import Pixels, Shape, load_shape_set, shape_keys
 from .userfiles import load_yaml
 
 Precision = Literal["fp32", "fp16", "bf16"]  # registry.PRECISION_NAMES; their dtypes: contract.PRECISIONS
@@ -59,8 +59,8 @@ class GraphSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     model: str = Field(min_length=1, description="built-in name, local folder, .safetensors file or hub id")
     seed: int = Field(0, ge=0, description="weights seed for built-in models")
-    height: int = Field(1024, ge=64, le=4096)
-    width: int = Field(1024, ge=64, le=4096)
+    height: Pixels = 1024
+    width: Pixels = 1024
     batch: int = Field(2, ge=1, le=64, description="2 for classifier-free guidance")
     text_length: int = Field(77, ge=1, le=1024)
     precision: Precision = "fp16"
@@ -130,13 +130,6 @@ class GraphSpec(BaseModel):
     def method(self) -> str:
         """The pruning method's name (``pruning.METHODS``)."""
         return self.pruning.method
-
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
-        return value
 
     @field_validator("schedule", mode="before")
     @classmethod

@@ -277,7 +277,7 @@ CASES = [
     ("bench {build} --device meta", "run on cpu or cuda"),
     ("bench {build} --plot {out}/plot.txt", "must be a .png file"),
     ("bench {build} --json {out}", "it is a folder"),
-    ("verify {edited-height}", "implies 'sample'"),
+    ("verify {edited-height}", "shapes: 256x256-b2 are recorded, but its spec lists 256x512-b2"),
     ("inspect {fp16-inputs}", "implies 'sample'"),
 
     # class 3: what used to be accepted silently

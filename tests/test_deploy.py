@@ -517,8 +517,8 @@ def test_the_router_picks_each_requests_shape_and_a_missing_one_is_one_line(tiny
     """Shape by (rows, latent height, width) through the manifest's lookup: the shape of exactly those rows, else the
     next larger batch at that size (padded), else the largest (chunked); an unbuilt size names the shapes."""
     router = Router(Manifest.load(tiny_multi_build, verify=False))
-    picked = {rows_hw: router.view_for(*rows_hw).shape.key
-              for rows_hw in ((2, 16, 16), (4, 16, 16), (2, 16, 24), (1, 16, 24), (3, 16, 16), (1, 16, 16), (6, 16, 16))}
+    asked = ((2, 16, 16), (4, 16, 16), (2, 16, 24), (1, 16, 24), (3, 16, 16), (1, 16, 16), (6, 16, 16))
+    picked = {rows_hw: router.view_for(*rows_hw).shape.key for rows_hw in asked}
     assert picked == {(2, 16, 16): "128x128-b2", (4, 16, 16): "128x128-b4", (2, 16, 24): "192x128-b2",
                       (1, 16, 24): "192x128-b2", (3, 16, 16): "128x128-b4", (1, 16, 16): "128x128-b2",
                       (6, 16, 16): "128x128-b4"}

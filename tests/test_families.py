@@ -125,9 +125,9 @@ def test_the_widths_the_pipeline_reads_come_from_the_record():
 
 
 def test_pipeline_guidance_and_vae_scaling_are_read_from_the_record():
-    from atedm_export.runtime.pipeline import GUIDANCE, _pipeline_class, tiny_components, tiny_pipeline
+    from atedm_export.runtime.pipeline import _pipeline_class, tiny_components, tiny_pipeline
 
-    assert GUIDANCE == {"sd": 7.5, "sdxl": 5.0, "sdxl-refiner": 5.0} == {n: f.guidance for n, f in FAMILIES.items()}
+    assert {n: f.guidance for n, f in FAMILIES.items()} == {"sd": 7.5, "sdxl": 5.0, "sdxl-refiner": 5.0}
     pipe = tiny_pipeline("tiny-sd21")
     assert type(pipe).__name__ == families.SD.pipeline == "StableDiffusionPipeline"
     assert pipe.vae.config.scaling_factor == families.SD.vae_scaling == 0.18215

@@ -17,6 +17,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,13 +25,13 @@ import torch
 from click.testing import CliRunner
 
 from atedm_export.cli import main
-from atedm_export.deploy.client import TritonBackend, TritonClientError, connect
+from atedm_export.deploy.client import TritonBackend, TritonClientError, compare_local, connect, load_test
 from atedm_export.deploy.repository import DeployRequest, deploy
 from atedm_export.deploy.server import TritonServer, TritonServerError, find_server, free_port
 from atedm_export.manifest import Manifest
 from atedm_export.runtime import StagedUNet, load_backend
 
-from .test_deploy import foreign_model, snapshot
+from .test_deploy import MULTI_KEYS, foreign_model, multi_repo, snapshot  # noqa: F401 - multi_repo: a fixture
 from .test_runtime import _denoise
 
 
@@ -291,3 +292,61 @@ def test_serve_runs_until_sigterm_then_stops_the_server_and_leaves_the_repositor
         TritonBackend.connect(f"http://127.0.0.1:{http}")
     assert snapshot(tmp_path) == before
 
+
+
+def test_one_router_serves_every_shape_of_a_multi_shape_build(install, multi_repo, tiny_multi_build, tmp_path):
+    """The three-shape build's repository on a real server: calls at two shapes through the one router equal the
+    onnxruntime backend's on the same inputs, call by call; a row short of a batch is padded within its shape;
+    a size the build lacks is one line (400); generate --triton --width draws what the local build draws."""
+    from diffusers import EulerDiscreteScheduler
+
+    from atedm_export.runtime.pipeline import SDXL_SCHEDULER
+    from atedm_export.shapes import Shape
+
+    from .conftest import sample_loop
+
+    local = StagedUNet.load(tiny_multi_build, backend="onnxruntime")
+    wide, square = Shape(batch=2, height=128, width=192), Shape(batch=2, height=128, width=128)
+    with TritonServer(multi_repo, install=install) as server:
+        served = connect(server.grpc_url)
+        assert served.manifest == local.manifest and [s.key for s in served.manifest.shape_list] == MULTI_KEYS
+        calls = []
+
+        def recorded(sample, t, encoder_hidden_states, added_cond_kwargs=None):  # noqa: ANN001, ANN202
+            out = served(sample, t, encoder_hidden_states).sample
+            calls.append((sample.clone(), t, encoder_hidden_states, out))
+            return SimpleNamespace(sample=out)
+
+        recorded.set_timesteps = served.set_timesteps
+        for shape in (wide, square):
+            sample_loop(recorded, EulerDiscreteScheduler(**SDXL_SCHEDULER), local.manifest.at(shape).contract, 3)
+        assert [list(c[0].shape) for c in calls] == [[2, 4, 16, 24]] * 3 + [[2, 4, 16, 16]] * 3
+        scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
+        scheduler.set_timesteps(3)
+        local.set_timesteps(scheduler.timesteps)
+        for sample, t, text, out in calls:
+            assert torch.equal(out, local(sample, t, text).sample)
+        assert served.stats["main"].calls == 6
+
+        backend = TritonBackend.connect(server.http_url)
+        feed = local.manifest.at(wide).contract.example_feed(seed=4)
+        latent, stages = backend.infer(_rows(feed, [1], [2], 4))  # one row: the 192x128 batch-2 graph, padded
+        want = local.backend.at(local.manifest.at(wide)).run("main", {n: v[[1, 1]] for n, v in feed.items()})[:1]
+        assert stages.tolist() == [0] and np.array_equal(latent, want.numpy())
+        missing = {**_rows(feed, [0, 1], [0, 0], 4), "sample": torch.zeros(2, 4, 16, 20)}
+        status, body = _http_infer(server, missing)
+        error = json.loads(body)["error"]
+        assert status == 400 and "\n" not in error
+        assert ("no graphs for batch 2 at 160x128 px (latent 20x16); this build has: 128x128-b2, 192x128-b2, "
+                "128x128-b4") in error, error
+
+        report = load_test(server.grpc_url, requests=6, concurrency=2)  # every (shape, stage) under load
+        assert report["shapes_sent"] == MULTI_KEYS and report["errors"] == report["mismatches"] == 0
+        assert compare_local(server.http_url, tiny_multi_build, repeats=1)["identical"]
+
+        remote, here = tmp_path / "remote.png", tmp_path / "local.png"
+        for args, path in (([f"--triton={server.grpc_url}"], remote), ([str(tiny_multi_build)], here)):
+            result = CliRunner().invoke(main, ["generate", *args, "-p", "a red fox", "--steps", "2", "--width", "192",
+                                               "-o", str(path)])
+            assert result.exit_code == 0, result.output
+        assert remote.read_bytes() == here.read_bytes()

@@ -95,6 +95,14 @@ def build_succeeds(spy: Spy, api: TensorRTApi, tmp: Path) -> None:
     assert len(targets) == (1 if api.ahead_of_time else 0)
     initializers = [c.args for c in spy.calls if c.target == "OnnxParser.load_initializer"]
     assert [(name, size) for name, _, size in initializers] == [("w", 4096)]
+    flags = [c.args[0] for c in spy.calls if c.target == "IBuilderConfig.set_flag"]
+    assert flags == [spy.BuilderFlag.STRIP_PLAN, spy.BuilderFlag.REFIT_IDENTICAL]  # stripped for identical weights
+    # refittable plans (what refit builds link and StagedUNet.use_weights refits): REFIT, never REFIT_IDENTICAL
+    before = len(spy.calls)
+    EngineLibrary(api).build(onnx_path, tmp / "refittable.plan",
+                             BuildOptions(targets=options.targets, strip_weights=True, refittable=True))
+    flags = [c.args[0] for c in spy.calls[before:] if c.target == "IBuilderConfig.set_flag"]
+    assert flags == [spy.BuilderFlag.REFIT, spy.BuilderFlag.STRIP_PLAN]
 
 
 def build_fails(spy: Spy, api: TensorRTApi, tmp: Path) -> None:
@@ -192,6 +200,31 @@ def runtime_failures(spy: Spy, api: TensorRTApi, tmp: Path) -> None:
         StageEngines(api, tmp, files, IO_NAMES)
 
 
+def runtime_refit(spy: Spy, api: TensorRTApi, tmp: Path) -> None:
+    """``StagedUNet.use_weights`` on engines: each loaded engine refitted in place from another build's graph."""
+    files = plans(tmp, ["baseline", "stage0"])
+    engine_spy(spy, [300, 700])
+    engines = StageEngines(api, tmp, files, IO_NAMES, "resident")
+    engines.share_activations(0x7000, 1024)
+    other = {key: tmp / f"other-{Path(key).stem}.onnx" for key in files}
+    synced = count()
+    spy.returns["ICudaEngine.refittable"] = True
+    engines.refit(other, synchronize=lambda: next(synced))
+    refits = [c.args for c in spy.calls if c.target == "OnnxParserRefitter.refit_from_file"]
+    assert refits == [(str(other[key]),) for key in files] and next(synced) == 1
+    assert len([c for c in spy.calls if c.target == "Refitter.refit_cuda_engine"]) == 2
+    assert [c.args for c in spy.calls if c.target == "IExecutionContext.set_device_memory"] == [(0x7000, 1024)] * 2
+    with pytest.raises(EngineRuntimeError, match="engines/stage0.plan: no graph to refit its engine from"):
+        engines.refit({"engines/baseline.plan": other["engines/baseline.plan"]}, synchronize=lambda: None)
+    spy.returns["Refitter.refit_cuda_engine"] = False
+    with pytest.raises(EngineRuntimeError, match="other-baseline.onnx: refitting engines/baseline.plan failed"):
+        engines.refit(other, synchronize=lambda: None)
+    spy.returns["ICudaEngine.refittable"] = False
+    with pytest.raises(EngineRuntimeError, match="built without refit support"):
+        engines.refit(other, synchronize=lambda: None)
+    engines.close()
+
+
 def runtime_cycled(spy: Spy, api: TensorRTApi, tmp: Path) -> None:
     """TensorRT-RTX: one stage's weights on the GPU at a time, swapped before a stage runs."""
     files = plans(tmp, ["baseline", "stage0", "stage1"])
@@ -225,6 +258,8 @@ def runtime_cycled(spy: Spy, api: TensorRTApi, tmp: Path) -> None:
         engines.make_resident("engines/stage0.plan", synchronize=lambda: None)
     with pytest.raises(EngineRuntimeError, match="weight-stripped"):
         StageEngines(api, tmp, files, IO_NAMES, "cycled", refit_from={key: tmp / "graph.onnx" for key in files})
+    with pytest.raises(EngineRuntimeError, match="weights 'cycled' reload each stage's weights from its plan"):
+        engines.refit({key: tmp / "graph.onnx" for key in files}, synchronize=lambda: None)
     spy.returns["ICudaEngine.load_weights"] = False
     engine_spy(spy, [100])
     fresh = StageEngines(api, tmp, plans(tmp, ["solo"]), IO_NAMES, "cycled")
@@ -263,7 +298,7 @@ def _engine(spy: Spy, api: TensorRTApi, tmp: Path) -> object:
 
 
 SCENARIOS: list[Callable[[Spy, TensorRTApi, Path], None]] = [
-    build_succeeds, build_fails, runtime_resident, runtime_failures, library_specifics]
+    build_succeeds, build_fails, runtime_resident, runtime_failures, runtime_refit, library_specifics]
 
 
 @pytest.mark.parametrize("backend, api_class", LIBRARIES)

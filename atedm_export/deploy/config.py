@@ -54,13 +54,16 @@ def _graph_tensors(entries: list[TensorEntry]) -> list[tuple[str, str, list[int]
     return [(t.name, precision_of(t.dtype).triton, list(t.shape)) for t in entries]
 
 
-def router_tensors(manifest: Manifest) -> tuple[list[tuple[str, Precision, list[int]]], list[tuple[str, Precision, list[int]]]]:
+RouterTensors = list[tuple[str, Precision, list[int]]]  # (name, precision, per-row dims)
+
+
+def router_tensors(manifest: Manifest) -> tuple[RouterTensors, RouterTensors]:
     """The router's per-row inputs and outputs (the graphs' without their batch dim; a scalar per row is ``[1]``, as
     are the step inputs and the stage output): ``(name, precision, dims)``, a dim ``-1`` where the build's shapes
     differ in it."""
     views = manifest.views()
 
-    def rows(pick: Any) -> list[tuple[str, Precision, list[int]]]:
+    def rows(pick: Any) -> RouterTensors:
         tensors = []
         for i, t in enumerate(pick(manifest)):
             dims = [list(pick(v)[i].shape[1:]) or [1] for v in views]
@@ -73,7 +76,7 @@ def router_tensors(manifest: Manifest) -> tuple[list[tuple[str, Precision, list[
     return inputs, outputs
 
 
-def _triton(tensors: list[tuple[str, Precision, list[int]]]) -> list[tuple[str, str, list[int]]]:
+def _triton(tensors: RouterTensors) -> list[tuple[str, str, list[int]]]:
     return [(name, p.triton, dims) for name, p, dims in tensors]
 
 

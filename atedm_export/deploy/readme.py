@@ -25,8 +25,9 @@ def _io_table(manifest: Manifest, max_batch: int) -> str:
             rows.append(f"| `{name}` ({direction}) | {precision.wire} | {_dims(dims)}{note} |")
     text = "\n".join(rows) + f"\n\n`b` is 1 to {max_batch} rows (one latent each; a classifier-free-guidance pair is 2)."
     if any(-1 in dims for _, _, dims in inputs):
-        text += ("\n`h`, `w`: a latent height, a width (pixels / 8) the build's shapes differ in: the router's config "
-                 "takes any\nvalue there, and the router refuses a shape the build lacks with one line naming its shapes.")
+        text += ("\n`h`, `w`: a latent height, a width (pixels / 8) the build's shapes differ in: the router's "
+                 "config takes any\nvalue there, and the router refuses a shape the build lacks with one line "
+                 "naming its shapes.")
     return text
 
 
@@ -99,10 +100,12 @@ def repository_readme(record: dict, manifest: Manifest) -> str:
     if manifest.multi_shape:
         size = f"at {len(manifest.shapes)} shapes ({', '.join(s.key for s in manifest.shape_list)})"
         batches = "static batches\n  of the request's shape"
-        first = (f"\n`generate` draws at the build's first shape, {manifest.shape.key}, unless `--width`, `--height` or "
-                 "`--batch`\npick another; the UNet `connect` gives runs each call at its `sample`'s shape.\n")
+        first = (f"\n`generate` draws at the build's first shape, {manifest.shape.key}, unless `--width`, "
+                 "`--height` or `--batch`\npick another; the UNet `connect` gives runs each call at its `sample`'s "
+                 "shape.\n")
     else:
-        size, batches, first = f"at {spec.width}x{spec.height}", f"static batches of {manifest.inputs[0].shape[0]} rows", ""
+        size, first = f"at {spec.width}x{spec.height}", ""
+        batches = f"static batches of {manifest.inputs[0].shape[0]} rows"
     return f"""# Triton model repository: {spec.name}
 
 Written by atedm-export {record['atedm_export']} from `{record['build']}` ({record['backend']} variant),

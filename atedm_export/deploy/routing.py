@@ -85,7 +85,8 @@ class Router:
         raise missing
 
     def graph_of(self, stage: str, view: Manifest | None = None) -> str:
-        """The graph (``graph_id``) a stage runs at ``view``'s shape: a stage that prunes nothing reuses the baseline's."""
+        """The graph (``graph_id``) a stage runs at ``view``'s shape (default: the first): a stage that prunes nothing
+        reuses the baseline's."""
         view = view or self.manifest
         built = next(entry for entry in view.stages if entry.name == stage)
         return graph_id(view, built.same_as or stage)

@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
 from ..errors import AtedmError, first_line
-from ..families import FAMILIES, SDXL_REFINER, Family, family_of
+from ..families import SDXL_REFINER, Family, family_of
 from ..manifest import Manifest
 from ..models import BUILTIN_CONFIGS, is_builtin
 from ..staging import check_output_file
@@ -34,8 +34,6 @@ SDXL_SCHEDULER = {
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
     "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
 }
-#: Classifier-free guidance scale each family's pipeline defaults to (``Family.guidance``), by family name.
-GUIDANCE = {name: family.guidance for name, family in FAMILIES.items()}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -233,7 +231,7 @@ def resolve_settings(manifest: Manifest, steps: int | None, guidance: float | No
     of odd batch runs without it (``--guidance 1``)."""
     spec = manifest.graph_spec
     steps = steps or spec.steps
-    guidance = GUIDANCE[manifest.contract.family.name] if guidance is None else guidance
+    guidance = manifest.contract.family.guidance if guidance is None else guidance
     if spec.batch % 2 and guidance > 1.0:
         raise AtedmError(f"the build has batch {spec.batch}: classifier-free guidance needs an even batch; pass --guidance 1")
     return steps, guidance
