@@ -169,6 +169,11 @@ def _prepare(request: BuildRequest, selected: list[int]) -> _Model:
     return _Model(meta, shapes, pipeline_folder(spec.model), loras)
 
 
+#: onnxruntime's UNet fusion packs an fp16 attention's biases at twice their size (1.32: "Raw data size does not
+#: match tensor's size", full SDXL fp16), and a CPU session casts fp16 graphs to fp32 anyway: fp32 graphs only.
+ORT_FUSION_PRECISIONS = ("fp32",)
+
+
 def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
     """Run the whole build; returns the manifest of the folder now at ``request.out``.
 
@@ -176,6 +181,9 @@ def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
     checked, and the output folder tested for writing, before anything is written.
     """
     out = request.out.resolve()
+    if request.ort_fusion and request.spec.precision not in ORT_FUSION_PRECISIONS:
+        raise AtedmError(f"--ort-fusion takes {', '.join(ORT_FUSION_PRECISIONS)} graphs; onnxruntime's UNet fusion "
+                         f"mis-sizes {request.spec.precision} attention weights (pass --no-ort-fusion or --precision fp32)")
     selected = _select_stages(request)
     library, engine_info = resolve_engine(request)
     model = _prepare(request, selected)
@@ -311,7 +319,8 @@ def _build_into(
     if library is not None:
         engine_info = engine_info.model_copy(update={"weights_stripped": strip, "refittable": request.refittable_engines})
     # The optimizer takes ~25 s a graph whatever the model's width: worth it where a call takes seconds.
-    ort_fusion = request.ort_fusion if request.ort_fusion is not None else weight_bytes > ISOLATE_BYTES
+    ort_fusion = request.ort_fusion if request.ort_fusion is not None else (
+        weight_bytes > ISOLATE_BYTES and spec.precision in ORT_FUSION_PRECISIONS)
 
     (work / GRAPHS_DIR).mkdir()
     (work / ENGINES_DIR).mkdir()

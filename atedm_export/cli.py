@@ -365,9 +365,12 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.option("--ort-fusion/--no-ort-fusion", default=None,
               help="Also write each graph's onnxruntime form, attention fused by onnxruntime's optimizer (~25 s a "
                    "graph) [default: for UNets over 1 GB of weights].")
+@click.option("--refittable-engines", "refittable", is_flag=True,
+              help="Engines that take other weights (BuilderFlag.REFIT): refit --lora links them instead of rebuilding, "
+                   "and StagedUNet.use_weights refits them in place.")
 def build(spec: str, schedule: str | None, prune_point: str | None, out: Path | None, backend: str, target: str | None, precision: str | None, stages: str | None,
           force: bool, opt_level: int, workspace: float | None, timing_cache: Path | None,
-          strip_weights: bool | None, ort_fusion: bool | None) -> None:
+          strip_weights: bool | None, ort_fusion: bool | None, refittable: bool) -> None:
     """Export every DSAP stage of SPEC (and the unpruned baseline) to ONNX and compile engines.
 
     SPEC is a graph spec YAML file or a built-in spec name (default: tiny-sdxl). The build is written to
@@ -389,7 +392,7 @@ def build(spec: str, schedule: str | None, prune_point: str | None, out: Path | 
         if not re.fullmatch(r"sm\d{2,3}", t):
             raise AtedmError(f"unknown target '{t}'; expected a compute capability such as sm86 or sm89")
     request = BuildRequest(graph_spec, out, backend, targets, _split(stages), force, opt_level, workspace, timing_cache,
-                           strip_weights, ort_fusion, create_parent=default_out)
+                           strip_weights, ort_fusion, refittable_engines=refittable, create_parent=default_out)
     start = time.perf_counter()
     with console.status("building…") as status:
         def progress(graph: str, event: str, seconds: float | None) -> None:
@@ -493,6 +496,12 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
     out.print(f"weights: {_mib(shared['bytes'])} MiB in {shared['path']}, shared by {shared['graphs_sharing']} graphs; "
               f"graphs on disk {_mib(sizes['on_disk'])} MiB ({sizes['on_disk'] / shared['bytes']:.2f}x the weights; "
               f"{_mib(sizes['unshared'])} MiB with a copy each)", highlight=False)
+    if manifest.weights_delta:
+        source = f" (refit of {manifest.refit.build})" if manifest.refit else ""
+        out.print(Text(f"of which {_mib(manifest.weights_delta.bytes)} MiB in {manifest.weights_delta.path}: the tensors "
+                       f"its LoRAs changed, beside the base {manifest.weights.path}{source}"))
+    for lora in manifest.loras:
+        out.print(Text(f"LoRA {lora.file} (scale {lora.scale:g}, sha256 {lora.sha256[:12]}…) fused into the weights"))
     out.print(f"total on disk: {_mib(data['total_bytes'])} MiB", highlight=False)
     for prediction in predictions:
         out.print(_prediction_table(prediction, spec.batch, spec.precision))

@@ -83,7 +83,7 @@ def inspect_build(folder: Path, manifest: Manifest) -> dict:
     unique = {e.onnx.path: e for e in manifest.all_graphs()}
     labels = {path: (f"{e.name}@{view.shape.key}" if manifest.multi_shape else e.name)
               for view in manifest.views() for e in view.graphs() for path in [e.onnx.path]}
-    weights = manifest.weights.bytes
+    weights = sum(f.bytes for f in manifest.weight_files)  # a refit build's base and its changed tensors
     graph_bytes = sum(e.onnx.bytes for e in unique.values())
     first = shape_summary(manifest)
     return {
@@ -95,7 +95,10 @@ def inspect_build(folder: Path, manifest: Manifest) -> dict:
         "shapes": [shape_summary(view) for view in manifest.views()],
         "ops": {labels[path]: op_histogram(folder / path) for path in unique},
         "attention": {labels[path]: attention_forms(folder, e) for path, e in unique.items()},
-        "weights": {"path": manifest.weights.path, "bytes": weights, "graphs_sharing": len(unique)},
+        "weights": {"path": manifest.weights.path, "bytes": weights, "graphs_sharing": len(unique),
+                    "files": [f.model_dump() for f in manifest.weight_files]},
+        "loras": [lora.model_dump() for lora in manifest.loras],
+        "refit": manifest.refit.model_dump() if manifest.refit else None,
         # what the graphs would take with a copy of the weights each, against what they take on disk
         "onnx_bytes": {"on_disk": weights + graph_bytes, "unshared": len(unique) * weights + graph_bytes},
         "total_bytes": sum(f.bytes for f in manifest.files()),

@@ -45,6 +45,9 @@ def inputs(tmp_path_factory) -> Path:
     _spec(root, "bad-role", schedule={"stages": [{"name": "main", "until": 1.0, "blocks": {"@nowhere": 0.5}}]})
     _spec(root, "cross-attn1", pruning={"importance": "cross", "prune_point": "attn1"})
     _spec(root, "zero-steps", steps=0)
+    shape = {"batch": 2, "height": 128, "width": 128}
+    (root / "twice-listed-shape.yaml").write_text(yaml.safe_dump({"name": "twice", "model": "tiny-sd15",
+                                                                  "shapes": [shape, shape]}))
     # a diffusers folder whose weights file is not safetensors
     broken = root / "broken-weights"
     build_unet(BUILTIN_CONFIGS["tiny-sd15"]).save_pretrained(broken / "unet")
@@ -172,6 +175,8 @@ CASES = [
     ("build {in}/unknown-schedule.yaml", "unknown schedule 'fastest'"),
     ("build {in}/zero-steps.yaml", "steps"),
     ("build {in}/no-such-folder.yaml --out {out}/b", "model path /no/such/folder does not exist"),
+    ("build tiny-sd15 --precision fp16 --ort-fusion --backend onnx --out {out}/b", "--ort-fusion takes fp32 graphs"),
+    ("build {in}/twice-listed-shape.yaml --out {out}/b", "shapes: 128x128-b2 is listed twice"),
     ("build {in}/garbage-file.yaml --out {out}/b", "is not a readable safetensors file"),
     ("build {in}/pickle.yaml --out {out}/b", "pickle checkpoints are never loaded"),
     ("build {in}/broken-weights.yaml --out {out}/b --backend onnx", "cannot load the UNet in"),

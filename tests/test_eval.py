@@ -322,7 +322,7 @@ def _copy(build: Path, folder: Path, edit, drop: str | None = None) -> None:  # 
             (folder / file.relative_to(build)).parent.mkdir(parents=True, exist_ok=True)
             os.link(file, folder / file.relative_to(build))
     if drop:
-        (folder / data[drop]["onnx"]["path"]).unlink()
+        (folder / data["shapes"][0][drop]["onnx"]["path"]).unlink()
     edit(data)
     (folder / "manifest.json").write_text(json.dumps(data))
 

@@ -45,13 +45,14 @@ def test_sdxl_buckets_preset_and_its_keep_counts():
     """The seven ~1 MP buckets, each planned at its own token counts (meta device: no weights)."""
     from atedm_export.build import BuildRequest, _prepare
 
-    spec = parse_spec({**load_spec("sdxl-base-1024").model_dump(mode="json"), "shapes": "sdxl-buckets",
-                       "height": 1024, "width": 1024, "batch": 2})
+    sdxl = load_spec("sdxl-base-1024").model_dump(mode="json")
+    spec = parse_spec({**sdxl, "shapes": "sdxl-buckets", "height": 1024, "width": 1024, "batch": 2})
     assert [s.key for s in spec.shape_list] == ["1024x1024-b2", "1152x896-b2", "896x1152-b2", "1216x832-b2",
                                                 "832x1216-b2", "1344x768-b2", "768x1344-b2"]
-    model = _prepare(BuildRequest(spec, Path("unused")), [0, 1])
+    two = parse_spec({**sdxl, "shapes": [s.model_dump() for s in spec.shape_list[::3]]})  # 1024², 1216x832, 768x1344
+    model = _prepare(BuildRequest(two, Path("unused")), [0, 1])
     finest = {at.shape.key: max(b.tokens for b in at.blocks) for at in model.shapes}
-    assert finest["1024x1024-b2"] == 64 * 64 and finest["1216x832-b2"] == 76 * 52 and finest["1344x768-b2"] == 84 * 48
+    assert finest == {"1024x1024-b2": 64 * 64, "1216x832-b2": 76 * 52, "768x1344-b2": 48 * 84}
     main_stage = {at.shape.key: at.plans[1].keep for at in model.shapes}
     assert main_stage["1216x832-b2"]["down_blocks.1.attentions.0"] == round(0.37 * 76 * 52)
 
@@ -103,12 +104,11 @@ def test_multi_shape_build_shares_one_weights_file(tiny_multi_build):
     assert graph_bytes < 6 * 1.5 * 2**20  # each graph file is small; the weights are stored once
 
 
-def test_multi_shape_graphs_verify_at_every_shape(tiny_multi_build):
+def test_multi_shape_graphs_verify_at_their_shape(tiny_multi_build):
     from atedm_export.verify import verify_build
 
-    checks = verify_build(tiny_multi_build, shapes=[SHAPES[1], SHAPES[2]])
-    assert [c.graph for c in checks] == ["baseline@192x128-b2", "main@192x128-b2", "baseline@128x128-b4",
-                                         "main@128x128-b4"]
+    checks = verify_build(tiny_multi_build, shapes=[SHAPES[1]])  # the loop test below runs every shape
+    assert [c.graph for c in checks] == ["baseline@192x128-b2", "main@192x128-b2"]
     assert all(c.passed and c.cosine > 0.99999 for c in checks), checks
 
 
@@ -136,13 +136,13 @@ def test_a_sampling_loop_at_each_shape_equals_eager_per_call(tiny_multi_build):
     manifest = ort.manifest
     for shape in SHAPES:
         recorder = _Recorder(ort)
-        final = sample_loop(recorder, EulerDiscreteScheduler(**SDXL_SCHEDULER), manifest.at(shape).contract, 4)
+        final = sample_loop(recorder, EulerDiscreteScheduler(**SDXL_SCHEDULER), manifest.at(shape).contract, 2)
         assert list(final.shape) == [shape.batch, 4, shape.height // 8, shape.width // 8]
-        eager.set_timesteps(_timesteps(4))
+        eager.set_timesteps(_timesteps(2))
         for sample, t, text, out in recorder.calls:
             expected = eager(sample, t, text).sample
             torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-3)
-    assert ort.stats["main"].calls == 4 * len(SHAPES)
+    assert ort.stats["main"].calls == 2 * len(SHAPES)
 
 
 def _timesteps(steps: int) -> torch.Tensor:

@@ -193,7 +193,7 @@ def _shared_build(work: Path, request: DeployRequest, manifest: Manifest) -> lis
     folder.mkdir(parents=True)
     manifest.save(folder)
     graphs = {f.path: f for e in manifest.all_graphs() for f in (e.onnx, e.ort_onnx) if f is not None}
-    placements = [(item, folder / item.path) for item in (manifest.weights, *graphs.values())]
+    placements = [(item, folder / item.path) for item in (*manifest.weight_files, *graphs.values())]
     for item, target in placements:
         _place(request.build / item.path, target, item, "build", request.link)
     return _records(work, placements)
