@@ -47,6 +47,18 @@ def _progress_line(start: float, name: str, width: int, event: str, seconds: flo
                                 " ", event, (took, "dim")), highlight=False)
 
 
+@contextlib.contextmanager
+def _progress(what: str, width: int) -> Iterator[Callable[[str, str, float | None], None]]:
+    """A status line while a long job runs, and one printed line per event of it (``_progress_line``)."""
+    start = time.perf_counter()
+    with console.status(f"{what}…") as status:
+        def progress(name: str, event: str, seconds: float | None) -> None:
+            _progress_line(start, name, width, event, seconds)
+            status.update(Text(f"{name}: {event}…"))
+
+        yield progress
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what ``kill``, ``timeout``, CI runners and ``docker stop`` send), raised where the program is, so
     the same ``finally`` blocks that clean up after Ctrl-C run: staging folders and locks go, children die."""
@@ -394,11 +406,7 @@ def build(spec: str, schedule: str | None, prune_point: str | None, out: Path | 
     request = BuildRequest(graph_spec, out, backend, targets, _split(stages), force, opt_level, workspace, timing_cache,
                            strip_weights, ort_fusion, refittable_engines=refittable, create_parent=default_out)
     start = time.perf_counter()
-    with console.status("building…") as status:
-        def progress(graph: str, event: str, seconds: float | None) -> None:
-            _progress_line(start, graph, 10, event, seconds)
-            status.update(Text(f"{graph}: {event}…"))
-
+    with _progress("building", 10) as progress:
         manifest = run_build(request, progress)
     out_console = out.resolve()
     console.print(_graphs_table(manifest, Text(f"{graph_spec.name} → {out_console}")))
@@ -423,12 +431,7 @@ def refit(build_dir: Path, loras: tuple[str, ...], out: Path, force: bool) -> No
     from .refit import refit as run_refit
 
     request = RefitRequest(build_dir, tuple(iter_loras(loras)), out, force)
-    start = time.perf_counter()
-    with console.status("refitting…") as status:
-        def progress(stage: str, event: str, seconds: float | None) -> None:
-            _progress_line(start, stage, 11, event, seconds)
-            status.update(Text(f"{stage}: {event}…"))
-
+    with _progress("refitting", 11) as progress:
         result = run_refit(request, progress)
     if result.manifest.engine.skipped and not any("engines" in n for n in result.notes):
         _say("engines skipped:", "yellow", result.manifest.engine.skipped)
