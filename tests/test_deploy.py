@@ -480,6 +480,7 @@ def multi_repo(tiny_multi_build, tmp_path_factory):
     return repo
 
 
+@pytest.mark.slow  # the 3-shape build: ~80 s of exports
 def test_multi_shape_repository_has_a_graph_model_per_shape_and_stage(multi_repo, tiny_multi_build):
     manifest = Manifest.load(tiny_multi_build)
     assert [s.key for s in manifest.shape_list] == MULTI_KEYS
@@ -513,6 +514,7 @@ def test_multi_shape_repository_has_a_graph_model_per_shape_and_stage(multi_repo
     assert "| `sample` (in) | FP32 | `[b, 4, 16, w]` |" in readme
 
 
+@pytest.mark.slow  # the 3-shape build: ~80 s of exports
 def test_the_router_picks_each_requests_shape_and_a_missing_one_is_one_line(tiny_multi_build):
     """Shape by (rows, latent height, width) through the manifest's lookup: the shape of exactly those rows, else the
     next larger batch at that size (padded), else the largest (chunked); an unbuilt size names the shapes."""
@@ -542,6 +544,7 @@ def test_the_router_picks_each_requests_shape_and_a_missing_one_is_one_line(tiny
     assert router.gather(chunks[3], feeds)["sample"].shape == (4, 4, 16, 16)  # padded to the batch of 4
 
 
+@pytest.mark.slow  # the 3-shape build: ~80 s of exports
 def test_a_graph_model_at_another_shapes_dims_is_refused(multi_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(multi_repo, repo)

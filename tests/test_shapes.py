@@ -83,9 +83,10 @@ def test_parse_shape_from_the_command_line():
             parse_shape(bad)
 
 
-# --- the build ---------------------------------------------------------------------------------
+# --- the build (slow: the session's 3-shape build is six exports, ~80 s on 2 cores) ------------------
 
 
+@pytest.mark.slow
 def test_multi_shape_build_shares_one_weights_file(tiny_multi_build):
     manifest = Manifest.load(tiny_multi_build)
     assert manifest.shape_list == SHAPES and manifest.multi_shape
@@ -104,6 +105,7 @@ def test_multi_shape_build_shares_one_weights_file(tiny_multi_build):
     assert graph_bytes < 6 * 1.5 * 2**20  # each graph file is small; the weights are stored once
 
 
+@pytest.mark.slow
 def test_multi_shape_graphs_verify_at_their_shape(tiny_multi_build):
     from atedm_export.verify import verify_build
 
@@ -128,6 +130,7 @@ class _Recorder(torch.nn.Module):
         return out
 
 
+@pytest.mark.slow
 def test_a_sampling_loop_at_each_shape_equals_eager_per_call(tiny_multi_build):
     """One StagedUNet runs a whole loop at every shape of the build; each call equals the eager module's on the
     same inputs (per call: near-uniform random maps flip kept tokens over a trajectory, DESIGN.md §6)."""
@@ -151,6 +154,7 @@ def _timesteps(steps: int) -> torch.Tensor:
     return scheduler.timesteps
 
 
+@pytest.mark.slow
 def test_a_shape_the_build_lacks_is_one_line(tiny_multi_build):
     staged = StagedUNet.load(tiny_multi_build, backend="onnxruntime")
     staged.set_timesteps(_timesteps(4))
@@ -163,6 +167,7 @@ def test_a_shape_the_build_lacks_is_one_line(tiny_multi_build):
     assert staged.manifest.find(height=128, batch=4).shape == SHAPES[2]
 
 
+@pytest.mark.slow
 def test_cli_generate_at_two_shapes_inspect_grid_and_missing_shape(tiny_multi_build, tmp_path):
     from PIL import Image
 
@@ -188,6 +193,7 @@ def test_cli_generate_at_two_shapes_inspect_grid_and_missing_shape(tiny_multi_bu
     assert data["shapes"][1]["graphs"][1]["onnx"] == "onnx/main.192x128-b2.onnx"
 
 
+@pytest.mark.slow
 def test_manifest_shapes_must_be_the_specs(tiny_multi_build, tmp_path):
     data = json.loads((tiny_multi_build / "manifest.json").read_text())
     data["shapes"] = data["shapes"][:2]
@@ -198,6 +204,7 @@ def test_manifest_shapes_must_be_the_specs(tiny_multi_build, tmp_path):
         Manifest.load(tmp_path, verify=False)
 
 
+@pytest.mark.slow
 def test_bench_times_the_shape_asked_for(tiny_multi_build):
     from atedm_export.bench import run_bench
 

@@ -294,6 +294,7 @@ def test_serve_runs_until_sigterm_then_stops_the_server_and_leaves_the_repositor
 
 
 
+@pytest.mark.slow  # the 3-shape build and a 7-model server: ~2 minutes
 def test_one_router_serves_every_shape_of_a_multi_shape_build(install, multi_repo, tiny_multi_build, tmp_path):
     """The three-shape build's repository on a real server: calls at two shapes through the one router equal the
     onnxruntime backend's on the same inputs, call by call; a row short of a batch is padded within its shape;
