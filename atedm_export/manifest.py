@@ -392,8 +392,8 @@ class Manifest(_Model):
             contract = self.contract
         except AtedmError as exc:
             raise ManifestError(f"{source}: spec: {exc}") from None
-        where = f"{source}: shape {self.shape.key}" if self.multi_shape else str(source)
-        source = where
+        if self.multi_shape:
+            source = f"{source}: shape {self.shape.key}"
         for field, recorded, implied in (("inputs", self.inputs, contract.inputs), ("outputs", self.outputs, contract.outputs)):
             implied_entries = [TensorEntry.of(t) for t in implied]
             if list(recorded) != implied_entries:
