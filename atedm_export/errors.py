@@ -28,6 +28,10 @@ class PlanError(AtedmError):
     """A pruning plan that does not fit the model it is applied to."""
 
 
+class KernelUnavailable(AtedmError):
+    """``map_impl: kernels`` where the map layer's kernels cannot run (no triton, or CPU tensors without its interpreter)."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of a third-party exception's message (Triton's ``.message()`` too), for a one-line error."""
     message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)

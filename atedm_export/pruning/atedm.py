@@ -14,10 +14,11 @@ The pair a method is (``methods.py``): *select* is G-WPR plus static top-k and a
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from .attention import attention_with_map
+from .attention import MapImpl, attention_with_map, attention_with_map_kernels, resolve_map_impl
 from .block import BlockCall, BlockState, close_block, cross_and_ff, open_block
 from .gwpr import cross_gwpr_scores, gwpr_scores, pooled_gwpr_scores
 from .options import PruneOptions
@@ -25,10 +26,33 @@ from .recover import copy_recover, recovery_sources, skip_recover
 from .select import gather_tokens, select_tokens
 
 
-def _self_scores(self_map: torch.Tensor, opts: PruneOptions, grid: tuple[int, int]) -> torch.Tensor:
+def _self_scores(self_map: torch.Tensor, opts: PruneOptions, grid: tuple[int, int],
+                 first_step: torch.Tensor | None) -> torch.Tensor:
     if opts.map_pool == 1:
-        return gwpr_scores(self_map, opts.iterations, opts.damping)
+        return gwpr_scores(self_map, opts.iterations, opts.damping, first_step)
     return pooled_gwpr_scores(self_map, grid, opts.map_pool, opts.iterations, opts.damping)
+
+
+def self_attention_map(attn: Attention, hidden: torch.Tensor, opts: PruneOptions, grid: tuple[int, int],
+                       impl: MapImpl) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The first layer's self-attention output, its head-combined map, and G-WPR's first step where the
+    kernels fused it into the map's pass (None on the explicit path, which takes every step itself)."""
+    if impl == "kernels":
+        return attention_with_map_kernels(attn, hidden)
+    out, self_map = attention_with_map(attn, hidden, None, opts.heads, opts.map_output, opts.map_pool, grid)
+    return out, self_map, None
+
+
+def map_layer(attn: Attention, hidden: torch.Tensor, keep: int, opts: PruneOptions,
+              grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The map layer alone, as ``atedm_block`` runs it under ``opts`` (self importance): the self-attention's
+    output ``[B, N, C]``, the kept tokens ``[B, k]`` and every position's recovery slot ``[B, N]``.
+    What ``tools/gpu_bench.py`` times beside SDPA and the kernel tests compare across ``map_impl``."""
+    impl = resolve_map_impl(opts.map_impl, opts.heads, opts.map_pool, hidden)
+    out, self_map, first_step = self_attention_map(attn, hidden, opts, grid, impl)
+    kept = select_tokens(_self_scores(self_map, opts, grid, first_step), keep, opts.selection)
+    rows = _map_rows(grid, opts.map_pool, hidden.device)
+    return out, kept, recovery_sources(self_map, kept, rows, kernels=impl == "kernels")
 
 
 def _map_rows(grid: tuple[int, int], pool: int, device: torch.device) -> torch.Tensor | None:
@@ -48,8 +72,8 @@ def atedm_block(block: Transformer2DModel, state: BlockState, call: BlockCall) -
     tokens, grid = given.tokens, given.grid
     first, rest = block.transformer_blocks[0], block.transformer_blocks[1:]
 
-    attn_out, self_map = attention_with_map(first.attn1, first.norm1(tokens), None, opts.heads, opts.map_output,
-                                            opts.map_pool, grid)
+    impl = resolve_map_impl(opts.map_impl, opts.heads, opts.map_pool, tokens)
+    attn_out, self_map, first_step = self_attention_map(first.attn1, first.norm1(tokens), opts, grid, impl)
     block_input, tokens = tokens, attn_out + tokens
     if opts.prune_point == "layer":
         if opts.importance == "cross":
@@ -59,9 +83,9 @@ def atedm_block(block: Transformer2DModel, state: BlockState, call: BlockCall) -
             scores = cross_gwpr_scores(cross_map, opts.iterations)
         else:
             tokens = cross_and_ff(first, tokens, encoder_hidden_states)
-            scores = _self_scores(self_map, opts, grid)
+            scores = _self_scores(self_map, opts, grid, first_step)
     else:
-        scores = _self_scores(self_map, opts, grid)
+        scores = _self_scores(self_map, opts, grid, first_step)
     rows = _map_rows(grid, opts.map_pool, tokens.device)
 
     kept = select_tokens(scores, state.keep, opts.selection)
@@ -78,11 +102,11 @@ def atedm_block(block: Transformer2DModel, state: BlockState, call: BlockCall) -
     if opts.recovery == "copy" and block.use_linear_projection:
         # proj_out is per token: run it on the k kept tokens, then copy into the N positions.
         batch, _, height, width = given.residual.shape
-        out = copy_recover(block.proj_out(x), recovery_sources(self_map, kept, rows))
+        out = copy_recover(block.proj_out(x), recovery_sources(self_map, kept, rows, kernels=impl == "kernels"))
         out = out.reshape(batch, height, width, given.inner_dim).permute(0, 3, 1, 2).contiguous() + given.residual
         return Transformer2DModelOutput(sample=out)
     if opts.recovery == "copy":
-        full = copy_recover(x, recovery_sources(self_map, kept, rows))
+        full = copy_recover(x, recovery_sources(self_map, kept, rows, kernels=impl == "kernels"))
     else:
         full = skip_recover(tokens, x, kept)
     return Transformer2DModelOutput(sample=close_block(block, full, given))

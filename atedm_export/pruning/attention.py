@@ -14,6 +14,10 @@ shapes, which the graph cleaner folds into constants, after which neither optimi
 each head's probabilities either also give that head's output (``map_output="reuse"``: no second
 ``q·kᵀ``) or the output runs through the fused attention (``"fused"``: the map path only reads ``q`` and
 ``k``; a GPU's fused kernel then never writes the output's map to memory).
+
+The same layer also runs as the Triton kernels of ``atedm_export/kernels`` (``map_impl``, ``resolve_map_impl``):
+one flash pass gives the output and each head's log-sum-exp, one more writes the head-mean map from the fp16
+``q`` and ``k`` with G-WPR's first step beside it. An export always takes the explicit form above.
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from ..errors import ModelError
+from ..kernels import ops as kernel_ops  # noqa: F401 - registers torch.ops.atedm.* (no triton until they run)
+from ..kernels.runnable import require_runnable, why_not
 
 _STOCK_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
 HeadReduce = Literal["mean", "max"]
 MapOutput = Literal["reuse", "fused"]
+MapImpl = Literal["explicit", "kernels"]
 
 
 def explicit_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -138,6 +145,35 @@ def attention_with_map(
     else:
         raise ValueError(f"map output must be 'reuse' or 'fused', got {map_output!r}")
     return attn.to_out[1](attn.to_out[0](out)), combined
+
+
+def resolve_map_impl(choice: str, heads: HeadReduce, pool: int, x: torch.Tensor) -> MapImpl:
+    """The map layer's implementation for tensors like ``x`` under the option ``map_impl=choice``.
+
+    An ONNX export is always ``explicit`` (the graphs stay standard ops); ``kernels`` where the kernels cannot
+    run on ``x``'s device is a one-line ``KernelUnavailable``; ``auto`` takes the kernels on CUDA tensors where
+    they compute the options' map (head mean, no pooling) and triton is installed, the explicit path elsewhere.
+    """
+    if choice == "explicit" or torch.onnx.is_in_onnx_export():
+        return "explicit"
+    if choice == "kernels":
+        require_runnable(x.device)
+        return "kernels"
+    takes = x.is_cuda and heads == "mean" and pool == 1 and why_not(x.device) is None
+    return "kernels" if takes else "explicit"
+
+
+def attention_with_map_kernels(attn: Attention, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``attention_with_map``'s self-attention on the kernels: the output, the head-mean map ``[B, N, N]`` (fp32)
+    and G-WPR's first step from uniform scores ``[B, N]``, which the map kernel sums as it writes the map."""
+    query, key, value = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
+    batch, tokens, inner = query.shape
+    split = (batch, -1, attn.heads, inner // attn.heads)  # views of the projections: the kernels read them strided
+    q, k, v = query.view(split), key.view(split), value.view(split)
+    out, lse = torch.ops.atedm.attention_lse(q, k, v, attn.scale)
+    attn_map, first_step = torch.ops.atedm.head_mean_map(q, k, lse, attn.scale)
+    out = attn.to_out[1](attn.to_out[0](out.reshape(batch, tokens, inner)))
+    return out, attn_map, first_step
 
 
 def pool_grid(x: torch.Tensor, grid: tuple[int, int] | None, pool: int, dim: int, how: str = "mean") -> torch.Tensor:

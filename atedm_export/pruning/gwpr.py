@@ -12,20 +12,28 @@ from __future__ import annotations
 import torch
 
 
-def gwpr_scores(attn: torch.Tensor, iterations: int = 5, damping: float = 1.0) -> torch.Tensor:
+def gwpr_scores(attn: torch.Tensor, iterations: int = 5, damping: float = 1.0,
+                first_step: torch.Tensor | None = None) -> torch.Tensor:
     """Token importance ``[B, N]`` from a self-attention map ``[B, N, N]`` (rows sum to 1).
 
     ``damping`` < 1 mixes in the uniform teleport term of classic PageRank,
     ``s ← damping·s·A + (1 − damping)/N``; 1.0 (the default) is the plain weighted PageRank of the paper.
+    ``first_step``: ``s₀·A`` for the uniform ``s₀``, where the map's kernel summed it as it wrote the map
+    (``[B, N]``); the walk then takes the remaining ``iterations − 1`` steps, one pass over the map each.
     """
     attn = attn.float()
     batch, tokens, _ = attn.shape
-    scores = torch.full((batch, 1, tokens), 1.0 / tokens, dtype=attn.dtype, device=attn.device)
-    for _ in range(iterations):
-        scores = scores @ attn
-        if damping != 1.0:
-            scores = damping * scores + (1.0 - damping) / tokens
+    if first_step is None:
+        scores, steps = torch.full((batch, 1, tokens), 1.0 / tokens, dtype=attn.dtype, device=attn.device), iterations
+    else:
+        scores, steps = _teleport(first_step.float().unsqueeze(1), damping, tokens), iterations - 1
+    for _ in range(steps):
+        scores = _teleport(scores @ attn, damping, tokens)
     return scores.squeeze(1)
+
+
+def _teleport(scores: torch.Tensor, damping: float, tokens: int) -> torch.Tensor:
+    return scores if damping == 1.0 else damping * scores + (1.0 - damping) / tokens
 
 
 def cross_gwpr_scores(cross: torch.Tensor, iterations: int = 5) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pydantic import Discriminator, Tag, TypeAdapter
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from .atedm import atedm_block
+from ..kernels.runnable import require_runnable
 from .attention import check_supported
 from .options import DEFAULT_METHOD, PruneOptions, ToMeOptions
 from .tome import check_tome, destinations, tome_block
@@ -38,6 +39,8 @@ class Method:
 
 def _check_atedm(name: str, block: Transformer2DModel, opts: PruneOptions) -> None:
     check_supported(name, block)
+    if opts.map_impl == "kernels":  # where the block's weights are now; the forward checks its inputs again
+        require_runnable(next(block.parameters()).device)
 
 
 METHODS: dict[str, Method] = {

@@ -21,6 +21,7 @@ Recovery = Literal["copy", "skip"]
 Selection = Literal["auto", "topk", "rank"]
 HeadReduce = Literal["mean", "max"]
 MapOutput = Literal["reuse", "fused"]
+MapImpl = Literal["auto", "explicit", "kernels"]
 
 #: The method a spec or plan prunes with where it names none.
 DEFAULT_METHOD = "atedm"
@@ -56,6 +57,13 @@ class PruneOptions(_Options):
     ``map_output``: the map layer's output from each head's map (``reuse``: no second ``q·kᵀ``) or through
     the fused attention (``fused``; ``attention.py``). ``map_pool`` > 1 is an approximation, never the
     default: the map's queries pooled over ``map_pool×map_pool`` patches, a map ``map_pool²`` times cheaper.
+    ``map_impl``: how PyTorch runs the map layer. ``explicit`` is the reference and the CPU path (the map built
+    one head at a time in fp32 by torch ops, what the ONNX export writes); ``kernels`` runs it as the Triton
+    kernels of ``atedm_export/kernels`` (one flash pass for the output and each head's log-sum-exp, the
+    head-mean map written once with G-WPR's first step fused, recovery's argmax in one pass), on CUDA
+    tensors, or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``); ``auto`` takes the kernels
+    on CUDA tensors and the explicit path elsewhere. The kernels combine heads by ``mean`` on an unpooled
+    map only; an ONNX export is always explicit.
     Unset defaults (``prune_point``, ``map_output``) are written down when the options are made, so a
     manifest says which ones its graphs were built with.
     """
@@ -75,6 +83,9 @@ class PruneOptions(_Options):
                           "fused attention (fused)")
     map_pool: int = Field(
         1, description="approximate: the map's queries pooled over map_pool x map_pool patches (1 = exact G-WPR)")
+    map_impl: MapImpl = Field(
+        "auto", description="the map layer in PyTorch: Triton kernels (kernels), torch ops (explicit, the reference), "
+                            "or kernels on CUDA tensors and explicit elsewhere (auto); exports are always explicit")
 
     @model_validator(mode="before")
     @classmethod
@@ -93,6 +104,9 @@ class PruneOptions(_Options):
             raise PlanError(f"map_pool must be 1, 2 or 4, got {self.map_pool}")
         if self.map_pool > 1 and (self.map_output != "fused" or self.importance != "self"):
             raise PlanError("map_pool > 1 needs map_output 'fused' and importance 'self' (a pooled map has no row per query)")
+        if self.map_impl == "kernels" and (self.heads != "mean" or self.map_pool != 1):
+            raise PlanError("map_impl 'kernels' needs heads 'mean' and map_pool 1 (the kernels average the heads' "
+                            "probabilities over an unpooled map); use map_impl 'auto' or 'explicit'")
         if self.importance == "cross" and self.prune_point != "layer":
             raise PlanError("importance 'cross' needs prune_point 'layer' (cross-attention runs after attn1)")
         return self

@@ -22,7 +22,8 @@ from ..contract import precision_of
 from ..errors import AtedmError
 from ..manifest import FileEntry, GraphEntry, Manifest, ShapeGraphs
 from ..models import load_unet
-from ..pruning import set_plan
+from ..kernels.runnable import require_runnable
+from ..pruning import PruneOptions, set_plan
 from ..registry import ENGINE_LIBRARIES, RUNTIME_BACKENDS
 from ..userfiles import decoding
 from .quiet import quiet_libraries
@@ -141,6 +142,9 @@ class EagerBackend(Backend):
 
     def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device = "cpu") -> None:
         super().__init__(folder, manifest, device)
+        options = manifest.graph_spec.pruning
+        if isinstance(options, PruneOptions) and options.map_impl == "kernels":  # before the UNet loads
+            require_runnable(self.device)
         self._load()
 
     def _load(self) -> None:

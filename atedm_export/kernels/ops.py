@@ -1,0 +1,72 @@
+"""The map layer's kernels as torch custom ops (``torch.ops.atedm.*``), so CUDA graphs and ``torch.compile`` take
+the pruned UNet: each op is opaque to the compiler and has a fake (meta) implementation that gives its outputs'
+shapes, which ``torch.compile``, ``torch.export`` and the cost model (on the ``meta`` device) run instead.
+
+Triton is imported when an op first runs, not when this module is imported: the explicit path, the exporter
+and the cost model never need it. On CUDA the output and log-sum-exp come from PyTorch's own flash attention
+(``aten._scaled_dot_product_flash_attention``, which returns the log-sum-exp) where it takes the inputs (fp16 or
+bf16, head dim a multiple of 8 up to 256), else from the Triton flash kernel, which is also what Triton's
+interpreter runs on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .runnable import require_runnable
+
+
+@torch.library.custom_op("atedm::attention_lse", mutates_args=())
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q·kᵀ·scale)·v`` ``[B, N, H, d]`` and each head's log-sum-exp ``[B, H, N]`` (fp32), one pass."""
+    require_runnable(q.device)
+    if _takes_aten_flash(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)[:2]
+        return out.transpose(1, 2).contiguous(), lse[..., : q.shape[1]].float().contiguous()
+    from . import triton_kernels
+
+    return triton_kernels.attention_lse(q, k, v, scale)
+
+
+@attention_lse.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, tokens, heads, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((batch, heads, tokens), dtype=torch.float32)
+
+
+@torch.library.custom_op("atedm::head_mean_map", mutates_args=())
+def head_mean_map(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = mean_h exp(q_h·k_hᵀ·scale − lse_h)`` ``[B, N, M]`` fp32 and G-WPR's first step ``(1/N)·1ᵀA`` ``[B, M]``."""
+    require_runnable(q.device)
+    from . import triton_kernels
+
+    return triton_kernels.head_mean_map(q, k, lse, scale)
+
+
+@head_mean_map.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, tokens, _, _ = q.shape
+    keys = k.shape[1]
+    return q.new_empty((batch, tokens, keys), dtype=torch.float32), q.new_empty((batch, keys), dtype=torch.float32)
+
+
+@torch.library.custom_op("atedm::recovery_sources", mutates_args=())
+def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Each position's source slot ``argmax_{j} A[i, kept[j]]`` ``[B, N]``, a kept position its own slot."""
+    require_runnable(attn_map.device)
+    from . import triton_kernels
+
+    sources = triton_kernels.recovery_sources(attn_map, kept)
+    own_slot = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
+    return sources.scatter(1, kept, own_slot)
+
+
+@recovery_sources.register_fake
+def _(attn_map: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    return attn_map.new_empty(attn_map.shape[:2], dtype=torch.int64)
+
+
+def _takes_aten_flash(q: torch.Tensor) -> bool:
+    head_dim = q.shape[-1]
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256

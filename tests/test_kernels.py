@@ -1,0 +1,146 @@
+"""The map layer's Triton kernels (``atedm_export/kernels``) keep the explicit path's tokens, everywhere they run.
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py) on CPU tensors;
+every kernel is also compiled ahead of time for sm80, sm89 and sm90, so a kernel that cannot compile for a GPU
+fails here. The comparisons (``tools/kernel_agreement.py``) run the product's own explicit and kernels paths on
+the same fp16 projections of a layer whose query and key projections are scaled until the maps are peaked (row
+entropy 0.44-0.61 of ``log N`` at ``PEAK``, asserted under 0.7): the same kept tokens and recovery sources, except
+where two candidates lie within the paths' rounding of each other (counted and required to be explained).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from atedm_export.errors import KernelUnavailable, PlanError
+from atedm_export.pruning import PruneOptions, StagePlan, apply_atedm
+from atedm_export.pruning.attention import resolve_map_impl
+
+from .conftest import run
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from kernel_agreement import FULL_SHAPES, TEST_SHAPES, compare  # noqa: E402
+
+PEAK = 6.0
+has_triton = pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None, reason="triton not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _assert_agrees(result) -> None:  # noqa: ANN001
+    assert result.entropy < 0.7, f"maps not peaked enough: row entropy {result.entropy:.2f} of log N"
+    assert result.map_error < 1e-5 and result.score_error < 1e-4, result
+    assert result.kept_unexplained == 0 and result.sources_unexplained == 0, result
+    assert result.kept_differ == 0, result  # at these maps the boundary gap is far above the rounding
+
+
+@has_triton
+@pytest.mark.parametrize(("tokens", "channels", "heads"), TEST_SHAPES)
+def test_kernels_keep_the_explicit_paths_tokens_and_sources(tokens, channels, heads):
+    batch = 2 if tokens == min(t for t, _, _ in TEST_SHAPES) else 1  # one shape at batch 2: the batch offsets
+    _assert_agrees(compare(tokens, channels, heads, peak=PEAK, batch=batch))
+
+
+@has_triton
+def test_kernels_agree_on_near_uniform_maps_and_in_fp32():
+    flat = compare(256, 1280, 20, peak=1.0, batch=1)
+    assert flat.entropy > 0.99 and flat.kept_unexplained == 0 and flat.sources_unexplained == 0, flat
+    _assert_agrees(compare(200, 640, 8, peak=PEAK, batch=1, dtype=torch.float32))
+
+
+@has_triton
+def test_the_ops_pass_torchs_custom_op_checks():
+    """Schema, fake (meta) implementations and their agreement with the real ones: what torch.compile relies on."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 40, 2, 16, generator=gen) for _ in range(3))
+    torch.library.opcheck(torch.ops.atedm.attention_lse, (q, k, v, 0.25))
+    out, lse = torch.ops.atedm.attention_lse(q, k, v, 0.25)
+    torch.library.opcheck(torch.ops.atedm.head_mean_map, (q, k, lse, 0.25))
+    attn_map, _ = torch.ops.atedm.head_mean_map(q, k, lse, 0.25)
+    kept = torch.stack([torch.randperm(40, generator=gen)[:15].sort().values for _ in range(2)])
+    torch.library.opcheck(torch.ops.atedm.recovery_sources, (attn_map, kept))
+    want = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=0.25)
+    torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@has_triton
+def test_the_pruned_unet_on_kernels_equals_the_explicit_path(tiny_unet, tiny_blocks, tiny_inputs):
+    keep = {b.name: round(0.37 * b.tokens) for b in tiny_blocks}
+    want = run(apply_atedm(tiny_unet, StagePlan(keep, PruneOptions(map_impl="explicit"))), tiny_inputs)
+    got = run(apply_atedm(tiny_unet, StagePlan(keep, PruneOptions(map_impl="kernels"))), tiny_inputs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_is_explicit_on_cpu_and_every_export_is_explicit(monkeypatch):
+    cpu = torch.empty(1)
+    assert resolve_map_impl("auto", "mean", 1, cpu) == "explicit"
+    assert resolve_map_impl("kernels", "mean", 1, torch.empty(1, device="meta")) == "kernels"  # the cost model's
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert resolve_map_impl("kernels", "mean", 1, cpu) == "explicit"
+
+
+def test_kernels_on_cpu_without_the_interpreter_is_one_line(monkeypatch, tiny_unet, tiny_blocks):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    plan = StagePlan({tiny_blocks[0].name: 10}, PruneOptions(map_impl="kernels"))
+    with pytest.raises(KernelUnavailable, match=r"^map_impl 'kernels' runs on CUDA tensors, or on CPU tensors in "
+                                                r"Triton's interpreter \(set TRITON_INTERPRET=1.*; got cpu tensors") as err:
+        apply_atedm(tiny_unet, plan)
+    assert "\n" not in str(err.value)
+    with pytest.raises(PlanError, match="map_impl 'kernels' needs heads 'mean' and map_pool 1"):
+        PruneOptions(map_impl="kernels", heads="max")
+    assert PruneOptions().map_impl == "auto"
+
+
+def test_every_kernel_compiles_ahead_of_time_for_sm80_sm89_sm90():
+    """``triton.compile`` for each target with no GPU (what CI and the TensorRT plugin rely on), no spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "atedm_export.kernels.aot", "--json"], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)
+    assert {(r["kernel"], r["target"]) for r in rows} == {(k, t) for k in ("attention_lse", "head_mean_map",
+                                                                           "recovery_sources") for t in ("sm80", "sm89", "sm90")}
+    for r in rows:
+        assert r["spills"] == 0 and 0 < r["registers"] <= 255 and r["cubin_bytes"] > 0, r
+        assert r["shared_bytes"] <= 99 * 1024, r  # within sm89's 99 KB a block (sm80: 163 KB, sm90: 227 KB)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(("tokens", "channels", "heads"), FULL_SHAPES)
+def test_on_the_gpu_the_kernels_keep_the_explicit_paths_tokens(tokens, channels, heads):
+    _assert_agrees(compare(tokens, channels, heads, peak=PEAK, batch=2, device="cuda"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_the_gpu_the_pruned_unet_replays_from_a_cuda_graph(tiny_unet, tiny_blocks, tiny_inputs):
+    unet = tiny_unet.to("cuda", torch.float16)
+    inputs = {k: v.to("cuda", torch.float16) if torch.is_tensor(v) else
+              {a: b.to("cuda", torch.float16) for a, b in v.items()} if isinstance(v, dict) else v
+              for k, v in tiny_inputs.items()}
+    keep = {b.name: round(0.37 * b.tokens) for b in tiny_blocks}
+    want = run(apply_atedm(unet, StagePlan(keep, PruneOptions(map_impl="explicit"))), inputs)
+    apply_atedm(unet, StagePlan(keep, PruneOptions()))  # auto: the kernels on CUDA
+    eager = run(unet, inputs)
+    torch.testing.assert_close(eager.float(), want.float(), atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            unet(**inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = unet(**inputs).sample
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(replayed, eager)
