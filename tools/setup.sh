@@ -10,13 +10,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ "${ATEDM_TORCH:-}" != "skip" ]; then
   python -m pip install -q "torch==${ATEDM_TORCH:-2.13.0}"
 fi
-python -m pip install -q -e ".[dev,rtx,triton,kernels]"
 # OpenAI's Triton for the map layer's kernels, pinned where this script installs torch: 3.8 runs them in its
 # interpreter with numpy 2.4 (3.6 fails there when a loop bound is a runtime int). With ATEDM_TORCH=skip the
 # GPU machine keeps the triton its CUDA torch came with.
-if [ "${ATEDM_TORCH:-}" != "skip" ]; then
-  python -m pip install -q "triton==${ATEDM_TRITON_KERNELS:-3.8.0}"
-fi
+pins=()
+[ "${ATEDM_TORCH:-}" != "skip" ] && pins+=("triton==${ATEDM_TRITON_KERNELS:-3.8.0}")
+python -m pip install -q -e ".[dev,rtx,triton,kernels]" "${pins[@]}"
 
 # TensorRT 10's published type stubs, for the API conformance test (tests/test_trt_conformance.py). They go
 # into their own folder, off sys.path: installed normally they create a `tensorrt/` folder of .pyi files
