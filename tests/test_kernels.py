@@ -50,6 +50,19 @@ def test_kernels_keep_the_explicit_paths_tokens_and_sources(tokens, channels, he
 
 
 @has_triton
+def test_the_mapless_form_keeps_the_same_tokens_and_sources():
+    """G-WPR as attention with swapped roles and recovery from q, k and lse: no map in memory, the same tokens."""
+    _assert_agrees(compare(*TEST_SHAPES[3], peak=PEAK, batch=2, mapless=True))
+
+
+def test_the_kernels_write_the_map_up_to_a_gib_and_no_map_past_it():
+    from atedm_export.kernels.ops import materializes
+
+    assert materializes(2, 4096, 4096)  # SDXL's 64×64 blocks at 1024², batch 2: 128 MiB
+    assert not materializes(2, 16384, 16384)  # SDXL at 2048² (and SD 1.5 at 1024²): 2 GiB
+
+
+@has_triton
 def test_kernels_agree_on_near_uniform_maps_and_in_fp32():
     flat = compare(256, 1280, 20, peak=1.0, batch=1)
     assert flat.entropy > 0.99 and flat.kept_unexplained == 0 and flat.sources_unexplained == 0, flat
@@ -67,6 +80,13 @@ def test_the_ops_pass_torchs_custom_op_checks():
     attn_map, _ = torch.ops.atedm.head_mean_map(q, k, lse, 0.25)
     kept = torch.stack([torch.randperm(40, generator=gen)[:15].sort().values for _ in range(2)])
     torch.library.opcheck(torch.ops.atedm.recovery_sources, (attn_map, kept))
+    scores = torch.rand(2, 40, generator=gen)
+    torch.library.opcheck(torch.ops.atedm.gwpr_step, (q, k, lse, scores, 0.25))
+    torch.testing.assert_close(torch.ops.atedm.gwpr_step(q, k, lse, scores, 0.25),
+                               (scores.unsqueeze(1) @ attn_map).squeeze(1), atol=1e-6, rtol=1e-5)
+    torch.library.opcheck(torch.ops.atedm.recovery_mapless, (q, k, lse, kept, 0.25))
+    assert torch.equal(torch.ops.atedm.recovery_mapless(q, k, lse, kept, 0.25),
+                       torch.ops.atedm.recovery_sources(attn_map, kept))
     want = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=0.25)
     torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
@@ -106,8 +126,8 @@ def test_every_kernel_compiles_ahead_of_time_for_sm80_sm89_sm90():
                           env=env, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)
-    assert {(r["kernel"], r["target"]) for r in rows} == {(k, t) for k in ("attention_lse", "head_mean_map",
-                                                                           "recovery_sources") for t in ("sm80", "sm89", "sm90")}
+    kernels = ("attention_lse", "head_mean_map", "recovery_sources", "gwpr_step", "recovery_mapless")
+    assert {(r["kernel"], r["target"]) for r in rows} == {(k, t) for k in kernels for t in ("sm80", "sm89", "sm90")}
     for r in rows:
         assert r["spills"] == 0 and 0 < r["registers"] <= 255 and r["cubin_bytes"] > 0, r
         assert r["shared_bytes"] <= 99 * 1024, r  # within sm89's 99 KB a block (sm80: 163 KB, sm90: 227 KB)

@@ -25,10 +25,9 @@ from diffusers.models.attention_processor import Attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atedm_export.pruning.atedm import self_attention_map  # noqa: E402
-from atedm_export.pruning.gwpr import gwpr_scores  # noqa: E402
+from atedm_export.kernels import ops as kernel_ops  # noqa: E402
+from atedm_export.pruning.atedm import map_scores, map_sources, self_attention_map  # noqa: E402
 from atedm_export.pruning.options import PruneOptions  # noqa: E402
-from atedm_export.pruning.recover import recovery_sources  # noqa: E402
 from atedm_export.pruning.select import select_tokens  # noqa: E402
 
 #: (tokens, channels, heads): SDXL at 1024² (64×64 and 32×32 blocks) and SD 1.5 at 512² (its two finest levels)
@@ -45,6 +44,7 @@ class Agreement:
     heads: int
     keep: int
     dtype: str
+    form: str  # the kernels' form: map (written once) or mapless
     entropy: float  # the reference map's mean row entropy / log N
     output_error: float  # max |kernels − explicit| of the layer's output
     map_error: float  # max |A_kernels − A_explicit|
@@ -68,25 +68,35 @@ def peaked_attention(channels: int, heads: int, peak: float, seed: int = 0) -> A
 
 def _run(attn: Attention, x: torch.Tensor, keep: int, impl: str) -> tuple[torch.Tensor, ...]:
     opts = PruneOptions(map_impl=impl)
-    out, attn_map, first_step = self_attention_map(attn, x, opts, (1, x.shape[1]), impl)
-    scores = gwpr_scores(attn_map, opts.iterations, opts.damping, first_step)
+    grid = (1, x.shape[1])
+    out, self_map = self_attention_map(attn, x, opts, grid, impl)
+    scores = map_scores(self_map, opts, grid)
     kept = select_tokens(scores, keep, opts.selection)
-    sources = recovery_sources(attn_map, kept, kernels=impl == "kernels")
-    return out, attn_map, scores, kept, sources
+    attn_map = self_map.attn_map
+    if attn_map is None:  # mapless: the map its kernels compute tile by tile, written here only to compare
+        q, k, lse, scale = self_map.factors
+        attn_map = torch.ops.atedm.head_mean_map(q, k, lse, scale)[0]
+    return out, attn_map, scores, kept, map_sources(self_map, kept, None)
 
 
 def compare(tokens: int, channels: int, heads: int, keep_ratio: float = 0.37, peak: float = 6.0, batch: int = 2,
-            dtype: torch.dtype = torch.float16, device: str = "cpu", seed: int = 0) -> Agreement:
-    """One layer at one shape through both paths (module docstring)."""
+            dtype: torch.dtype = torch.float16, device: str = "cpu", seed: int = 0, mapless: bool = False) -> Agreement:
+    """One layer at one shape through both paths (module docstring); ``mapless``: the kernels' form that writes
+    no map (``kernels.ops.MAP_BYTES_LIMIT`` set to 0 for the call)."""
     attn = peaked_attention(channels, heads, peak, seed).to(device=device, dtype=dtype)
     x = torch.randn(batch, tokens, channels, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
     keep = round(keep_ratio * tokens)
     with torch.no_grad():
         out_e, map_e, scores_e, kept_e, src_e = _run(attn, x, keep, "explicit")
-        out_k, map_k, scores_k, kept_k, src_k = _run(attn, x, keep, "kernels")
+        limit = kernel_ops.MAP_BYTES_LIMIT
+        kernel_ops.MAP_BYTES_LIMIT = 0 if mapless else limit
+        try:
+            out_k, map_k, scores_k, kept_k, src_k = _run(attn, x, keep, "kernels")
+        finally:
+            kernel_ops.MAP_BYTES_LIMIT = limit
     entropy = -(map_e * map_e.clamp_min(1e-30).log()).sum(-1).mean().item() / math.log(tokens)
-    map_error = (map_k - map_e).abs().max().item()
     score_error = ((scores_k - scores_e).abs() / scores_e.abs().clamp_min(1e-30)).max().item()
+    map_error = (map_k - map_e).abs().max().item()
     ordered = scores_e.sort(dim=1, descending=True).values
     boundary_gap = ((ordered[:, keep - 1] - ordered[:, keep]) / ordered[:, keep - 1]).min().item() if keep < tokens else 1.0
     kept_differ = kept_unexplained = sources_differ = sources_unexplained = 0
@@ -103,7 +113,7 @@ def compare(tokens: int, channels: int, heads: int, keep_ratio: float = 0.37, pe
             sources_differ += 1
             gap = abs(map_e[b, i, token_k[i]].item() - map_e[b, i, token_e[i]].item())
             sources_unexplained += gap > 2 * map_error
-    return Agreement(tokens, channels, heads, keep, str(dtype).replace("torch.", ""), entropy,
+    return Agreement(tokens, channels, heads, keep, str(dtype).replace("torch.", ""), "mapless" if mapless else "map", entropy,
                      (out_k.float() - out_e.float()).abs().max().item(), map_error, score_error, boundary_gap,
                      kept_differ, kept_unexplained, sources_differ, sources_unexplained)
 
@@ -115,16 +125,17 @@ def main() -> int:
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     parser.add_argument("--peak", type=float, default=6.0)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--mapless", action="store_true", help="the kernels' form that writes no map")
     args = parser.parse_args()
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    print("| tokens | channels | heads | keep | dtype | row entropy / log N | output err | map err | score rel err | "
+    print("| tokens | channels | heads | keep | dtype | form | row entropy / log N | output err | map err | score rel err | "
           "boundary gap | kept differ (unexplained) | sources differ (unexplained) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     bad = 0
     for shape in FULL_SHAPES if args.full else TEST_SHAPES:
-        r = compare(*shape, peak=args.peak, batch=args.batch, dtype=dtype, device=args.device)
+        r = compare(*shape, peak=args.peak, batch=args.batch, dtype=dtype, device=args.device, mapless=args.mapless)
         bad += r.kept_unexplained + r.sources_unexplained
-        print(f"| {r.tokens} | {r.channels} | {r.heads} | {r.keep} | {r.dtype} | {r.entropy:.3f} | {r.output_error:.1e} | "
+        print(f"| {r.tokens} | {r.channels} | {r.heads} | {r.keep} | {r.dtype} | {r.form} | {r.entropy:.3f} | {r.output_error:.1e} | "
               f"{r.map_error:.1e} | {r.score_error:.1e} | {r.boundary_gap:.1e} | {r.kept_differ} ({r.kept_unexplained}) | "
               f"{r.sources_differ} ({r.sources_unexplained}) |", flush=True)
     return 1 if bad else 0

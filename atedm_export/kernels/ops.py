@@ -67,6 +67,48 @@ def _(attn_map: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return attn_map.new_empty(attn_map.shape[:2], dtype=torch.int64)
 
 
+@torch.library.custom_op("atedm::gwpr_step", mutates_args=())
+def gwpr_step(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor, scale: float) -> torch.Tensor:
+    """One G-WPR step ``s·A`` ``[B, M]`` of the head-mean map ``q``, ``k`` and lse define, with no map in memory."""
+    require_runnable(q.device)
+    from . import triton_kernels
+
+    return triton_kernels.gwpr_step(q, k, lse, scores, scale)
+
+
+@gwpr_step.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor, scale: float) -> torch.Tensor:
+    return q.new_empty((q.shape[0], k.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("atedm::recovery_mapless", mutates_args=())
+def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
+    """``recovery_sources`` of the map ``q``, ``k`` and lse define, computed for the kept keys only."""
+    require_runnable(q.device)
+    from . import triton_kernels
+
+    sources = triton_kernels.recovery_mapless(q, k, lse, kept, scale)
+    own_slot = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
+    return sources.scatter(1, kept, own_slot)
+
+
+@recovery_mapless.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape[:2], dtype=torch.int64)
+
+
+def materializes(batch: int, tokens: int, keys: int) -> bool:
+    """Whether the kernels write this layer's head-mean map (one ``q·kᵀ`` pass, then passes over the map) or keep
+    none (one ``q·kᵀ`` pass per G-WPR step): the map while its fp32 bytes stay within ``MAP_BYTES_LIMIT``."""
+    return 4 * batch * tokens * keys <= MAP_BYTES_LIMIT
+
+
+#: The largest head-mean map the kernels write: 1 GiB. SDXL at 1024² (4096 tokens, batch 2) writes 128 MiB and
+#: reads it four more times, cheaper than four more ``q·kᵀ`` passes (costs.py, docs/benchmarks.md); at 2048²
+#: (16,384 tokens) or SD 1.5 at 1024² the map would be 2 GiB, and the mapless form keeps that memory free.
+MAP_BYTES_LIMIT = 1 << 30
+
+
 def _takes_aten_flash(q: torch.Tensor) -> bool:
     head_dim = q.shape[-1]
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256

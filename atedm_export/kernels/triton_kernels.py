@@ -12,6 +12,12 @@ Three kernels, each one pass over what it reads, fp16/bf16 inputs into fp32 accu
 * ``recovery_sources``: ``argmax_{slot} A[i, kept[slot]]`` (the first maximal slot, as ``torch.argmax``),
   one pass over the kept columns of each row.
 
+And the same layer with no map in memory, for blocks whose map would not fit (``ops.MAP_BYTES_LIMIT``): a
+G-WPR step ``s'_j = mean_h Σ_i s_i·exp(q_ih·k_jh·scale − lse_ih)`` is an attention with the roles of queries
+and keys swapped (``gwpr_step``, one pass over ``q`` and ``k`` per step), and recovery computes each tile of
+``A[i, kept]`` from ``q``, ``k`` and lse (``recovery_mapless``). The map's pass costs one ``q·kᵀ`` per head;
+this form pays one per G-WPR step, for no ``N²`` bytes.
+
 Column sums are written per row tile and added by the caller (``[B, tiles, M]`` → ``[B, M]``), not with
 atomics: the sum's order is then fixed, so the same input keeps the same tokens on every run.
 Offsets are computed in int64 where a product of sizes can pass 2³¹ (a 2048² block's map holds 2.7·10⁸
@@ -132,6 +138,83 @@ def recovery_sources_kernel(Map, Kept, Sources, N, M, KEEP, BLOCK_M: tl.constexp
     tl.store(Sources + b * N + rows, arg.to(tl.int64), mask=row_ok)
 
 
+@triton.jit
+def gwpr_step_kernel(
+    Q, K, Lse, Scores, Out, scale,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
+    N, M, H, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One G-WPR step with no map, for one key tile of one (batch, head): ``Σ_i s_i·exp(q_i·k_j·scale − lse_i)``.
+
+    An attention with the roles of queries and keys swapped: the keys ``j`` are this program's rows, the queries
+    ``i`` stream past in tiles, weighted by their scores. Every exponent is ≤ 0 (``lse_i`` is the log of a sum
+    that holds that term), so the plain sum neither overflows nor needs a running maximum.
+    """
+    pid_j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    cols = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    col_ok = cols < M
+    dim_ok = dims < D
+    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_km + dims[None, :],
+                mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    qk_scale = scale * LOG2E
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        lse = tl.load(Lse + (b * H + h) * N + rows, mask=row_ok, other=0.0)
+        weight = tl.load(Scores + b * N + rows, mask=row_ok, other=0.0)
+        logits = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(logits - (lse * LOG2E)[None, :])
+        acc += tl.sum(tl.where(row_ok[None, :], p * weight[None, :], 0.0), 1)
+    tl.store(Out + (b * H + h) * M + cols, acc, mask=col_ok)
+
+
+@triton.jit
+def recovery_mapless_kernel(
+    Q, K, Lse, Kept, Sources, scale,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
+    N, M, H, D, KEEP,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``recovery_sources_kernel`` with no map: each tile of ``A[i, kept]`` is computed from ``q``, ``k`` and lse
+    (the heads summed in registers) for the kept keys only, then reduced to the first maximal slot."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    dim_ok = dims < D
+    qk_scale = scale * LOG2E
+    best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    arg = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for start in range(0, KEEP, BLOCK_K):
+        slots = start + tl.arange(0, BLOCK_K)
+        slot_ok = slots < KEEP
+        index = tl.load(Kept + b * KEEP + slots, mask=slot_ok, other=0)
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for h in range(H):
+            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :],
+                        mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+            k = tl.load(K + b * stride_kb + h * stride_kh + index[:, None] * stride_km + dims[None, :],
+                        mask=slot_ok[:, None] & dim_ok[None, :], other=0.0)
+            lse = tl.load(Lse + (b * H + h) * N + rows, mask=row_ok, other=0.0)
+            acc += tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - (lse * LOG2E)[:, None])
+        values = tl.where(slot_ok[None, :], acc / H, float("-inf"))
+        chunk_best = tl.max(values, 1)
+        chunk_arg = tl.min(tl.where(values == chunk_best[:, None], slots[None, :], KEEP), 1)
+        better = chunk_best > best
+        best = tl.where(better, chunk_best, best)
+        arg = tl.where(better, chunk_arg, arg)
+    tl.store(Sources + b * N + rows, arg.to(tl.int64), mask=row_ok)
+
+
 @dataclass(frozen=True)
 class Tiles:
     """One kernel's launch configuration: the one place the launchers and the ahead-of-time compile read it."""
@@ -152,9 +235,12 @@ TILES: dict[str, Tiles] = {
     "attention_lse": Tiles(block_m=128, block_n=64, num_warps=8, num_stages=3),
     "head_mean_map": Tiles(block_m=64, block_n=64, num_warps=4, num_stages=2),
     "recovery_sources": Tiles(block_m=8, block_n=256, num_warps=4, num_stages=1),
+    "gwpr_step": Tiles(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    "recovery_mapless": Tiles(block_m=64, block_n=64, num_warps=4, num_stages=2),
 }
 KERNELS = {"attention_lse": attention_lse_kernel, "head_mean_map": head_mean_map_kernel,
-           "recovery_sources": recovery_sources_kernel}
+           "recovery_sources": recovery_sources_kernel, "gwpr_step": gwpr_step_kernel,
+           "recovery_mapless": recovery_mapless_kernel}
 
 
 def block_d(head_dim: int) -> int:
@@ -214,4 +300,35 @@ def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor) -> torch.Tensor
     recovery_sources_kernel[grid](attn_map.contiguous(), kept.contiguous(), sources, tokens, keys, keep,
                                   BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_n, num_warps=tiles.num_warps,
                                   num_stages=tiles.num_stages)
+    return sources
+
+
+def gwpr_step(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor, scale: float) -> torch.Tensor:
+    """``s' = s·A`` ``[B, M]`` for ``A = mean_h softmax(q_h·k_hᵀ·scale)``, never forming ``A``: one pass per step."""
+    q, k = _unit_last(q, k)
+    batch, tokens, heads, dim = q.shape
+    keys = k.shape[1]
+    tiles = TILES["gwpr_step"]
+    per_head = torch.empty((batch, heads, keys), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(keys, tiles.block_m), batch * heads)
+    gwpr_step_kernel[grid](
+        q, k, lse.contiguous(), scores.float().contiguous(), per_head, scale, *q.stride()[:3], *k.stride()[:3],
+        tokens, keys, heads, dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d(dim),
+        PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return per_head.mean(dim=1)
+
+
+def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """``recovery_sources`` of the map ``q``, ``k`` and lse define, computed for the kept keys only."""
+    q, k = _unit_last(q, k)
+    batch, tokens, heads, dim = q.shape
+    keep = kept.shape[1]
+    tiles = TILES["recovery_mapless"]
+    sources = torch.empty((batch, tokens), dtype=torch.int64, device=q.device)
+    grid = (triton.cdiv(tokens, tiles.block_m), batch)
+    recovery_mapless_kernel[grid](
+        q, k, lse.contiguous(), kept.contiguous(), sources, scale, *q.stride()[:3], *k.stride()[:3],
+        tokens, k.shape[1], heads, dim, keep, BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_n, BLOCK_D=block_d(dim),
+        PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return sources

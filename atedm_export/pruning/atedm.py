@@ -18,29 +18,36 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from .attention import MapImpl, attention_with_map, attention_with_map_kernels, resolve_map_impl
+from .attention import MapImpl, SelfMap, attention_with_map, attention_with_map_kernels, resolve_map_impl
 from .block import BlockCall, BlockState, close_block, cross_and_ff, open_block
-from .gwpr import cross_gwpr_scores, gwpr_scores, pooled_gwpr_scores
+from .gwpr import cross_gwpr_scores, gwpr_scores, mapless_gwpr_scores, pooled_gwpr_scores
 from .options import PruneOptions
 from .recover import copy_recover, recovery_sources, skip_recover
 from .select import gather_tokens, select_tokens
 
 
-def _self_scores(self_map: torch.Tensor, opts: PruneOptions, grid: tuple[int, int],
-                 first_step: torch.Tensor | None) -> torch.Tensor:
+def map_scores(self_map: SelfMap, opts: PruneOptions, grid: tuple[int, int]) -> torch.Tensor:
+    if self_map.factors is not None:
+        return mapless_gwpr_scores(*self_map.factors, opts.iterations, opts.damping)
     if opts.map_pool == 1:
-        return gwpr_scores(self_map, opts.iterations, opts.damping, first_step)
-    return pooled_gwpr_scores(self_map, grid, opts.map_pool, opts.iterations, opts.damping)
+        return gwpr_scores(self_map.attn_map, opts.iterations, opts.damping, self_map.first_step)
+    return pooled_gwpr_scores(self_map.attn_map, grid, opts.map_pool, opts.iterations, opts.damping)
+
+
+def map_sources(self_map: SelfMap, kept: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    if self_map.factors is not None:
+        q, k, lse, scale = self_map.factors
+        return torch.ops.atedm.recovery_mapless(q, k, lse, kept, scale)
+    return recovery_sources(self_map.attn_map, kept, rows, kernels=self_map.kernels)
 
 
 def self_attention_map(attn: Attention, hidden: torch.Tensor, opts: PruneOptions, grid: tuple[int, int],
-                       impl: MapImpl) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The first layer's self-attention output, its head-combined map, and G-WPR's first step where the
-    kernels fused it into the map's pass (None on the explicit path, which takes every step itself)."""
+                       impl: MapImpl) -> tuple[torch.Tensor, SelfMap]:
+    """The first layer's self-attention output and its head-combined map, as ``impl`` computes them."""
     if impl == "kernels":
         return attention_with_map_kernels(attn, hidden)
     out, self_map = attention_with_map(attn, hidden, None, opts.heads, opts.map_output, opts.map_pool, grid)
-    return out, self_map, None
+    return out, SelfMap(self_map)
 
 
 def map_layer(attn: Attention, hidden: torch.Tensor, keep: int, opts: PruneOptions,
@@ -49,10 +56,9 @@ def map_layer(attn: Attention, hidden: torch.Tensor, keep: int, opts: PruneOptio
     output ``[B, N, C]``, the kept tokens ``[B, k]`` and every position's recovery slot ``[B, N]``.
     What ``tools/gpu_bench.py`` times beside SDPA and the kernel tests compare across ``map_impl``."""
     impl = resolve_map_impl(opts.map_impl, opts.heads, opts.map_pool, hidden)
-    out, self_map, first_step = self_attention_map(attn, hidden, opts, grid, impl)
-    kept = select_tokens(_self_scores(self_map, opts, grid, first_step), keep, opts.selection)
-    rows = _map_rows(grid, opts.map_pool, hidden.device)
-    return out, kept, recovery_sources(self_map, kept, rows, kernels=impl == "kernels")
+    out, self_map = self_attention_map(attn, hidden, opts, grid, impl)
+    kept = select_tokens(map_scores(self_map, opts, grid), keep, opts.selection)
+    return out, kept, map_sources(self_map, kept, _map_rows(grid, opts.map_pool, hidden.device))
 
 
 def _map_rows(grid: tuple[int, int], pool: int, device: torch.device) -> torch.Tensor | None:
@@ -73,7 +79,7 @@ def atedm_block(block: Transformer2DModel, state: BlockState, call: BlockCall) -
     first, rest = block.transformer_blocks[0], block.transformer_blocks[1:]
 
     impl = resolve_map_impl(opts.map_impl, opts.heads, opts.map_pool, tokens)
-    attn_out, self_map, first_step = self_attention_map(first.attn1, first.norm1(tokens), opts, grid, impl)
+    attn_out, self_map = self_attention_map(first.attn1, first.norm1(tokens), opts, grid, impl)
     block_input, tokens = tokens, attn_out + tokens
     if opts.prune_point == "layer":
         if opts.importance == "cross":
@@ -83,9 +89,9 @@ def atedm_block(block: Transformer2DModel, state: BlockState, call: BlockCall) -
             scores = cross_gwpr_scores(cross_map, opts.iterations)
         else:
             tokens = cross_and_ff(first, tokens, encoder_hidden_states)
-            scores = _self_scores(self_map, opts, grid, first_step)
+            scores = map_scores(self_map, opts, grid)
     else:
-        scores = _self_scores(self_map, opts, grid, first_step)
+        scores = map_scores(self_map, opts, grid)
     rows = _map_rows(grid, opts.map_pool, tokens.device)
 
     kept = select_tokens(scores, state.keep, opts.selection)
@@ -102,11 +108,11 @@ def atedm_block(block: Transformer2DModel, state: BlockState, call: BlockCall) -
     if opts.recovery == "copy" and block.use_linear_projection:
         # proj_out is per token: run it on the k kept tokens, then copy into the N positions.
         batch, _, height, width = given.residual.shape
-        out = copy_recover(block.proj_out(x), recovery_sources(self_map, kept, rows, kernels=impl == "kernels"))
+        out = copy_recover(block.proj_out(x), map_sources(self_map, kept, rows))
         out = out.reshape(batch, height, width, given.inner_dim).permute(0, 3, 1, 2).contiguous() + given.residual
         return Transformer2DModelOutput(sample=out)
     if opts.recovery == "copy":
-        full = copy_recover(x, recovery_sources(self_map, kept, rows, kernels=impl == "kernels"))
+        full = copy_recover(x, map_sources(self_map, kept, rows))
     else:
         full = skip_recover(tokens, x, kept)
     return Transformer2DModelOutput(sample=close_block(block, full, given))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -163,17 +164,35 @@ def resolve_map_impl(choice: str, heads: HeadReduce, pool: int, x: torch.Tensor)
     return "kernels" if takes else "explicit"
 
 
-def attention_with_map_kernels(attn: Attention, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``attention_with_map``'s self-attention on the kernels: the output, the head-mean map ``[B, N, N]`` (fp32)
-    and G-WPR's first step from uniform scores ``[B, N]``, which the map kernel sums as it writes the map."""
+@dataclass(frozen=True)
+class SelfMap:
+    """The first layer's self-attention map as the map layer's implementation holds it.
+
+    ``attn_map``: the head-combined map ``[B, N, M]`` (fp32), from the explicit path or the map kernel, which also
+    sums G-WPR's first step from uniform scores as it writes the map (``first_step``, ``[B, M]``). Where the
+    kernels write no map (``kernels.ops.materializes``), ``factors`` are what define it: ``q``, ``k``
+    (``[B, N, H, d]`` views of the projections), each head's log-sum-exp ``[B, H, N]`` and the scale.
+    """
+
+    attn_map: torch.Tensor | None
+    first_step: torch.Tensor | None = None
+    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None
+    kernels: bool = False
+
+
+def attention_with_map_kernels(attn: Attention, hidden: torch.Tensor) -> tuple[torch.Tensor, SelfMap]:
+    """``attention_with_map``'s self-attention (head mean, no pooling) on the kernels: the output, and the map
+    (with G-WPR's first step) where it fits, else its factors."""
     query, key, value = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
     batch, tokens, inner = query.shape
     split = (batch, -1, attn.heads, inner // attn.heads)  # views of the projections: the kernels read them strided
     q, k, v = query.view(split), key.view(split), value.view(split)
     out, lse = torch.ops.atedm.attention_lse(q, k, v, attn.scale)
-    attn_map, first_step = torch.ops.atedm.head_mean_map(q, k, lse, attn.scale)
     out = attn.to_out[1](attn.to_out[0](out.reshape(batch, tokens, inner)))
-    return out, attn_map, first_step
+    if not kernel_ops.materializes(batch, tokens, k.shape[1]):
+        return out, SelfMap(None, factors=(q, k, lse, attn.scale), kernels=True)
+    attn_map, first_step = torch.ops.atedm.head_mean_map(q, k, lse, attn.scale)
+    return out, SelfMap(attn_map, first_step, kernels=True)
 
 
 def pool_grid(x: torch.Tensor, grid: tuple[int, int] | None, pool: int, dim: int, how: str = "mean") -> torch.Tensor:

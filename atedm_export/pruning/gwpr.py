@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import ops as kernel_ops  # noqa: F401 - registers torch.ops.atedm.gwpr_step
+
 
 def gwpr_scores(attn: torch.Tensor, iterations: int = 5, damping: float = 1.0,
                 first_step: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,6 +32,17 @@ def gwpr_scores(attn: torch.Tensor, iterations: int = 5, damping: float = 1.0,
     for _ in range(steps):
         scores = _teleport(scores @ attn, damping, tokens)
     return scores.squeeze(1)
+
+
+def mapless_gwpr_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, iterations: int = 5,
+                        damping: float = 1.0) -> torch.Tensor:
+    """``gwpr_scores`` of the head-mean map that ``q``, ``k`` (``[B, N, H, d]``) and each head's log-sum-exp define,
+    with no map in memory: each step is the kernels' swapped-roles attention (``torch.ops.atedm.gwpr_step``)."""
+    batch, tokens = q.shape[:2]
+    scores = torch.full((batch, tokens), 1.0 / tokens, dtype=torch.float32, device=q.device)
+    for _ in range(iterations):
+        scores = _teleport(torch.ops.atedm.gwpr_step(q, k, lse, scores, scale), damping, tokens)
+    return scores
 
 
 def _teleport(scores: torch.Tensor, damping: float, tokens: int) -> torch.Tensor:
