@@ -227,13 +227,15 @@ class Tiles:
 
 #: Tile sizes per kernel, chosen by the registers ``aot.py`` reads off the sm80/sm89/sm90 cubins (no spills
 #: anywhere). ``attention_lse``: 128 query rows against 64-key tiles at 8 warps (the flash-attention v2 shape for
-#: head dims ≤ 128; 136 registers on sm90, 182 at 4 warps); ``head_mean_map``: 64×64 map tiles at 4 warps, a
-#: tile's fp32 accumulator and one head's logits in registers; ``recovery_sources``: a gather, whose 64-bit
+#: head dims ≤ 128; 136 registers on sm90, 182 at 4 warps); ``head_mean_map``: 128×64 map tiles at 8 warps
+#: (124 registers on sm90, two blocks an SM; 64×64 reads ``q`` and ``k`` from L2 at half the FLOPs a byte, and
+#: 128×128 needs 175, one block an SM), a tile's fp32 accumulator and one head's logits in registers, the
+#: tile's ``q`` and ``k`` of the next head loaded while this one computes; ``recovery_sources``: a gather, whose 64-bit
 #: addresses cost two registers an element: 8 rows × 256 kept slots at 4 warps is 16 elements a thread, 48
 #: registers (64×128 took 255), so enough warps are resident to hide the gather's latency.
 TILES: dict[str, Tiles] = {
     "attention_lse": Tiles(block_m=128, block_n=64, num_warps=8, num_stages=3),
-    "head_mean_map": Tiles(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    "head_mean_map": Tiles(block_m=128, block_n=64, num_warps=8, num_stages=2),
     "recovery_sources": Tiles(block_m=8, block_n=256, num_warps=4, num_stages=1),
     "gwpr_step": Tiles(block_m=64, block_n=64, num_warps=4, num_stages=2),
     "recovery_mapless": Tiles(block_m=64, block_n=64, num_warps=4, num_stages=2),

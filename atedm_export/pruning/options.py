@@ -22,6 +22,12 @@ Selection = Literal["auto", "topk", "rank"]
 HeadReduce = Literal["mean", "max"]
 MapOutput = Literal["reuse", "fused"]
 MapImpl = Literal["auto", "explicit", "kernels"]
+#: What each ``map_impl`` runs, in the words ``inspect`` shows.
+MAP_IMPLS: dict[str, str] = {
+    "auto": "Triton kernels on CUDA tensors, torch ops elsewhere",
+    "explicit": "torch ops, one head at a time in fp32 (the reference)",
+    "kernels": "Triton kernels (on CPU tensors in Triton's interpreter)",
+}
 
 #: The method a spec or plan prunes with where it names none.
 DEFAULT_METHOD = "atedm"
