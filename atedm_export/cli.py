@@ -254,19 +254,27 @@ def _budget_table(reports: list) -> Table:
 
 
 def _prediction_table(prediction, batch: int, precision: str) -> Table:  # noqa: ANN001 - flops.DevicePrediction
-    """One device: each graph's predicted time per call, its speedup vs the fused baseline, the map layer's share."""
+    """One device: each graph's predicted time per call, its speedup vs the fused baseline, the map layer's share;
+    for AT-EDM also the speedup with the map layer on its kernels (what PyTorch runs on a GPU)."""
     dev = prediction.device
-    table = Table(title=Text(f"predicted on {dev.name} ({dev.tflops:.1f} TFLOP/s, {dev.bandwidth_gbs:,.0f} GB/s; "
-                             f"batch {batch}, {precision}; attention fused everywhere but the map layer)"))
-    for column in ("graph", "ms / call", "vs fused baseline", "map layer", "map share"):
+    kernels = bool(prediction.kernel_stages)
+    table = Table(title=Text(f"predicted on {dev.name} ({dev.tflops:.1f} TFLOP/s, fp32 {dev.fp32_tflops:.1f}, "
+                             f"{dev.bandwidth_gbs:,.0f} GB/s, {dev.launch_us:.1f} µs a kernel; batch {batch}, "
+                             f"{precision}; attention fused everywhere but the map layer)"))
+    columns = ("graph", "ms / call", "vs fused baseline", *(("map kernels",) if kernels else ()), "map layer", "map share")
+    for column in columns:
         table.add_column(column, justify="left" if column == "graph" else "right")
-    table.add_row("baseline", f"{prediction.baseline.seconds * 1e3:.2f}", "1.00×", "-", "-")
+    table.add_row("baseline", f"{prediction.baseline.seconds * 1e3:.2f}", "1.00×", *(("1.00×",) if kernels else ()),
+                  "-", "-")
     for name, stage in prediction.stages.items():
         table.add_row(name, f"{stage.seconds * 1e3:.2f}", _ratio(prediction.speedup(name)),
+                      *((_ratio(prediction.kernels_speedup(name)),) if kernels else ()),
                       f"{stage.map_seconds * 1e3:.2f} ms", f"{stage.map_share:.0%}")
     table.add_section()
-    table.add_row("schedule", "", _ratio(prediction.schedule_speedup), "", "")
-    table.caption = Text(dev.source)
+    table.add_row("schedule", "", _ratio(prediction.schedule_speedup),
+                  *((_ratio(prediction.kernels_schedule_speedup),) if kernels else ()), "", "")
+    table.caption = Text(dev.source + (". map kernels: the speedup with map_impl 'kernels' (ms, map layer and "
+                                       "share are the exported graph's)" if kernels else ""))
     return table
 
 
@@ -470,9 +478,14 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
     out.print(Text.assemble((spec.name, "bold"), f": {spec.model} {sizes}, "
               f"{spec.precision}, {spec.steps} steps, method '{spec.method}', schedule '{spec.dsap.name}'; engines: {engines}"),
               highlight=False)
+    from .pruning import PruneOptions
     from .pruning.methods import summary_of
+    from .pruning.options import MAP_IMPLS
 
     out.print(Text(f"method: {summary_of(spec.method)}"))
+    if isinstance(spec.pruning, PruneOptions):
+        out.print(Text(f"map layer in PyTorch: map_impl '{spec.pruning.map_impl}' ({MAP_IMPLS[spec.pruning.map_impl]}); "
+                       "in the graphs: standard ONNX ops"))
     out.print(_graphs_table(manifest, "graphs"))
     for view in manifest.views():
         out.print(_keep_table(view.tokens, {e.name: e.keep for e in view.stages},

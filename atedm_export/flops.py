@@ -16,9 +16,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .costmodel import Device, Prediction, predict, record_ops
 from .dsap import stage_plan
+from .errors import PlanError
 from .contract import GraphContract
 from .models import AttentionBlock, attention_blocks, build_unet, unet_config
-from .pruning import StagePlan, planned
+from .pruning import PruneOptions, PruningOptions, StagePlan, planned
 from .spec import GraphSpec
 from .userfiles import load_onnx
 
@@ -41,32 +42,62 @@ def graph_ops(unet: UNet2DConditionModel, contract: GraphContract, plan: StagePl
 
 @dataclass(frozen=True)
 class DevicePrediction:
-    """The cost model's times for one device: the baseline, each stage, and the schedule per image."""
+    """The cost model's times for one device: the baseline, each stage, and the schedule per image.
+
+    ``stages`` are the exported graphs (the map layer explicit); ``kernel_stages`` the same stages with the
+    map layer on its kernels (``map_impl: kernels``, what PyTorch runs on a GPU), empty where the method
+    has no map layer (ToMe) or the kernels do not compute the options' map.
+    """
 
     device: Device
     baseline: Prediction
     stages: dict[str, Prediction]
     stage_steps: dict[str, int]
+    kernel_stages: dict[str, Prediction] = field(default_factory=dict)
 
     def speedup(self, stage: str) -> float:
         return self.baseline.seconds / self.stages[stage].seconds
 
+    def kernels_speedup(self, stage: str) -> float:
+        return self.baseline.seconds / self.kernel_stages[stage].seconds
+
     @property
     def schedule_speedup(self) -> float:
+        return self._schedule(self.stages)
+
+    @property
+    def kernels_schedule_speedup(self) -> float:
+        return self._schedule(self.kernel_stages)
+
+    def _schedule(self, stages: dict[str, Prediction]) -> float:
         steps = sum(self.stage_steps.values())
-        return self.baseline.seconds * steps / sum(self.stages[n].seconds * k for n, k in self.stage_steps.items())
+        return self.baseline.seconds * steps / sum(stages[n].seconds * k for n, k in self.stage_steps.items())
 
     def to_json(self) -> dict:
         d = self.device
-        return {
-            "name": d.name, "peak_tflops": d.tflops, "bandwidth_gbs": d.bandwidth_gbs, "source": d.source,
-            "baseline_ms": self.baseline.seconds * 1e3,
+        data = {
+            "name": d.name, "peak_tflops": d.tflops, "fp32_tflops": d.fp32_tflops, "bandwidth_gbs": d.bandwidth_gbs,
+            "launch_us": d.launch_us, "source": d.source,
+            "baseline_ms": self.baseline.seconds * 1e3, "baseline_launches": self.baseline.launches,
             "baseline_ms_by_kind": {k: v * 1e3 for k, v in self.baseline.by_kind.items()},
-            "stages": [{"name": n, "ms": p.seconds * 1e3, "predicted_speedup": self.speedup(n),
-                        "map_share": p.map_share, "map_ms": p.map_seconds * 1e3,
-                        "ms_by_kind": {k: v * 1e3 for k, v in p.by_kind.items()}} for n, p in self.stages.items()],
+            "stages": [self._stage_json(n) for n in self.stages],
             "predicted_speedup": self.schedule_speedup,
         }
+        if self.kernel_stages:
+            data["map_impls"] = {"explicit": self.schedule_speedup, "kernels": self.kernels_schedule_speedup}
+        return data
+
+    def _stage_json(self, name: str) -> dict:
+        p = self.stages[name]
+        data = {"name": name, "ms": p.seconds * 1e3, "predicted_speedup": self.speedup(name),
+                "map_share": p.map_share, "map_ms": p.map_seconds * 1e3, "launches": p.launches,
+                "ms_by_kind": {k: v * 1e3 for k, v in p.by_kind.items()}}
+        if self.kernel_stages:
+            kernels = self.kernel_stages[name]
+            data["map_impls"] = {"explicit": self.speedup(name), "kernels": self.kernels_speedup(name)}
+            data["kernels"] = {"ms": kernels.seconds * 1e3, "map_share": kernels.map_share,
+                               "map_ms": kernels.map_seconds * 1e3, "launches": kernels.launches}
+        return data
 
 
 @dataclass(frozen=True)
@@ -151,16 +182,37 @@ def flops_report(spec: GraphSpec, devices: tuple[Device, ...] = ()) -> FlopsRepo
 
 
 def _predictions(spec: GraphSpec, devices: tuple[Device, ...], names: list[str], steps: list[int]) -> list[DevicePrediction]:
-    """Each graph's ops recorded once (at the spec's batch and precision), then priced per device."""
+    """Each graph's ops recorded once (at the spec's batch and precision), then priced per device.
+
+    Each AT-EDM stage is recorded twice: as exported (the map layer explicit) and with the map layer on its
+    kernels, whose fake implementations run on ``meta`` tensors.
+    """
     unet = build_unet(unet_config(spec.model), dtype=spec.dtype, device="meta")
     contract = spec.contract(dict(unet.config))
     blocks = spec_blocks(spec, unet)
-    options = spec.pruning
     baseline = graph_ops(unet, contract, None)
-    staged = {name: graph_ops(unet, contract, stage_plan(stage, blocks, options))
-              for name, stage in zip(names, spec.dsap.stages)}
+
+    def record(options: PruningOptions) -> dict[str, list]:
+        return {name: graph_ops(unet, contract, stage_plan(stage, blocks, options))
+                for name, stage in zip(names, spec.dsap.stages)}
+
+    explicit, kernels = (with_map_impl(spec.pruning, impl) for impl in ("explicit", "kernels"))
+    staged = record(explicit or spec.pruning)
+    kernel_staged = record(kernels) if kernels else {}
     return [DevicePrediction(dev, predict(baseline, dev), {n: predict(ops, dev) for n, ops in staged.items()},
-                             dict(zip(names, steps))) for dev in devices]
+                             dict(zip(names, steps)), {n: predict(ops, dev) for n, ops in kernel_staged.items()})
+            for dev in devices]
+
+
+def with_map_impl(options: PruningOptions, impl: str) -> PruneOptions | None:
+    """AT-EDM ``options`` with the map layer run as ``impl``; None for a method without a map layer (ToMe), or
+    where the options ask for a map the kernels do not compute (``heads: max``, ``map_pool`` > 1)."""
+    if not isinstance(options, PruneOptions):
+        return None
+    try:  # validated, not model_copy(update=...): that skips the check that the kernels compute this map
+        return PruneOptions.model_validate({**options.model_dump(), "map_impl": impl})
+    except PlanError:
+        return None
 
 
 def graph_flops(path: str, batch: int) -> int:

@@ -111,8 +111,8 @@ def test_cost_model_bytes_and_kinds_by_hand():
     assert (attention.flops, attention.bytes) == (4 * 2 * 4 * 128 * 128 * 8, 4 * (2 * 4 * 128 * 8) * 4)
     assert (softmax.flops, softmax.bytes) == (0, 2 * 64 * 32 * 4)
     h100 = DEVICES["h100"]
-    one = OpCost("x", "matmul", int(989.4e12), 0, False)  # one second of compute, no bytes
-    assert predict([one], h100).seconds == pytest.approx(1.0)
+    one = OpCost("x", "matmul", int(989.4e12), 0, False)  # one second of compute, no bytes, one launch
+    assert predict([one], h100).seconds == pytest.approx(1.0 + h100.launch_us * 1e-6)
 
 
 def test_cost_model_fuses_stock_attention_and_prices_the_map_layer_apart(tiny_build):
