@@ -133,23 +133,28 @@ def test_fp32_matmuls_run_off_the_tensor_cores():
 def test_the_map_layers_kernels_are_priced_by_their_formulas():
     batch, tokens, heads, dim, keep = 2, 256, 4, 32, 95
     q, k, v = (torch.empty(batch, tokens, heads, dim, dtype=torch.float16, device="meta") for _ in range(3))
-    kept = torch.empty(batch, keep, dtype=torch.int64, device="meta")
+    scores = torch.empty(batch, tokens, device="meta")
 
     def layer() -> None:
         _, lse = torch.ops.atedm.attention_lse(q, k, v, 0.125)
         attn_map, _ = torch.ops.atedm.head_mean_map(q, k, lse, 0.125)
-        torch.ops.atedm.recovery_sources(attn_map, kept)
+        kept, slot_of = torch.ops.atedm.select_kept(scores, keep)
+        torch.ops.atedm.recovery_sources(attn_map, kept, slot_of)
 
-    attention, head_mean, recovery = record_ops(layer)
-    assert [(o.op, o.kind, o.map_layer) for o in (attention, head_mean, recovery)] == [
-        ("attention_lse", "attention", True), ("head_mean_map", "matmul", True), ("recovery_sources", "memory", True)]
+    attention, head_mean, selection, recovery = record_ops(layer)
+    assert [(o.op, o.kind, o.map_layer) for o in (attention, head_mean, selection, recovery)] == [
+        ("attention_lse", "attention", True), ("head_mean_map", "matmul", True), ("select_kept", "memory", True),
+        ("recovery_sources", "memory", True)]
     qkv, lse, attn_map = 3 * q.numel() * 2, batch * heads * tokens * 4, batch * tokens * tokens * 4
     assert (attention.flops, attention.bytes) == (4 * batch * heads * tokens * tokens * dim, qkv + q.numel() * 2 + lse)
     products = batch * heads * tokens * tokens
-    assert head_mean.flops == 2 * products * dim + products and head_mean.launches == 3
+    assert head_mean.flops == 2 * products * dim + products and head_mean.launches == 2
     assert head_mean.bytes == 2 * q.numel() * 2 + lse + attn_map + batch * tokens * 4
+    assert selection.flops == 0 and selection.launches == 3  # torch.topk's select and sort, then one pass
+    assert selection.bytes == 2 * batch * tokens * 4 + 2 * batch * keep * 4 + batch * keep * 8 + batch * tokens * 8
     sectors = 1 - (1 - keep / tokens) ** 8  # 32-byte sectors of which at least one column is kept
-    assert recovery.bytes == int(attn_map * sectors) + 3 * batch * tokens * 8 + 3 * kept.numel() * 8
+    assert recovery.launches == 1  # a kept row's own slot is written by the same kernel
+    assert recovery.bytes == int(attn_map * sectors) + batch * keep * 8 + 2 * batch * tokens * 8
 
 
 def test_sdxl_main_stage_on_its_kernels_is_predicted_faster_than_explicit():
@@ -162,7 +167,7 @@ def test_sdxl_main_stage_on_its_kernels_is_predicted_faster_than_explicit():
                          for impl in ("explicit", "kernels"))
     explicit, kernels = graph_ops(unet, contract, explicit), graph_ops(unet, contract, kernels)
     assert not {o.op for o in explicit} & KERNEL_OPS
-    assert sum(o.op in KERNEL_OPS for o in kernels) == 3 * 11  # three kernels in each of the 11 pruned blocks
+    assert sum(o.op in KERNEL_OPS for o in kernels) == 4 * 11  # four kernel ops in each of the 11 pruned blocks
     assert all(o.map_layer for o in kernels if o.op in KERNEL_OPS)
     explicit_time, kernels_time = predict(explicit, h100), predict(kernels, h100)
     assert kernels_time.seconds < 0.7 * explicit_time.seconds
@@ -174,10 +179,11 @@ def test_the_mapless_kernels_pay_a_product_per_step_and_no_map():
     q, k = (torch.empty(batch, tokens, heads, dim, dtype=torch.float16, device="meta") for _ in range(2))
     lse = torch.empty(batch, heads, tokens, device="meta")
     scores, kept = torch.empty(batch, tokens, device="meta"), torch.empty(batch, keep, dtype=torch.int64, device="meta")
+    slot_of = torch.empty(batch, tokens, dtype=torch.int64, device="meta")
     step, recovery = record_ops(lambda: (torch.ops.atedm.gwpr_step(q, k, lse, scores, 0.125),
-                                         torch.ops.atedm.recovery_mapless(q, k, lse, kept, 0.125)))
+                                         torch.ops.atedm.recovery_mapless(q, k, lse, kept, slot_of, 0.125)))
     products = batch * heads * tokens * tokens
     assert (step.op, step.flops, step.launches, step.map_layer) == ("gwpr_step", 2 * products * dim + 3 * products, 2, True)
     assert step.bytes < products  # no [B, N, N] map goes through memory
     kept_products = batch * heads * tokens * keep
-    assert recovery.flops == 2 * kept_products * dim + kept_products and recovery.launches == 3
+    assert recovery.flops == 2 * kept_products * dim + kept_products and recovery.launches == 1

@@ -22,6 +22,8 @@ import torch
 from atedm_export.errors import KernelUnavailable, PlanError
 from atedm_export.pruning import PruneOptions, StagePlan, apply_atedm
 from atedm_export.pruning.attention import resolve_map_impl
+from atedm_export.pruning.recover import recovery_sources
+from atedm_export.pruning.select import topk_keep_indices
 
 from .conftest import run
 
@@ -78,17 +80,35 @@ def test_the_ops_pass_torchs_custom_op_checks():
     out, lse = torch.ops.atedm.attention_lse(q, k, v, 0.25)
     torch.library.opcheck(torch.ops.atedm.head_mean_map, (q, k, lse, 0.25))
     attn_map, _ = torch.ops.atedm.head_mean_map(q, k, lse, 0.25)
-    kept = torch.stack([torch.randperm(40, generator=gen)[:15].sort().values for _ in range(2)])
-    torch.library.opcheck(torch.ops.atedm.recovery_sources, (attn_map, kept))
     scores = torch.rand(2, 40, generator=gen)
+    torch.library.opcheck(torch.ops.atedm.select_kept, (scores, 15))
+    kept, slot_of = torch.ops.atedm.select_kept(scores, 15)
+    assert torch.equal(kept, topk_keep_indices(scores, 15))
+    torch.library.opcheck(torch.ops.atedm.recovery_sources, (attn_map, kept, slot_of))
+    torch.testing.assert_close(torch.ops.atedm.recovery_sources(attn_map, kept, slot_of), recovery_sources(attn_map, kept))
     torch.library.opcheck(torch.ops.atedm.gwpr_step, (q, k, lse, scores, 0.25))
     torch.testing.assert_close(torch.ops.atedm.gwpr_step(q, k, lse, scores, 0.25),
                                (scores.unsqueeze(1) @ attn_map).squeeze(1), atol=1e-6, rtol=1e-5)
-    torch.library.opcheck(torch.ops.atedm.recovery_mapless, (q, k, lse, kept, 0.25))
-    assert torch.equal(torch.ops.atedm.recovery_mapless(q, k, lse, kept, 0.25),
-                       torch.ops.atedm.recovery_sources(attn_map, kept))
+    torch.library.opcheck(torch.ops.atedm.recovery_mapless, (q, k, lse, kept, slot_of, 0.25))
+    assert torch.equal(torch.ops.atedm.recovery_mapless(q, k, lse, kept, slot_of, 0.25),
+                       torch.ops.atedm.recovery_sources(attn_map, kept, slot_of))
     want = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=0.25)
     torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@has_triton
+def test_the_selection_kernel_keeps_topks_set_ties_included():
+    """Few distinct score values: ties at the k-th largest, which the lower indices win on both paths."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        tokens = int(torch.randint(2, 300, (1,), generator=gen))
+        keep = int(torch.randint(1, tokens + 1, (1,), generator=gen))
+        levels = int(torch.randint(1, 6, (1,), generator=gen))
+        scores = torch.randint(0, levels, (2, tokens), generator=gen).float() / levels
+        kept, slot_of = torch.ops.atedm.select_kept(scores, keep)
+        assert torch.equal(kept, topk_keep_indices(scores, keep)), (trial, tokens, keep)
+        want = torch.full_like(slot_of, -1).scatter(1, kept, torch.arange(keep).expand_as(kept))
+        assert torch.equal(slot_of, want), (trial, tokens, keep)
 
 
 @has_triton
@@ -126,7 +146,7 @@ def test_every_kernel_compiles_ahead_of_time_for_sm80_sm89_sm90():
                           env=env, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)
-    kernels = ("attention_lse", "head_mean_map", "recovery_sources", "gwpr_step", "recovery_mapless")
+    kernels = ("attention_lse", "head_mean_map", "recovery_sources", "select", "gwpr_step", "recovery_mapless")
     assert {(r["kernel"], r["target"]) for r in rows} == {(k, t) for k in kernels for t in ("sm80", "sm89", "sm90")}
     for r in rows:
         assert r["spills"] == 0 and 0 < r["registers"] <= 255 and r["cubin_bytes"] > 0, r

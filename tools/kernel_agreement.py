@@ -26,9 +26,8 @@ from diffusers.models.attention_processor import Attention
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atedm_export.kernels import ops as kernel_ops  # noqa: E402
-from atedm_export.pruning.atedm import map_scores, map_sources, self_attention_map  # noqa: E402
+from atedm_export.pruning.atedm import map_scores, map_sources, select, self_attention_map  # noqa: E402
 from atedm_export.pruning.options import PruneOptions  # noqa: E402
-from atedm_export.pruning.select import select_tokens  # noqa: E402
 
 #: (tokens, channels, heads): SDXL at 1024² (64×64 and 32×32 blocks) and SD 1.5 at 512² (its two finest levels)
 FULL_SHAPES = [(4096, 640, 10), (1024, 1280, 20), (4096, 320, 8), (1024, 640, 8)]
@@ -71,12 +70,12 @@ def _run(attn: Attention, x: torch.Tensor, keep: int, impl: str) -> tuple[torch.
     grid = (1, x.shape[1])
     out, self_map = self_attention_map(attn, x, opts, grid, impl)
     scores = map_scores(self_map, opts, grid)
-    kept = select_tokens(scores, keep, opts.selection)
+    kept, slot_of = select(self_map, scores, keep, opts)
     attn_map = self_map.attn_map
     if attn_map is None:  # mapless: the map its kernels compute tile by tile, written here only to compare
         q, k, lse, scale = self_map.factors
         attn_map = torch.ops.atedm.head_mean_map(q, k, lse, scale)[0]
-    return out, attn_map, scores, kept, map_sources(self_map, kept, None)
+    return out, attn_map, scores, kept, map_sources(self_map, kept, slot_of, None)
 
 
 def compare(tokens: int, channels: int, heads: int, keep_ratio: float = 0.37, peak: float = 6.0, batch: int = 2,

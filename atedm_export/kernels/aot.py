@@ -51,9 +51,11 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     fn = triton_kernels.KERNELS[kernel]
     pointers = {"attention_lse": {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "Lse": "fp32"},
                 "head_mean_map": {"Q": dtype, "K": dtype, "Lse": "fp32", "Map": "fp32", "ColSum": "fp32"},
-                "recovery_sources": {"Map": "fp32", "Kept": "i64", "Sources": "i64"},
+                "recovery_sources": {"Map": "fp32", "Kept": "i64", "SlotOf": "i64", "Sources": "i64"},
+                "select": {"Scores": "fp32", "Top": "fp32", "Kept": "i64", "SlotOf": "i64"},
                 "gwpr_step": {"Q": dtype, "K": dtype, "Lse": "fp32", "Scores": "fp32", "Out": "fp32"},
-                "recovery_mapless": {"Q": dtype, "K": dtype, "Lse": "fp32", "Kept": "i64", "Sources": "i64"}}[kernel]
+                "recovery_mapless": {"Q": dtype, "K": dtype, "Lse": "fp32", "Kept": "i64", "SlotOf": "i64",
+                                     "Sources": "i64"}}[kernel]
     signature = {}
     for name in fn.arg_names:
         if name in pointers:
@@ -73,6 +75,8 @@ def _constexprs(kernel: str, dtype: str, head_dim: int) -> dict[str, object]:
     tiles = triton_kernels.TILES[kernel]
     if kernel == "recovery_sources":
         return {"BLOCK_M": tiles.block_m, "BLOCK_K": tiles.block_n}
+    if kernel == "select":  # compiled for SDXL's finest blocks at 1024² (the row whole in one program)
+        return {"BLOCK": 4096}
     second = "BLOCK_K" if kernel == "recovery_mapless" else "BLOCK_N"
     return {"BLOCK_M": tiles.block_m, second: tiles.block_n, "BLOCK_D": triton_kernels.block_d(head_dim),
             "PRECISION": "ieee" if dtype == "fp32" else "tf32"}

@@ -58,28 +58,35 @@ def head_mean_map(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
     re-reads come from L2 in a tiled kernel, so they are counted once. The exps are counted as FLOPs at the
     tensor peak, which understates them: they run on the special-function units (about 3.9 T/s on an H100,
     per the FlashAttention-3 paper), 0.1 ms per 64×64 block at batch 2; the model has no such unit. The
-    launcher adds the per-row-tile column sums and divides by N: two small torch kernels after the map's,
-    whose bytes (the sums are 64 times smaller than the map) are left out.
+    launcher adds the per-row-tile column sums (each already divided by N in the kernel): one small torch
+    kernel after the map's, whose bytes (the sums are 128 times smaller than the map) are left out.
     """
     batch, tokens, heads, dim = q.shape
     products = batch * heads * tokens * k.shape[1]
-    return KernelCost("matmul", 2 * products * dim + products, _nbytes(q, k, lse, *out), 3, q.dtype == torch.float32)
+    return KernelCost("matmul", 2 * products * dim + products, _nbytes(q, k, lse, *out), 2, q.dtype == torch.float32)
 
 
-def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor, *, out: torch.Tensor) -> KernelCost:
-    """The kept columns of each map row read, ``kept`` read, ``[B, N]`` sources written; no FLOPs.
+def select_kept(scores: torch.Tensor, keep: int, *, out: tuple[torch.Tensor, torch.Tensor]) -> KernelCost:
+    """``torch.topk`` for the k-th largest score (its select and its sort: two launches), then ``select_kernel``:
+    the scores read twice, the top k written and read once, the kept tokens and each token's slot written."""
+    top = scores.shape[0] * keep * 4
+    return KernelCost("memory", 0, 2 * _nbytes(scores) + 2 * top + _nbytes(*out), 3, False)
+
+
+def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor, *,
+                     out: torch.Tensor) -> KernelCost:
+    """The kept columns of each map row read, ``kept`` and each row's slot read, ``[B, N]`` sources written; no FLOPs.
 
     A row's kept columns are scattered over it, and memory moves in 32-byte sectors (8 fp32 entries): a
     sector is read where any of its entries is kept, ``1 − (1 − k/M)⁸`` of them for kept columns spread over
-    the row (97% at SDXL's 37% kept), so the kernel reads nearly the whole map, not ``k/M`` of it. The
-    launcher then writes each kept position's own slot (``arange`` and ``scatter``): three launches.
+    the row (97% at SDXL's 37% kept), so the kernel reads nearly the whole map, not ``k/M`` of it. A kept
+    row takes its own slot from ``slot_of`` in the same kernel: one launch.
     """
     batch, rows, keys = attn_map.shape
     keep = kept.shape[1]
     sectors = 1.0 - (1.0 - keep / keys) ** SECTOR_FLOATS
     map_read = int(batch * rows * keys * attn_map.element_size() * sectors)
-    # the kernel reads kept and writes the sources; the scatter copies the sources and reads its index and slots
-    return KernelCost("memory", 0, map_read + 3 * _nbytes(out) + 3 * _nbytes(kept), 3, False)
+    return KernelCost("memory", 0, map_read + _nbytes(kept, slot_of, out), 1, False)
 
 
 def gwpr_step(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor, scale: float, *,
@@ -96,22 +103,23 @@ def gwpr_step(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch
     return KernelCost("matmul", 2 * products * dim + 3 * products, moved, 2, q.dtype == torch.float32)
 
 
-def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor, scale: float, *,
-                     out: torch.Tensor) -> KernelCost:
+def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor,
+                     scale: float, *, out: torch.Tensor) -> KernelCost:
     """``recovery_sources`` with no map: ``2·B·H·N·k·d`` FLOPs and ``B·H·N·k`` exps for the kept keys only; ``q``,
-    lse and the kept rows of ``k`` read, the sources written, then the launcher's ``arange`` and ``scatter``."""
+    lse, the kept rows of ``k``, ``kept`` and each row's slot read, the sources written: one launch."""
     batch, tokens, heads, dim = q.shape
     keep = kept.shape[1]
     products = batch * heads * tokens * keep
     kept_keys = batch * keep * heads * dim * k.element_size()
-    moved = _nbytes(q, lse) + kept_keys + 3 * _nbytes(out) + 3 * _nbytes(kept)
-    return KernelCost("matmul", 2 * products * dim + products, moved, 3, q.dtype == torch.float32)
+    moved = _nbytes(q, lse, kept, slot_of, out) + kept_keys
+    return KernelCost("matmul", 2 * products * dim + products, moved, 1, q.dtype == torch.float32)
 
 
 #: The cost of each ``torch.ops.atedm.*`` op, by op name.
 KERNEL_COSTS: dict[str, Callable[..., KernelCost]] = {
     "attention_lse": attention_lse,
     "head_mean_map": head_mean_map,
+    "select_kept": select_kept,
     "recovery_sources": recovery_sources,
     "gwpr_step": gwpr_step,
     "recovery_mapless": recovery_mapless,

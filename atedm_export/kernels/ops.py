@@ -51,19 +51,32 @@ def _(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> tupl
     return q.new_empty((batch, tokens, keys), dtype=torch.float32), q.new_empty((batch, keys), dtype=torch.float32)
 
 
+@torch.library.custom_op("atedm::select_kept", mutates_args=())
+def select_kept(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` highest-scoring tokens ``[B, keep]`` in index order (ties to the lower index, the set of
+    ``select.topk_keep_indices``) and each token's slot ``[B, N]``, −1 where it is pruned."""
+    require_runnable(scores.device)
+    from . import triton_kernels
+
+    return triton_kernels.select(scores, keep)
+
+
+@select_kept.register_fake
+def _(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return scores.new_empty((scores.shape[0], keep), dtype=torch.int64), scores.new_empty(scores.shape, dtype=torch.int64)
+
+
 @torch.library.custom_op("atedm::recovery_sources", mutates_args=())
-def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Each position's source slot ``argmax_{j} A[i, kept[j]]`` ``[B, N]``, a kept position its own slot."""
+def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor) -> torch.Tensor:
+    """Each position's source slot ``argmax_{j} A[i, kept[j]]`` ``[B, N]``, a kept position its own slot (``slot_of``)."""
     require_runnable(attn_map.device)
     from . import triton_kernels
 
-    sources = triton_kernels.recovery_sources(attn_map, kept)
-    own_slot = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
-    return sources.scatter(1, kept, own_slot)
+    return triton_kernels.recovery_sources(attn_map, kept, slot_of)
 
 
 @recovery_sources.register_fake
-def _(attn_map: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def _(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor) -> torch.Tensor:
     return attn_map.new_empty(attn_map.shape[:2], dtype=torch.int64)
 
 
@@ -82,18 +95,18 @@ def _(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor,
 
 
 @torch.library.custom_op("atedm::recovery_mapless", mutates_args=())
-def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
+def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor,
+                     scale: float) -> torch.Tensor:
     """``recovery_sources`` of the map ``q``, ``k`` and lse define, computed for the kept keys only."""
     require_runnable(q.device)
     from . import triton_kernels
 
-    sources = triton_kernels.recovery_mapless(q, k, lse, kept, scale)
-    own_slot = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
-    return sources.scatter(1, kept, own_slot)
+    return triton_kernels.recovery_mapless(q, k, lse, kept, slot_of, scale)
 
 
 @recovery_mapless.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor,
+      scale: float) -> torch.Tensor:
     return q.new_empty(q.shape[:2], dtype=torch.int64)
 
 

@@ -89,7 +89,8 @@ def head_mean_map_kernel(
     N, M, H, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One ``[BLOCK_M, BLOCK_N]`` tile of the head-mean map, and its column sums into ``ColSum[b, row tile]``."""
+    """One ``[BLOCK_M, BLOCK_N]`` tile of the head-mean map, and its column sums over N into ``ColSum[b, row tile]``:
+    the row tiles' sums add up to G-WPR's first step from the uniform ``1/N``."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -112,12 +113,13 @@ def head_mean_map_kernel(
     acc = acc / H
     acc = tl.where(row_ok[:, None] & col_ok[None, :], acc, 0.0)
     tl.store(Map + (b * N + rows[:, None]) * M + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
-    tl.store(ColSum + (b * tl.num_programs(0) + pid_m) * M + cols, tl.sum(acc, 0), mask=col_ok)
+    tl.store(ColSum + (b * tl.num_programs(0) + pid_m) * M + cols, tl.sum(acc, 0) / N, mask=col_ok)
 
 
 @triton.jit
-def recovery_sources_kernel(Map, Kept, Sources, N, M, KEEP, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """For each row ``i`` of a row tile: the first kept slot whose map entry ``A[i, kept[slot]]`` is largest."""
+def recovery_sources_kernel(Map, Kept, SlotOf, Sources, N, M, KEEP, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For each row ``i`` of a row tile: the first kept slot whose map entry ``A[i, kept[slot]]`` is largest; a
+    kept row its own slot (``SlotOf``, from the selection)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -135,7 +137,31 @@ def recovery_sources_kernel(Map, Kept, Sources, N, M, KEEP, BLOCK_M: tl.constexp
         better = chunk_best > best  # strictly: on a tie the earlier chunk's (lower) slot stays
         best = tl.where(better, chunk_best, best)
         arg = tl.where(better, chunk_arg, arg)
-    tl.store(Sources + b * N + rows, arg.to(tl.int64), mask=row_ok)
+    own = tl.load(SlotOf + b * N + rows, mask=row_ok, other=-1)
+    tl.store(Sources + b * N + rows, tl.where(own >= 0, own, arg.to(tl.int64)), mask=row_ok)
+
+
+@triton.jit
+def select_kernel(Scores, Top, Kept, SlotOf, N, KEEP, BLOCK: tl.constexpr):
+    """One batch item's kept tokens, in index order: every score above the k-th largest (the last of ``Top``, the
+    k largest in descending order), then of
+    those equal to it the lowest indices that fill the k slots; ``SlotOf[i]`` is token i's slot, −1 if pruned.
+
+    ``select.topk_keep_indices`` in one pass (its ~17 ops), the same set: which tied tokens are kept depends on
+    the index order alone, never on how the k-th largest was found.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    index = tl.arange(0, BLOCK)
+    ok = index < N
+    scores = tl.load(Scores + b * N + index, mask=ok, other=float("-inf"))
+    threshold = tl.load(Top + b * KEEP + KEEP - 1)
+    above = (scores > threshold) & ok
+    tied = ((scores == threshold) & ok).to(tl.int32)
+    room = KEEP - tl.sum(above.to(tl.int32), 0)
+    kept = above | ((tied == 1) & (tl.cumsum(tied, 0) - tied < room))
+    slot = tl.cumsum(kept.to(tl.int32), 0) - 1
+    tl.store(Kept + b * KEEP + slot, index.to(tl.int64), mask=kept)
+    tl.store(SlotOf + b * N + index, tl.where(kept, slot, -1).to(tl.int64), mask=ok)
 
 
 @triton.jit
@@ -178,7 +204,7 @@ def gwpr_step_kernel(
 
 @triton.jit
 def recovery_mapless_kernel(
-    Q, K, Lse, Kept, Sources, scale,
+    Q, K, Lse, Kept, SlotOf, Sources, scale,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
     N, M, H, D, KEEP,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -212,7 +238,8 @@ def recovery_mapless_kernel(
         better = chunk_best > best
         best = tl.where(better, chunk_best, best)
         arg = tl.where(better, chunk_arg, arg)
-    tl.store(Sources + b * N + rows, arg.to(tl.int64), mask=row_ok)
+    own = tl.load(SlotOf + b * N + rows, mask=row_ok, other=-1)
+    tl.store(Sources + b * N + rows, tl.where(own >= 0, own, arg.to(tl.int64)), mask=row_ok)
 
 
 @dataclass(frozen=True)
@@ -237,11 +264,12 @@ TILES: dict[str, Tiles] = {
     "attention_lse": Tiles(block_m=128, block_n=64, num_warps=8, num_stages=3),
     "head_mean_map": Tiles(block_m=128, block_n=64, num_warps=8, num_stages=2),
     "recovery_sources": Tiles(block_m=8, block_n=256, num_warps=4, num_stages=1),
+    "select": Tiles(block_m=0, block_n=0, num_warps=8, num_stages=1),  # one program per batch item, the row whole
     "gwpr_step": Tiles(block_m=64, block_n=64, num_warps=4, num_stages=2),
     "recovery_mapless": Tiles(block_m=64, block_n=64, num_warps=4, num_stages=2),
 }
 KERNELS = {"attention_lse": attention_lse_kernel, "head_mean_map": head_mean_map_kernel,
-           "recovery_sources": recovery_sources_kernel, "gwpr_step": gwpr_step_kernel,
+           "recovery_sources": recovery_sources_kernel, "select": select_kernel, "gwpr_step": gwpr_step_kernel,
            "recovery_mapless": recovery_mapless_kernel}
 
 
@@ -289,17 +317,31 @@ def head_mean_map(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
         q, k, lse.contiguous(), attn_map, column_sums, scale, *q.stride()[:3], *k.stride()[:3],
         tokens, keys, heads, dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d(dim),
         PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return attn_map, column_sums.sum(dim=1) / tokens
+    return attn_map, column_sums.sum(dim=1)
 
 
-def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` kept slots: the first slot ``j`` maximizing ``attn_map[b, i, kept[b, j]]`` for every row ``i``."""
+def select(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` highest scores' tokens ``[B, keep]`` in index order, ties to the lower index, and each token's
+    slot ``[B, N]`` (−1 where pruned): ``torch.topk`` for the k-th largest score, then ``select_kernel``."""
+    scores = scores.float().contiguous()
+    batch, tokens = scores.shape
+    top = scores.topk(keep, dim=1).values  # descending: the k-th largest is the last, however ties sort
+    kept = torch.empty((batch, keep), dtype=torch.int64, device=scores.device)
+    slot_of = torch.empty((batch, tokens), dtype=torch.int64, device=scores.device)
+    select_kernel[(batch,)](scores, top.contiguous(), kept, slot_of, tokens, keep, BLOCK=triton.next_power_of_2(tokens),
+                            num_warps=TILES["select"].num_warps)
+    return kept, slot_of
+
+
+def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` kept slots: the first slot ``j`` maximizing ``attn_map[b, i, kept[b, j]]`` for every row ``i``,
+    a kept row's own slot for a kept row."""
     batch, tokens, keys = attn_map.shape
     keep = kept.shape[1]
     sources = torch.empty((batch, tokens), dtype=torch.int64, device=attn_map.device)
     tiles = TILES["recovery_sources"]
     grid = (triton.cdiv(tokens, tiles.block_m), batch)
-    recovery_sources_kernel[grid](attn_map.contiguous(), kept.contiguous(), sources, tokens, keys, keep,
+    recovery_sources_kernel[grid](attn_map.contiguous(), kept.contiguous(), slot_of.contiguous(), sources, tokens, keys, keep,
                                   BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_n, num_warps=tiles.num_warps,
                                   num_stages=tiles.num_stages)
     return sources
@@ -320,7 +362,7 @@ def gwpr_step(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch
     return per_head.mean(dim=1)
 
 
-def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor,
+def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """``recovery_sources`` of the map ``q``, ``k`` and lse define, computed for the kept keys only."""
     q, k = _unit_last(q, k)
@@ -330,7 +372,7 @@ def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: 
     sources = torch.empty((batch, tokens), dtype=torch.int64, device=q.device)
     grid = (triton.cdiv(tokens, tiles.block_m), batch)
     recovery_mapless_kernel[grid](
-        q, k, lse.contiguous(), kept.contiguous(), sources, scale, *q.stride()[:3], *k.stride()[:3],
+        q, k, lse.contiguous(), kept.contiguous(), slot_of.contiguous(), sources, scale, *q.stride()[:3], *k.stride()[:3],
         tokens, k.shape[1], heads, dim, keep, BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_n, BLOCK_D=block_d(dim),
         PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return sources

@@ -34,11 +34,24 @@ def map_scores(self_map: SelfMap, opts: PruneOptions, grid: tuple[int, int]) -> 
     return pooled_gwpr_scores(self_map.attn_map, grid, opts.map_pool, opts.iterations, opts.damping)
 
 
-def map_sources(self_map: SelfMap, kept: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+def select(self_map: SelfMap, scores: torch.Tensor, keep: int,
+           opts: PruneOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kept tokens ``[B, k]`` and, from the kernels' one-pass selection, each token's slot ``[B, N]`` (−1 where
+    pruned; None on the explicit path, whose recovery finds the kept positions' slots itself)."""
+    if self_map.kernels:
+        return torch.ops.atedm.select_kept(scores, keep)
+    return select_tokens(scores, keep, opts.selection), None
+
+
+def map_sources(self_map: SelfMap, kept: torch.Tensor, slot_of: torch.Tensor | None,
+                rows: torch.Tensor | None) -> torch.Tensor:
+    """Every position's recovery slot ``[B, N]``, read from the map in the form ``self_map`` holds it."""
     if self_map.factors is not None:
         q, k, lse, scale = self_map.factors
-        return torch.ops.atedm.recovery_mapless(q, k, lse, kept, scale)
-    return recovery_sources(self_map.attn_map, kept, rows, kernels=self_map.kernels)
+        return torch.ops.atedm.recovery_mapless(q, k, lse, kept, slot_of, scale)
+    if self_map.kernels:
+        return torch.ops.atedm.recovery_sources(self_map.attn_map, kept, slot_of)
+    return recovery_sources(self_map.attn_map, kept, rows)
 
 
 def self_attention_map(attn: Attention, hidden: torch.Tensor, opts: PruneOptions, grid: tuple[int, int],
@@ -57,8 +70,8 @@ def map_layer(attn: Attention, hidden: torch.Tensor, keep: int, opts: PruneOptio
     What ``tools/gpu_bench.py`` times beside SDPA and the kernel tests compare across ``map_impl``."""
     impl = resolve_map_impl(opts.map_impl, opts.heads, opts.map_pool, hidden)
     out, self_map = self_attention_map(attn, hidden, opts, grid, impl)
-    kept = select_tokens(map_scores(self_map, opts, grid), keep, opts.selection)
-    return out, kept, map_sources(self_map, kept, _map_rows(grid, opts.map_pool, hidden.device))
+    kept, slot_of = select(self_map, map_scores(self_map, opts, grid), keep, opts)
+    return out, kept, map_sources(self_map, kept, slot_of, _map_rows(grid, opts.map_pool, hidden.device))
 
 
 def _map_rows(grid: tuple[int, int], pool: int, device: torch.device) -> torch.Tensor | None:
@@ -94,7 +107,7 @@ def atedm_block(block: Transformer2DModel, state: BlockState, call: BlockCall) -
         scores = map_scores(self_map, opts, grid)
     rows = _map_rows(grid, opts.map_pool, tokens.device)
 
-    kept = select_tokens(scores, state.keep, opts.selection)
+    kept, slot_of = select(self_map, scores, state.keep, opts)
     if opts.prune_point == "attn1":
         # The residual added after the gather (the same sum, on k tokens): the cross-attention's LayerNorm then
         # reads an Add, the form onnxruntime's optimizer fuses (after a Gather it leaves the attention unfused).
@@ -108,11 +121,11 @@ def atedm_block(block: Transformer2DModel, state: BlockState, call: BlockCall) -
     if opts.recovery == "copy" and block.use_linear_projection:
         # proj_out is per token: run it on the k kept tokens, then copy into the N positions.
         batch, _, height, width = given.residual.shape
-        out = copy_recover(block.proj_out(x), map_sources(self_map, kept, rows))
+        out = copy_recover(block.proj_out(x), map_sources(self_map, kept, slot_of, rows))
         out = out.reshape(batch, height, width, given.inner_dim).permute(0, 3, 1, 2).contiguous() + given.residual
         return Transformer2DModelOutput(sample=out)
     if opts.recovery == "copy":
-        full = copy_recover(x, map_sources(self_map, kept, rows))
+        full = copy_recover(x, map_sources(self_map, kept, slot_of, rows))
     else:
         full = skip_recover(tokens, x, kept)
     return Transformer2DModelOutput(sample=close_block(block, full, given))

@@ -13,23 +13,17 @@ from typing import Literal
 
 import torch
 
-from ..kernels import ops as kernel_ops  # noqa: F401 - registers torch.ops.atedm.recovery_sources
 from .select import gather_tokens
 
 Recovery = Literal["copy", "skip"]
 
 
-def recovery_sources(attn: torch.Tensor, kept: torch.Tensor, rows: torch.Tensor | None = None,
-                     kernels: bool = False) -> torch.Tensor:
+def recovery_sources(attn: torch.Tensor, kept: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """For each position ``i`` the kept slot it copies from: ``argmax_{j ∈ kept} A[i, j]``, itself if kept.
 
     ``attn`` is ``[B, N, N]``, ``kept`` is ``[B, k]`` token indices; returns ``[B, N]`` slot indices. A
-    pooled map (``[B, P, N]``) gives ``rows``: the map row ``[N]`` of each position. ``kernels``: one pass of
-    the recovery kernel over the kept columns (``torch.ops.atedm.recovery_sources``) instead of a gathered
-    ``[B, N, k]`` copy and its argmax; the same slots, the first maximal one on a tie.
+    pooled map (``[B, P, N]``) gives ``rows``: the map row ``[N]`` of each position.
     """
-    if kernels and rows is None:
-        return torch.ops.atedm.recovery_sources(attn, kept)
     batch, map_rows, _ = attn.shape
     keep = kept.shape[1]
     to_kept = attn.gather(2, kept.unsqueeze(1).expand(batch, map_rows, keep))  # [B, rows, k]
