@@ -12,6 +12,8 @@ under 0.6), and the G-WPR scores are far from tied.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,18 +24,13 @@ from atedm_export.pruning.gwpr import gwpr_scores
 from atedm_export.pruning.recover import recovery_sources
 from atedm_export.pruning.select import TOPK_LIMIT, keep_indices, select_tokens, topk_keep_indices
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from kernel_agreement import peaked_attention  # noqa: E402 - the same peaked layer the kernels are compared on
+
 PEAK = 6.0
 # (tokens, channels, heads): SDXL at 1024² (64×64 and 32×32 blocks), SD 1.5 at 512² (its two finest levels)
 SHAPES = [(4096, 640, 10), (1024, 1280, 20), (4096, 320, 8), (1024, 640, 8)]
-
-
-def _peaked_attention(channels: int, heads: int) -> Attention:
-    torch.manual_seed(0)
-    attn = Attention(channels, heads=heads, dim_head=channels // heads).eval()
-    with torch.no_grad():
-        attn.to_q.weight.mul_(PEAK)
-        attn.to_k.weight.mul_(PEAK)
-    return attn
 
 
 def _explicit(attn: Attention, x: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,7 +46,7 @@ def _explicit(attn: Attention, x: torch.Tensor, keep: int) -> tuple[torch.Tensor
 
 @pytest.mark.parametrize(("tokens", "channels", "heads"), SHAPES)
 def test_exact_variants_keep_the_explicit_paths_tokens_and_sources(tokens, channels, heads):
-    attn = _peaked_attention(channels, heads)
+    attn = peaked_attention(channels, heads, PEAK)
     x = torch.randn(1, tokens, channels, generator=torch.Generator().manual_seed(1))
     keep = round(0.37 * tokens)
     with torch.no_grad():

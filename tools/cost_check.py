@@ -1,6 +1,7 @@
 """The cost model beside what was measured on an H200 (2026-11-30, docs/benchmarks.md): what its launch cost is fitted on.
 
     python tools/cost_check.py [--device h200] [--launch-us 0 4 11.5]
+    python tools/cost_check.py --forms [--device h200]      # the kernels' map vs mapless form, by block size
 
 SDXL base at 1024², batch 2, fp16 (``sdxl-base-1024``, ``paper`` schedule): the stock UNet and each DSAP stage
 (measured replayed from a CUDA graph), and the map layer alone at each pruned block shape beside the stock
@@ -24,6 +25,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atedm_export.costmodel import GPU_LAUNCH_US, OpCost, device, predict, record_ops  # noqa: E402
+from atedm_export.kernels import ops as kernel_ops  # noqa: E402
 from atedm_export.dsap import stage_plan  # noqa: E402
 from atedm_export.flops import graph_ops, spec_blocks, with_map_impl  # noqa: E402
 from atedm_export.models import build_unet, unet_config  # noqa: E402
@@ -57,12 +59,54 @@ def recorded(spec) -> dict[str, tuple[list[OpCost], list[OpCost] | None]]:  # no
     return ops
 
 
+#: (label, tokens, channels, heads) of the blocks the two forms are priced at: SDXL's finest blocks at 1024², 1536²
+#: and 2048² (10 heads of 64) and SD 1.5's at 1024² (8 heads of 40), at batch 2 and 37% kept.
+FORM_BLOCKS = [("SDXL 1024², 64×64", 4096, 640, 10), ("SDXL 1536², 96×96", 9216, 640, 10),
+               ("SDXL 2048², 128×128", 16384, 640, 10), ("SD 1.5 1024², 128×128", 16384, 320, 8)]
+
+
+def forms_table(dev, batch: int = 2) -> Table:  # noqa: ANN001 - costmodel.Device
+    """The map layer on its kernels in both forms (the head-mean map written once, or none: G-WPR as attention with
+    swapped roles), priced at each of ``FORM_BLOCKS``, with the map's memory: where each form wins."""
+    from diffusers.models.attention_processor import Attention
+
+    from atedm_export.pruning.options import PruneOptions
+
+    opts = PruneOptions(map_impl="kernels")
+    table = Table(title=f"the map layer's kernels on {dev.name}, batch {batch}, fp16, 37% kept: ms per block")
+    for column in ("block", "tokens", "map (fp32)", "map form", "mapless form", "the kernels take"):
+        table.add_column(column, justify="left" if column == "block" else "right")
+    limit = kernel_ops.MAP_BYTES_LIMIT
+    for label, tokens, channels, heads in FORM_BLOCKS:
+        with torch.device("meta"):
+            attn = Attention(channels, heads=heads, dim_head=channels // heads).half()
+        x = torch.empty(batch, tokens, channels, dtype=torch.float16, device="meta")
+        side, keep = int(tokens**0.5), round(0.37 * tokens)
+        times = []
+        for bound in (1 << 62, 0):  # map form, then mapless
+            kernel_ops.MAP_BYTES_LIMIT = bound
+            try:
+                times.append(predict(record_ops(lambda: map_layer(attn, x, keep, opts, (side, side))), dev).seconds * 1e3)
+            finally:
+                kernel_ops.MAP_BYTES_LIMIT = limit
+        taken = "map" if kernel_ops.materializes(batch, tokens, tokens) else "mapless"
+        table.add_row(label, f"{tokens}", f"{4 * batch * tokens * tokens / 2**30:.2f} GiB", f"{times[0]:.2f}",
+                      f"{times[1]:.2f}", taken)
+    table.caption = (f"the kernels write the map while it is at most {limit / 2**30:g} GiB (kernels/ops.py "
+                     "MAP_BYTES_LIMIT); past it, no map")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="sdxl-base-1024")
     parser.add_argument("--device", default="h200")
     parser.add_argument("--launch-us", type=float, nargs="*", default=[GPU_LAUNCH_US])
+    parser.add_argument("--forms", action="store_true", help="the kernels' map and mapless forms, by block size")
     args = parser.parse_args()
+    if args.forms:
+        Console(width=150).print(forms_table(device(args.device)))
+        return
     spec = load_spec(args.spec)
     ops = recorded(spec)
     base = device(args.device)

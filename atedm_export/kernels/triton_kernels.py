@@ -37,6 +37,19 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _batch_and_head(bh, H):
+    """A ``batch·heads`` program index as (batch, head), in int64 for the offsets they scale."""
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
+def _head_rows(base, index, index_ok, stride_index, dims, dim_ok):
+    """The ``[len(index), BLOCK_D]`` tile of one head's rows ``index`` at ``base`` (masked rows and dims read 0)."""
+    return tl.load(base + index[:, None] * stride_index + dims[None, :], mask=index_ok[:, None] & dim_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
 def attention_lse_kernel(
     Q, K, V, Out, Lse, scale,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh, stride_vb, stride_vm, stride_vh,
@@ -47,14 +60,12 @@ def attention_lse_kernel(
     """One (row tile, batch·head): ``out = softmax(q·kᵀ·scale)·v`` and ``lse = log Σ_j exp(q·k_j·scale)``."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h = _batch_and_head(bh, H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     dim_ok = dims < D
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = _head_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qn, dims, dim_ok)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     qk_scale = scale * LOG2E
@@ -64,15 +75,14 @@ def attention_lse_kernel(
     for start in range(0, M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        tile_ok = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_km + dims[None, :], mask=tile_ok, other=0.0)
+        k = _head_rows(k_base, cols, col_ok, stride_km, dims, dim_ok)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vm + dims[None, :], mask=tile_ok, other=0.0)
+        v = _head_rows(v_base, cols, col_ok, stride_vm, dims, dim_ok)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -103,10 +113,8 @@ def head_mean_map_kernel(
     qk_scale = scale * LOG2E
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for h in range(H):
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_km + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        q = _head_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qn, dims, dim_ok)
+        k = _head_rows(K + b * stride_kb + h * stride_kh, cols, col_ok, stride_km, dims, dim_ok)
         lse = tl.load(Lse + (b * H + h) * N + rows, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         acc += tl.exp2(s - (lse * LOG2E)[:, None])
@@ -179,21 +187,18 @@ def gwpr_step_kernel(
     """
     pid_j = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h = _batch_and_head(bh, H)
     cols = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     col_ok = cols < M
     dim_ok = dims < D
-    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_km + dims[None, :],
-                mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    k = _head_rows(K + b * stride_kb + h * stride_kh, cols, col_ok, stride_km, dims, dim_ok)
     qk_scale = scale * LOG2E
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        q = _head_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qn, dims, dim_ok)
         lse = tl.load(Lse + (b * H + h) * N + rows, mask=row_ok, other=0.0)
         weight = tl.load(Scores + b * N + rows, mask=row_ok, other=0.0)
         logits = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
@@ -226,10 +231,8 @@ def recovery_mapless_kernel(
         index = tl.load(Kept + b * KEEP + slots, mask=slot_ok, other=0)
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for h in range(H):
-            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :],
-                        mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-            k = tl.load(K + b * stride_kb + h * stride_kh + index[:, None] * stride_km + dims[None, :],
-                        mask=slot_ok[:, None] & dim_ok[None, :], other=0.0)
+            q = _head_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qn, dims, dim_ok)
+            k = _head_rows(K + b * stride_kb + h * stride_kh, index, slot_ok, stride_km, dims, dim_ok)
             lse = tl.load(Lse + (b * H + h) * N + rows, mask=row_ok, other=0.0)
             acc += tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - (lse * LOG2E)[:, None])
         values = tl.where(slot_ok[None, :], acc / H, float("-inf"))
