@@ -43,6 +43,13 @@ def _batch_and_head(bh, H):
 
 
 @triton.jit
+def _span(start, BLOCK: tl.constexpr, limit):
+    """The indices ``start … start + BLOCK − 1`` of one tile and which of them lie below ``limit``."""
+    index = start + tl.arange(0, BLOCK)
+    return index, index < limit
+
+
+@triton.jit
 def _head_rows(base, index, index_ok, stride_index, dims, dim_ok):
     """The ``[len(index), BLOCK_D]`` tile of one head's rows ``index`` at ``base`` (masked rows and dims read 0)."""
     return tl.load(base + index[:, None] * stride_index + dims[None, :], mask=index_ok[:, None] & dim_ok[None, :],
@@ -61,10 +68,8 @@ def attention_lse_kernel(
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = _batch_and_head(bh, H)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < N
-    dim_ok = dims < D
+    rows, row_ok = _span(pid_m * BLOCK_M, BLOCK_M, N)
+    dims, dim_ok = _span(0, BLOCK_D, D)
     q = _head_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qn, dims, dim_ok)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -73,8 +78,7 @@ def attention_lse_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, M, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
+        cols, col_ok = _span(start, BLOCK_N, M)
         k = _head_rows(k_base, cols, col_ok, stride_km, dims, dim_ok)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -104,12 +108,9 @@ def head_mean_map_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < N
-    col_ok = cols < M
-    dim_ok = dims < D
+    rows, row_ok = _span(pid_m * BLOCK_M, BLOCK_M, N)
+    cols, col_ok = _span(pid_n * BLOCK_N, BLOCK_N, M)
+    dims, dim_ok = _span(0, BLOCK_D, D)
     qk_scale = scale * LOG2E
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for h in range(H):
@@ -130,13 +131,11 @@ def recovery_sources_kernel(Map, Kept, SlotOf, Sources, N, M, KEEP, BLOCK_M: tl.
     kept row its own slot (``SlotOf``, from the selection)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
+    rows, row_ok = _span(pid_m * BLOCK_M, BLOCK_M, N)
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     arg = tl.zeros([BLOCK_M], dtype=tl.int32)
     for start in range(0, KEEP, BLOCK_K):
-        slots = start + tl.arange(0, BLOCK_K)
-        slot_ok = slots < KEEP
+        slots, slot_ok = _span(start, BLOCK_K, KEEP)
         index = tl.load(Kept + b * KEEP + slots, mask=slot_ok, other=0)
         values = tl.load(Map + (b * N + rows[:, None]) * M + index[None, :],
                          mask=row_ok[:, None] & slot_ok[None, :], other=float("-inf"))
@@ -159,8 +158,7 @@ def select_kernel(Scores, Top, Kept, SlotOf, N, KEEP, BLOCK: tl.constexpr):
     the index order alone, never on how the k-th largest was found.
     """
     b = tl.program_id(0).to(tl.int64)
-    index = tl.arange(0, BLOCK)
-    ok = index < N
+    index, ok = _span(0, BLOCK, N)
     scores = tl.load(Scores + b * N + index, mask=ok, other=float("-inf"))
     threshold = tl.load(Top + b * KEEP + KEEP - 1)
     above = (scores > threshold) & ok
@@ -188,16 +186,13 @@ def gwpr_step_kernel(
     pid_j = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = _batch_and_head(bh, H)
-    cols = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    col_ok = cols < M
-    dim_ok = dims < D
+    cols, col_ok = _span(pid_j * BLOCK_M, BLOCK_M, M)
+    dims, dim_ok = _span(0, BLOCK_D, D)
     k = _head_rows(K + b * stride_kb + h * stride_kh, cols, col_ok, stride_km, dims, dim_ok)
     qk_scale = scale * LOG2E
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+        rows, row_ok = _span(start, BLOCK_N, N)
         q = _head_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qn, dims, dim_ok)
         lse = tl.load(Lse + (b * H + h) * N + rows, mask=row_ok, other=0.0)
         weight = tl.load(Scores + b * N + rows, mask=row_ok, other=0.0)
@@ -218,16 +213,13 @@ def recovery_mapless_kernel(
     (the heads summed in registers) for the kept keys only, then reduced to the first maximal slot."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < N
-    dim_ok = dims < D
+    rows, row_ok = _span(pid_m * BLOCK_M, BLOCK_M, N)
+    dims, dim_ok = _span(0, BLOCK_D, D)
     qk_scale = scale * LOG2E
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     arg = tl.zeros([BLOCK_M], dtype=tl.int32)
     for start in range(0, KEEP, BLOCK_K):
-        slots = start + tl.arange(0, BLOCK_K)
-        slot_ok = slots < KEEP
+        slots, slot_ok = _span(start, BLOCK_K, KEEP)
         index = tl.load(Kept + b * KEEP + slots, mask=slot_ok, other=0)
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for h in range(H):
