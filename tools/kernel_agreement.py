@@ -9,7 +9,9 @@ recovery) on the same fp16 projections of one attention layer, ``map_impl`` expl
 give near-uniform maps, on which any ranking looks alike, so the layer's query and key projections are scaled by
 ``--peak``; the head-mean map's row entropy (as a fraction of the uniform row's ``log N``) is printed beside each
 result. A kept token or source that differs is *explained* when the two candidates' reference values lie within
-the largest difference between the two paths' scores (or maps): a tie within the accumulation's rounding.
+the largest relative difference between the two paths' scores (or map entries): a tie within the accumulation's
+rounding. Sharp maps make real ties: a row whose heads each attend to one token has several entries of exactly
+``1/heads``, and rounding alone picks among them.
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ class Agreement:
     entropy: float  # the reference map's mean row entropy / log N
     output_error: float  # max |kernels − explicit| of the layer's output
     map_error: float  # max |A_kernels − A_explicit|
+    map_rel_error: float  # max |A_kernels − A_explicit| / A_explicit over entries above 1e-30
     score_error: float  # max relative |s_kernels − s_explicit|
     boundary_gap: float  # relative gap between the k-th and (k+1)-th reference scores
     kept_differ: int  # kept tokens in one set and not the other (per batch item, summed)
     kept_unexplained: int
     sources_differ: int
     sources_unexplained: int
-    sources_gap: float  # the largest |A[i, one's source] − A[i, the other's]| where the sources differ (0 if none)
+    sources_gap: float  # the largest relative |A[i, one's source] − A[i, the other's]| where they differ (0 if none)
 
 
 def peaked_attention(channels: int, heads: int, peak: float, seed: int = 0) -> Attention:
@@ -97,6 +100,8 @@ def compare(tokens: int, channels: int, heads: int, keep_ratio: float = 0.37, pe
     entropy = -(map_e * map_e.clamp_min(1e-30).log()).sum(-1).mean().item() / math.log(tokens)
     score_error = ((scores_k - scores_e).abs() / scores_e.abs().clamp_min(1e-30)).max().item()
     map_error = (map_k - map_e).abs().max().item()
+    relative = (map_k - map_e).abs() / map_e.clamp_min(1e-30)
+    map_rel_error = relative.where(map_e > 1e-30, torch.zeros((), device=relative.device)).max().item()
     ordered = scores_e.sort(dim=1, descending=True).values
     boundary_gap = ((ordered[:, keep - 1] - ordered[:, keep]) / ordered[:, keep - 1]).min().item() if keep < tokens else 1.0
     kept_differ = kept_unexplained = sources_differ = sources_unexplained = 0
@@ -112,11 +117,12 @@ def compare(tokens: int, channels: int, heads: int, keep_ratio: float = 0.37, pe
         token_k, token_e = kept_k[b][src_k[b]], kept_e[b][src_e[b]]  # the token each position copies
         for i in torch.nonzero(token_k != token_e).flatten().tolist():
             sources_differ += 1
-            gap = abs(map_e[b, i, token_k[i]].item() - map_e[b, i, token_e[i]].item())
-            sources_unexplained += gap > 2 * map_error
+            mine, theirs = map_e[b, i, token_k[i]].item(), map_e[b, i, token_e[i]].item()
+            gap = abs(mine - theirs) / max(mine, theirs, 1e-30)
+            sources_unexplained += gap > 2 * map_rel_error
             sources_gap = max(sources_gap, gap)
     return Agreement(tokens, channels, heads, keep, str(dtype).replace("torch.", ""), "mapless" if mapless else "map", entropy,
-                     (out_k.float() - out_e.float()).abs().max().item(), map_error, score_error, boundary_gap,
+                     (out_k.float() - out_e.float()).abs().max().item(), map_error, map_rel_error, score_error, boundary_gap,
                      kept_differ, kept_unexplained, sources_differ, sources_unexplained, sources_gap)
 
 
@@ -130,15 +136,15 @@ def main() -> int:
     parser.add_argument("--mapless", action="store_true", help="the kernels' form that writes no map")
     args = parser.parse_args()
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    print("| tokens | channels | heads | keep | dtype | form | row entropy / log N | output err | map err | score rel err | "
-          "boundary gap | kept differ (unexplained) | sources differ of B·N (unexplained) | their largest gap |")
+    print("| tokens | channels | heads | keep | dtype | form | row entropy / log N | output err | map err (rel) | score rel err | "
+          "boundary gap | kept differ (unexplained) | sources differ of B·N (unexplained) | their largest rel gap |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     bad = 0
     for shape in FULL_SHAPES if args.full else TEST_SHAPES:
         r = compare(*shape, peak=args.peak, batch=args.batch, dtype=dtype, device=args.device, mapless=args.mapless)
         bad += r.kept_unexplained + r.sources_unexplained
         print(f"| {r.tokens} | {r.channels} | {r.heads} | {r.keep} | {r.dtype} | {r.form} | {r.entropy:.3f} | {r.output_error:.1e} | "
-              f"{r.map_error:.1e} | {r.score_error:.1e} | {r.boundary_gap:.1e} | {r.kept_differ} ({r.kept_unexplained}) | "
+              f"{r.map_error:.1e} ({r.map_rel_error:.0e}) | {r.score_error:.1e} | {r.boundary_gap:.1e} | {r.kept_differ} ({r.kept_unexplained}) | "
               f"{r.sources_differ} of {args.batch * r.tokens} ({r.sources_unexplained}) | {r.sources_gap:.1e} |", flush=True)
     return 1 if bad else 0
 
