@@ -18,7 +18,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from .attention import MapImpl, SelfMap, attention_with_map, attention_with_map_kernels, resolve_map_impl
+from .attention import MapPath, SelfMap, attention_with_map, attention_with_map_kernels, resolve_map_impl
 from .block import BlockCall, BlockState, close_block, cross_and_ff, open_block
 from .gwpr import cross_gwpr_scores, gwpr_scores, mapless_gwpr_scores, pooled_gwpr_scores
 from .options import PruneOptions
@@ -55,7 +55,7 @@ def map_sources(self_map: SelfMap, kept: torch.Tensor, slot_of: torch.Tensor | N
 
 
 def self_attention_map(attn: Attention, hidden: torch.Tensor, opts: PruneOptions, grid: tuple[int, int],
-                       impl: MapImpl) -> tuple[torch.Tensor, SelfMap]:
+                       impl: MapPath) -> tuple[torch.Tensor, SelfMap]:
     """The first layer's self-attention output and its head-combined map, as ``impl`` computes them."""
     if impl == "kernels":
         return attention_with_map_kernels(attn, hidden)

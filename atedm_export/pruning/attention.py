@@ -39,7 +39,7 @@ from ..kernels.runnable import require_runnable, why_not
 _STOCK_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
 HeadReduce = Literal["mean", "max"]
 MapOutput = Literal["reuse", "fused"]
-MapImpl = Literal["explicit", "kernels"]
+MapPath = Literal["explicit", "kernels"]  # what map_impl resolves to for a call (auto is no path)
 
 
 def explicit_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,7 @@ def attention_with_map(
     return attn.to_out[1](attn.to_out[0](out)), combined
 
 
-def resolve_map_impl(choice: str, heads: HeadReduce, pool: int, x: torch.Tensor) -> MapImpl:
+def resolve_map_impl(choice: str, heads: HeadReduce, pool: int, x: torch.Tensor) -> MapPath:
     """The map layer's implementation for tensors like ``x`` under the option ``map_impl=choice``.
 
     An ONNX export is always ``explicit`` (the graphs stay standard ops); ``kernels`` where the kernels cannot

@@ -16,8 +16,8 @@ from typing import Annotated, Any, Union
 from pydantic import Discriminator, Tag, TypeAdapter
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from .atedm import atedm_block
 from ..kernels.runnable import require_runnable
+from .atedm import atedm_block
 from .attention import check_supported
 from .options import DEFAULT_METHOD, PruneOptions, ToMeOptions
 from .tome import check_tome, destinations, tome_block
