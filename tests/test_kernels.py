@@ -127,6 +127,15 @@ def test_auto_is_explicit_on_cpu_and_every_export_is_explicit(monkeypatch):
     assert resolve_map_impl("kernels", "mean", 1, cpu) == "explicit"
 
 
+def test_auto_on_cuda_without_triton_warns_and_runs_explicit(monkeypatch):
+    from atedm_export.kernels import runnable
+
+    monkeypatch.setattr(runnable, "TRITON_INSTALLED", False)
+    with pytest.warns(RuntimeWarning, match="map_impl 'auto' on CUDA without OpenAI's triton"):
+        assert not runnable.auto_takes_kernels(torch.device("cuda"))
+    assert runnable.why_not(torch.device("cuda")).startswith("map_impl 'kernels' needs OpenAI's triton package")
+
+
 def test_kernels_on_cpu_without_the_interpreter_is_one_line(monkeypatch, tiny_unet, tiny_blocks):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     plan = StagePlan({tiny_blocks[0].name: 10}, PruneOptions(map_impl="kernels"))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -16,16 +16,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
-@functools.cache
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+#: Whether OpenAI's triton can be imported: read once, a constant (``torch.compile`` traces the checks that read it).
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def why_not(device: torch.device) -> str | None:
     """Why the kernels cannot run on ``device`` now, or None where they can (``meta``: their fake implementations)."""
     if device.type == "meta":
         return None
-    if not triton_installed():
+    if not TRITON_INSTALLED:
         return "map_impl 'kernels' needs OpenAI's triton package (pip install 'atedm-export[kernels]'); use map_impl 'explicit'"
     if device.type == "cuda" or interpreting():
         return None
@@ -38,3 +37,15 @@ def require_runnable(device: torch.device) -> None:
     reason = why_not(device)
     if reason:
         raise KernelUnavailable(reason)
+
+
+def auto_takes_kernels(device: torch.device) -> bool:
+    """``map_impl: auto``'s choice on ``device``: the kernels on CUDA where triton is installed. On CUDA without it,
+    the explicit path, with one warning: it runs, many times slower than the kernels would."""
+    if device.type != "cuda":
+        return False
+    if not TRITON_INSTALLED:
+        warnings.warn("map_impl 'auto' on CUDA without OpenAI's triton: the map layer runs as torch ops, many times "
+                      "slower; pip install 'atedm-export[kernels]'", RuntimeWarning, stacklevel=3)
+        return False
+    return True

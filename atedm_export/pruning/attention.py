@@ -34,7 +34,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from ..errors import ModelError
 from ..kernels import ops as kernel_ops  # noqa: F401 - registers torch.ops.atedm.* (no triton until they run)
-from ..kernels.runnable import require_runnable, why_not
+from ..kernels.runnable import auto_takes_kernels, require_runnable
 
 _STOCK_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
 HeadReduce = Literal["mean", "max"]
@@ -160,8 +160,7 @@ def resolve_map_impl(choice: str, heads: HeadReduce, pool: int, x: torch.Tensor)
     if choice == "kernels":
         require_runnable(x.device)
         return "kernels"
-    takes = x.is_cuda and heads == "mean" and pool == 1 and why_not(x.device) is None
-    return "kernels" if takes else "explicit"
+    return "kernels" if heads == "mean" and pool == 1 and auto_takes_kernels(x.device) else "explicit"
 
 
 @dataclass(frozen=True)
