@@ -119,6 +119,18 @@ def test_the_pruned_unet_on_kernels_equals_the_explicit_path(tiny_unet, tiny_blo
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+@has_triton
+def test_the_pruned_unet_on_kernels_compiles_to_one_graph(tiny_unet, tiny_blocks, tiny_inputs):
+    """``torch.compile(fullgraph=True)``: dynamo traces the whole pruned UNet, the kernels as opaque custom ops
+    (their fake implementations give the shapes), with no graph break (42 s here with ``aot_eager``)."""
+    keep = {b.name: round(0.37 * b.tokens) for b in tiny_blocks}
+    unet = apply_atedm(tiny_unet, StagePlan(keep, PruneOptions(map_impl="kernels")))
+    want = run(unet, tiny_inputs)
+    got = run(torch.compile(unet, backend="aot_eager", fullgraph=True), tiny_inputs)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_auto_is_explicit_on_cpu_and_every_export_is_explicit(monkeypatch):
     cpu = torch.empty(1)
     assert resolve_map_impl("auto", "mean", 1, cpu) == "explicit"
