@@ -151,8 +151,8 @@ def recovery_sources_kernel(Map, Kept, SlotOf, Sources, N, M, KEEP, BLOCK_M: tl.
 @triton.jit
 def select_kernel(Scores, Top, Kept, SlotOf, N, KEEP, BLOCK: tl.constexpr):
     """One batch item's kept tokens, in index order: every score above the k-th largest (the last of ``Top``, the
-    k largest in descending order), then of
-    those equal to it the lowest indices that fill the k slots; ``SlotOf[i]`` is token i's slot, −1 if pruned.
+    k largest in descending order), then of those equal to it the lowest indices that fill the k slots;
+    ``SlotOf[i]`` is token i's slot, −1 if pruned.
 
     ``select.topk_keep_indices`` in one pass (its ~17 ops), the same set: which tied tokens are kept depends on
     the index order alone, never on how the k-th largest was found.
