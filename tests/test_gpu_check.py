@@ -110,10 +110,10 @@ def test_bench_smoke_on_the_cpu_map_layer_and_stages(tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_bench_smoke_of_the_kernels_in_tritons_interpreter(tmp_path) -> None:
-    """Parity (kept tokens, recovery sources, the pruned UNet's output) and the map layer in both forms: the
-    kernels on CPU tensors in Triton's interpreter, at the tiny spec."""
-    report = _bench(tmp_path, "--parts", "parity,map-layer", "--cost-device", "none", env={"TRITON_INTERPRET": "1"},
-                    timeout=120)
+    """Parity (kept tokens, recovery sources, the pruned UNet's output), the map layer in both forms and each kernel
+    alone: the kernels on CPU tensors in Triton's interpreter, at the tiny spec."""
+    report = _bench(tmp_path, "--parts", "parity,map-layer,kernels", "--cost-device", "none",
+                    env={"TRITON_INTERPRET": "1"}, timeout=240)
     assert report["impls"] == ["explicit", "kernels"] and not report["failed"] and not report["skipped"]
     blocks = report["parity"]["blocks"]
     assert [(b["tokens"], b["keep"]) for b in blocks] == [(256, 95), (256, 95), (64, 24), (64, 24)]
@@ -125,6 +125,10 @@ def test_bench_smoke_of_the_kernels_in_tritons_interpreter(tmp_path) -> None:
     assert maps[:3] == ["SDPA self-attention, 256 tokens (16×16)", "map layer explicit, 256 tokens (16×16), keeps 95",
                         "map layer kernels, 256 tokens (16×16), keeps 95"]
     assert "**Parity on this device**" in (tmp_path / "gpu-bench.md").read_text()
+    kernels = [f["what"] for f in report["figures"] if f["part"] == "kernels"]
+    assert len(kernels) == 2 * 12  # per block shape: 7 kernels alone and 5 tiles of the map kernel
+    assert kernels[0] == "attention_lse (on CUDA: PyTorch's flash), 256 tokens"
+    assert "head_mean_map at 128×128, 8 warps, 2 stages, 64 tokens" in kernels
 
 
 @pytest.mark.slow  # seconds of CPU in a subprocess: the default suite keeps to the dry runs

@@ -12,6 +12,8 @@ measures, in this order (``--parts``; the default is what fits a few minutes of 
 2. ``map-layer``: the map layer alone (the first layer's self-attention with its map, G-WPR, selection,
    recovery: ``pruning.atedm.map_layer``) in each form beside the stock self-attention (SDPA) at each pruned
    block shape, with its time as a multiple of SDPA's (targets for the kernels: ≤ 2× at 64×64, ≤ 1.5× at 32×32);
+   then ``kernels``: each of the map layer's kernels alone at each shape (where its time goes; the Triton flash
+   kernel beside PyTorch's), and the map kernel at each of ``MAP_TILES`` (its tiles were chosen with no GPU);
 3. ``stages``: every DSAP stage of each ``--schedules`` schedule (``paper``, ``dagger``, ``uniform-63``) in each
    form against the stock UNet, and each whole schedule: the step-weighted sum over its stages (each stage's ms
    × its steps at the spec's step count) against the stock UNet × the steps;
@@ -72,12 +74,15 @@ from atedm_export.spec import load_spec  # noqa: E402
 
 MiB = 2**20
 IMPLS = ("explicit", "kernels")
-NEW_PARTS = ("parity", "map-layer", "stages", "compile")
+NEW_PARTS = ("parity", "map-layer", "kernels", "stages", "compile")
 ALL_PARTS = (*NEW_PARTS, "eager", "onnxruntime", "engines")
-DEFAULT_PARTS = "parity,map-layer,stages,compile,eager"
+DEFAULT_PARTS = "parity,map-layer,kernels,stages,compile,eager"
 #: About how long each part takes at SDXL 1024² on an H200 (model loaded, kernels compiled): a part starts only
 #: where this much of the budget is left. ``compile`` is given its own limit on top (``--compile-limit-s``).
-NEEDS_S = {"parity": 20, "map-layer": 15, "stages": 45, "compile": 60, "eager": 45, "onnxruntime": 1, "engines": 1}
+NEEDS_S = {"parity": 20, "map-layer": 15, "kernels": 20, "stages": 45, "compile": 60, "eager": 45, "onnxruntime": 1, "engines": 1}
+#: The map kernel's tiles the kernels part also times (block_m, block_n, num_warps, num_stages): the launchers' own
+#: choice was made by registers alone, on no GPU (kernels/triton_kernels.py TILES).
+MAP_TILES = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2)]
 #: The kernels' targets: the map layer's time as a multiple of SDPA's at the same shape (issue 26).
 TARGET_X_SDPA = {4096: 2.0, 1024: 1.5}
 
@@ -405,6 +410,52 @@ def map_layer_part(report: Report, bench: Bench, impls: list[str]) -> None:
                              target_x_sdpa=TARGET_X_SDPA.get(tokens) if impl == "kernels" else None)
                 fig.speedup, fig.x_sdpa = sdpa.median_ms / fig.median_ms, fig.median_ms / sdpa.median_ms
                 report.figures.append(fig)
+
+
+# ---- 2b. each kernel alone, and the map kernel's tiles -------------------------------------------------------------
+
+
+def kernels_part(report: Report, bench: Bench) -> None:
+    """At each pruned block shape, each of the map layer's kernels alone, replayed (where the map layer's time goes),
+    the Triton flash kernel beside PyTorch's, and the map kernel at each of ``MAP_TILES`` (the next choice of tiles)."""
+    from dataclasses import replace as with_tiles
+
+    from atedm_export.kernels import triton_kernels as tk
+
+    with torch.no_grad():
+        for block, tokens, keep, _grid in bench.shapes():
+            attn, x = bench.first_attn(block), bench.tokens_input(block, tokens, seed=3)
+            split = (x.shape[0], tokens, attn.heads, -1)
+            q, k, v = attn.to_q(x).view(split), attn.to_k(x).view(split), attn.to_v(x).view(split)
+            out, lse = torch.ops.atedm.attention_lse(q, k, v, attn.scale)
+            attn_map, first = torch.ops.atedm.head_mean_map(q, k, lse, attn.scale)
+            kept, slot_of = torch.ops.atedm.select_kept(first, keep)
+            calls = {
+                "attention_lse (on CUDA: PyTorch's flash)": lambda: torch.ops.atedm.attention_lse(q, k, v, attn.scale),
+                "attention_lse, the Triton flash kernel": lambda: tk.attention_lse(q, k, v, attn.scale),
+                "head_mean_map": lambda: torch.ops.atedm.head_mean_map(q, k, lse, attn.scale),
+                "one G-WPR step (bmm over the map)": lambda: first.unsqueeze(1) @ attn_map,
+                "select_kept": lambda: torch.ops.atedm.select_kept(first, keep),
+                "recovery_sources": lambda: torch.ops.atedm.recovery_sources(attn_map, kept, slot_of),
+                "gwpr_step (mapless)": lambda: torch.ops.atedm.gwpr_step(q, k, lse, first, attn.scale),
+            }
+            for name, call in calls.items():
+                what = f"{name}, {tokens} tokens"
+                samples, peak, note = measure(bench, call, what, report, weights=False)
+                report.figures.append(figure("kernels", what, samples, peak, note=note))
+            chosen = tk.TILES["head_mean_map"]
+            try:
+                for block_m, block_n, warps, stages in MAP_TILES:
+                    tk.TILES["head_mean_map"] = with_tiles(chosen, block_m=block_m, block_n=block_n, num_warps=warps,
+                                                           num_stages=stages)
+                    what = f"head_mean_map at {block_m}×{block_n}, {warps} warps, {stages} stages, {tokens} tokens"
+                    samples, peak, note = measure(bench, lambda: tk.head_mean_map(q, k, lse, attn.scale), what, report,
+                                                  weights=False)
+                    report.figures.append(figure("kernels", what, samples, peak, note=note))
+            finally:
+                tk.TILES["head_mean_map"] = chosen
+            del out, attn_map
+            free_memory()
 
 
 # ---- 3. every stage and every schedule against the stock UNet ---------------------------------------------------
@@ -1080,7 +1131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = Bench(spec, args)
     try:
-        if set(parts) & {"parity", "map-layer", "stages", "eager"}:
+        if set(parts) & {"parity", "map-layer", "kernels", "stages", "eager"}:
             with part(report, "load", args.out):
                 _ = bench.unet, bench.feed
         if "parity" in parts and may_start("parity"):
@@ -1089,6 +1140,11 @@ def main(argv: list[str] | None = None) -> int:
         if "map-layer" in parts and may_start("map-layer"):
             with part(report, "map-layer", args.out):
                 map_layer_part(report, bench, impls)
+        if "kernels" in parts and "kernels" in impls and may_start("kernels"):
+            with part(report, "kernels", args.out):
+                kernels_part(report, bench)
+        elif "kernels" in parts and "kernels" not in impls:
+            report.skipped["kernels"] = "map_impl kernels cannot run here"
         if "stages" in parts and may_start("stages"):
             with part(report, "stages", args.out):
                 stages_part(report, bench, impls, args.schedules_list)
