@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu-check.sh"
 BENCH = ROOT / "tools" / "gpu_bench.py"
-NEW_PARTS = "parity,map-layer,stages,compile,eager"
+NEW_PARTS = "parity,map-layer,kernels,stages,compile,eager"
 
 
 def _bash(*args: str) -> subprocess.CompletedProcess:

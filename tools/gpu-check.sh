@@ -8,7 +8,7 @@
 #
 # Options: --out DIR (default gpu-check-out), --python PY (default: python3, the one holding CUDA torch),
 # --budget-s N (default 470: the whole check is sized for 8 minutes of GPU time; tests and measurements
-# stop starting new parts past it), --parts LIST (gpu_bench's parts; default parity,map-layer,stages,compile,eager;
+# stop starting new parts past it), --parts LIST (gpu_bench's parts; default parity,map-layer,kernels,stages,compile,eager;
 # onnxruntime-gpu and TensorRT-RTX are installed only where onnxruntime or engines are asked for),
 # --test-timeout-s N (default 120), --skip-tests, --skip-bench.
 # The torch and triton already installed are kept (pinned for pip): CUDA torch and its triton come together.
@@ -18,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0; OUT=gpu-check-out; PY=python3; WHEELS=""; BUDGET=470; TESTS=1; BENCH=1; TEST_LIMIT=120
-PARTS=parity,map-layer,stages,compile,eager
+PARTS=parity,map-layer,kernels,stages,compile,eager
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
