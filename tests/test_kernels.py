@@ -54,7 +54,7 @@ def test_kernels_keep_the_explicit_paths_tokens_and_sources(tokens, channels, he
 @has_triton
 def test_the_mapless_form_keeps_the_same_tokens_and_sources():
     """G-WPR as attention with swapped roles and recovery from q, k and lse: no map in memory, the same tokens."""
-    _assert_agrees(compare(*TEST_SHAPES[3], peak=PEAK, batch=2, mapless=True))
+    _assert_agrees(compare(*TEST_SHAPES[3], peak=PEAK, batch=1, mapless=True))  # batch offsets: the opcheck test
 
 
 def test_the_kernels_write_the_map_up_to_a_gib_and_no_map_past_it():
