@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from atedm_export.kernels.runnable import TRITON_INSTALLED
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu-check.sh"
 BENCH = ROOT / "tools" / "gpu_bench.py"
@@ -108,7 +110,7 @@ def test_bench_smoke_on_the_cpu_map_layer_and_stages(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="triton is not installed")
 def test_bench_smoke_of_the_kernels_in_tritons_interpreter(tmp_path) -> None:
     """Parity (kept tokens, recovery sources, the pruned UNet's output), the map layer in both forms and each kernel
     alone: the kernels on CPU tensors in Triton's interpreter, at the tiny spec."""

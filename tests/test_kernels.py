@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from atedm_export.errors import KernelUnavailable, PlanError
+from atedm_export.kernels.runnable import TRITON_INSTALLED
 from atedm_export.pruning import PruneOptions, StagePlan, apply_atedm
 from atedm_export.pruning.attention import resolve_map_impl
 from atedm_export.pruning.recover import recovery_sources
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from kernel_agreement import FULL_SHAPES, TEST_SHAPES, compare  # noqa: E402
 
 PEAK = 6.0
-has_triton = pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None, reason="triton not installed")
+has_triton = pytest.mark.skipif(not TRITON_INSTALLED, reason="triton not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -2,8 +2,8 @@
 
 ``triton_kernels.py`` holds the kernel sources and their launchers (the only module that imports triton);
 ``ops.py`` registers them as ``torch.ops.atedm.*`` with fake implementations; ``runnable.py`` says where they
-can run; ``aot.py`` compiles every kernel ahead of time for a GPU target, with no GPU (what the TensorRT
-plugin embeds and CI checks); ``costs.py`` their FLOPs and bytes for the cost model.
+can run; ``aot.py`` compiles every kernel ahead of time for a GPU target, with no GPU (what CI checks,
+and what a TensorRT plugin would embed); ``costs.py`` their FLOPs and bytes for the cost model.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", capability, 32))`` lowers a kernel to PTX and a
 cubin for any NVIDIA target; this is what CI runs for sm80, sm89 and sm90 (a kernel that cannot compile for
-a GPU fails there, not on a user's machine) and what a TensorRT plugin embeds. Each kernel is compiled as
+a GPU fails there, not on a user's machine), and what a TensorRT plugin would embed. Each kernel is compiled as
 the launchers call it (``triton_kernels.TILES``, ``block_d``), at a head dim and input dtype, with the
 pointer and stride divisibility the JIT itself would see for SDXL's contiguous projections; registers and
 spills are read from the cubin by the ``cuobjdump`` that ships with triton, shared memory from triton's
