@@ -26,6 +26,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import onnx
 import torch
@@ -33,6 +34,7 @@ from diffusers import UNet2DConditionModel
 from onnx.external_data_helper import uses_external_data
 
 from .contract import OUTPUT, GraphContract, UNetGraph
+from .kernels.nodes import plugin_form
 from .pruning import StagePlan, planned
 from .pruning.attention import fusable_attention
 from .weights import WeightStore
@@ -123,26 +125,36 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     return infer_shapes(model)
 
 
-def export_raw(unet: UNet2DConditionModel, plan: StagePlan | None, contract: GraphContract, raw: Path) -> None:
+Form = Literal["portable", "plugin"]
+#: A graph's forms: ``portable`` (standard ONNX ops: onnxruntime, TensorRT-RTX, ``verify`` against eager) and, for
+#: a pruned stage, ``plugin`` (the map layer as the kernels' ``atedm`` nodes, ``kernels/nodes.py``).
+FORMS: tuple[Form, ...] = ("portable", "plugin")
+
+
+def export_raw(unet: UNet2DConditionModel, plan: StagePlan | None, contract: GraphContract, raw: Path,
+               form: Form = "portable") -> None:
     """Export ``unet`` with ``plan`` applied (None: the stock UNet) to ``raw``, as the exporter writes it.
 
     The plan is removed again afterwards, so one loaded UNet can serve several stages. Every attention
-    is exported in the form the backends fuse (``pruning.attention.explicit_attention``).
+    is exported in the form the backends fuse (``pruning.attention.explicit_attention``). The plugin form
+    goes through the dynamo exporter whatever the model's size: only it writes nodes of another domain.
     """
     graph = contract.module(unet).eval()
     args = graph.args(contract.example_feed(device=unet.device))
-    with planned(unet, plan), fusable_attention(unet), warnings.catch_warnings(), torch.no_grad(), _quiet():
+    nodes = plugin_form() if form == "plugin" else contextlib.nullcontext()
+    exporter = "dynamo" if form == "plugin" else exporter_for(unet)
+    with planned(unet, plan), fusable_attention(unet), nodes, warnings.catch_warnings(), torch.no_grad(), _quiet():
         warnings.simplefilter("ignore")
-        _torch_export(graph, args, raw, exporter_for(unet))
+        _torch_export(graph, args, raw, exporter)
 
 
 def export_graph(model: str, seed: int, plan: StagePlan | None, contract: GraphContract, raw: Path,
-                 loras: tuple = ()) -> None:
+                 loras: tuple = (), form: Form = "portable") -> None:
     """Load the UNet (``loras`` fused into it, ``lora.py``) and export one graph to ``raw``: what a build runs in a
     process of its own."""
     from .models import load_unet
 
-    export_raw(load_unet(model, dtype=contract.dtype, seed=seed, loras=loras), plan, contract, raw)
+    export_raw(load_unet(model, dtype=contract.dtype, seed=seed, loras=loras), plan, contract, raw, form)
 
 
 def finalize(raw: Path, path: Path, store: WeightStore) -> Path:

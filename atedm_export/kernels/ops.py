@@ -29,11 +29,6 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return triton_kernels.attention_lse(q, k, v, scale)
 
 
-@attention_lse.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, tokens, heads, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((batch, heads, tokens), dtype=torch.float32)
-
 
 @torch.library.custom_op("atedm::head_mean_map", mutates_args=())
 def head_mean_map(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,12 +38,6 @@ def head_mean_map(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
 
     return triton_kernels.head_mean_map(q, k, lse, scale)
 
-
-@head_mean_map.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, tokens, _, _ = q.shape
-    keys = k.shape[1]
-    return q.new_empty((batch, tokens, keys), dtype=torch.float32), q.new_empty((batch, keys), dtype=torch.float32)
 
 
 @torch.library.custom_op("atedm::select_kept", mutates_args=())
@@ -61,10 +50,6 @@ def select_kept(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Te
     return triton_kernels.select(scores, keep)
 
 
-@select_kept.register_fake
-def _(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return scores.new_empty((scores.shape[0], keep), dtype=torch.int64), scores.new_empty(scores.shape, dtype=torch.int64)
-
 
 @torch.library.custom_op("atedm::recovery_sources", mutates_args=())
 def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor) -> torch.Tensor:
@@ -75,10 +60,6 @@ def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.
     return triton_kernels.recovery_sources(attn_map, kept, slot_of)
 
 
-@recovery_sources.register_fake
-def _(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor) -> torch.Tensor:
-    return attn_map.new_empty(attn_map.shape[:2], dtype=torch.int64)
-
 
 @torch.library.custom_op("atedm::gwpr_step", mutates_args=())
 def gwpr_step(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor, scale: float) -> torch.Tensor:
@@ -88,10 +69,6 @@ def gwpr_step(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch
 
     return triton_kernels.gwpr_step(q, k, lse, scores, scale)
 
-
-@gwpr_step.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor, scale: float) -> torch.Tensor:
-    return q.new_empty((q.shape[0], k.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("atedm::recovery_mapless", mutates_args=())
@@ -104,10 +81,60 @@ def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: 
     return triton_kernels.recovery_mapless(q, k, lse, kept, slot_of, scale)
 
 
-@recovery_mapless.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor,
-      scale: float) -> torch.Tensor:
-    return q.new_empty(q.shape[:2], dtype=torch.int64)
+
+Outputs = list[tuple[tuple[int, ...], torch.dtype]]
+
+
+def _attention_lse_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Outputs:
+    batch, tokens, heads, _ = q.shape
+    return [(tuple(q.shape), q.dtype), ((batch, heads, tokens), torch.float32)]
+
+
+def _head_mean_map_outputs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> Outputs:
+    batch, tokens, keys = q.shape[0], q.shape[1], k.shape[1]
+    return [((batch, tokens, keys), torch.float32), ((batch, keys), torch.float32)]
+
+
+def _select_kept_outputs(scores: torch.Tensor, keep: int) -> Outputs:
+    return [((scores.shape[0], keep), torch.int64), (tuple(scores.shape), torch.int64)]
+
+
+def _recovery_sources_outputs(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor) -> Outputs:
+    return [(tuple(attn_map.shape[:2]), torch.int64)]
+
+
+def _gwpr_step_outputs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor, scale: float) -> Outputs:
+    return [((q.shape[0], k.shape[1]), torch.float32)]
+
+
+def _recovery_mapless_outputs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor,
+                              slot_of: torch.Tensor, scale: float) -> Outputs:
+    return [(tuple(q.shape[:2]), torch.int64)]
+
+
+#: Each op's outputs (shape, dtype) from its inputs: its fake implementation, and its node's in a graph (``nodes.py``).
+OUTPUTS = {
+    "attention_lse": _attention_lse_outputs,
+    "head_mean_map": _head_mean_map_outputs,
+    "select_kept": _select_kept_outputs,
+    "recovery_sources": _recovery_sources_outputs,
+    "gwpr_step": _gwpr_step_outputs,
+    "recovery_mapless": _recovery_mapless_outputs,
+}
+
+
+def _register_fake(name: str) -> None:
+    """The op's fake implementation: empty tensors of ``OUTPUTS``' shapes, on the inputs' device."""
+    def fake(*args: object) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        outs = tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in OUTPUTS[name](*args))
+        return outs[0] if len(outs) == 1 else outs
+
+    torch.library.register_fake(f"atedm::{name}", fake)
+
+
+for _name in OUTPUTS:
+    _register_fake(_name)
 
 
 def materializes(batch: int, tokens: int, keys: int) -> bool:

@@ -18,6 +18,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+from ..kernels.nodes import launch
 from .attention import MapPath, SelfMap, attention_with_map, attention_with_map_kernels, resolve_map_impl
 from .block import BlockCall, BlockState, close_block, cross_and_ff, open_block
 from .gwpr import cross_gwpr_scores, gwpr_scores, mapless_gwpr_scores, pooled_gwpr_scores
@@ -39,7 +40,7 @@ def select(self_map: SelfMap, scores: torch.Tensor, keep: int,
     """The kept tokens ``[B, k]`` and, from the kernels' one-pass selection, each token's slot ``[B, N]`` (−1 where
     pruned; None on the explicit path, whose recovery finds the kept positions' slots itself)."""
     if self_map.kernels:
-        return torch.ops.atedm.select_kept(scores, keep)
+        return launch.select_kept(scores, keep)
     return select_tokens(scores, keep, opts.selection), None
 
 
@@ -48,9 +49,9 @@ def map_sources(self_map: SelfMap, kept: torch.Tensor, slot_of: torch.Tensor | N
     """Every position's recovery slot ``[B, N]``, read from the map in the form ``self_map`` holds it."""
     if self_map.factors is not None:
         q, k, lse, scale = self_map.factors
-        return torch.ops.atedm.recovery_mapless(q, k, lse, kept, slot_of, scale)
+        return launch.recovery_mapless(q, k, lse, kept, slot_of, scale)
     if self_map.kernels:
-        return torch.ops.atedm.recovery_sources(self_map.attn_map, kept, slot_of)
+        return launch.recovery_sources(self_map.attn_map, kept, slot_of)
     return recovery_sources(self_map.attn_map, kept, rows)
 
 

@@ -34,6 +34,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from ..errors import ModelError
 from ..kernels import ops as kernel_ops  # noqa: F401 - registers torch.ops.atedm.* (no triton until they run)
+from ..kernels.nodes import exporting_plugin_form, launch
 from ..kernels.runnable import auto_takes_kernels, require_runnable
 
 _STOCK_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
@@ -151,11 +152,15 @@ def attention_with_map(
 def resolve_map_impl(choice: str, heads: HeadReduce, pool: int, x: torch.Tensor) -> MapPath:
     """The map layer's implementation for tensors like ``x`` under the option ``map_impl=choice``.
 
-    An ONNX export is always ``explicit`` (the graphs stay standard ops); ``kernels`` where the kernels cannot
-    run on ``x``'s device is a one-line ``KernelUnavailable``; ``auto`` takes the kernels on CUDA tensors where
-    they compute the options' map (head mean, no pooling) and triton is installed, the explicit path elsewhere.
+    An ONNX export is ``explicit`` (the portable form: standard ops), except the plugin form's, which writes the
+    kernels as ``atedm`` nodes wherever they compute the options' map, whatever ``map_impl`` says for eager runs
+    (``kernels/nodes.py``); ``kernels`` where the kernels cannot run on ``x``'s device is a one-line
+    ``KernelUnavailable``; ``auto`` takes the kernels on CUDA tensors where they compute the options' map (head
+    mean, no pooling) and triton is installed, the explicit path elsewhere.
     """
-    if choice == "explicit" or torch.onnx.is_in_onnx_export():
+    if torch.onnx.is_in_onnx_export():
+        return "kernels" if exporting_plugin_form() and heads == "mean" and pool == 1 else "explicit"
+    if choice == "explicit":
         return "explicit"
     if choice == "kernels":
         require_runnable(x.device)
@@ -186,11 +191,11 @@ def attention_with_map_kernels(attn: Attention, hidden: torch.Tensor) -> tuple[t
     batch, tokens, inner = query.shape
     split = (batch, -1, attn.heads, inner // attn.heads)  # views of the projections: the kernels read them strided
     q, k, v = query.view(split), key.view(split), value.view(split)
-    out, lse = torch.ops.atedm.attention_lse(q, k, v, attn.scale)
+    out, lse = launch.attention_lse(q, k, v, attn.scale)
     out = attn.to_out[1](attn.to_out[0](out.reshape(batch, tokens, inner)))
     if not kernel_ops.materializes(batch, tokens, k.shape[1]):
         return out, SelfMap(None, factors=(q, k, lse, attn.scale), kernels=True)
-    attn_map, first_step = torch.ops.atedm.head_mean_map(q, k, lse, attn.scale)
+    attn_map, first_step = launch.head_mean_map(q, k, lse, attn.scale)
     return out, SelfMap(attn_map, first_step, kernels=True)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import ops as kernel_ops  # noqa: F401 - registers torch.ops.atedm.gwpr_step
+from ..kernels.nodes import launch  # torch.ops.atedm.*, or their nodes in a plugin-form export
 
 
 def gwpr_scores(attn: torch.Tensor, iterations: int = 5, damping: float = 1.0,
@@ -41,7 +41,7 @@ def mapless_gwpr_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, sca
     batch, tokens = q.shape[:2]
     scores = torch.full((batch, tokens), 1.0 / tokens, dtype=torch.float32, device=q.device)
     for _ in range(iterations):
-        scores = _teleport(torch.ops.atedm.gwpr_step(q, k, lse, scores, scale), damping, tokens)
+        scores = _teleport(launch.gwpr_step(q, k, lse, scores, scale), damping, tokens)
     return scores
 
 
