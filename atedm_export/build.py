@@ -24,7 +24,8 @@ from .compile import BuildOptions, EngineLibrary, EngineUnavailable, build_isola
 from .dsap import stage_plan
 from .errors import AtedmError
 from .contract import GraphContract
-from .export import EXTERNAL_DATA_BYTES, check_onnx, export_graph, finalize
+from .export import EXTERNAL_DATA_BYTES, Form, check_onnx, export_graph, finalize
+from .kernels.onnxruntime_ops import plugin_nodes
 from .isolated import run_isolated
 from .flops import count_flops, graph_flops
 from .ortfuse import fuse
@@ -37,6 +38,7 @@ from .registry import BUILD_BACKENDS, ENGINE_LIBRARIES
 from .shapes import Shape
 from .spec import GraphSpec
 from .staging import check_destination, staged_folder
+from .userfiles import load_onnx
 from .weights import WEIGHTS_FILE, WeightStore
 
 GRAPHS_DIR = "onnx"  # every graph and the shared weights file: ONNX external data must not leave the folder
@@ -60,6 +62,7 @@ class BuildRequest:
     ort_fusion: bool | None = None  # onnxruntime's fused form of each graph; None: where weights pass ISOLATE_BYTES
     refittable_engines: bool = False  # plans that take other weights (BuilderFlag.REFIT): what refit and use_weights need
     create_parent: bool = False  # out's parent may be created (the default build/), and goes again on failure
+    plugin_form: bool = False  # also each pruned graph's plugin form: the map layer as the kernels' atedm nodes
 
 
 def _silent(graph: str, event: str, seconds: float | None) -> None:
@@ -70,7 +73,7 @@ ISOLATE_BYTES = 1 << 30  # models with more weights are exported in a process of
 
 
 def export_stage(spec: GraphSpec, plan: StagePlan | None, contract: GraphContract, raw: Path,
-                 weight_bytes: int) -> int | None:
+                 weight_bytes: int, form: Form = "portable") -> int | None:
     """Export one graph to ``raw``; returns the exporting process's peak bytes (None: exported here).
 
     Over ``ISOLATE_BYTES`` of weights the export runs in a process of its own (``isolated.py``), which takes
@@ -79,9 +82,21 @@ def export_stage(spec: GraphSpec, plan: StagePlan | None, contract: GraphContrac
     """
     loras = tuple(spec.loras)  # fused into the UNet before export (lora.py)
     if weight_bytes > ISOLATE_BYTES:
-        return run_isolated(export_graph, spec.model, spec.seed, plan, contract, raw, loras, what="export").peak_rss
-    export_graph(spec.model, spec.seed, plan, contract, raw, loras)
+        return run_isolated(export_graph, spec.model, spec.seed, plan, contract, raw, loras, form,
+                            what="export").peak_rss
+    export_graph(spec.model, spec.seed, plan, contract, raw, loras, form)
     return None
+
+
+def check_plugin_form(spec: GraphSpec) -> None:
+    """Refuse ``--plugin-form`` (one line, before any work) where the kernels do not compute the spec's map layer."""
+    options = spec.pruning
+    if spec.method != "atedm":
+        raise AtedmError(f"--plugin-form writes AT-EDM's map layer as its kernels' nodes; this spec's method is "
+                         f"{spec.method}, which has no map layer")
+    if options.heads != "mean" or options.map_pool != 1:
+        raise AtedmError(f"--plugin-form: the kernels compute the head-mean map without pooling; this spec asks "
+                         f"heads '{options.heads}', map_pool {options.map_pool}")
 
 
 def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineInfo]:
@@ -107,7 +122,8 @@ def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineI
             reasons.append(str(exc))
             continue
         info = EngineInfo(backend=name, library=library.api.module, version=library.version,
-                          targets=list(request.targets), optimization_level=request.optimization_level)
+                          targets=list(request.targets), optimization_level=request.optimization_level,
+                          form="portable", form_reason=library.api.plugin_refusal)
         return library, info
     return None, EngineInfo(backend="onnx", skipped="; ".join(reasons))
 
@@ -181,6 +197,8 @@ def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
     checked, and the output folder tested for writing, before anything is written.
     """
     out = request.out.resolve()
+    if request.plugin_form:
+        check_plugin_form(request.spec)
     if request.ort_fusion and request.spec.precision not in ORT_FUSION_PRECISIONS:
         raise AtedmError(f"--ort-fusion takes {', '.join(ORT_FUSION_PRECISIONS)} graphs; onnxruntime's UNet fusion "
                          f"mis-sizes {request.spec.precision} attention weights (pass --no-ort-fusion or --precision fp32)")
@@ -191,6 +209,8 @@ def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
     if model.pipeline is None and Path(request.spec.model).expanduser().is_dir():
         progress("model", f"{request.spec.model} has no {PIPELINE_INDEX} in it or its parent: the graphs build, "
                           "but generate needs the pipeline's VAE and text encoders", None)
+    if library is not None and engine_info.form_reason:
+        progress("engines", f"built from the portable form: {engine_info.form_reason} (docs/build.md)", None)
     with staged_folder(out, create_parent=request.create_parent) as work:
         return _build_into(work, request, model, library, engine_info, progress)
 
@@ -252,6 +272,7 @@ class _GraphMaker:
         graph = graph_flops(str(path), spec.batch) / 1e12
         module = count_flops(self.meta, spec.height, spec.width, spec.text_length, plan) / 1e12
         progress(label, f"checked: {graph * 1e3:.3f} GFLOPs/image-step in the graph", time.perf_counter() - tick)
+        plugin = self._plugin_form(at, label, stem, plan, contract) if self.request.plugin_form and plan else None
         ort = None
         if self.ort_fusion:
             tick = time.perf_counter()
@@ -274,10 +295,26 @@ class _GraphMaker:
                      compile_seconds)
         return GraphEntry(
             name=name, until=until, steps=[steps.start, steps.stop], keep=keep,
-            onnx=file_entry(work, path), ort_onnx=ort, engine=engine, graph_tflops=graph, module_tflops=module,
+            onnx=file_entry(work, path), ort_onnx=ort, plugin_onnx=plugin, engine=engine, graph_tflops=graph, module_tflops=module,
             export_seconds=export_seconds, compile_seconds=compile_seconds,
             export_peak_rss=export_peak, compile_peak_rss=compile_peak,
         )
+
+    def _plugin_form(self, at: _ShapePlan, label: str, stem: str, plan: StagePlan,
+                     contract: GraphContract) -> FileEntry:
+        """The graph's plugin form beside its portable one, its weights in the same shared file (stored once)."""
+        tick = time.perf_counter()
+        graphs = self.work / GRAPHS_DIR
+        raw = graphs / f".raw-{stem}.plugin" / "raw.onnx"
+        raw.parent.mkdir()
+        export_stage(at.spec, plan, contract, raw, self.weight_bytes, form="plugin")
+        path = finalize(raw, graphs / f"{stem}.plugin.onnx", self.store)
+        shutil.rmtree(raw.parent)
+        check_onnx(path)
+        nodes = plugin_nodes(load_onnx(path))
+        self.progress(label, f"plugin form: the map layer as {len(nodes)} atedm nodes "
+                             f"({', '.join(sorted({n.op_type for n in nodes}))})", time.perf_counter() - tick)
+        return file_entry(self.work, path)
 
     def shape(self, at: _ShapePlan) -> ShapeGraphs:
         """The baseline and every selected stage of one shape."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pickle
 import resource
 import signal
@@ -36,10 +37,13 @@ class Isolated:
     peak_rss: int  # bytes
 
 
-def run_isolated(function: Any, *args: Any, error: type[AtedmError] = AtedmError, what: str = "step") -> Isolated:
-    """``function(*args)`` in a fresh Python process; its JSON-able result and peak memory, or ``error``."""
+def run_isolated(function: Any, *args: Any, error: type[AtedmError] = AtedmError, what: str = "step",
+                 env: dict[str, str] | None = None) -> Isolated:
+    """``function(*args)`` in a fresh Python process (``env``: variables set for it, before it imports anything);
+    its JSON-able result and peak memory, or ``error``."""
     job = pickle.dumps((function.__module__, function.__qualname__, args))
-    done = subprocess.run([sys.executable, "-m", __name__], input=job, capture_output=True, check=False)
+    done = subprocess.run([sys.executable, "-m", __name__], input=job, capture_output=True, check=False,
+                          env={**os.environ, **env} if env else None)
     stdout, stderr = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
     if done.returncode == 0:
         return Isolated(**json.loads(stdout.strip().splitlines()[-1]))

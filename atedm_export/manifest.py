@@ -71,6 +71,7 @@ class GraphEntry(_Model):
     keep: dict[str, int]  # kept tokens per attention block (== tokens where unpruned)
     onnx: FileEntry  # the graph's nodes and small tensors; its weights are the build's shared file
     ort_onnx: FileEntry | None = None  # onnxruntime's fused form of the graph (ortfuse.py), where built
+    plugin_onnx: FileEntry | None = None  # the map layer as the kernels' atedm nodes (kernels/nodes.py), where built
     engine: FileEntry | None
     graph_tflops: float  # per image-step, counted from the ONNX graph
     module_tflops: float  # per image-step, counted on the patched torch module
@@ -79,6 +80,10 @@ class GraphEntry(_Model):
     export_peak_rss: int | None = None  # bytes: the export process's peak resident memory
     compile_peak_rss: int | None = None  # bytes: the engine builder process's peak resident memory
     same_as: str | None = None  # a stage that prunes nothing reuses the baseline's files
+
+    def forms(self) -> list[FileEntry]:
+        """The graph's files, one per form: portable, then onnxruntime's fused and the plugin form where built."""
+        return [item for item in (self.onnx, self.ort_onnx, self.plugin_onnx) if item is not None]
 
 
 class EngineInfo(_Model):
@@ -90,6 +95,8 @@ class EngineInfo(_Model):
     weights_stripped: bool = False  # plans without weights, refitted from each graph's ONNX at load
     refittable: bool = False  # plans take other weights than their graph's (a refit build's): built with REFIT
     skipped: str | None = None  # why no engines were built
+    form: str = "portable"  # the graph form the engines were built from (export.FORMS)
+    form_reason: str | None = None  # why that form, where the build has another (compile/api.py plugin_refusal)
 
 
 class LoraEntry(_Model):
@@ -448,7 +455,7 @@ class Manifest(_Model):
         self.verify_weights(folder)
         seen: set[str] = set()
         for entry in self.all_graphs():
-            items = [entry.onnx, entry.ort_onnx, entry.engine if engines else None]
+            items = [*entry.forms(), entry.engine if engines else None]
             for item in items:
                 if item is not None and item.path not in seen:
                     seen.add(item.path)
@@ -491,7 +498,7 @@ class Manifest(_Model):
         """Every distinct file of the build (stages that reuse the baseline's add nothing)."""
         unique = {item.path: item for item in self.weight_files}
         for entry in self.all_graphs():
-            for item in (entry.onnx, entry.ort_onnx, entry.engine):
+            for item in (*entry.forms(), entry.engine):
                 if item is not None:
                     unique.setdefault(item.path, item)
         return list(unique.values())
@@ -524,8 +531,7 @@ def _tensor(entry: TensorEntry | None) -> str:
 
 def verify_entry(folder: Path, entry: GraphEntry, engine: bool = True) -> None:
     """Check one graph's own files (and its engine) against their sizes and sha256, naming the first that differs."""
-    for item in [entry.onnx, *([entry.ort_onnx] if entry.ort_onnx else []),
-                 *([entry.engine] if engine and entry.engine else [])]:
+    for item in [*entry.forms(), *([entry.engine] if engine and entry.engine else [])]:
         verify_file(folder / item.path, item, entry.name)
 
 

@@ -212,8 +212,8 @@ def _read_graphs(build: Path, manifest: Manifest) -> _Graphs:
     fused_from: dict[str, str] = {}
     for entry in manifest.all_graphs():
         verify_entry(build, entry, engine=False)
-        for item in (entry.onnx, entry.ort_onnx):
-            if item is not None and item.path not in models:
+        for item in entry.forms():
+            if item.path not in models:
                 models[item.path] = onnx.load(str(build / item.path), load_external_data=False)
         if entry.ort_onnx is not None:
             fused_from[entry.ort_onnx.path] = entry.onnx.path
@@ -696,7 +696,8 @@ class _Refit:
 
         def graph(entry: GraphEntry) -> GraphEntry:
             fused = files.get(entry.ort_onnx.path) if entry.ort_onnx is not None else None
-            return entry.model_copy(update={"onnx": files[entry.onnx.path], "ort_onnx": fused,
+            plugin = files[entry.plugin_onnx.path] if entry.plugin_onnx is not None else None
+            return entry.model_copy(update={"onnx": files[entry.onnx.path], "ort_onnx": fused, "plugin_onnx": plugin,
                                             "engine": plans.get(entry.engine.path) if entry.engine else None})
 
         shapes = [s.model_copy(update={"baseline": graph(s.baseline), "stages": [graph(g) for g in s.stages]})

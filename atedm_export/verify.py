@@ -10,6 +10,7 @@ similarity of the outputs is reported; pass/fail uses tolerances per precision.
 from __future__ import annotations
 
 from collections import OrderedDict
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from .contract import OUTPUT, PRECISIONS, UNetGraph
+from .isolated import run_isolated
 from .manifest import Manifest
 from .models import load_unet
 from .pruning import set_plan
@@ -35,6 +37,7 @@ class GraphCheck:
     atol: float
     rtol: float
     passed: bool
+    reference: str = "eager"  # what the graph was run against: the eager module, or the portable graph (a form)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -80,6 +83,32 @@ def _onnxrt_runner(path: Path, name: str):  # noqa: ANN202
     return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name=name)
 
 
+def _plugin_runner(path: Path, name: str):  # noqa: ANN202 - polygraphy runner
+    """The plugin form in onnxruntime, each ``atedm`` node through its ``torch.ops.atedm`` op (``onnxruntime_ops.py``)."""
+    import onnxruntime
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    from .kernels.onnxruntime_ops import session_model, session_options
+
+    model = load_onnx(path)
+    precision = onnxruntime_precision(model)
+    options = session_options(precision, path.parent)
+    session = onnxruntime.InferenceSession(session_model(model).SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    return OnnxrtRunner(session, name=name)
+
+
+def onnxruntime_precision(model) -> np.dtype:  # noqa: ANN001 - onnx.ModelProto
+    """The precision of a graph's float inputs (``contract.py``: all of one), as numpy names it."""
+    import onnx
+
+    for tensor in model.graph.input:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.type.tensor_type.elem_type)
+        if dtype.kind == "f":
+            return dtype
+    return np.dtype(np.float32)
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
@@ -101,6 +130,16 @@ def compare(reference, candidate, feed: dict[str, np.ndarray], graph: str, backe
     ref_out, cand_out = ref_runs[0][OUTPUT], cand_runs[0][OUTPUT]
     return GraphCheck(graph, backend, stats.max_absdiff, stats.max_reldiff, stats.mean_absdiff,
                       _cosine(np.asarray(ref_out), np.asarray(cand_out)), atol, rtol, bool(stats))
+
+
+def compare_plugin_form(portable: str, plugin: str, feed: dict[str, np.ndarray], name: str, precision: str) -> dict:
+    """A graph's plugin form against its portable form, both in onnxruntime: what ``verify_build`` runs in a process
+    of its own, in which Triton's interpreter is on from the start (triton reads it when first imported, and runs
+    the nodes' kernels on the CPU only there)."""
+    reference = _onnxrt_runner(Path(portable), f"onnxruntime-{name}")
+    candidate = _plugin_runner(Path(plugin), f"onnxruntime-plugin-{name}")
+    check = compare(reference, candidate, feed, name, "onnxruntime-plugin", precision)
+    return dataclasses.replace(check, reference="portable").to_json()
 
 
 def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = None,
@@ -129,5 +168,9 @@ def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = N
             if entry.ort_onnx is not None:  # the fused form the onnxruntime backend runs
                 fused = _onnxrt_runner(folder / entry.ort_onnx.path, f"onnxruntime-fused-{name}")
                 checks.append(compare(reference, fused, feed, name, "onnxruntime-fused", spec.precision))
+            if entry.plugin_onnx is not None:  # the plugin form, against the portable form it stands in for
+                checks.append(GraphCheck(**run_isolated(
+                    compare_plugin_form, str(folder / entry.onnx.path), str(folder / entry.plugin_onnx.path), feed,
+                    name, spec.precision, what="plugin-form check", env={"TRITON_INTERPRET": "1"}).result))
     set_plan(unet, None)
     return checks

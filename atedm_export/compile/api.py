@@ -40,6 +40,11 @@ class TensorRTApi:
     has_timing_cache = True
     #: an engine can be deserialized without its weights and given them later (TensorRT-RTX only)
     deferred_weights = False
+    #: why this library's engines are built from a graph's portable form, not its plugin form (None: they could
+    #: carry the plugin form). TensorRT >= 10.9 can embed ahead-of-time plugins, one compiled kernel each
+    #: (``tensorrt.plugin.aot_impl``); the map layer's plugins for it are not written yet (docs/build.md).
+    plugin_refusal: str | None = ("the map layer's TensorRT plugins (tensorrt.plugin, one ahead-of-time kernel per "
+                                  "atedm node) are not written yet")
 
     def __init__(self, trt: ModuleType) -> None:
         self._trt = trt
@@ -231,6 +236,11 @@ class TensorRTRtxApi(TensorRTApi):
     ahead_of_time = True
     has_timing_cache = False
     deferred_weights = True
+    #: Found on this CPU with TensorRT-RTX 1.7.1 (docs/build.md): its network has no plugin layer (no
+    #: ``add_plugin_v3``), and its ONNX parser, given an ``atedm`` node with a Python ``IPluginV3`` creator
+    #: registered, creates the plugin and then aborts the process (``std::terminate``) adding it to the network.
+    plugin_refusal = ("TensorRT-RTX 1.7 has no plugin layer (its parser aborts on a plugin node), so its engines "
+                      "carry the map layer as standard ops")
 
     def targets(self) -> list[str]:
         names = [name for name in dir(self._trt.ComputeCapability) if re.fullmatch(r"SM\d+", name)]

@@ -13,6 +13,8 @@ the same process is refused in one line.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import torch
@@ -45,11 +47,12 @@ def plugin_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [node for node in model.graph.node if node.domain == DOMAIN]
 
 
-def session_options(precision: np.dtype):  # noqa: ANN201 - onnxruntime.SessionOptions
-    """Session options with onnxruntime-extensions' library, every ``atedm`` node registered for ``precision``."""
+def session_options(precision: np.dtype, folder: Path):  # noqa: ANN201 - onnxruntime.SessionOptions
+    """Session options with onnxruntime-extensions' library, every ``atedm`` node registered for ``precision``,
+    external weights read from ``folder`` (the graph's own: ``session_model``'s copy goes to onnxruntime as bytes)."""
     import onnxruntime
 
-    require_runnable(torch.device("cpu"))
+    require_runnable(torch.device("cpu"))  # onnxruntime runs on the CPU: the kernels in Triton's interpreter
     try:
         from onnxruntime_extensions import get_library_path
     except ImportError:
@@ -58,6 +61,7 @@ def session_options(precision: np.dtype):  # noqa: ANN201 - onnxruntime.SessionO
     _register(np.dtype(precision))
     options = onnxruntime.SessionOptions()
     options.register_custom_ops_library(get_library_path())
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     return options
 
 
