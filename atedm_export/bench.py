@@ -160,7 +160,7 @@ def forms(backend: str, manifest: Manifest) -> tuple[str, ...]:
         return ("sdpa",)
     if backend == "onnxruntime":
         return ("fused", "unfused") if manifest.baseline.ort_onnx is not None else ("unfused",)
-    return ("engine",)
+    return (f"engine, {manifest.engine.form} form",)  # the graph form its engines were built from
 
 
 def _report(folder: Path, manifest: Manifest, backends: list[str], samples: dict, warmup: int, repeats: int) -> dict:
@@ -221,8 +221,7 @@ def _reference(form: str) -> str:
         "sdpa": "the stock diffusers UNet, attention on SDPA",
         "fused": "the baseline graph, attention fused by onnxruntime's transformer optimizer",
         "unfused": "the plain baseline graph, attention as MatMul-Softmax-MatMul",
-        "engine": "the baseline engine (TensorRT fuses the graph's attention)",
-    }[form]
+    }.get(form, "the baseline engine (TensorRT fuses the graph's attention)")
 
 
 def write_csv(reports: list[dict], path: Path) -> None:

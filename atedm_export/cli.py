@@ -261,7 +261,8 @@ def _prediction_table(prediction, batch: int, precision: str) -> Table:  # noqa:
     table = Table(title=Text(f"predicted on {dev.name} ({dev.tflops:.1f} TFLOP/s, fp32 {dev.fp32_tflops:.1f}, "
                              f"{dev.bandwidth_gbs:,.0f} GB/s, {dev.launch_us:.1f} µs a kernel; batch {batch}, "
                              f"{precision}; attention fused everywhere but the map layer)"))
-    columns = ("graph", "ms / call", "vs fused baseline", *(("map kernels",) if kernels else ()), "map layer", "map share")
+    columns = ("graph", "ms / call", "vs fused baseline", *(("plugin form (map kernels)",) if kernels else ()),
+               "map layer", "map share")
     for column in columns:
         table.add_column(column, justify="left" if column == "graph" else "right")
     table.add_row("baseline", f"{prediction.baseline.seconds * 1e3:.2f}", "1.00×", *(("1.00×",) if kernels else ()),
@@ -273,8 +274,10 @@ def _prediction_table(prediction, batch: int, precision: str) -> Table:  # noqa:
     table.add_section()
     table.add_row("schedule", "", _ratio(prediction.schedule_speedup),
                   *((_ratio(prediction.kernels_schedule_speedup),) if kernels else ()), "", "")
-    table.caption = Text(dev.source + (". map kernels: the speedup with map_impl 'kernels' (ms, map layer and "
-                                       "share are the exported graph's)" if kernels else ""))
+    table.caption = Text(dev.source + (". vs fused baseline: the portable form (the map layer as standard ops, what "
+                                       "onnxruntime and today's engines run; ms, map layer and share are its); plugin "
+                                       "form: the map layer on its kernels (its atedm nodes; map_impl 'kernels' in "
+                                       "PyTorch)" if kernels else ""))
     return table
 
 
@@ -311,8 +314,8 @@ def _graphs_table(manifest, title: str | Text) -> Table:  # noqa: ANN001
     scale, unit = (1.0, "TFLOPs") if base >= 0.1 else (1e3, "GFLOPs")
     multi = manifest.multi_shape
     table = Table(title=title)
-    columns = ["shape"] * multi + ["graph", "steps", "pruned", "kept", f"{unit}/img-step", "saving", "ONNX MiB",
-                                   "engine MiB", "export s", "compile s"]
+    columns = ["shape"] * multi + ["graph", "steps", "pruned", "kept", f"{unit}/img-step", "saving", "forms",
+                                   "ONNX MiB", "engine MiB", "export s", "compile s"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("shape", "graph") else "right")
     for index, view in enumerate(manifest.views()):
@@ -326,7 +329,7 @@ def _graphs_table(manifest, title: str | Text) -> Table:  # noqa: ANN001
             table.add_row(
                 *shape, entry.name + (f" (= {entry.same_as})" if entry.same_as else ""), steps,
                 f"{g['pruned_blocks']}/{blocks}", f"{g['kept_fraction']:.0%}", f"{g['graph_tflops'] * scale:.3f}",
-                "-" if entry.name == "baseline" else f"{g['saving']:.1%}",
+                "-" if entry.name == "baseline" else f"{g['saving']:.1%}", ", ".join(g["forms"]),
                 _mib(g["onnx_bytes"]), _mib(g["engine_bytes"]), _secs(g["export_seconds"]), _secs(g["compile_seconds"]),
             )
         totals = schedule_totals(view)
@@ -334,7 +337,7 @@ def _graphs_table(manifest, title: str | Text) -> Table:  # noqa: ANN001
             if not multi:
                 table.add_section()
             table.add_row(*shape, "schedule", str(totals["steps"]), "", "", f"{totals['graph_tflops'] * scale:.3f}",
-                          f"{totals['saving']:.1%}", "", "", "", "", style="bold" if multi else None)
+                          f"{totals['saving']:.1%}", "", "", "", "", "", style="bold" if multi else None)
     return table
 
 
@@ -474,7 +477,8 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
         return
     spec = manifest.graph_spec
     engine = manifest.engine
-    engines = (f"{engine.backend} {engine.version} for {','.join(engine.targets) or 'the local GPU'}"
+    engines = (f"{engine.backend} {engine.version} for {','.join(engine.targets) or 'the local GPU'}, built from "
+               f"the {engine.form} form" + (f" ({engine.form_reason})" if engine.form_reason else "")
                if not engine.skipped else f"none ({engine.skipped})")
     from .shapes import shape_keys
 
@@ -489,8 +493,10 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
 
     out.print(Text(f"method: {summary_of(spec.method)}"))
     if isinstance(spec.pruning, PruneOptions):
+        plugin = any(e.plugin_onnx for e in manifest.all_graphs())
         out.print(Text(f"map layer in PyTorch: map_impl '{spec.pruning.map_impl}' ({MAP_IMPLS[spec.pruning.map_impl]}); "
-                       "in the graphs: standard ONNX ops"))
+                       "in the graphs: standard ONNX ops (portable form)"
+                       + ("; the kernels' atedm nodes (plugin form)" if plugin else "")))
     out.print(_graphs_table(manifest, "graphs"))
     for view in manifest.views():
         out.print(_keep_table(view.tokens, {e.name: e.keep for e in view.stages},
@@ -502,8 +508,9 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
             continue
         fused = (f"; {forms['onnxruntime_fused']} fused kernels in its onnxruntime form"
                  if "onnxruntime_fused" in forms else "")
+        plugin = f"; {forms['plugin_nodes']} atedm nodes in its plugin form" if "plugin_nodes" in forms else ""
         out.print(Text(f"{name}: {forms['fusable']} attentions in TensorRT's fused form, {forms['map']} maps read "
-                       f"by the map layer{fused}"))
+                       f"by the map layer{fused}{plugin}"))
     ops = Table(title="op histogram (top 12)" + (f", at {manifest.shape.key}" if manifest.multi_shape else ""))
     ops.add_column("op")
     graphs = [g for g in data["ops"] if g in first]

@@ -51,7 +51,9 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
     In-memory inference serializes the model, which protobuf refuses past 2 GiB, and copying a 5 GB
     graph costs 5 GB. Shapes only need the weights' dims, so inference runs on a skeleton: the same
-    nodes, with large initializers reduced to name, type and dims. Only the inferred shapes come back.
+    nodes, with large initializers reduced to name, type and dims. Only the inferred shapes come back. The
+    outputs of nodes ONNX has no schema for (the plugin form's ``atedm`` nodes) keep the types the exporter gave
+    them: inference cannot know them, and the shapes after them follow from them.
     """
     skeleton = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
     skeleton.opset_import.extend(model.opset_import)
@@ -59,6 +61,8 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.extend(model.graph.node)
     graph.input.extend(model.graph.input)
     graph.output.extend(model.graph.output)
+    opaque = {name for node in model.graph.node if node.domain not in ("", "ai.onnx") for name in node.output}
+    graph.value_info.extend(v for v in model.graph.value_info if v.name in opaque)
     for tensor in model.graph.initializer:
         if tensor.ByteSize() > (1 << 20) or uses_external_data(tensor):
             graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)

@@ -85,6 +85,7 @@ class DevicePrediction:
         }
         if self.kernel_stages:
             data["map_impls"] = {"explicit": self.schedule_speedup, "kernels": self.kernels_schedule_speedup}
+            data["forms"] = GRAPH_FORMS  # which map_impls figure is each graph form's
         return data
 
     def _stage_json(self, name: str) -> dict:
@@ -146,6 +147,11 @@ class FlopsReport:
 
 def spec_blocks(spec: GraphSpec, unet: UNet2DConditionModel) -> list[AttentionBlock]:
     return attention_blocks(unet, spec.height, spec.width)
+
+
+#: The map layer of each graph form, as the cost model prices it: the portable form's standard ops are the explicit
+#: path's (what onnxruntime and today's engines run); the plugin form's atedm nodes are the kernels (``kernels/nodes.py``).
+GRAPH_FORMS = {"portable": "explicit", "plugin": "kernels"}
 
 
 def flops_report(spec: GraphSpec, devices: tuple[Device, ...] = ()) -> FlopsReport:

@@ -81,9 +81,14 @@ class GraphEntry(_Model):
     compile_peak_rss: int | None = None  # bytes: the engine builder process's peak resident memory
     same_as: str | None = None  # a stage that prunes nothing reuses the baseline's files
 
+    def form_files(self) -> dict[str, FileEntry]:
+        """The graph's file of each form built: ``portable``, then ``onnxruntime`` (fused) and ``plugin``."""
+        files = {"portable": self.onnx, "onnxruntime": self.ort_onnx, "plugin": self.plugin_onnx}
+        return {form: item for form, item in files.items() if item is not None}
+
     def forms(self) -> list[FileEntry]:
-        """The graph's files, one per form: portable, then onnxruntime's fused and the plugin form where built."""
-        return [item for item in (self.onnx, self.ort_onnx, self.plugin_onnx) if item is not None]
+        """The graph's files, one per form (``form_files``)."""
+        return list(self.form_files().values())
 
 
 class EngineInfo(_Model):

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from .manifest import GraphEntry, Manifest
+from .kernels.onnxruntime_ops import plugin_nodes
 from .userfiles import load_onnx
 
 
@@ -20,7 +21,8 @@ def attention_forms(folder: Path, entry: GraphEntry) -> dict[str, int]:
 
     ``fusable``: scale before the first product, the softmax read by the second only (TensorRT's fused-
     attention form); ``map``: any other softmax (the map layer's per-head maps, read by their sum);
-    ``onnxruntime_fused``: the ``Attention``/``MultiHeadAttention`` kernels of the graph's onnxruntime form.
+    ``onnxruntime_fused``: the ``Attention``/``MultiHeadAttention`` kernels of the graph's onnxruntime form;
+    ``plugin_nodes``: the ``atedm`` nodes of its plugin form (the map layer's kernels).
     """
     from .ortfuse import FUSED_OPS, scaled_products
 
@@ -30,6 +32,8 @@ def attention_forms(folder: Path, entry: GraphEntry) -> dict[str, int]:
     if entry.ort_onnx is not None:
         fused = op_histogram(folder / entry.ort_onnx.path)
         forms["onnxruntime_fused"] = sum(fused.get(op, 0) for op in FUSED_OPS)
+    if entry.plugin_onnx is not None:
+        forms["plugin_nodes"] = len(plugin_nodes(load_onnx(folder / entry.plugin_onnx.path)))
     return forms
 
 
@@ -51,6 +55,7 @@ def graph_summary(manifest: Manifest, entry: GraphEntry) -> dict:
         "export_seconds": entry.export_seconds,
         "compile_seconds": entry.compile_seconds,
         "same_as": entry.same_as,
+        "forms": {form: item.path for form, item in entry.form_files().items()},
     }
 
 
