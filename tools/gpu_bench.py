@@ -428,14 +428,16 @@ def kernels_part(report: Report, bench: Bench) -> None:
             split = (x.shape[0], tokens, attn.heads, -1)
             q, k, v = attn.to_q(x).view(split), attn.to_k(x).view(split), attn.to_v(x).view(split)
             out, lse = torch.ops.atedm.attention_lse(q, k, v, attn.scale)
-            attn_map, first = torch.ops.atedm.head_mean_map(q, k, lse, attn.scale)
-            kept, slot_of = torch.ops.atedm.select_kept(first, keep)
+            attn_map, column_sums = torch.ops.atedm.head_mean_map(q, k, lse, attn.scale)
+            first = column_sums.sum(dim=1)
+            top = first.topk(keep, dim=1).values
+            kept, slot_of = torch.ops.atedm.select_kept(first, top)
             calls = {
                 "attention_lse (on CUDA: PyTorch's flash)": lambda: torch.ops.atedm.attention_lse(q, k, v, attn.scale),
-                "attention_lse, the Triton flash kernel": lambda: tk.attention_lse(q, k, v, attn.scale),
+                "attention_lse, the Triton flash kernel": lambda: tk.run("attention_lse", q, k, v, attn.scale),
                 "head_mean_map": lambda: torch.ops.atedm.head_mean_map(q, k, lse, attn.scale),
                 "one G-WPR step (bmm over the map)": lambda: first.unsqueeze(1) @ attn_map,
-                "select_kept": lambda: torch.ops.atedm.select_kept(first, keep),
+                "select_kept (after torch.topk)": lambda: torch.ops.atedm.select_kept(first, top),
                 "recovery_sources": lambda: torch.ops.atedm.recovery_sources(attn_map, kept, slot_of),
                 "gwpr_step (mapless)": lambda: torch.ops.atedm.gwpr_step(q, k, lse, first, attn.scale),
             }
@@ -449,7 +451,8 @@ def kernels_part(report: Report, bench: Bench) -> None:
                     tk.TILES["head_mean_map"] = with_tiles(chosen, block_m=block_m, block_n=block_n, num_warps=warps,
                                                            num_stages=stages)
                     what = f"head_mean_map at {block_m}×{block_n}, {warps} warps, {stages} stages, {tokens} tokens"
-                    samples, peak, note = measure(bench, lambda: tk.head_mean_map(q, k, lse, attn.scale), what, report,
+                    samples, peak, note = measure(bench, lambda: tk.run("head_mean_map", q, k, lse, attn.scale,
+                                                                         tiles=tk.TILES["head_mean_map"]), what, report,
                                                   weights=False)
                     report.figures.append(figure("kernels", what, samples, peak, note=note))
             finally:

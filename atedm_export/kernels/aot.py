@@ -2,9 +2,9 @@
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", capability, 32))`` lowers a kernel to PTX and a
 cubin for any NVIDIA target; this is what CI runs for sm80, sm89 and sm90 (a kernel that cannot compile for
-a GPU fails there, not on a user's machine), and what a TensorRT plugin would embed. Each kernel is compiled as
-the launchers call it (``triton_kernels.TILES``, ``block_d``), at a head dim and input dtype, with the
-pointer and stride divisibility the JIT itself would see for SDXL's contiguous projections; registers and
+a GPU fails there, not on a user's machine), and what a TensorRT plugin embeds (``compile/plugins.py``). Each op's
+entry kernel is compiled as it is launched (``triton_kernels.LAUNCHES``), at a head dim and input dtype, with the
+pointer and size divisibility the JIT itself would see for SDXL's contiguous projections; registers and
 spills are read from the cubin by the ``cuobjdump`` that ships with triton, shared memory from triton's
 metadata.
 
@@ -44,49 +44,41 @@ class Compiled:
     cubin_bytes: int
 
 
-def _signature(kernel: str, dtype: str) -> dict[str, str]:
-    """Each argument's type as triton's compiler names it: pointers ``*fp16``, scalars ``fp32``/``i32``."""
+#: Each pointer argument's element type, by name (``name@op`` where one op differs), where it is not the projections'.
+_POINTERS = {"Lse": "fp32", "Map": "fp32", "ColSum": "fp32", "Scores": "fp32", "Top": "fp32", "Kept": "i64",
+             "SlotOf": "i64", "Sources": "i64", "Out@gwpr_step": "fp32"}
+
+
+def _signature(name: str, dtype: str) -> dict[str, str]:
+    """Each argument of the op's entry kernel as triton's compiler names it: pointers ``*fp16``, sizes ``i32``,
+    constants ``constexpr``."""
     from . import triton_kernels
 
-    fn = triton_kernels.KERNELS[kernel]
-    pointers = {"attention_lse": {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "Lse": "fp32"},
-                "head_mean_map": {"Q": dtype, "K": dtype, "Lse": "fp32", "Map": "fp32", "ColSum": "fp32"},
-                "recovery_sources": {"Map": "fp32", "Kept": "i64", "SlotOf": "i64", "Sources": "i64"},
-                "select": {"Scores": "fp32", "Top": "fp32", "Kept": "i64", "SlotOf": "i64"},
-                "gwpr_step": {"Q": dtype, "K": dtype, "Lse": "fp32", "Scores": "fp32", "Out": "fp32"},
-                "recovery_mapless": {"Q": dtype, "K": dtype, "Lse": "fp32", "Kept": "i64", "SlotOf": "i64",
-                                     "Sources": "i64"}}[kernel]
+    spec = triton_kernels.LAUNCHES[name]
     signature = {}
-    for name in fn.arg_names:
-        if name in pointers:
-            signature[name] = f"*{pointers[name]}"
-        elif name == "scale":
-            signature[name] = "fp32"
-        elif name.isupper() and name not in ("N", "M", "H", "D", "KEEP"):
-            signature[name] = "constexpr"
+    for arg in spec.kernel.arg_names:
+        if arg in spec.sizes:
+            signature[arg] = "i32"
+        elif arg in ("SCALE", "PRECISION") or arg.startswith("BLOCK"):
+            signature[arg] = "constexpr"
         else:
-            signature[name] = "i32"
+            signature[arg] = "*" + _POINTERS.get(f"{arg}@{name}", _POINTERS.get(arg, dtype))
     return signature
 
 
-def _constexprs(kernel: str, dtype: str, head_dim: int) -> dict[str, object]:
-    from . import triton_kernels
-
-    tiles = triton_kernels.TILES[kernel]
-    if kernel == "recovery_sources":
-        return {"BLOCK_M": tiles.block_m, "BLOCK_K": tiles.block_n}
-    if kernel == "select":  # compiled for SDXL's finest blocks at 1024² (the row whole in one program)
-        return {"BLOCK": 4096}
-    second = "BLOCK_K" if kernel == "recovery_mapless" else "BLOCK_N"
-    return {"BLOCK_M": tiles.block_m, second: tiles.block_n, "BLOCK_D": triton_kernels.block_d(head_dim),
-            "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-
-
-def _attrs(signature: dict[str, str]) -> dict[tuple[int, ...], list[list[object]]]:
-    """Divisibility by 16 of every pointer and stride (SDXL's projections are contiguous, channels a multiple of 16)."""
+def _attrs(signature: dict[str, str], sizes: dict[str, int]) -> dict[tuple[int, ...], list[list[object]]]:
+    """Divisibility by 16 of every pointer (TensorRT and torch allocate 256-byte aligned) and of each size that is a
+    multiple of 16 at the shape compiled for, as triton's JIT specializes them: the strides computed from them keep
+    the loads vectorized."""
     names = list(signature)
-    aligned = [i for i, n in enumerate(names) if signature[n].startswith("*") or n.startswith("stride_")]
+    aligned = [i for i, n in enumerate(names) if signature[n].startswith("*") or
+               (signature[n] == "i32" and sizes.get(n, 1) % 16 == 0)]
     return {(i,): [["tt.divisibility", 16]] for i in aligned}
+
+
+#: The sizes ``python -m atedm_export.kernels.aot`` compiles at: SDXL's finest blocks at 1024², 37% kept (the
+#: selection's tile is the row whole); the head dim is the command's.
+SDXL_SIZES = {"B": 2, "N": 4096, "M": 4096, "H": 10, "KEEP": 1516}
 
 
 def _resources(cubin: bytes, name: str) -> tuple[int, int]:
@@ -103,10 +95,12 @@ def _resources(cubin: bytes, name: str) -> tuple[int, int]:
     return int(registers.group(1)) if registers else -1, int(local.group(1)) if local else 0
 
 
-def compile_kernel(kernel: str, target: str, dtype: str = "fp16", head_dim: int = 64) -> tuple[Compiled, dict[str, bytes | str]]:
-    """One kernel for ``target`` (``sm90``…): its resource use, and its ``ptx`` and ``cubin``."""
+def compile_node(name: str, target: str, dtype: str, sizes: dict[str, int], scale: float | None = 0.125):  # noqa: ANN201
+    """Op ``name``'s entry kernel compiled for ``target`` (``sm90``…) at ``sizes``: triton's compiled kernel (its
+    ``asm["ptx"]``, ``asm["cubin"]``, ``metadata``). What a TensorRT plugin embeds, and what ``compile_all`` reports."""
     if interpreting():
         raise AtedmError("TRITON_INTERPRET is set: the kernels are interpreted and cannot be compiled; unset it")
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -115,13 +109,20 @@ def compile_kernel(kernel: str, target: str, dtype: str = "fp16", head_dim: int 
 
     if not re.fullmatch(r"sm\d{2,3}", target):
         raise AtedmError(f"unknown target '{target}'; expected sm<capability>, e.g. sm90")
-    tiles = triton_kernels.TILES[kernel]
-    signature = _signature(kernel, DTYPES[dtype])
-    source = ASTSource(triton_kernels.KERNELS[kernel], signature, _constexprs(kernel, dtype, head_dim), _attrs(signature))
-    compiled = triton.compile(source, target=GPUTarget("cuda", int(target[2:]), 32),
-                              options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
-    registers, spills = _resources(compiled.asm["cubin"], kernel)
-    info = Compiled(kernel, target, dtype, head_dim, registers, spills, int(compiled.metadata.shared),
+    spec = triton_kernels.LAUNCHES[name]
+    signature = _signature(name, DTYPES[dtype])
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    constexprs = spec.constexprs(sizes, torch_dtype, scale if spec.scaled else None)
+    source = ASTSource(spec.kernel, signature, constexprs, _attrs(signature, sizes))
+    return triton.compile(source, target=GPUTarget("cuda", int(target[2:]), 32),
+                          options={"num_warps": spec.tiles.num_warps, "num_stages": spec.tiles.num_stages})
+
+
+def compile_kernel(name: str, target: str, dtype: str = "fp16", head_dim: int = 64) -> tuple[Compiled, dict[str, bytes | str]]:
+    """One op's entry kernel for ``target`` at ``SDXL_SIZES``: its resource use, and its ``ptx`` and ``cubin``."""
+    compiled = compile_node(name, target, dtype, {**SDXL_SIZES, "D": head_dim})
+    registers, spills = _resources(compiled.asm["cubin"], name)
+    info = Compiled(name, target, dtype, head_dim, registers, spills, int(compiled.metadata.shared),
                     len(compiled.asm["ptx"]), len(compiled.asm["cubin"]))
     return info, {"ptx": compiled.asm["ptx"], "cubin": compiled.asm["cubin"]}
 
@@ -129,7 +130,7 @@ def compile_kernel(kernel: str, target: str, dtype: str = "fp16", head_dim: int 
 def compile_all(targets: tuple[str, ...] = TARGETS, dtype: str = "fp16", head_dim: int = 64) -> list[Compiled]:
     from . import triton_kernels
 
-    return [compile_kernel(kernel, target, dtype, head_dim)[0] for target in targets for kernel in triton_kernels.KERNELS]
+    return [compile_kernel(name, target, dtype, head_dim)[0] for target in targets for name in triton_kernels.LAUNCHES]
 
 
 def main(argv: list[str] | None = None) -> int:

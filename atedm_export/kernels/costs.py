@@ -58,19 +58,17 @@ def head_mean_map(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
     re-reads come from L2 in a tiled kernel, so they are counted once. The exps are counted as FLOPs at the
     tensor peak, which understates them: they run on the special-function units (about 3.9 T/s on an H100,
     per the FlashAttention-3 paper), 0.1 ms per 64×64 block at batch 2; the model has no such unit. The
-    launcher adds the per-row-tile column sums (each already divided by N in the kernel): one small torch
-    kernel after the map's, whose bytes (the sums are 128 times smaller than the map) are left out.
+    per-row-tile column sums it writes are added by the caller's torch op, recorded (and priced) on its own.
     """
     batch, tokens, heads, dim = q.shape
     products = batch * heads * tokens * k.shape[1]
-    return KernelCost("matmul", 2 * products * dim + products, _nbytes(q, k, lse, *out), 2, q.dtype == torch.float32)
+    return KernelCost("matmul", 2 * products * dim + products, _nbytes(q, k, lse, *out), 1, q.dtype == torch.float32)
 
 
-def select_kept(scores: torch.Tensor, keep: int, *, out: tuple[torch.Tensor, torch.Tensor]) -> KernelCost:
-    """``torch.topk`` for the k-th largest score (its select and its sort: two launches), then ``select_kernel``:
-    the scores read twice, the top k written and read once, the kept tokens and each token's slot written."""
-    top = scores.shape[0] * keep * 4
-    return KernelCost("memory", 0, 2 * _nbytes(scores) + 2 * top + _nbytes(*out), 3, False)
+def select_kept(scores: torch.Tensor, top: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor]) -> KernelCost:
+    """``select_kernel`` (the caller's ``torch.topk`` is recorded on its own): the scores and the top k read, the
+    kept tokens and each token's slot written, one launch."""
+    return KernelCost("memory", 0, _nbytes(scores, top, *out), 1, False)
 
 
 def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor, *,
@@ -94,13 +92,12 @@ def gwpr_step(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch
     """One G-WPR step with no map: ``2·B·H·N·M·d`` FLOPs (one ``k·qᵀ`` per head) and, per map entry, an exp, a
     product by the score and a sum; ``q``, ``k``, lse and the scores read once (tiled, as ``head_mean_map``).
 
-    The launcher writes each head's step ``[B, H, M]`` and averages the heads in a second kernel: two launches.
+    It writes each head's step ``[B, H, M]``; the caller's mean over the heads is recorded on its own: one launch.
     """
     batch, tokens, heads, dim = q.shape
     products = batch * heads * tokens * k.shape[1]
-    per_head = batch * heads * k.shape[1] * 4
-    moved = _nbytes(q, k, lse, scores, out) + 2 * per_head
-    return KernelCost("matmul", 2 * products * dim + 3 * products, moved, 2, q.dtype == torch.float32)
+    moved = _nbytes(q, k, lse, scores, out)
+    return KernelCost("matmul", 2 * products * dim + 3 * products, moved, 1, q.dtype == torch.float32)
 
 
 def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor,

@@ -99,7 +99,9 @@ def _probe(argument: str, dtype: torch.dtype) -> torch.Tensor | float | int:
     batch, tokens, heads, dim, keep = 1, 4, 1, 8, 2
     projections = torch.empty(batch, tokens, heads, dim, dtype=dtype, device="meta")
     probes = {"q": projections, "k": projections, "v": projections, "scale": 1.0, "keep": keep,
-              "lse": torch.empty(batch, heads, tokens, device="meta"), "scores": torch.empty(batch, tokens, device="meta"),
+              "lse": torch.empty(batch, heads, tokens, device="meta"),
+              "scores": torch.empty(batch, tokens, device="meta"),
+              "top": torch.empty(batch, keep, device="meta"),
               "attn_map": torch.empty(batch, tokens, tokens, device="meta"),
               "kept": torch.empty(batch, keep, dtype=torch.int64, device="meta"),
               "slot_of": torch.empty(batch, tokens, dtype=torch.int64, device="meta")}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .runnable import require_runnable
+from .tiles import row_tiles
 
 
 @torch.library.custom_op("atedm::attention_lse", mutates_args=())
@@ -26,28 +27,30 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         return out.transpose(1, 2).contiguous(), lse[..., : q.shape[1]].float().contiguous()
     from . import triton_kernels
 
-    return triton_kernels.attention_lse(q, k, v, scale)
+    return triton_kernels.run("attention_lse", q, k, v, scale)
 
 
 
 @torch.library.custom_op("atedm::head_mean_map", mutates_args=())
 def head_mean_map(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A = mean_h exp(q_h·k_hᵀ·scale − lse_h)`` ``[B, N, M]`` fp32 and G-WPR's first step ``(1/N)·1ᵀA`` ``[B, M]``."""
+    """``A = mean_h exp(q_h·k_hᵀ·scale − lse_h)`` ``[B, N, M]`` fp32 and its column sums per row tile ``[B, T, M]``
+    (``tiles.row_tiles``), each divided by N: summed over T, G-WPR's first step ``(1/N)·1ᵀA``."""
     require_runnable(q.device)
     from . import triton_kernels
 
-    return triton_kernels.head_mean_map(q, k, lse, scale)
+    return triton_kernels.run("head_mean_map", q, k, lse, scale)
 
 
 
 @torch.library.custom_op("atedm::select_kept", mutates_args=())
-def select_kept(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_kept(scores: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``keep`` highest-scoring tokens ``[B, keep]`` in index order (ties to the lower index, the set of
-    ``select.topk_keep_indices``) and each token's slot ``[B, N]``, −1 where it is pruned."""
+    ``select.topk_keep_indices``) and each token's slot ``[B, N]``, −1 where it is pruned; ``top``: the ``keep``
+    largest scores ``[B, keep]``, descending (``torch.topk``'s values; a ``TopK`` node in a graph)."""
     require_runnable(scores.device)
     from . import triton_kernels
 
-    return triton_kernels.select(scores, keep)
+    return triton_kernels.run("select_kept", scores, top)
 
 
 
@@ -57,17 +60,18 @@ def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.
     require_runnable(attn_map.device)
     from . import triton_kernels
 
-    return triton_kernels.recovery_sources(attn_map, kept, slot_of)
+    return triton_kernels.run("recovery_sources", attn_map, kept, slot_of)
 
 
 
 @torch.library.custom_op("atedm::gwpr_step", mutates_args=())
 def gwpr_step(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor, scale: float) -> torch.Tensor:
-    """One G-WPR step ``s·A`` ``[B, M]`` of the head-mean map ``q``, ``k`` and lse define, with no map in memory."""
+    """Each head's G-WPR step ``s·A_h`` ``[B, H, M]`` of the map ``q``, ``k`` and lse define, with no map in memory:
+    their mean over the heads is the head-mean map's step."""
     require_runnable(q.device)
     from . import triton_kernels
 
-    return triton_kernels.gwpr_step(q, k, lse, scores, scale)
+    return triton_kernels.run("gwpr_step", q, k, lse, scores, scale)
 
 
 
@@ -78,7 +82,7 @@ def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: 
     require_runnable(q.device)
     from . import triton_kernels
 
-    return triton_kernels.recovery_mapless(q, k, lse, kept, slot_of, scale)
+    return triton_kernels.run("recovery_mapless", q, k, lse, kept, slot_of, scale)
 
 
 
@@ -92,11 +96,11 @@ def _attention_lse_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 
 def _head_mean_map_outputs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> Outputs:
     batch, tokens, keys = q.shape[0], q.shape[1], k.shape[1]
-    return [((batch, tokens, keys), torch.float32), ((batch, keys), torch.float32)]
+    return [((batch, tokens, keys), torch.float32), ((batch, row_tiles(tokens), keys), torch.float32)]
 
 
-def _select_kept_outputs(scores: torch.Tensor, keep: int) -> Outputs:
-    return [((scores.shape[0], keep), torch.int64), (tuple(scores.shape), torch.int64)]
+def _select_kept_outputs(scores: torch.Tensor, top: torch.Tensor) -> Outputs:
+    return [(tuple(top.shape), torch.int64), (tuple(scores.shape), torch.int64)]
 
 
 def _recovery_sources_outputs(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor) -> Outputs:
@@ -104,7 +108,7 @@ def _recovery_sources_outputs(attn_map: torch.Tensor, kept: torch.Tensor, slot_o
 
 
 def _gwpr_step_outputs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor, scale: float) -> Outputs:
-    return [((q.shape[0], k.shape[1]), torch.float32)]
+    return [((q.shape[0], q.shape[2], k.shape[1]), torch.float32)]
 
 
 def _recovery_mapless_outputs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor,

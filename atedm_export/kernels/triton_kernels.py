@@ -26,11 +26,15 @@ floats per image).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .tiles import TILES, Tiles
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x·log2 e): the kernels work in base 2, as flash kernels do
 LN2 = tl.constexpr(0.6931471805599453)
@@ -237,35 +241,118 @@ def recovery_mapless_kernel(
     tl.store(Sources + b * N + rows, tl.where(own >= 0, own, arg.to(tl.int64)), mask=row_ok)
 
 
+# --- the nodes' kernels ------------------------------------------------------------------------------------------
+# One entry kernel per op (per node of a plugin-form graph): what PyTorch launches here and what a TensorRT
+# ahead-of-time plugin embeds (``compile/plugins.py``). TensorRT launches such a kernel on the plugin's inputs, then
+# the integer arguments its ``aot_impl`` returns, then its outputs, so every entry takes contiguous tensors in that
+# order: inputs, their sizes (i32), outputs; the scale (a float, which TensorRT passes no other way) and the tiles
+# are compile-time constants. Each entry computes its inputs' strides from the sizes and runs the kernel above.
+
+
+@triton.jit
+def attention_lse_node(Q, K, V, N, M, H, D, Out, Lse, SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    attention_lse_kernel(Q, K, V, Out, Lse, SCALE, N * H * D, H * D, D, M * H * D, H * D, D, M * H * D, H * D, D,
+                         N * H * D, H * D, D, N, M, H, D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+
+
+@triton.jit
+def head_mean_map_node(Q, K, Lse, N, M, H, D, Map, ColSum, SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    head_mean_map_kernel(Q, K, Lse, Map, ColSum, SCALE, N * H * D, H * D, D, M * H * D, H * D, D, N, M, H, D,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+
+
+@triton.jit
+def select_kept_node(Scores, Top, N, KEEP, Kept, SlotOf, BLOCK: tl.constexpr):
+    select_kernel(Scores, Top, Kept, SlotOf, N, KEEP, BLOCK)
+
+
+@triton.jit
+def recovery_sources_node(Map, Kept, SlotOf, N, M, KEEP, Sources, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    recovery_sources_kernel(Map, Kept, SlotOf, Sources, N, M, KEEP, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def gwpr_step_node(Q, K, Lse, Scores, N, M, H, D, Out, SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    gwpr_step_kernel(Q, K, Lse, Scores, Out, SCALE, N * H * D, H * D, D, M * H * D, H * D, D, N, M, H, D,
+                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+
+
+@triton.jit
+def recovery_mapless_node(Q, K, Lse, Kept, SlotOf, N, M, H, D, KEEP, Sources, SCALE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    recovery_mapless_kernel(Q, K, Lse, Kept, SlotOf, Sources, SCALE, N * H * D, H * D, D, M * H * D, H * D, D,
+                            N, M, H, D, KEEP, BLOCK_M, BLOCK_K, BLOCK_D, PRECISION)
+
+
 @dataclass(frozen=True)
-class Tiles:
-    """One kernel's launch configuration: the one place the launchers and the ahead-of-time compile read it."""
+class Launch:
+    """How an op's entry kernel is launched, from its inputs' shapes: the one place the torch launcher and the
+    TensorRT plugin (``compile/plugins.py``) read it, so both launch the same kernel the same way."""
 
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
+    kernel: object  # the entry kernel (a triton JITFunction)
+    sizes: tuple[str, ...]  # its integer arguments, after the inputs
+    grid: Callable[[dict[str, int], Tiles], tuple[int, ...]]  # from the sizes (and ``B``, the batch)
+    tiles: Tiles
+    scaled: bool  # takes the scale as the constant SCALE
+
+    def constexprs(self, sizes: dict[str, int], dtype: torch.dtype, scale: float | None) -> dict[str, object]:
+        """The compile-time constants: the scale, the tiles, the head-dim tile and the dot's precision."""
+        names = self.kernel.arg_names
+        values = {"SCALE": scale, "BLOCK_M": self.tiles.block_m, "BLOCK_N": self.tiles.block_n,
+                  "BLOCK_K": self.tiles.block_n, "BLOCK_D": block_d(sizes.get("D", 16)),
+                  "PRECISION": precision(dtype), "BLOCK": triton.next_power_of_2(sizes.get("N", 1))}
+        return {name: values[name] for name in names if name in values}
 
 
-#: Tile sizes per kernel, chosen by the registers ``aot.py`` reads off the sm80/sm89/sm90 cubins (no spills
-#: anywhere). ``attention_lse``: 128 query rows against 64-key tiles at 8 warps (the flash-attention v2 shape for
-#: head dims ≤ 128; 136 registers on sm90, 182 at 4 warps); ``head_mean_map``: 128×64 map tiles at 8 warps
-#: (124 registers on sm90, two blocks an SM; 64×64 reads ``q`` and ``k`` from L2 at half the FLOPs a byte, and
-#: 128×128 needs 175, one block an SM), a tile's fp32 accumulator and one head's logits in registers, the
-#: tile's ``q`` and ``k`` of the next head loaded while this one computes; ``recovery_sources``: a gather, whose 64-bit
-#: addresses cost two registers an element: 8 rows × 256 kept slots at 4 warps is 16 elements a thread, 48
-#: registers (64×128 took 255), so enough warps are resident to hide the gather's latency.
-TILES: dict[str, Tiles] = {
-    "attention_lse": Tiles(block_m=128, block_n=64, num_warps=8, num_stages=3),
-    "head_mean_map": Tiles(block_m=128, block_n=64, num_warps=8, num_stages=2),
-    "recovery_sources": Tiles(block_m=8, block_n=256, num_warps=4, num_stages=1),
-    "select": Tiles(block_m=0, block_n=0, num_warps=8, num_stages=1),  # one program per batch item, the row whole
-    "gwpr_step": Tiles(block_m=64, block_n=64, num_warps=4, num_stages=2),
-    "recovery_mapless": Tiles(block_m=64, block_n=64, num_warps=4, num_stages=2),
+def _sizes(name: str, shapes: list[tuple[int, ...]]) -> dict[str, int]:
+    """An op's sizes from its inputs' shapes (``B`` for the grid, the rest the entry's integer arguments)."""
+    first = shapes[0]
+    if name in ("attention_lse", "head_mean_map", "gwpr_step", "recovery_mapless"):
+        sizes = {"B": first[0], "N": first[1], "M": shapes[1][1], "H": first[2], "D": first[3]}
+        if name == "recovery_mapless":
+            sizes["KEEP"] = shapes[3][1]
+        return sizes
+    if name == "select_kept":
+        return {"B": first[0], "N": first[1], "KEEP": shapes[1][1]}
+    return {"B": first[0], "N": first[1], "M": first[2], "KEEP": shapes[1][1]}  # recovery_sources
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+LAUNCHES: dict[str, Launch] = {
+    "attention_lse": Launch(attention_lse_node, ("N", "M", "H", "D"),
+                            lambda s, t: (_cdiv(s["N"], t.block_m), s["B"] * s["H"]), TILES["attention_lse"], True),
+    "head_mean_map": Launch(head_mean_map_node, ("N", "M", "H", "D"),
+                            lambda s, t: (_cdiv(s["N"], t.block_m), _cdiv(s["M"], t.block_n), s["B"]),
+                            TILES["head_mean_map"], True),
+    "select_kept": Launch(select_kept_node, ("N", "KEEP"), lambda s, t: (s["B"],), TILES["select"], False),
+    "recovery_sources": Launch(recovery_sources_node, ("N", "M", "KEEP"),
+                               lambda s, t: (_cdiv(s["N"], t.block_m), s["B"]), TILES["recovery_sources"], False),
+    "gwpr_step": Launch(gwpr_step_node, ("N", "M", "H", "D"),
+                        lambda s, t: (_cdiv(s["M"], t.block_m), s["B"] * s["H"]), TILES["gwpr_step"], True),
+    "recovery_mapless": Launch(recovery_mapless_node, ("N", "M", "H", "D", "KEEP"),
+                               lambda s, t: (_cdiv(s["N"], t.block_m), s["B"]), TILES["recovery_mapless"], True),
 }
-KERNELS = {"attention_lse": attention_lse_kernel, "head_mean_map": head_mean_map_kernel,
-           "recovery_sources": recovery_sources_kernel, "select": select_kernel, "gwpr_step": gwpr_step_kernel,
-           "recovery_mapless": recovery_mapless_kernel}
+
+
+def launch(name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor], scale: float | None = None,
+           tiles: Tiles | None = None) -> None:
+    """Run op ``name``'s entry kernel on contiguous ``inputs`` into ``outputs`` (``tiles``: other than ``TILES``'s,
+    for a sweep)."""
+    spec = LAUNCHES[name]
+    if tiles is not None:
+        spec = dataclasses.replace(spec, tiles=tiles)
+    inputs = [t.contiguous() for t in inputs]
+    sizes = _sizes(name, [tuple(t.shape) for t in inputs])
+    dtype = inputs[0].dtype
+    spec.kernel[spec.grid(sizes, spec.tiles)](
+        *inputs, *(sizes[n] for n in spec.sizes), *outputs, **spec.constexprs(sizes, dtype, scale),
+        num_warps=spec.tiles.num_warps, num_stages=spec.tiles.num_stages)
 
 
 def block_d(head_dim: int) -> int:
@@ -278,96 +365,16 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _unit_last(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """The kernels step the last axis by 1: a view with another last stride is made contiguous."""
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+def _empty(outputs: list[tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> list[torch.Tensor]:
+    return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in outputs]
 
 
-def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, N, H, d]`` queries, ``[B, M, H, d]`` keys and values → output ``[B, N, H, d]``, lse ``[B, H, N]`` fp32."""
-    q, k, v = _unit_last(q, k, v)
-    batch, tokens, heads, dim = q.shape
-    out = torch.empty((batch, tokens, heads, dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
-    tiles = TILES["attention_lse"]
-    grid = (triton.cdiv(tokens, tiles.block_m), batch * heads)
-    attention_lse_kernel[grid](
-        q, k, v, out, lse, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        tokens, k.shape[1], heads, dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d(dim),
-        PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return out, lse
+def run(name: str, *args: object, tiles: Tiles | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Op ``name`` on its arguments (``ops.py``'s signature): outputs allocated from ``ops.OUTPUTS``, one launch."""
+    from .ops import OUTPUTS
 
-
-def head_mean_map(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head-mean map ``[B, N, M]`` fp32 and G-WPR's first step from uniform scores, ``[B, M]``."""
-    q, k = _unit_last(q, k)
-    batch, tokens, heads, dim = q.shape
-    keys = k.shape[1]
-    tiles = TILES["head_mean_map"]
-    row_tiles = triton.cdiv(tokens, tiles.block_m)
-    attn_map = torch.empty((batch, tokens, keys), dtype=torch.float32, device=q.device)
-    column_sums = torch.empty((batch, row_tiles, keys), dtype=torch.float32, device=q.device)
-    grid = (row_tiles, triton.cdiv(keys, tiles.block_n), batch)
-    head_mean_map_kernel[grid](
-        q, k, lse.contiguous(), attn_map, column_sums, scale, *q.stride()[:3], *k.stride()[:3],
-        tokens, keys, heads, dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d(dim),
-        PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return attn_map, column_sums.sum(dim=1)
-
-
-def select(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``keep`` highest scores' tokens ``[B, keep]`` in index order, ties to the lower index, and each token's
-    slot ``[B, N]`` (−1 where pruned): ``torch.topk`` for the k-th largest score, then ``select_kernel``."""
-    scores = scores.float().contiguous()
-    batch, tokens = scores.shape
-    top = scores.topk(keep, dim=1).values  # descending: the k-th largest is the last, however ties sort
-    kept = torch.empty((batch, keep), dtype=torch.int64, device=scores.device)
-    slot_of = torch.empty((batch, tokens), dtype=torch.int64, device=scores.device)
-    select_kernel[(batch,)](scores, top.contiguous(), kept, slot_of, tokens, keep, BLOCK=triton.next_power_of_2(tokens),
-                            num_warps=TILES["select"].num_warps)
-    return kept, slot_of
-
-
-def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` kept slots: the first slot ``j`` maximizing ``attn_map[b, i, kept[b, j]]`` for every row ``i``,
-    a kept row's own slot for a kept row."""
-    batch, tokens, keys = attn_map.shape
-    keep = kept.shape[1]
-    sources = torch.empty((batch, tokens), dtype=torch.int64, device=attn_map.device)
-    tiles = TILES["recovery_sources"]
-    grid = (triton.cdiv(tokens, tiles.block_m), batch)
-    recovery_sources_kernel[grid](attn_map.contiguous(), kept.contiguous(), slot_of.contiguous(), sources, tokens, keys, keep,
-                                  BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_n, num_warps=tiles.num_warps,
-                                  num_stages=tiles.num_stages)
-    return sources
-
-
-def gwpr_step(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor, scale: float) -> torch.Tensor:
-    """``s' = s·A`` ``[B, M]`` for ``A = mean_h softmax(q_h·k_hᵀ·scale)``, never forming ``A``: one pass per step."""
-    q, k = _unit_last(q, k)
-    batch, tokens, heads, dim = q.shape
-    keys = k.shape[1]
-    tiles = TILES["gwpr_step"]
-    per_head = torch.empty((batch, heads, keys), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(keys, tiles.block_m), batch * heads)
-    gwpr_step_kernel[grid](
-        q, k, lse.contiguous(), scores.float().contiguous(), per_head, scale, *q.stride()[:3], *k.stride()[:3],
-        tokens, keys, heads, dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d(dim),
-        PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return per_head.mean(dim=1)
-
-
-def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """``recovery_sources`` of the map ``q``, ``k`` and lse define, computed for the kept keys only."""
-    q, k = _unit_last(q, k)
-    batch, tokens, heads, dim = q.shape
-    keep = kept.shape[1]
-    tiles = TILES["recovery_mapless"]
-    sources = torch.empty((batch, tokens), dtype=torch.int64, device=q.device)
-    grid = (triton.cdiv(tokens, tiles.block_m), batch)
-    recovery_mapless_kernel[grid](
-        q, k, lse.contiguous(), kept.contiguous(), slot_of.contiguous(), sources, scale, *q.stride()[:3], *k.stride()[:3],
-        tokens, k.shape[1], heads, dim, keep, BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_n, BLOCK_D=block_d(dim),
-        PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return sources
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    scale = next((a for a in args if isinstance(a, float)), None)
+    outputs = _empty(OUTPUTS[name](*args), tensors[0].device)
+    launch(name, tensors, outputs, scale, tiles)
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)

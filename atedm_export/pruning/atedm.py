@@ -40,7 +40,8 @@ def select(self_map: SelfMap, scores: torch.Tensor, keep: int,
     """The kept tokens ``[B, k]`` and, from the kernels' one-pass selection, each token's slot ``[B, N]`` (−1 where
     pruned; None on the explicit path, whose recovery finds the kept positions' slots itself)."""
     if self_map.kernels:
-        return launch.select_kept(scores, keep)
+        scores = scores.float()
+        return launch.select_kept(scores, scores.topk(keep, dim=1).values)  # the k largest: TopK in a graph
     return select_tokens(scores, keep, opts.selection), None
 
 

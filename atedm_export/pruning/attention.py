@@ -195,8 +195,8 @@ def attention_with_map_kernels(attn: Attention, hidden: torch.Tensor) -> tuple[t
     out = attn.to_out[1](attn.to_out[0](out.reshape(batch, tokens, inner)))
     if not kernel_ops.materializes(batch, tokens, k.shape[1]):
         return out, SelfMap(None, factors=(q, k, lse, attn.scale), kernels=True)
-    attn_map, first_step = launch.head_mean_map(q, k, lse, attn.scale)
-    return out, SelfMap(attn_map, first_step, kernels=True)
+    attn_map, column_sums = launch.head_mean_map(q, k, lse, attn.scale)
+    return out, SelfMap(attn_map, column_sums.sum(dim=1), kernels=True)
 
 
 def pool_grid(x: torch.Tensor, grid: tuple[int, int] | None, pool: int, dim: int, how: str = "mean") -> torch.Tensor:

@@ -41,7 +41,7 @@ def mapless_gwpr_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, sca
     batch, tokens = q.shape[:2]
     scores = torch.full((batch, tokens), 1.0 / tokens, dtype=torch.float32, device=q.device)
     for _ in range(iterations):
-        scores = _teleport(launch.gwpr_step(q, k, lse, scores, scale), damping, tokens)
+        scores = _teleport(launch.gwpr_step(q, k, lse, scores, scale).mean(dim=1), damping, tokens)
     return scores
 
 
