@@ -11,6 +11,7 @@ into ``onnx/`` and point into one shared weights file (``weights.py``); engines 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
 import time
@@ -123,9 +124,17 @@ def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineI
             continue
         info = EngineInfo(backend=name, library=library.api.module, version=library.version,
                           targets=list(request.targets), optimization_level=request.optimization_level,
-                          form="portable", form_reason=library.api.plugin_refusal)
+                          **engine_form(library, request.plugin_form))
         return library, info
     return None, EngineInfo(backend="onnx", skipped="; ".join(reasons))
+
+
+def engine_form(library: EngineLibrary, plugin_form: bool) -> dict[str, str | None]:
+    """The graph form a build's engines are made from, and why it is not the plugin form where it is not."""
+    if plugin_form and library.api.plugin_refusal is None:
+        return {"form": "plugin", "form_reason": None}
+    reason = library.api.plugin_refusal or "the build writes no plugin form (--plugin-form)"
+    return {"form": "portable", "form_reason": reason}
 
 
 def _select_stages(request: BuildRequest) -> list[int]:
@@ -209,8 +218,9 @@ def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
     if model.pipeline is None and Path(request.spec.model).expanduser().is_dir():
         progress("model", f"{request.spec.model} has no {PIPELINE_INDEX} in it or its parent: the graphs build, "
                           "but generate needs the pipeline's VAE and text encoders", None)
-    if library is not None and engine_info.form_reason:
-        progress("engines", f"built from the portable form: {engine_info.form_reason} (docs/build.md)", None)
+    if library is not None:
+        why = f": {engine_info.form_reason}" if engine_info.form_reason else ""
+        progress("engines", f"built from each graph's {engine_info.form} form{why} (docs/build.md)", None)
     with staged_folder(out, create_parent=request.create_parent) as work:
         return _build_into(work, request, model, library, engine_info, progress)
 
@@ -287,8 +297,12 @@ class _GraphMaker:
             store.flush()  # the builder maps the weights file
             target = "-".join(self.request.targets) or "local"
             engine_path = work / ENGINES_DIR / f"{stem}.{library.backend}.{target}.plan"
-            progress(label, f"compiling with {library.backend} {library.version} for {target}", None)
-            built = build_isolated(library, path, engine_path, self.options)
+            source, options = path, self.options
+            if plugin is not None and library.api.plugin_refusal is None:  # the engine carries the kernels' plugins
+                source, options = work / plugin.path, dataclasses.replace(options, plugins=True)
+            progress(label, f"compiling the {'plugin' if options.plugins else 'portable'} form with {library.backend} "
+                            f"{library.version} for {target}", None)
+            built = build_isolated(library, source, engine_path, options)
             compile_seconds, compile_peak = built.result, built.peak_rss
             engine = file_entry(work, engine_path)
             progress(label, f"engine {engine.bytes / 2**20:.1f} MiB, builder peak {built.peak_rss / 1e9:.2f} GB",

@@ -9,7 +9,13 @@ plugin form's nodes keep the explicit path's tokens and recovery sources.
 
 from __future__ import annotations
 
+import ast
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,7 +25,7 @@ import torch
 from click.testing import CliRunner
 
 from atedm_export.cli import main
-from atedm_export.kernels.nodes import DOMAIN, plugin_form
+from atedm_export.kernels.nodes import DOMAIN, NODE_TYPES, plugin_form
 from atedm_export.kernels.onnxruntime_ops import plugin_nodes, session_model, session_options
 from atedm_export.kernels.runnable import TRITON_INSTALLED
 from atedm_export.manifest import Manifest
@@ -30,6 +36,7 @@ from atedm_export.pruning import atedm as atedm_module
 from .conftest import needs_rtx
 
 PEAK = 6.0
+ROOT = Path(__file__).resolve().parents[1]
 has_triton = pytest.mark.skipif(not TRITON_INSTALLED, reason="triton not installed")
 
 
@@ -173,3 +180,49 @@ def test_tensorrt_rtx_engines_carry_the_portable_form_and_say_why(tiny_engine_bu
     engine = Manifest.load(tiny_engine_build).engine
     assert engine.backend == "tensorrt-rtx" and engine.form == "portable"
     assert "no plugin layer" in engine.form_reason
+
+
+def test_each_tensorrt_plugin_describes_its_node_and_launches_the_kernel_torch_launches():
+    """``compile/plugins.py`` called as ``tensorrt.plugin`` calls it (``tests/plugin_check.py``), kernels compiled for
+    sm90: each plugin's outputs are its op's, its kernel the op's entry kernel with the torch launcher's grid, sizes
+    and warps, and the kernel's parameters are its node's inputs, sizes and outputs then triton's two scratch
+    pointers, which it never reads (no scratch bytes), so TensorRT's launch, which passes no scratch, is safe."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tests.plugin_check", "sm90"], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["plugin"] for r in rows] == [f"{DOMAIN}::{t}" for t in NODE_TYPES.values()]
+    names = {"HALF": "torch.float16", "FLOAT": "torch.float32", "INT64": "torch.int64"}
+    for r in rows:
+        assert r["registered"], r
+        assert [[shape, names[dtype]] for shape, dtype in r["outputs"]] == r["expected_outputs"], r
+        assert r["grid"] == r["expected_grid"] + [1] * (3 - len(r["expected_grid"])), r
+        assert r["extra"] == r["expected_extra"] and r["block_x"] == 32 * r["warps"], r
+        assert r["kernel"].endswith("_node") and r["scratch_bytes"] == [0, 0], r
+        assert r["entry_params"] == r["inputs"] + len(r["extra"]) + len(r["outputs"]) + 2, r
+
+
+def test_the_plugins_use_only_what_tensorrt_plugin_exports():
+    """Every ``trtp.<name>`` compile/plugins.py uses is public in the framework's own sources (the TensorRT 11.4
+    bindings' ``tensorrt/plugin``, unpacked by tools/setup.sh), and every attribute it sets on a launch is one
+    ``KernelLaunchParams`` has."""
+    sources = ROOT / ".venv" / "trt-plugin" / "plugin"
+    if not (sources / "_lib.py").is_file():
+        pytest.skip("tensorrt.plugin's sources are not unpacked (tools/setup.sh)")
+    public, launch_fields = set(), set()
+    for path in sources.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and any(
+                    isinstance(d, ast.Call) and getattr(d.func, "id", "") == "public_api" for d in node.decorator_list):
+                public.add(node.name)
+            if isinstance(node, ast.ClassDef) and node.name == "KernelLaunchParams":
+                init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+                launch_fields = {a.arg for a in init.args.args[1:]}
+            if isinstance(node, ast.ClassDef) and node.name == "SymIntExprs":
+                assert any(isinstance(n, ast.FunctionDef) and n.name == "from_tuple" for n in node.body)
+    mine = ROOT / "atedm_export" / "compile" / "plugins.py"
+    used = {n.attr for n in ast.walk(ast.parse(mine.read_text()))
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "trtp"}
+    assert used and used <= public, used - public
+    assert {"grid_x", "grid_y", "grid_z", "block_x", "shared_mem"} <= launch_fields

@@ -13,6 +13,7 @@ import ast
 import importlib.util
 import os
 import sys
+import types
 from collections.abc import Callable
 from itertools import count
 from pathlib import Path
@@ -292,13 +293,34 @@ def library_specifics(spy: Spy, api: TensorRTApi, tmp: Path) -> None:
         StageEngines(api, tmp, {"e": Path("e")}, IO_NAMES, "shared")
 
 
+def plugin_framework(spy: Spy, api: TensorRTApi, tmp: Path) -> None:
+    """The plugin framework the plugin form's engines need: refused by TensorRT-RTX and before TensorRT 10.9, imported
+    from the library's own package after, and the tensor types plugins declare their outputs in."""
+    assert set(api.tensor_types()) == {"HALF", "BF16", "FLOAT", "INT64"}
+    if api.plugin_refusal:
+        with pytest.raises(EngineUnavailable, match="no plugin layer"):
+            api.plugin_framework()
+        return
+    with pytest.raises(EngineUnavailable, match="no ahead-of-time plugins; .* TensorRT >= 10.9"):
+        api.plugin_framework()  # the spy says 1.0
+    spy.version = "10.13.0"
+    with pytest.raises(EngineUnavailable, match="its plugin framework does not import"):
+        api.plugin_framework()
+    framework = types.ModuleType(f"{spy.__name__}.plugin")
+    sys.modules[framework.__name__] = framework
+    try:
+        assert api.plugin_framework() is framework
+    finally:
+        del sys.modules[framework.__name__]
+
+
 def _engine(spy: Spy, api: TensorRTApi, tmp: Path) -> object:
     engine_spy(spy, [1])
     return api.deserialize(api.runtime(api.logger(print)), b"plan")
 
 
 SCENARIOS: list[Callable[[Spy, TensorRTApi, Path], None]] = [
-    build_succeeds, build_fails, runtime_resident, runtime_failures, runtime_refit, library_specifics]
+    build_succeeds, build_fails, runtime_resident, runtime_failures, runtime_refit, library_specifics, plugin_framework]
 
 
 @pytest.mark.parametrize("backend, api_class", LIBRARIES)

@@ -25,6 +25,25 @@ if [ ! -f .venv/trt-stubs/tensorrt_bindings/tensorrt.pyi ]; then
   python -m pip install -q --no-deps --target .venv/trt-stubs "tensorrt-stubs==${ATEDM_TRT_STUBS_VERSION:-10.13.0.35.1}"
 fi
 
+# TensorRT's plugin framework (``tensorrt.plugin``, Python sources in the bindings wheel, whose libraries do not
+# download here), unpacked into its own folder: tests/test_trt_conformance.py checks compile/plugins.py's names
+# against it. The wheel is 1.2 MB; only its plugin/*.py files are kept.
+if [ ! -f .venv/trt-plugin/plugin/_lib.py ]; then
+  rm -rf .venv/trt-plugin .venv/trt-bindings-wheel
+  python -m pip download -q --no-deps "tensorrt_cu13_bindings==${ATEDM_TRT_BINDINGS:-11.4.0.106}" -d .venv/trt-bindings-wheel
+  python - <<'PY'
+import pathlib, zipfile
+wheel = next(pathlib.Path(".venv/trt-bindings-wheel").glob("tensorrt_cu13_bindings-*.whl"))
+with zipfile.ZipFile(wheel) as archive:
+    for info in archive.infolist():
+        if info.filename.startswith("tensorrt_bindings/plugin/") and info.filename.endswith(".py"):
+            target = pathlib.Path(".venv/trt-plugin/plugin") / pathlib.Path(info.filename).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.read(info))
+PY
+  rm -rf .venv/trt-bindings-wheel
+fi
+
 # A real Triton Inference Server for `atedm-export serve` and the deploy tests: the tritonserver binary
 # (CPU, Python backend) that ships in nvidia-pytriton's wheel, unpacked into .venv/triton, not installed
 # (pytriton itself pins numpy<2). ATEDM_TRITON=skip leaves it out.

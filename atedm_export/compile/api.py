@@ -6,7 +6,9 @@ does differently, so each difference is written once, in the subclass, with the 
 builder (``library.py``) and the engine runtime (``runtime/engines.py``) hold library objects only as
 opaque handles and pass them back here; they never read an attribute of the module or of its objects.
 
-Because the runtime half needs a GPU, this module is checked without one: ``tests/test_trt_conformance.py``
+Its plugin half, ``plugins.py``, registers the map layer's ``atedm`` nodes with the plugin framework this module
+hands it (``plugin_framework``), in the types it names (``tensor_types``); it is checked against the framework's
+own sources. Because the runtime half needs a GPU, this module is checked without one: ``tests/test_trt_conformance.py``
 runs every statement of it against spies built from the real ``tensorrt_rtx_bindings`` and from the TensorRT 10
 type stubs (``tensorrt-stubs``), which check each attribute, method-or-property use and argument list.
 """
@@ -28,6 +30,10 @@ class EngineUnavailable(AtedmError):
     """The engine library is not installed, or cannot build here (no GPU for datacenter TensorRT)."""
 
 
+#: The first TensorRT whose plugins embed an ahead-of-time compiled kernel (``tensorrt.plugin.aot_impl``).
+AOT_PLUGINS_SINCE = (10, 9)
+
+
 class TensorRTApi:
     """Datacenter TensorRT 10: builds for the GPU it runs on; timing cache; weight-stripped plans and refit."""
 
@@ -40,11 +46,10 @@ class TensorRTApi:
     has_timing_cache = True
     #: an engine can be deserialized without its weights and given them later (TensorRT-RTX only)
     deferred_weights = False
-    #: why this library's engines are built from a graph's portable form, not its plugin form (None: they could
-    #: carry the plugin form). TensorRT >= 10.9 can embed ahead-of-time plugins, one compiled kernel each
-    #: (``tensorrt.plugin.aot_impl``); the map layer's plugins for it are not written yet (docs/build.md).
-    plugin_refusal: str | None = ("the map layer's TensorRT plugins (tensorrt.plugin, one ahead-of-time kernel per "
-                                  "atedm node) are not written yet")
+    #: why this library's engines are built from a graph's portable form even where the build has a plugin form
+    #: (None: they carry the plugin form, ``--plugin-form``). TensorRT >= 10.9 embeds ahead-of-time plugins, one
+    #: compiled kernel each (``tensorrt.plugin.aot_impl``, ``compile/plugins.py``).
+    plugin_refusal: str | None = None
 
     def __init__(self, trt: ModuleType) -> None:
         self._trt = trt
@@ -93,6 +98,26 @@ class TensorRTApi:
         return Logger()
 
     # ---------------------------------------------------------------------------------------- build
+
+    def plugin_framework(self) -> ModuleType:
+        """The library's plugin framework (``tensorrt.plugin``), which takes the ``atedm`` nodes' ahead-of-time plugins
+        (``compile/plugins.py``); ``EngineUnavailable`` where the library has none that embeds a kernel."""
+        if self.plugin_refusal:
+            raise EngineUnavailable(f"{self.backend} {self.version}: {self.plugin_refusal}")
+        numbers = tuple(int(part) for part in re.findall(r"\d+", self.version)[:2])
+        if numbers < AOT_PLUGINS_SINCE:
+            raise EngineUnavailable(f"{self.backend} {self.version} has no ahead-of-time plugins; the plugin form's "
+                                    f"engines need TensorRT >= {'.'.join(map(str, AOT_PLUGINS_SINCE))}")
+        try:
+            return importlib.import_module(f"{self._trt.__name__}.plugin")
+        except ImportError as exc:
+            raise EngineUnavailable(f"{self.backend} {self.version}: its plugin framework does not import "
+                                    f"({exc.msg})") from None
+
+    def tensor_types(self) -> dict[str, Handle]:
+        """The library's tensor types by name: what a plugin declares its outputs in."""
+        types = self._trt.DataType
+        return {"HALF": types.HALF, "BF16": types.BF16, "FLOAT": types.FLOAT, "INT64": types.INT64}
 
     def builder(self, logger: Handle) -> Handle:
         return self._trt.Builder(logger)

@@ -30,6 +30,7 @@ class BuildOptions:
     timing_cache: Path | None = None  # tensorrt only; TensorRT-RTX has none
     strip_weights: bool = False  # weight-stripped plan, refitted from the graph's weights at load
     refittable: bool = False  # the plan takes other weights than its graph's (a refit build's): BuilderFlag.REFIT
+    plugins: bool = False  # the graph is a plugin form: the atedm nodes' plugins are registered before it is parsed
 
 
 class EngineLibrary:
@@ -77,6 +78,11 @@ class EngineLibrary:
         errors: list[str] = []
         # "cudaError 35" (no driver) is what a CPU-only machine says on every build; it is not the failure.
         logger = api.logger(lambda msg: errors.append(msg) if "cudaError 35" not in msg else None)
+        if options.plugins:  # the parser looks each atedm node's plugin up as it reads the graph
+            from .plugins import register_plugins
+
+            register_plugins(api.plugin_framework(), api.tensor_types(),
+                             options.targets[0] if options.targets else _local_target())
         builder = api.builder(logger)
         network = api.network(builder)
         parser = api.onnx_parser(network, logger)

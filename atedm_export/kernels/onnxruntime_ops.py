@@ -80,7 +80,7 @@ def _register(precision: np.dtype) -> None:
     types = {**float_types, torch.int64: PyCustomOpDef.dt_int64}
     for name, node_type in NODE_TYPES.items():
         schema = getattr(torch.ops.atedm, name).default._schema
-        probes = [_probe(arg.name, dtype) for arg in schema.arguments]
+        probes = ops.probe_arguments(name, dtype)
         inputs = [types[probe.dtype] for probe in probes if isinstance(probe, torch.Tensor)]
         outputs = [types[out_dtype] for _, out_dtype in ops.OUTPUTS[name](*probes)]
         attrs = {arg.name: PyCustomOpDef.dt_float if isinstance(probe, float) else PyCustomOpDef.dt_int64
@@ -91,21 +91,6 @@ def _register(precision: np.dtype) -> None:
 
 def _is_tensor(argument) -> bool:  # noqa: ANN001 - torch._C.Argument
     return str(argument.type) == "Tensor"
-
-
-def _probe(argument: str, dtype: torch.dtype) -> torch.Tensor | float | int:
-    """A stand-in for one argument of an op (by its name in the schema) whose projections are ``dtype``: meta
-    tensors of the right dtype (the shapes are any consistent ones), or a scalar of the right type."""
-    batch, tokens, heads, dim, keep = 1, 4, 1, 8, 2
-    projections = torch.empty(batch, tokens, heads, dim, dtype=dtype, device="meta")
-    probes = {"q": projections, "k": projections, "v": projections, "scale": 1.0, "keep": keep,
-              "lse": torch.empty(batch, heads, tokens, device="meta"),
-              "scores": torch.empty(batch, tokens, device="meta"),
-              "top": torch.empty(batch, keep, device="meta"),
-              "attn_map": torch.empty(batch, tokens, tokens, device="meta"),
-              "kept": torch.empty(batch, keep, dtype=torch.int64, device="meta"),
-              "slot_of": torch.empty(batch, tokens, dtype=torch.int64, device="meta")}
-    return probes[argument]
 
 
 def _runner(name: str, schema) -> object:  # noqa: ANN001 - torch FunctionSchema

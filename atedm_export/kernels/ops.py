@@ -141,6 +141,28 @@ for _name in OUTPUTS:
     _register_fake(_name)
 
 
+def probe_arguments(name: str, dtype: torch.dtype) -> list[torch.Tensor | float]:
+    """Stand-ins for op ``name``'s arguments, projections in ``dtype``: meta tensors of consistent shapes (any) and
+    scalars of the right type. What registering the op elsewhere needs: its inputs' and outputs' types, their count."""
+    schema = getattr(torch.ops.atedm, name).default._schema
+    return [_probe(argument.name, dtype) for argument in schema.arguments]
+
+
+def _probe(argument: str, dtype: torch.dtype) -> torch.Tensor | float:
+    """A stand-in for one argument of an op (by its name in the schema) whose projections are ``dtype``: meta
+    tensors of the right dtype (the shapes are any consistent ones), or a scalar of the right type."""
+    batch, tokens, heads, dim, keep = 1, 4, 1, 8, 2
+    projections = torch.empty(batch, tokens, heads, dim, dtype=dtype, device="meta")
+    probes = {"q": projections, "k": projections, "v": projections, "scale": 1.0,
+              "lse": torch.empty(batch, heads, tokens, device="meta"),
+              "scores": torch.empty(batch, tokens, device="meta"),
+              "top": torch.empty(batch, keep, device="meta"),
+              "attn_map": torch.empty(batch, tokens, tokens, device="meta"),
+              "kept": torch.empty(batch, keep, dtype=torch.int64, device="meta"),
+              "slot_of": torch.empty(batch, tokens, dtype=torch.int64, device="meta")}
+    return probes[argument]
+
+
 def materializes(batch: int, tokens: int, keys: int) -> bool:
     """Whether the kernels write this layer's head-mean map (one ``q·kᵀ`` pass, then passes over the map) or keep
     none (one ``q·kᵀ`` pass per G-WPR step): the map while its fp32 bytes stay within ``MAP_BYTES_LIMIT``."""

@@ -307,7 +307,7 @@ class Launch:
         return {name: values[name] for name in names if name in values}
 
 
-def _sizes(name: str, shapes: list[tuple[int, ...]]) -> dict[str, int]:
+def sizes_of(name: str, shapes: list[tuple[int, ...]]) -> dict[str, int]:
     """An op's sizes from its inputs' shapes (``B`` for the grid, the rest the entry's integer arguments)."""
     first = shapes[0]
     if name in ("attention_lse", "head_mean_map", "gwpr_step", "recovery_mapless"):
@@ -348,7 +348,7 @@ def launch(name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor], s
     if tiles is not None:
         spec = dataclasses.replace(spec, tiles=tiles)
     inputs = [t.contiguous() for t in inputs]
-    sizes = _sizes(name, [tuple(t.shape) for t in inputs])
+    sizes = sizes_of(name, [tuple(t.shape) for t in inputs])
     dtype = inputs[0].dtype
     spec.kernel[spec.grid(sizes, spec.tiles)](
         *inputs, *(sizes[n] for n in spec.sizes), *outputs, **spec.constexprs(sizes, dtype, scale),
