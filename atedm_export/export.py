@@ -30,6 +30,7 @@ from typing import Literal
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401 - ir.passes.common
 import torch
 from diffusers import UNet2DConditionModel
 from onnx.external_data_helper import uses_external_data
@@ -198,11 +199,14 @@ def _torch_export(graph: UNetGraph, args: tuple[torch.Tensor, ...], raw: Path, e
 
 def _fold(model: ir.Model) -> None:
     """onnxscript's optimizer, its rewrite rules left out: functions inlined, constants folded (which turns the
-    exporter's ``SplitToSequence`` into ``Split``, as TensorRT needs), then what is unused removed."""
+    exporter's ``SplitToSequence`` into ``Split``, as TensorRT needs), what is unused removed, constants lifted."""
     optimizer.inline(model)
     optimizer.fold_constants(model)
     optimizer.remove_unused_nodes(model)
     optimizer.remove_unused_functions(model)
+    # Constants become typed initializers, as the full optimizer leaves them: the graph cleaner reads a list-valued
+    # Constant (``value_floats``, a Resize's scales) as float64 and would write it back as a double tensor.
+    ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
 
 
 @contextlib.contextmanager
