@@ -31,7 +31,7 @@ from .isolated import run_isolated
 from .flops import count_flops, graph_flops
 from .ortfuse import fuse
 from .lora import check_loras
-from .manifest import (EngineInfo, FileEntry, GraphEntry, LoraEntry, Manifest, PipelineInfo, ShapeGraphs, TensorEntry,
+from .manifest import (FILENAME, EngineInfo, FileEntry, GraphEntry, LoraEntry, Manifest, PipelineInfo, ShapeGraphs, TensorEntry,
                        file_entry, tool_versions)
 from .models import PIPELINE_INDEX, attention_blocks, build_unet, pipeline_folder, unet_config
 from .pruning import StagePlan
@@ -129,6 +129,14 @@ def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineI
     return None, EngineInfo(backend="onnx", skipped="; ".join(reasons))
 
 
+def build_inputs(spec: GraphSpec) -> dict[str, Path | None]:
+    """What a build reads from the user's disk: the model (a local folder or file) and each LoRA file."""
+    model = Path(spec.model).expanduser()
+    inputs: dict[str, Path | None] = {"model": model if model.exists() else None}
+    inputs.update({f"LoRA {index + 1}": Path(item.file) for index, item in enumerate(spec.loras)})
+    return inputs
+
+
 def engine_form(library: EngineLibrary, plugin_form: bool) -> dict[str, str | None]:
     """The graph form a build's engines are made from, and why it is not the plugin form where it is not."""
     if plugin_form and library.api.plugin_refusal is None:
@@ -214,7 +222,7 @@ def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
     selected = _select_stages(request)
     library, engine_info = resolve_engine(request)
     model = _prepare(request, selected)
-    check_destination(out, request.force, request.create_parent)
+    check_destination(out, request.force, request.create_parent, FILENAME, build_inputs(request.spec))
     if model.pipeline is None and Path(request.spec.model).expanduser().is_dir():
         progress("model", f"{request.spec.model} has no {PIPELINE_INDEX} in it or its parent: the graphs build, "
                           "but generate needs the pipeline's VAE and text encoders", None)

@@ -418,8 +418,9 @@ def refit(request: RefitRequest, progress: Progress = _silent) -> RefitResult:
     build, out = request.build.resolve(), request.out.resolve()
     if not request.loras:
         raise RefitError("refit needs at least one LoRA (--lora FILE[:SCALE])")
-    if out == build or build in out.parents:
-        raise RefitError(f"--out {out} is inside the build {build}; refit never writes into the build it reads")
+    # the output first: no line of progress comes before a refusal of where it would go
+    check_destination(out, request.force, owner_file=FILENAME, inputs={
+        "build": build, **{f"LoRA {index + 1}": Path(item.file) for index, item in enumerate(request.loras)}})
     manifest = Manifest.load(build, verify=False)
     from .models import build_unet
 
@@ -431,7 +432,6 @@ def refit(request: RefitRequest, progress: Progress = _silent) -> RefitResult:
                       f"{_param_bytes(meta, changed, manifest) / 1e6:.1f} MB", time.perf_counter() - tick)
     for lora in manifest.loras:
         lora.check()  # BUILD's own: its weights are made again with them
-    check_destination(out, request.force)
     with staged_folder(out, what="refit") as work:
         return _Refit(build, manifest, request, entries, changed, work, progress, start).run(out)
 

@@ -48,14 +48,38 @@ def _check_writable(folder: Path, target: Path) -> None:
         raise AtedmError(f"cannot write {target}: folder {folder} is not writable ({exc.strerror or exc})") from None
 
 
-def check_destination(out: Path, force: bool, create_parent: bool = False) -> None:
+def check_apart(out: Path, inputs: dict[str, Path | None], out_label: str = "--out",
+                error: type[AtedmError] = AtedmError) -> None:
+    """Refuse an output that is, holds or lies inside one of the command's inputs (``inputs``: each by what it is,
+    ``{"build": path}``; None where not given): the output would replace, delete or write into what the command
+    reads. Paths are compared resolved, so a link or a ``..`` does not hide an overlap."""
+    target = out.expanduser().resolve()
+    for label, given in inputs.items():
+        if given is None:
+            continue
+        source = Path(given).expanduser().resolve()
+        if target == source or target.is_relative_to(source) or source.is_relative_to(target):
+            raise error(f"{out_label} {target} and {label} {source} overlap; expected an output folder outside every "
+                        "input that holds none of them")
+
+
+def check_destination(out: Path, force: bool, create_parent: bool = False, owner_file: str | None = None,
+                      inputs: dict[str, Path | None] | None = None) -> None:
     """Refuse an output folder that exists (without ``force``), is a file, has a name the file system refuses,
-    or cannot be written; ``create_parent``: its parent may be missing (``staged_folder`` creates it)."""
+    or cannot be written; ``create_parent``: its parent may be missing (``staged_folder`` creates it).
+
+    ``--force`` replaces only a folder this tool wrote, one holding ``owner_file`` (a build's manifest): never a
+    folder of the user's own. ``inputs``: what the command reads, which the output may not be, hold or lie in
+    (``check_apart``)."""
     _check_name(out, out.parent if out.parent.is_dir() else Path("."), _SIBLING_EXTRA, "the hidden work folder")
+    check_apart(out, inputs or {})
     if out.exists() and not force:
         raise AtedmError(f"output folder {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise AtedmError(f"output path {out} exists and is not a folder")
+    if out.exists() and owner_file is not None and not (out / owner_file).is_file():
+        raise AtedmError(f"output folder {out} was not written by atedm-export (it holds no {owner_file}); --force "
+                         "replaces only a folder this tool wrote: choose another --out, or move it away")
     parent = out.parent
     if create_parent and not parent.exists():
         parent = parent.parent

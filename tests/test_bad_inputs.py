@@ -76,6 +76,8 @@ def inputs(tmp_path_factory) -> Path:
     (root / "old-manifest").mkdir()
     (root / "old-manifest" / "manifest.json").write_text(json.dumps({"format": "atedm-export.manifest/1"}))
     (root / "existing").mkdir()
+    (root / "mine").mkdir()  # a folder of the user's own: no manifest, a file of theirs
+    (root / "mine" / "notes.txt").write_text("my notes\n")
     (root / "not-an-image.png").write_bytes(b"text")
     (root / "bad-record").mkdir()
     (root / "bad-record" / "atedm-deploy.json").write_text("{")
@@ -191,6 +193,11 @@ CASES = [
     ("build tiny-sd15 --target sm1 --out {out}/b", "unknown target 'sm1'"),
     ("build tiny-sd15 --stages nope --out {out}/b", "unknown stage 'nope'"),
     ("build tiny-sd15 --out {in}/existing", "already exists; pass --force"),
+    # --force replaces only what this tool wrote, and no output is, holds or lies in an input
+    ("build tiny-sd15 --out {in}/mine --force", "was not written by atedm-export (it holds no manifest.json)"),
+    ("build {in}/broken-weights.yaml --out {in}/broken-weights/out", "and model {in}/broken-weights overlap"),
+    ("build {in}/broken-weights.yaml --out {in} --force", "and model {in}/broken-weights overlap"),
+    ("deploy {build} --triton {manifest_only}", "is a build folder (it holds manifest.json)"),
     ("build tiny-sd15 --out {out}/no/such/b", "parent folder"),
     # inspect, verify
     ("inspect {out}/nothing", "is not a build folder"),

@@ -344,6 +344,8 @@ BAD = [
     ("{a} --out {in}/other-eval", "use a new --out folder"),
     ("{a} --out {out}/no/such/e", "does not exist"),
     ("{a} --out {out}/e --prompts {in}/blank.txt", "holds no prompts"),
+    ("{a} --out {a}/e", "and build 1 {a} overlap"),
+    ("{a} --out {in} --prompts {in}/blank.txt", "and prompts {in}/blank.txt overlap"),
     ("{a} --out {out}/e --prompts {in}/nowhere.txt", "no such file"),
     ("{a} --out {out}/e --prompts {in}/blank.txt --coco-captions {in}/coco.json", "not both"),
     ("{a} --out {out}/e --coco-captions {in}/coco.json", "has no 'annotations' list"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,7 +241,7 @@ def test_refit_cli_says_each_stage_and_refuses_what_it_must(tiny_tome_build, lor
     again = _cli("refit", str(tiny_tome_build), "--lora", str(loras["kohya"]), "--out", str(out))
     assert again.exit_code == 2 and "already exists; pass --force" in again.output
     inside = _cli("refit", str(tiny_tome_build), "--lora", str(loras["kohya"]), "--out", str(tiny_tome_build / "x"))
-    assert inside.exit_code == 2 and "never writes into the build it reads" in inside.output
+    assert inside.exit_code == 2 and f"and build {tiny_tome_build.resolve()} overlap" in inside.output
     assert _cli("refit", str(tiny_tome_build), "--out", str(out)).exit_code == 2  # --lora is required
 
 
@@ -341,3 +342,26 @@ def test_refit_of_an_atedm_build_with_onnxruntime_fused_graphs(loras, tmp_path):
         checks = verify_build(out)
         assert {c.backend for c in checks} == {"onnxruntime", "onnxruntime-fused"}
         assert all(c.passed and c.max_abs < 1e-4 for c in checks), checks
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_refit_force_never_replaces_what_it_did_not_write_nor_its_own_input(tiny_tome_build, loras, tmp_path):
+    """``--force`` onto a folder of the user's own, and an output that holds the build it reads: both refused in one
+    line before any work, every file as it was."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    nest = tmp_path / "nest"
+    shutil.copytree(tiny_tome_build, nest / "inner")
+    (nest / "sibling.txt").write_text("beside the build\n")
+    before = _tree(tmp_path)
+    user = _cli("refit", str(tiny_tome_build), "--lora", str(loras["kohya"]), "--out", str(mine), "--force")
+    assert user.exit_code == 2 and "was not written by atedm-export" in user.output, user.output
+    around = _cli("refit", str(nest / "inner"), "--lora", str(loras["kohya"]), "--out", str(nest), "--force")
+    assert around.exit_code == 2 and "overlap" in around.output, around.output
+    for result in (user, around):
+        assert [line for line in result.output.splitlines() if line.strip()] == [result.output.strip()]
+    assert _tree(tmp_path) == before

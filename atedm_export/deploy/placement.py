@@ -23,13 +23,12 @@ from ..staging import exclusive
 from .config import DeployError
 
 
-def check_apart(build: Path, repository: Path) -> None:
-    """Refuse a repository that is, holds or lies inside the build: a command never writes into its input,
-    and ``--force`` would replace the build (or a deploy would copy the build into itself)."""
-    build, repository = build.resolve(), repository.resolve()
-    if repository == build or repository.is_relative_to(build) or build.is_relative_to(repository):
-        raise DeployError(f"repository {repository} and build {build} overlap; expected a repository folder "
-                          "outside the build that does not hold it")
+def check_not_a_build(repository: Path, manifest_file: str) -> None:
+    """Refuse a repository folder that is a build folder (it holds a build's manifest): a deploy never writes
+    into what another command wrote and reads."""
+    if (repository / manifest_file).is_file():
+        raise DeployError(f"repository {repository} is a build folder (it holds {manifest_file}); deploy writes a "
+                          "Triton repository beside builds, never into one: choose another --triton folder")
 
 
 def check_movable(repository: Path) -> None:

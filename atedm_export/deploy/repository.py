@@ -39,10 +39,10 @@ from pathlib import Path
 from .. import __version__
 from ..manifest import FILENAME, FileEntry, GraphEntry, Manifest, sha256, verify_file
 from ..registry import DEPLOY_VARIANTS
-from ..staging import check_destination, check_output_file
+from ..staging import check_apart, check_destination, check_output_file
 from ..userfiles import load_json
 from .config import CONFIG, MODEL_NAME, DeployError, check_routes, graph_config, read_repository, router_config, to_text
-from .placement import check_apart, check_movable, staged_entries
+from .placement import check_movable, check_not_a_build, staged_entries
 from .readme import repository_readme
 from .routing import graph_id
 
@@ -226,7 +226,8 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
     the request, the folder, the names, then every artifact's sha256.
     """
     build, out = request.build.resolve(), request.repository.resolve()
-    check_apart(build, out)
+    check_apart(out, {"build": build}, "repository", DeployError)
+    check_not_a_build(out, FILENAME)
     manifest = Manifest.load(build, verify=False)
     request = dataclasses.replace(request, build=build)
     if request.backend == "auto":

@@ -17,6 +17,7 @@ import torch
 from ..errors import AtedmError
 from ..runtime.pipeline import check_pipeline_source, load_pipeline, resolve_settings
 from ..runtime.staged import StagedUNet
+from ..staging import check_apart
 from .builds import UNPRUNED, BuildInfo, baseline_identity, common_steps, load_builds
 from .metrics import InceptionFeatures, load_clip, load_inception, load_lpips
 from .prompts import choose_prompts
@@ -96,8 +97,16 @@ def settings_of(prompts: list[str], seed: int, steps: int, guidance: float) -> d
     return {"prompts": prompts, "seed": seed, "steps": steps, "guidance": guidance}
 
 
+def eval_inputs(request: EvalRequest) -> dict[str, Path | None]:
+    """What an eval reads: its builds, prompts or captions, reference images and metric models."""
+    builds = {f"build {index + 1}": build for index, build in enumerate(request.builds)}
+    return {**builds, "prompts": request.prompts_file, "captions": request.coco_captions,
+            "reference": request.reference, "Inception model": request.inception, "CLIP model": request.clip}
+
+
 def prepare(request: EvalRequest) -> EvalPlan:
     """Check every input and load what the run needs; nothing is drawn or written."""
+    check_apart(request.out, eval_inputs(request))
     prompts, source = choose_prompts(request.prompts_file, request.coco_captions, request.limit)
     if request.seed + len(prompts) - 1 > MAX_SEED:
         raise AtedmError(f"--seed {request.seed}: image i takes seed {request.seed}+i, past {MAX_SEED} for "
