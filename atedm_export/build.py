@@ -62,7 +62,6 @@ class BuildRequest:
     strip_weights: bool | None = None  # None: strip when the weights pass 2 GB and a GPU is present
     ort_fusion: bool | None = None  # onnxruntime's fused form of each graph; None: where weights pass ISOLATE_BYTES
     refittable_engines: bool = False  # plans that take other weights (BuilderFlag.REFIT): what refit and use_weights need
-    create_parent: bool = False  # out's parent may be created (the default build/), and goes again on failure
     plugin_form: bool = False  # also each pruned graph's plugin form: the map layer as the kernels' atedm nodes
 
 
@@ -222,14 +221,14 @@ def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
     selected = _select_stages(request)
     library, engine_info = resolve_engine(request)
     model = _prepare(request, selected)
-    check_destination(out, request.force, request.create_parent, FILENAME, build_inputs(request.spec))
+    check_destination(out, request.force, FILENAME, build_inputs(request.spec))
     if model.pipeline is None and Path(request.spec.model).expanduser().is_dir():
         progress("model", f"{request.spec.model} has no {PIPELINE_INDEX} in it or its parent: the graphs build, "
                           "but generate needs the pipeline's VAE and text encoders", None)
     if library is not None:
         why = f": {engine_info.form_reason}" if engine_info.form_reason else ""
         progress("engines", f"built from each graph's {engine_info.form} form{why} (docs/build.md)", None)
-    with staged_folder(out, create_parent=request.create_parent) as work:
+    with staged_folder(out) as work:
         return _build_into(work, request, model, library, engine_info, progress)
 
 

@@ -412,14 +412,13 @@ def build(spec: str, schedule: str | None, prune_point: str | None, out: Path | 
     graph_spec = load_spec(spec).with_schedule(schedule).with_prune_point(prune_point)
     if precision:
         graph_spec = graph_spec.model_copy(update={"precision": precision})
-    default_out = out is None
     out = out or Path("build") / graph_spec.name
     targets = _split(target)
     for t in targets:
         if not re.fullmatch(r"sm\d{2,3}", t):
             raise AtedmError(f"unknown target '{t}'; expected a compute capability such as sm86 or sm89")
     request = BuildRequest(graph_spec, out, backend, targets, _split(stages), force, opt_level, workspace, timing_cache,
-                           strip_weights, ort_fusion, refittable_engines=refittable, create_parent=default_out,
+                           strip_weights, ort_fusion, refittable_engines=refittable,
                            plugin_form=plugin_form)
     start = time.perf_counter()
     with _progress("building", 10) as progress:

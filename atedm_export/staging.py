@@ -63,10 +63,10 @@ def check_apart(out: Path, inputs: dict[str, Path | None], out_label: str = "--o
                         "input that holds none of them")
 
 
-def check_destination(out: Path, force: bool, create_parent: bool = False, owner_file: str | None = None,
+def check_destination(out: Path, force: bool, owner_file: str | None = None,
                       inputs: dict[str, Path | None] | None = None) -> None:
     """Refuse an output folder that exists (without ``force``), is a file, has a name the file system refuses,
-    or cannot be written; ``create_parent``: its parent may be missing (``staged_folder`` creates it).
+    or cannot be written; missing parent folders are fine (``staged_folder`` makes them, as ``mkdir -p`` would).
 
     ``--force`` replaces only a folder this tool wrote, one holding ``owner_file`` (a build's manifest): never a
     folder of the user's own. ``inputs``: what the command reads, which the output may not be, hold or lie in
@@ -80,12 +80,18 @@ def check_destination(out: Path, force: bool, create_parent: bool = False, owner
     if out.exists() and owner_file is not None and not (out / owner_file).is_file():
         raise AtedmError(f"output folder {out} was not written by atedm-export (it holds no {owner_file}); --force "
                          "replaces only a folder this tool wrote: choose another --out, or move it away")
-    parent = out.parent
-    if create_parent and not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(out.parent)
     if not parent.is_dir():
-        raise AtedmError(f"cannot create {out}: parent folder {out.parent} does not exist")
+        raise AtedmError(f"cannot create {out}: {parent} is a file, not a folder")
     _check_writable(parent, out)
+
+
+def nearest_existing(folder: Path) -> Path:
+    """``folder`` or its nearest ancestor that exists: where the missing folders of an output would be made."""
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 def check_output_file(path: Path, suffixes: tuple[str, ...] = ()) -> None:
@@ -103,22 +109,35 @@ def check_output_file(path: Path, suffixes: tuple[str, ...] = ()) -> None:
 
 
 @contextmanager
-def staged_folder(out: Path, what: str = "build", create_parent: bool = False) -> Iterator[Path]:
+def staged_folder(out: Path, what: str = "build") -> Iterator[Path]:
     """Yield an empty hidden work folder beside ``out``; on success it replaces ``out``, else it is removed.
 
-    ``create_parent``: a missing parent folder is created, and removed again if the work fails (nothing is
-    left behind, not even an empty ``build/``). OS errors (a full disk, permissions) become one-line
-    ``AtedmError``s naming the file.
+    Missing parent folders are made (as ``mkdir -p``) and removed again if the work fails: nothing is left
+    behind, not even an empty ``build/``. OS errors (a full disk, permissions) become one-line ``AtedmError``s
+    naming the file.
     """
-    made = create_parent and not out.parent.exists()
-    if made:
-        out.parent.mkdir()
-    try:
+    with parents_made(out):
         with exclusive(out, what):
             yield from _work_folder(out, what)
+
+
+@contextmanager
+def parents_made(out: Path) -> Iterator[None]:
+    """Make ``out``'s missing parent folders for the ``with`` body (as ``mkdir -p``); if the body fails, remove
+    those that are still empty: a failed command leaves no folder it made."""
+    made = []  # innermost first
+    parent = out.parent.absolute()
+    while not parent.exists():
+        made.append(parent)
+        parent = parent.parent
+    for folder in reversed(made):
+        folder.mkdir()
+    try:
+        yield
     except BaseException:
-        if made and not any(out.parent.iterdir()):
-            out.parent.rmdir()
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
 
 

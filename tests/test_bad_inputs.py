@@ -198,7 +198,7 @@ CASES = [
     ("build {in}/broken-weights.yaml --out {in}/broken-weights/out", "and model {in}/broken-weights overlap"),
     ("build {in}/broken-weights.yaml --out {in} --force", "and model {in}/broken-weights overlap"),
     ("deploy {build} --triton {manifest_only}", "is a build folder (it holds manifest.json)"),
-    ("build tiny-sd15 --out {out}/no/such/b", "parent folder"),
+    ("build tiny-sd15 --out {in}/not-an-image.png/b", "is a file, not a folder"),
     # inspect, verify
     ("inspect {out}/nothing", "is not a build folder"),
     ("inspect {in}/bad-manifest", "is not valid JSON"),

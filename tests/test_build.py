@@ -238,8 +238,9 @@ def test_existing_output_needs_force(tmp_path):
 
 
 def test_unwritable_output(tmp_path, monkeypatch):
-    nowhere = _cli("build", "tiny-sdxl", "--out", str(tmp_path / "missing" / "o"))
-    assert nowhere.exit_code == 2 and "parent folder" in nowhere.output
+    (tmp_path / "a-file").write_text("not a folder")
+    nowhere = _cli("build", "tiny-sdxl", "--out", str(tmp_path / "a-file" / "o"))  # missing parents are made: not here
+    assert nowhere.exit_code == 2 and "is a file, not a folder" in nowhere.output
     locked = tmp_path / "locked"
     locked.mkdir()
     real = tempfile.TemporaryFile
@@ -397,3 +398,15 @@ def test_weight_stripping_needs_a_gpu_for_rtx(tmp_path):
                   "--target", "sm89", "--strip-weights")
     assert result.exit_code == 2 and "--strip-weights needs a GPU at build time" in result.output
     assert _leftovers(tmp_path) == ["small.yaml"]
+
+
+def test_missing_parents_are_made_and_removed_again_when_the_build_fails(tmp_path, monkeypatch):
+    """``--out a/b/c`` on a fresh clone: the parents are made as ``mkdir -p`` would; a build that fails removes the
+    ones it made (and leaves one that was there)."""
+    def failing_export(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise build_module.AtedmError("export failed on purpose")
+
+    monkeypatch.setattr(build_module, "export_stage", failing_export)
+    result = _cli("build", "tiny-sd15", "--backend", "onnx", "--out", str(tmp_path / "a" / "b" / "c"))
+    assert result.exit_code == 2 and "export failed on purpose" in result.output
+    assert _leftovers(tmp_path) == []

@@ -19,7 +19,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..staging import exclusive
+from ..staging import exclusive, parents_made
 from .config import DeployError
 
 
@@ -47,7 +47,7 @@ def staged_entries(repository: Path, replace: Collection[str], last: str = "") -
     is moved in last: the record that marks the deployment, so it never lists models that are not there.
     OS errors become one-line ``DeployError``s naming the file.
     """
-    with exclusive(repository, "deploy"):
+    with parents_made(repository), exclusive(repository, "deploy"):
         work = repository.parent / f".{repository.name}.partial-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()

@@ -140,7 +140,7 @@ def owned_entries(record: dict, repository: Path) -> frozenset[str]:
 
 def _replaceable(out: Path, force: bool) -> frozenset[str]:
     """What the deploy may replace in ``out``: nothing, or (``force``) what the deployment recorded there wrote."""
-    check_destination(out, force=True)  # a file in its place, no parent, a read-only parent; existing is fine
+    check_destination(out, force=True)  # a file in its place or above it, a read-only folder; existing is fine
     check_movable(out)
     if not out.exists():
         return frozenset()
