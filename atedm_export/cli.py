@@ -562,6 +562,8 @@ def verify(build_dir: Path, as_json: bool, seed: int, shapes: tuple[str, ...]) -
         for c in checks:
             table.add_row(c.graph, c.backend, c.reference, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", f"{c.mean_abs:.2e}",
                           f"{c.cosine:.8f}", f"{c.atol:g} / {c.rtol:g}", Text("pass", "green") if c.passed else Text("FAIL", "red"))
+        table.caption = Text("an element passes where |a−b| ≤ atol or |a−b| ≤ rtol·|b| (polygraphy's rule): max rel "
+                             "may pass rtol where the values are near zero and their difference within atol")
         out.print(table)
     if not passed:
         sys.exit(1)

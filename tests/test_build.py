@@ -410,3 +410,25 @@ def test_missing_parents_are_made_and_removed_again_when_the_build_fails(tmp_pat
     result = _cli("build", "tiny-sd15", "--backend", "onnx", "--out", str(tmp_path / "a" / "b" / "c"))
     assert result.exit_code == 2 and "export failed on purpose" in result.output
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_the_readmes_quick_start_runs_in_a_fresh_folder(tmp_path):
+    """The README's first command (set-up already done: this suite runs in its venv), copied as a user copies it,
+    run in an empty folder: it builds and verifies, so the quick start cannot break unnoticed (about 45 s)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    lines = (root / "README.md").read_text().splitlines()
+    line = next(lines[i + 1] for i, text in enumerate(lines) if text.startswith("# quick start:") and
+                "atedm-export build" in lines[i + 1])
+    command = line.removeprefix("bash tools/setup.sh && ")
+    assert command != line, "the quick start's line no longer starts with the set-up"
+    command = re.sub(r"\.venv/bin/", f"{Path(sys.executable).parent}/", command)
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count(" pass ") >= 3 and "FAIL" not in done.stdout
+    assert (tmp_path / "build" / "tiny" / "manifest.json").is_file()
