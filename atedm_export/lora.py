@@ -133,25 +133,78 @@ def read_lora(file: str, scale: float, unet_config: dict[str, Any]) -> LoraWeigh
 def check_lora(lora: LoraWeights, unet: torch.nn.Module) -> list[str]:
     """Every tensor of ``lora`` against the module it adapts (``unet`` may be on ``meta``); the parameters it changes.
 
-    A module the UNet lacks, a module LoRA cannot adapt, or a shape the module cannot take is one line naming
-    the tensor and the file.
+    A module the UNet lacks, a module LoRA cannot adapt, a tensor that is not finite floating point, factors
+    that do not pair at one rank, a change past ``MAX_CHANGE`` or a shape the module cannot take is one line
+    naming the tensor and the file.
     """
+    modules = {path: _target(lora, path, keys, unet) for path, keys in lora.modules().items()}
     changed = []
     for module_path, keys in lora.modules().items():
-        try:
-            module = unet.get_submodule(module_path)
-        except AttributeError:
-            raise LoraError(f"LoRA {lora.name}: tensor '{keys[0]}' targets '{module_path}', which this UNet does not "
-                            "have (a LoRA for another model?)") from None
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            raise LoraError(f"LoRA {lora.name}: tensor '{keys[0]}' targets '{module_path}', a "
-                            f"{type(module).__name__}; LoRA adapts Linear and Conv2d modules")
+        _check_factors(lora, module_path, keys)
+        module = modules[module_path]
         for key in keys:
             _check_shape(lora, key, module_path, module)
         changed.append(f"{module_path}.weight")
         if any(k.endswith(".lora_B.bias") for k in keys) and module.bias is not None:
             changed.append(f"{module_path}.bias")
     return sorted(changed)
+
+
+def _target(lora: LoraWeights, path: str, keys: list[str], unet: torch.nn.Module) -> torch.nn.Module:
+    """The module a LoRA's tensors adapt, which must exist and be one LoRA adapts (checked for every module first:
+    a LoRA for another model is said as such, not as a missing factor)."""
+    try:
+        module = unet.get_submodule(path)
+    except AttributeError:
+        raise LoraError(f"LoRA {lora.name}: tensor '{keys[0]}' targets '{path}', which this UNet does not "
+                        "have (a LoRA for another model?)") from None
+    if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        raise LoraError(f"LoRA {lora.name}: tensor '{keys[0]}' targets '{path}', a "
+                        f"{type(module).__name__}; LoRA adapts Linear and Conv2d modules")
+    return module
+
+
+#: The largest weight change a LoRA may make to one element: SD weights are of order 1, so a fused change past
+#: this swamps the model (and past 65,504 overflows an fp16 graph); such a file is corrupt or not a LoRA.
+MAX_CHANGE = 1e4
+
+
+def _check_factors(lora: LoraWeights, path: str, keys: list[str]) -> None:
+    """Each tensor floating point and finite; ``lora_A`` and ``lora_B`` in pairs of one rank above 0; the fused
+    change ``B·A`` within ``MAX_CHANGE``: what diffusers and PEFT would otherwise fail on with a traceback, or
+    fuse into NaN weights without a word."""
+    for key in keys:
+        tensor = lora.tensors[key]
+        if not tensor.is_floating_point():
+            raise LoraError(f"LoRA {lora.name}: tensor '{key}' is {str(tensor.dtype).removeprefix('torch.')}; "
+                            "expected floating point (fp16, bf16 or fp32)")
+        if not bool(torch.isfinite(tensor).all()):
+            raise LoraError(f"LoRA {lora.name}: tensor '{key}' holds NaN or infinite values")
+    factors = {suffix: next((k for k in keys if k.endswith(f".{suffix}.weight")), None) for suffix in ("lora_A", "lora_B")}
+    down, up = factors["lora_A"], factors["lora_B"]
+    if down is None and up is None:
+        return  # DoRA magnitudes alone, LoKr factors: PEFT checks them as it loads
+    if down is None or up is None:
+        have, lack = ("lora_A", "lora_B") if up is None else ("lora_B", "lora_A")
+        raise LoraError(f"LoRA {lora.name}: '{path}' has {have} ('{down or up}') but no {lack}; "
+                        "expected both factors of every adapted module")
+    a, b = lora.tensors[down], lora.tensors[up]
+    rank_a, rank_b = (a.shape[0] if a.dim() else 0), (b.shape[1] if b.dim() > 1 else 0)
+    if rank_a == 0 or rank_a != rank_b:
+        raise LoraError(f"LoRA {lora.name}: '{path}' has lora_A of rank {rank_a} and lora_B of rank {rank_b}; "
+                        "expected one rank above 0")
+    change = (b.float().flatten(1) @ a.float().flatten(1)).abs().max().item() * _alpha(lora, path, rank_a) * lora.scale
+    if not change <= MAX_CHANGE:
+        raise LoraError(f"LoRA {lora.name}: '{path}' changes a weight by {change:.3g} at scale {lora.scale:g}; "
+                        f"expected at most {MAX_CHANGE:g} (weights are of order 1: a corrupt file?)")
+
+
+def _alpha(lora: LoraWeights, path: str, rank: int) -> float:
+    """The module's ``alpha / rank`` factor: kohya's per-module alphas, else 1 (PEFT's own saves fold it in)."""
+    if not lora.network_alphas:
+        return 1.0
+    alpha = next((v for k, v in lora.network_alphas.items() if k.removeprefix(f"{PREFIX}.").startswith(path)), None)
+    return 1.0 if alpha is None else float(alpha) / rank
 
 
 def _check_shape(lora: LoraWeights, key: str, path: str, module: torch.nn.Module) -> None:

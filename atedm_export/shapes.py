@@ -85,9 +85,11 @@ def shape_set_names() -> list[str]:
 
 def load_shape_set(name: str) -> list[dict]:
     """A built-in set of shapes by name (``sdxl-buckets``), as the spec's ``shapes:`` list would write it."""
-    path = shape_sets_dir() / f"{name}.yaml"
-    if not path.is_file():
+    if name not in shape_set_names():  # a name, never a path: '../schedules/paper' is no set of shapes
         raise SpecError(f"shapes: unknown set '{name}'; expected a list of shapes or one of: "
                         f"{', '.join(shape_set_names())}")
+    path = shape_sets_dir() / f"{name}.yaml"
     data = load_yaml(path, "a set of shapes (YAML)", SpecError)
+    if not isinstance(data, dict) or not isinstance(data.get("shapes"), list):
+        raise SpecError(f"{path}: expected a mapping with a 'shapes' list")
     return list(data["shapes"])

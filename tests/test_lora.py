@@ -138,7 +138,7 @@ def _bad_lora(loras, name: str, edit) -> str:  # noqa: ANN001
     """The LoRA's tensors, edited, in diffusers' PEFT layout (``unet.<module>.lora_A.weight``)."""
     from safetensors.torch import save_file
 
-    state = dict(loras["state"])
+    state = {k: v.clone() for k, v in loras["state"].items()}
     edit(state)
     path = loras["folder"] / f"{name}.safetensors"
     save_file({f"unet.{k}": v for k, v in state.items()}, str(path))
@@ -153,9 +153,21 @@ def bad_loras(loras):
         state[key.replace(".to_q.", ".to_qq.")] = state.pop(key)
 
     def reshape(state: dict) -> None:
-        state[key] = torch.zeros(4, 48)
+        state[key] = torch.zeros(state[key].shape[0], 48)
 
-    return {"name": _bad_lora(loras, "bad-name", rename), "shape": _bad_lora(loras, "bad-shape", reshape)}
+    up = key.replace("lora_A", "lora_B")
+    edits = {
+        "nan": lambda state: state[key].view(-1)[:1].fill_(float("nan")),
+        "inf": lambda state: state[up].view(-1)[:1].fill_(float("inf")),
+        "huge": lambda state: state.update({key: state[key] * 1e6, up: state[up] * 1e6}),
+        "int32": lambda state: state.update({key: state[key].to(torch.int32)}),
+        "rank-mismatch": lambda state: state.update({key: torch.cat([state[key], state[key]])}),
+        "rank-0": lambda state: state.update({key: state[key][:0], up: state[up][:, :0]}),
+        "only-a": lambda state: state.pop(up),
+    }
+    bad = {name: _bad_lora(loras, f"bad-{name}", edit) for name, edit in
+           edits.items()}
+    return {"name": _bad_lora(loras, "bad-name", rename), "shape": _bad_lora(loras, "bad-shape", reshape), **bad}
 
 
 def test_a_lora_that_does_not_fit_the_unet_is_one_line(bad_loras, tmp_path):
@@ -176,7 +188,14 @@ def test_a_lora_that_does_not_fit_the_unet_is_one_line(bad_loras, tmp_path):
         fuse_loras(load_unet("tiny-sd15"), [LoraSpec(file=str(tmp_path / "lora.ckpt"))])
 
 
-@pytest.mark.parametrize("bad", ["name", "shape"])
+#: What each bad LoRA's one error line says: checked before diffusers or PEFT sees the file.
+BAD_LORAS = {"name": "which this UNet does not have", "shape": "has shape", "nan": "holds NaN or infinite values",
+             "inf": "holds NaN or infinite values", "huge": "changes a weight by", "int32": "is int32; expected floating",
+             "rank-mismatch": "lora_A of rank 8 and lora_B of rank 4", "rank-0": "lora_A of rank 0",
+             "only-a": "has lora_A ('unet."}
+
+
+@pytest.mark.parametrize("bad", list(BAD_LORAS))
 def test_a_bad_lora_is_one_line_through_the_cli_before_any_export(bad_loras, tiny_tome_build, tmp_path, bad):
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps({**TOME_SPEC, "loras": [bad_loras[bad]]}))
@@ -186,6 +205,7 @@ def test_a_bad_lora_is_one_line_through_the_cli_before_any_export(bad_loras, tin
         assert result.exit_code == 2, result.output
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: LoRA bad-"), result.output
+        assert BAD_LORAS[bad] in lines[0], result.output
         assert "Traceback" not in result.output
         assert not (tmp_path / "b").exists() and not (tmp_path / "r").exists()
     result = _cli("refit", str(tiny_tome_build), "--lora", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "r"))
