@@ -14,7 +14,7 @@ from pathlib import Path
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from .errors import SpecError, format_validation_error
 from .userfiles import load_yaml
@@ -29,7 +29,9 @@ def _multiple_of_8(value: int) -> int:
 
 
 #: An image side in pixels, as specs and shapes take it.
-Pixels = Annotated[int, Field(ge=64, le=4096), AfterValidator(_multiple_of_8)]
+Pixels = Annotated[StrictInt, Field(ge=64, le=4096), AfterValidator(_multiple_of_8)]
+#: A count (a batch, steps, a seed): an integer, never a bool (``batch: true`` is no batch of 1).
+Count = StrictInt
 
 
 class Shape(BaseModel):
@@ -37,7 +39,7 @@ class Shape(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    batch: int = Field(DEFAULT_BATCH, ge=1, le=64, description="2 for classifier-free guidance")
+    batch: Count = Field(DEFAULT_BATCH, ge=1, le=64, description="2 for classifier-free guidance")
     height: Pixels
     width: Pixels
 

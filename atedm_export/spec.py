@@ -17,8 +17,8 @@ from .contract import PRECISIONS, GraphContract
 from .dsap import Schedule, is_preset, load_preset, load_schedule, parse_schedule, preset_named
 from .errors import PlanError, SpecError, format_validation_error
 from .pruning import METHODS, PruneOptions, PruningOptions, parse_options
-from .shapes import Pixels, Shape, load_shape_set, shape_keys
-from .userfiles import load_yaml
+from .shapes import Count, Pixels, Shape, load_shape_set, shape_keys
+from .userfiles import is_readable_file, load_yaml
 
 Precision = Literal["fp32", "fp16", "bf16"]  # registry.PRECISION_NAMES; their dtypes: contract.PRECISIONS
 
@@ -58,13 +58,13 @@ class GraphSpec(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     model: str = Field(min_length=1, description="built-in name, local folder, .safetensors file or hub id")
-    seed: int = Field(0, ge=0, description="weights seed for built-in models")
+    seed: Count = Field(0, ge=0, description="weights seed for built-in models")
     height: Pixels = 1024
     width: Pixels = 1024
-    batch: int = Field(2, ge=1, le=64, description="2 for classifier-free guidance")
-    text_length: int = Field(77, ge=1, le=1024)
+    batch: Count = Field(2, ge=1, le=64, description="2 for classifier-free guidance")
+    text_length: Count = Field(77, ge=1, le=1024)
     precision: Precision = "fp16"
-    steps: int = Field(50, ge=1, le=1000)
+    steps: Count = Field(50, ge=1, le=1000)
     schedule: str | Schedule = "paper"
     pruning: PruningOptions = PruneOptions()
     shapes: tuple[Shape, ...] | None = Field(None, description="several static shapes; the first sets height/width/batch")
@@ -180,9 +180,9 @@ def builtin_spec_names() -> list[str]:
 def load_spec(source: str | Path) -> GraphSpec:
     """A spec from a YAML path, or a built-in spec by name (``tiny-sdxl``, ``sdxl-base-1024``)."""
     path = Path(source)
-    if not path.is_file() and (builtin_specs_dir() / f"{source}.yaml").is_file():
+    if not is_readable_file(path) and (builtin_specs_dir() / f"{source}.yaml").is_file():
         path = builtin_specs_dir() / f"{source}.yaml"
-    if not path.is_file():
+    if not is_readable_file(path):
         raise SpecError(f"spec '{source}' not found; expected a YAML file or one of: {', '.join(builtin_spec_names())}")
     data = load_yaml(path, "a graph spec (YAML)", SpecError)
     if not isinstance(data, dict):

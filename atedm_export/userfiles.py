@@ -54,6 +54,11 @@ def decoding(path: str | Path, expected: str, error: type[AtedmError] = AtedmErr
         raise error(f"{path} is not {expected} ({first_line(exc)})") from None
 
 
+def is_readable_file(path: Path) -> bool:
+    """A file to read: a regular file, or a pipe or device (``<(echo …)``, ``/dev/stdin``); never a folder."""
+    return path.exists() and not path.is_dir()
+
+
 def read_text(path: Path, expected: str, error: type[AtedmError] = AtedmError) -> str:
     """A text file's contents (UTF-8)."""
     with decoding(path, expected, error):
@@ -93,11 +98,20 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise ValueError(f"key '{twice}' is given twice in one object")
+    return dict(pairs)
+
+
 def load_json(path: Path, expected: str, error: type[AtedmError] = AtedmError) -> Any:
-    """A JSON file's data; ``NaN`` and ``Infinity`` (Python's extensions to JSON) are refused."""
+    """A JSON file's data; ``NaN`` and ``Infinity`` (Python's extensions to JSON) and a key given twice in one
+    object (which JSON parsers resolve each their own way) are refused."""
     text = read_text(path, expected, error)
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise error(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}; expected {expected}") from None
     except ValueError as exc:

@@ -46,6 +46,9 @@ def inputs(tmp_path_factory) -> Path:
     _spec(root, "cross-attn1", pruning={"importance": "cross", "prune_point": "attn1"})
     _spec(root, "zero-steps", steps=0)
     shape = {"batch": 2, "height": 128, "width": 128}
+    (root / "bool-batch.yaml").write_text(yaml.safe_dump({"name": "boolean", "model": "tiny-sd15", "shapes": [
+        {"batch": True, "height": 128, "width": 128}, {"batch": 2, "height": 128, "width": 192}]}))
+    _spec(root, "bool-steps", steps=True)
     (root / "path-as-set.yaml").write_text(yaml.safe_dump({"name": "path", "model": "tiny-sd15",
                                                            "shapes": "../schedules/paper"}))
     (root / "twice-listed-shape.yaml").write_text(yaml.safe_dump({"name": "twice", "model": "tiny-sd15",
@@ -197,6 +200,8 @@ CASES = [
     ("build tiny-sd15 --out {in}/existing", "already exists; pass --force"),
     ("build {in}/path-as-set.yaml --out {out}/b", "shapes: unknown set '../schedules/paper'"),
     ("flops {in}/path-as-set.yaml", "shapes: unknown set '../schedules/paper'"),
+    ("build {in}/bool-batch.yaml --out {out}/b", "batch"),
+    ("build {in}/bool-steps.yaml --out {out}/b", "steps"),
     # --force replaces only what this tool wrote, and no output is, holds or lies in an input
     ("build tiny-sd15 --out {in}/mine --force", "was not written by atedm-export (it holds no manifest.json)"),
     ("build {in}/broken-weights.yaml --out {in}/broken-weights/out", "and model {in}/broken-weights overlap"),

@@ -303,6 +303,8 @@ def inputs(build_of, tmp_path_factory) -> Path:
     (root / "bad-clip" / "config.json").write_text("{not json")
     (root / "blank.txt").write_text("\n  \n")
     (root / "coco.json").write_text(json.dumps({"images": []}))
+    (root / "coco-twice.json").write_text('{"annotations": [], "annotations": [{"image_id": 1, "caption": "a"}]}')
+    (root / "coco-bool.json").write_text(json.dumps({"annotations": [{"image_id": True, "id": 1, "caption": "a fox"}]}))
     (root / "not-empty").mkdir()
     (root / "not-empty" / "theirs.txt").write_text("keep me")
     (root / "other-eval").mkdir()
@@ -349,6 +351,8 @@ BAD = [
     ("{a} --out {out}/e --prompts {in}/nowhere.txt", "no such file"),
     ("{a} --out {out}/e --prompts {in}/blank.txt --coco-captions {in}/coco.json", "not both"),
     ("{a} --out {out}/e --coco-captions {in}/coco.json", "has no 'annotations' list"),
+    ("{a} --out {out}/e --coco-captions {in}/coco-twice.json", "key 'annotations' is given twice"),
+    ("{a} --out {out}/e --coco-captions {in}/coco-bool.json", "an annotation without an integer image_id"),
 ]
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -94,3 +96,21 @@ def test_schedules_by_preset_name_with_or_without_yaml_or_by_file(tmp_path):
     custom.write_text("stages:\n  - {name: all, until: 1.0, keep: 0.4}\n")
     assert load_schedule(str(custom)).name == "custom" and load_spec("tiny-sd15").with_schedule(str(custom)).dsap.stages[0].keep == 0.4
     assert load_spec("tiny-sd15").with_schedule("dagger.yaml").schedule == "dagger"
+
+
+def test_a_spec_and_prompts_from_a_pipe_load(tmp_path):
+    """``build <(cat spec.yaml)`` and ``--prompts <(echo "a fox")``: a pipe is a file to read, not "not found"."""
+    import os
+    import threading
+
+    from atedm_export.evaluate.prompts import prompts_from_file
+
+    def piped(name: str, text: str) -> str:
+        path = tmp_path / name
+        os.mkfifo(path)
+        threading.Thread(target=lambda: path.write_text(text), daemon=True).start()
+        return str(path)
+
+    spec = load_spec(piped("spec", "name: piped\nmodel: tiny-sd15\nheight: 256\nwidth: 256\n"))
+    assert (spec.name, spec.height) == ("piped", 256)
+    assert prompts_from_file(Path(piped("prompts", "a fox\n\na red barn\n"))) == ["a fox", "a red barn"]

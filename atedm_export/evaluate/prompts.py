@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AtedmError
-from ..userfiles import load_json, read_text
+from ..userfiles import is_readable_file, load_json, read_text
 
 #: Varied prompts for a quick look at what pruning changes (written for this project).
 BUILTIN_PROMPTS: tuple[str, ...] = (
@@ -36,7 +36,7 @@ BUILTIN_PROMPTS: tuple[str, ...] = (
 
 def prompts_from_file(path: Path) -> list[str]:
     """One prompt per line of a UTF-8 text file; blank lines are skipped, surrounding spaces trimmed."""
-    if not path.is_file():
+    if not is_readable_file(path):
         raise AtedmError(f"--prompts {path}: no such file")
     prompts = [line.strip() for line in read_text(path, "a UTF-8 text file, one prompt per line").splitlines()]
     prompts = [p for p in prompts if p]
@@ -51,7 +51,7 @@ def coco_captions(path: Path) -> list[str]:
     COCO gives each image about five captions; the protocol draws one image per COCO image, so each image
     contributes the caption with the lowest annotation id (a fixed, reproducible choice).
     """
-    if not path.is_file():
+    if not is_readable_file(path):
         raise AtedmError(f"--coco-captions {path}: no such file")
     data = load_json(path, "a COCO captions JSON (annotations/captions_val2017.json)")
     annotations = data.get("annotations") if isinstance(data, dict) else None
@@ -70,8 +70,11 @@ def coco_captions(path: Path) -> list[str]:
 
 
 def _is_caption(item: Any) -> bool:  # noqa: ANN401 - JSON
-    return isinstance(item, dict) and isinstance(item.get("image_id"), int) and isinstance(item.get("caption"), str) \
-        and isinstance(item.get("id", 0), int) and bool(item["caption"].strip())
+    def integer(value: Any) -> bool:  # noqa: ANN401 - JSON; true is no image id
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    return isinstance(item, dict) and integer(item.get("image_id")) and isinstance(item.get("caption"), str) \
+        and integer(item.get("id", 0)) and bool(item["caption"].strip())
 
 
 def choose_prompts(prompts_file: Path | None, coco: Path | None, limit: int | None) -> tuple[list[str], str]:
