@@ -657,7 +657,8 @@ def generate(build_dir: Path | None, triton_url: str | None, triton_model: str, 
     if done.resized_from:
         _say("note:", "yellow", f"the input image was {done.resized_from[0]}x{done.resized_from[1]}; "
                                 f"resized to the build's {done.width}x{done.height}")
-    _say("wrote", "green", f"{output} ({done.width}x{done.height})")
+    several = f"; the build's batch draws {len(done.written)} images a call" if len(done.written) > 1 else ""
+    _say("wrote", "green", f"{', '.join(map(str, done.written))} ({done.width}x{done.height}{several})")
 
 
 @main.command("eval")

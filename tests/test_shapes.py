@@ -212,3 +212,16 @@ def test_bench_times_the_shape_asked_for(tiny_multi_build):
     assert report["shape"] == "128x128-b4" and report["batch"] == 4
     with pytest.raises(AtedmError, match="no graphs for 640x128 batch 2"):
         run_bench(tiny_multi_build, ["onnxruntime"], warmup=0, repeats=1, shape=Shape(width=640, height=128))
+
+
+def test_generate_writes_every_image_a_batch_draws(tiny_multi_build, tmp_path):
+    """``--batch 4`` with guidance draws two images a call: both are written (``fox.png``, ``fox-2.png``), not one."""
+    from PIL import Image
+
+    result = CliRunner().invoke(main, ["generate", str(tiny_multi_build), "-p", "a red fox", "--steps", "2",
+                                       "--batch", "4", "-o", str(tmp_path / "fox.png")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fox-2.png", "fox.png"]
+    assert "draws 2 images a call" in result.output
+    first, second = (Image.open(tmp_path / name) for name in ("fox.png", "fox-2.png"))
+    assert first.size == second.size == (128, 128) and first.tobytes() != second.tobytes()

@@ -186,6 +186,8 @@ class Generation:
     truncated_tokens: int = 0  # of the prompt
     negative_truncated_tokens: int = 0  # of the negative prompt
     token_limit: int = 77  # what the text encoders read, start and end tokens included
+    more_images: tuple[Any, ...] = ()  # the call's other images, where the build's batch draws several
+    written: tuple[Path, ...] = ()  # the PNG files ``generate`` wrote, one per image
 
 
 def _tokenizers(pipe: Any) -> list[Any]:
@@ -264,18 +266,30 @@ def draw(pipe: Any, staged: StagedUNet, prompt: str, *, steps: int, seed: int, g
         truncated = dropped_tokens(pipe, prompt), dropped_tokens(pipe, negative_prompt if guidance > 1.0 else None)
         start = time.perf_counter()
         result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                      num_images_per_prompt=spec.batch // 2 if guidance > 1.0 else spec.batch,
+                      num_images_per_prompt=images_per_call(spec.batch, guidance),
                       generator=torch.Generator().manual_seed(seed), callback_on_step_end=callback, **size)
         seconds = time.perf_counter() - start
     return result.images[0], Generation(steps, spec.width, spec.height, seconds, truncated_tokens=truncated[0],
-                                        negative_truncated_tokens=truncated[1], token_limit=token_limit(pipe))
+                                        negative_truncated_tokens=truncated[1], token_limit=token_limit(pipe),
+                                        more_images=tuple(result.images[1:]))
+
+
+def images_per_call(batch: int, guidance: float) -> int:
+    """How many images one pipeline call draws at a static UNet ``batch``: a row pair each under guidance."""
+    return batch // 2 if guidance > 1.0 else batch
+
+
+def image_files(output: Path, count: int) -> list[Path]:
+    """Where ``generate`` writes ``count`` images: ``output``, then ``<stem>-2.png``, ``<stem>-3.png``, …"""
+    return [output, *(output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(2, count + 1))]
 
 
 def generate(staged: StagedUNet, prompt: str, output: Path, *, negative_prompt: str | None = None,
              steps: int | None = None, seed: int = 0, guidance: float | None = None, image: Path | None = None,
              strength: float = 0.3, on_step: Callable[[int, int], None] | None = None, width: int | None = None,
              height: int | None = None, batch: int | None = None) -> Generation:
-    """Run the family's pipeline with ``staged`` as its UNet and write the first image to ``output`` (PNG).
+    """Run the family's pipeline with ``staged`` as its UNet and write its images as PNG: the first to ``output``,
+    where the build's batch draws several the others beside it (``image_files``).
 
     ``width``/``height``/``batch`` pick one of the build's shapes (the first that matches; the first shape when
     none is given). Everything is checked before the pipeline loads (output file, the shape, guidance against the
@@ -290,14 +304,19 @@ def generate(staged: StagedUNet, prompt: str, output: Path, *, negative_prompt: 
     steps, guidance = resolve_settings(shape, steps, guidance)
     if not 0.0 < strength <= 1.0:
         raise AtedmError(f"--strength must be in (0, 1], got {strength}")
+    files = image_files(output, images_per_call(spec.batch, guidance))
+    for path in files[1:]:
+        check_output_file(path)
     picture, resized = _input_image(staged.contract.family, image, spec.width, spec.height)
     pipe = load_pipeline(staged)
     drawn, done = draw(pipe, staged, prompt, steps=steps, seed=seed, guidance=guidance,
                        negative_prompt=negative_prompt, picture=picture, strength=strength, on_step=on_step,
                        shape=shape)
-    write_png(drawn, output)
+    for picture_drawn, path in zip((drawn, *done.more_images), files, strict=True):
+        write_png(picture_drawn, path)
     recorded = staged.manifest.pipeline
-    return replace(done, resized_from=resized, changed=tuple(recorded.changed()) if recorded else ())
+    return replace(done, resized_from=resized, changed=tuple(recorded.changed()) if recorded else (),
+                   more_images=(), written=tuple(files))
 
 
 def write_png(image: Any, output: Path) -> None:
