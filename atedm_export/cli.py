@@ -196,8 +196,8 @@ def flops(specs: tuple[str, ...], schedule: str | None, prune_point: str | None,
     """FLOPs per image-step of each DSAP stage and the baseline, counted on the patched UNet.
 
     SPECS are graph spec YAML files or built-in spec names (sdxl-base-1024, sdxl-base-1024-tome, sd15, sd21,
-    sdxl-refiner, ssd-1b, tiny-sdxl, ...). Several specs (AT-EDM and ToMe, say) end with one table of their
-    budgets side by side.
+    sdxl-refiner, ssd-1b, tiny-sdxl, ...). A spec with several shapes is counted at each. Several specs (AT-EDM
+    and ToMe, say) or shapes end with one table of their budgets side by side.
     """
     from .costmodel import device
     from .flops import flops_report
@@ -206,6 +206,8 @@ def flops(specs: tuple[str, ...], schedule: str | None, prune_point: str | None,
     graph_specs = [load_spec(s).with_schedule(schedule).with_prune_point(prune_point) for s in specs]
     if precision:
         graph_specs = [g.model_copy(update={"precision": precision}) for g in graph_specs]
+    # a spec with several shapes: each shape's figures (a keep count is per shape), never the first one's alone
+    graph_specs = [g.at(shape) for g in graph_specs for shape in g.shape_list]
     reports = [flops_report(g, tuple(device(d) for d in dict.fromkeys(devices))) for g in graph_specs]
     if as_json:
         data = [r.to_json() for r in reports]
@@ -782,6 +784,9 @@ def bench(build_dirs: tuple[Path, ...], backends: str, warmup: int, repeats: int
     from .shapes import parse_shape
 
     _check_outputs(json_path, csv_path, plot_path, suffixes={plot_path: (".png",)} if plot_path else None)
+    from .userfiles import check_distinct
+
+    check_distinct(build_dirs)
     names = list(_split(backends))
     unknown = [n for n in names if n not in RUNTIME_BACKENDS]
     if unknown or not names:

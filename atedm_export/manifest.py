@@ -13,10 +13,10 @@ import hashlib
 import json
 import os
 import platform
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
 
 from .contract import GraphContract
 from .errors import AtedmError, format_validation_error
@@ -49,6 +49,15 @@ class FileEntry(_Model):
     path: str  # relative to the build folder
     sha256: str
     bytes: int
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_build(cls, value: str) -> str:
+        """A build's files are its own: a path that leads out of the folder (edited by hand) is refused."""
+        parts = PurePosixPath(value).parts
+        if not parts or PurePosixPath(value).is_absolute() or ".." in parts:
+            raise ValueError(f"'{value}' leads outside the build folder; expected a path inside it")
+        return value
 
 
 class TensorEntry(_Model):

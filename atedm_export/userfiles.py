@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,16 @@ def decoding(path: str | Path, expected: str, error: type[AtedmError] = AtedmErr
         raise error(f"cannot read {path}: {exc.strerror or first_line(exc)}; expected {expected}") from None
     except _decode_errors() as exc:
         raise error(f"{path} is not {expected} ({first_line(exc)})") from None
+
+
+def check_distinct(folders: Sequence[Path], what: str = "build") -> None:
+    """Refuse a folder given twice (one line naming both spellings): it would be measured or compared with itself."""
+    seen: dict[Path, Path] = {}
+    for folder in folders:
+        key = Path(folder).resolve()
+        if key in seen:
+            raise AtedmError(f"{what} {folder} is given twice (as {seen[key]} and {folder})")
+        seen[key] = Path(folder)
 
 
 def is_readable_file(path: Path) -> bool:

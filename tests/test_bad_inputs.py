@@ -159,7 +159,11 @@ def _unchanged(data: dict) -> None:
     del data
 
 
-EDITS = {"edited-height": _height_512, "overlapping-stages": _overlapping_stages, "renamed-stage": _renamed_stage,
+def _weights_outside(data: dict) -> None:
+    data["weights"]["path"] = "../../etc/weights.onnx.data"
+
+
+EDITS = {"weights-outside": _weights_outside, "edited-height": _height_512, "overlapping-stages": _overlapping_stages, "renamed-stage": _renamed_stage,
          "keep-over-tokens": _keep_over_tokens, "fp16-inputs": _fp16_inputs}
 
 
@@ -207,6 +211,9 @@ CASES = [
     ("build {in}/broken-weights.yaml --out {in}/broken-weights/out", "and model {in}/broken-weights overlap"),
     ("build {in}/broken-weights.yaml --out {in} --force", "and model {in}/broken-weights overlap"),
     ("deploy {build} --triton {manifest_only}", "is a build folder (it holds manifest.json)"),
+    ("deploy {weights-outside} --triton {out}/repo", "leads outside the build folder"),
+    ("inspect {weights-outside}", "weights.path: '../../etc/weights.onnx.data' leads outside the build folder"),
+    ("bench {build} {build}", "is given twice"),
     ("build tiny-sd15 --out {in}/not-an-image.png/b", "is a file, not a folder"),
     # inspect, verify
     ("inspect {out}/nothing", "is not a build folder"),

@@ -16,6 +16,7 @@ from typing import Any
 from ..contract import SDXL_REFINER
 from ..errors import AtedmError
 from ..manifest import FILENAME, Manifest, check_same_model
+from ..userfiles import check_distinct
 
 #: The label of the unpruned image set; builds never take it.
 UNPRUNED = "unpruned"
@@ -65,11 +66,7 @@ def labels_for(folders: list[Path]) -> list[str]:
 
 def load_builds(folders: list[Path]) -> list[BuildInfo]:
     """Each build's manifest (format and consistency checked), refused where the eval cannot compare them."""
-    seen: dict[Path, Path] = {}
-    for folder in folders:
-        if folder.resolve() in seen:
-            raise AtedmError(f"build {folder} is given twice (as {seen[folder.resolve()]} and {folder})")
-        seen[folder.resolve()] = folder
+    check_distinct(folders)
     manifests = [Manifest.load(folder, verify=False) for folder in folders]
     for folder, manifest in zip(folders, manifests):
         if manifest.contract.family is SDXL_REFINER:
