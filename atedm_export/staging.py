@@ -38,7 +38,7 @@ def _check_name(out: Path, folder: Path, extra: int, why: str) -> None:
                          f"(the file system's {limit + extra}, less room for {why})")
 
 
-def _check_writable(folder: Path, target: Path) -> None:
+def check_writable(folder: Path, target: Path) -> None:
     """Create and remove a temporary file in ``folder``: the one test that also holds for root on a read-only
     mount, where ``os.access`` says yes."""
     try:
@@ -83,7 +83,7 @@ def check_destination(out: Path, force: bool, owner_file: str | None = None,
     parent = nearest_existing(out.parent)
     if not parent.is_dir():
         raise AtedmError(f"cannot create {out}: {parent} is a file, not a folder")
-    _check_writable(parent, out)
+    check_writable(parent, out)
 
 
 def nearest_existing(folder: Path) -> Path:
@@ -105,7 +105,7 @@ def check_output_file(path: Path, suffixes: tuple[str, ...] = ()) -> None:
     _check_name(path, folder, len(".tmp") + 8, "the temporary name it is written under")
     if path.is_dir():
         raise AtedmError(f"cannot write {path}: it is a folder; expected a file name")
-    _check_writable(folder, path)
+    check_writable(folder, path)
 
 
 @contextmanager

@@ -343,6 +343,7 @@ READ_ONLY_CASES = [
     ("build tiny-sd15 --out {ro}/b", "is not writable"),
     ("deploy {build} --triton {ro}/repo", "is not writable"),
     ("load-test http://127.0.0.1:1 --json {ro}/r.json", "is not writable"),
+    ("eval {build} --out {ro}/e", "is not writable"),
 ]
 
 

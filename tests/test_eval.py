@@ -43,6 +43,13 @@ class StandInInception(torch.nn.Module):
         return torch.cat([pool(x, 2).flatten(1), pool(x * x, 2).flatten(1)], dim=1)
 
 
+class NaNInception(torch.nn.Module):
+    """An Inception whose features are NaN: FID's square root of their covariance would crash in MKL."""
+
+    def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return torch.full((images.shape[0], 2048), float("nan"))
+
+
 @pytest.fixture(scope="module")
 def inception(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inception") / "inception-stand-in.pt"
@@ -298,6 +305,14 @@ def inputs(build_of, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval-inputs")
     (root / "empty").mkdir()
     (root / "pictures").mkdir()
+    from PIL import Image
+
+    (root / "truncated").mkdir()  # valid headers over truncated bodies: PIL opens them, decoding fails
+    for index in range(2):
+        Image.new("RGB", (64, 64), (index * 90, 40, 200)).save(root / "truncated" / f"{index}.png")
+        whole = (root / "truncated" / f"{index}.png").read_bytes()
+        (root / "truncated" / f"{index}.png").write_bytes(whole[: len(whole) // 2])
+    torch.jit.save(torch.jit.script(NaNInception()), str(root / "nan-inception.pt"))
     (root / "garbage.pt").write_bytes(os.urandom(256))
     (root / "bad-clip").mkdir()
     (root / "bad-clip" / "config.json").write_text("{not json")
@@ -333,6 +348,8 @@ BAD = [
     ("{a} --out {out}/e --inception {inception} --reference {in}/nowhere", "--reference {in}/nowhere: no such folder"),
     ("{a} --out {out}/e --inception {inception} --reference {in}/empty", "holds 0 images"),
     ("{a} --out {out}/e --reference {in}/pictures", "they need --inception FILE"),
+    ("{a} --out {out}/e --inception {inception} --reference {in}/truncated", "--reference: cannot read image"),
+    ("{a} --out {out}/e --inception {in}/nan-inception.pt", "returns NaN or infinite features"),
     ("{a} --out {out}/e --clip {in}/bad-clip", "cannot load a CLIP checkpoint"),
     ("{a} --out {out}/e --clip {in}/nowhere", "--clip {in}/nowhere: no such folder"),
     ("{a} --out {out}/e --inception {in}/garbage.pt", "not a TorchScript Inception"),

@@ -201,6 +201,9 @@ def load_inception(path: Path, device: torch.device | str = "cpu") -> InceptionF
     if not isinstance(probe, Tensor) or probe.dim() != 2 or probe.shape[0] != 1:
         shape = list(probe.shape) if isinstance(probe, Tensor) else type(probe).__name__
         raise AtedmError(f"--inception {path}: returns {shape} for one image; expected features [1, 2048]")
+    if not bool(torch.isfinite(probe).all()):  # NaN features would take FID's matrix square root down (SIGSEGV in MKL)
+        raise AtedmError(f"--inception {path}: returns NaN or infinite features for a black image; expected finite "
+                         "features (a broken or wrong checkpoint)")
     return InceptionFeatures(net, int(probe.shape[1]))
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AtedmError
+from ..errors import AtedmError, first_line
 from ..runtime.pipeline import check_pipeline_source, load_pipeline, resolve_settings
 from ..runtime.staged import StagedUNet
 from ..staging import check_apart
@@ -146,7 +146,8 @@ def _jobs(builds: list[BuildInfo], request: EvalRequest) -> list[Job]:
 
 
 def _reference_images(folder: Path | None, inception: Path | None) -> list[Path] | None:
-    """The reference folder's images (their headers read, so a broken file fails now), sorted by name."""
+    """The reference folder's images, sorted by name, each decoded whole now: a truncated or broken file fails in
+    one line before the first image is drawn, not after every image (minutes here, hours at COCO-5k)."""
     if folder is None:
         return None
     if inception is None:
@@ -162,9 +163,9 @@ def _reference_images(folder: Path | None, inception: Path | None) -> list[Path]
     for path in images:
         try:
             with Image.open(path) as image:
-                image.size  # noqa: B018 - the header is read on open; this names what was read
-        except (OSError, UnidentifiedImageError):
-            raise AtedmError(f"--reference: cannot read image {path}: not a file PIL can open") from None
+                image.load()  # the whole body: a valid header over a truncated body fails here
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+            raise AtedmError(f"--reference: cannot read image {path}: {first_line(exc)}") from None
     return images
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AtedmError
+from ..staging import check_writable
 from ..userfiles import load_json
 
 FORMAT = "atedm-export.eval/1"
@@ -69,7 +70,9 @@ class EvalState:
         if not folder.exists():
             if not folder.parent.is_dir():
                 raise AtedmError(f"--out {folder}: folder {folder.parent} does not exist")
+            check_writable(folder.parent, folder)  # before the pipeline loads, not after
             return cls(folder, settings, exists=False)
+        check_writable(folder, folder / STATE)
         record = folder / STATE
         if not record.is_file():
             if any(folder.iterdir()):
