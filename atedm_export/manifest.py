@@ -403,8 +403,20 @@ class Manifest(_Model):
         if list(listed) != self.shape_list:
             raise ManifestError(f"{source}: shapes: {shape_keys(self.shape_list)} are recorded, but its spec lists "
                                 f"{shape_keys(listed)}")
+        self._check_loras(source)
         for view in self.views():
             view._check_shape(source)
+
+    def _check_loras(self, source: Path | str) -> None:
+        """The LoRAs fused into the weights are the ones its spec lists (refits append theirs to both), each at the
+        spec's scale, which the spec bounds: an edit to either list, or a scale out of bounds, is refused."""
+        def shown(items: list[tuple[Path, float]]) -> str:
+            return ", ".join(f"{path.name} ×{scale:g}" for path, scale in items) or "none"
+
+        listed = [(Path(item.file).resolve(), item.scale) for item in self.full_spec.loras]
+        recorded = [(Path(entry.file).resolve(), entry.scale) for entry in self.loras]
+        if listed != recorded:
+            raise ManifestError(f"{source}: loras: {shown(recorded)} are recorded, but its spec lists {shown(listed)}")
 
     def _check_shape(self, source: Path | str) -> None:
         """The selected shape's I/O, keep counts and stages against what its spec implies."""
@@ -474,6 +486,21 @@ class Manifest(_Model):
                 if item is not None and item.path not in seen:
                     seen.add(item.path)
                     verify_file(folder / item.path, item, entry.name)
+                    if item is not entry.engine:
+                        self.check_external_data(folder, item, entry.name)
+
+    def check_external_data(self, folder: Path, item: FileEntry, owner: str) -> None:
+        """Every external-data file a graph reads is one the manifest lists (and so hashes): a graph pointed at
+        another file (by hand, or a refit's delta left out) would run on weights nobody checked."""
+        from .userfiles import load_onnx
+
+        listed = {(folder / weights.path).resolve() for weights in self.weight_files}
+        graph = folder / item.path
+        for tensor in load_onnx(graph, ManifestError).graph.initializer:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location is not None and (graph.parent / location).resolve() not in listed:
+                raise ManifestError(f"{owner}: {item.path} reads tensor '{tensor.name}' from {location}, which the "
+                                    f"manifest does not list; expected {', '.join(w.path for w in self.weight_files)}")
 
     def verify_graph(self, folder: Path, entry: GraphEntry, engine: bool = True) -> None:
         """What one graph relies on: the shared weights, its graph file and (``engine``) its engine."""

@@ -432,3 +432,29 @@ def test_the_readmes_quick_start_runs_in_a_fresh_folder(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count(" pass ") >= 3 and "FAIL" not in done.stdout
     assert (tmp_path / "build" / "tiny" / "manifest.json").is_file()
+
+
+def test_a_graph_that_reads_weights_the_manifest_does_not_list_is_refused(tiny_build, tmp_path):
+    """Every external-data file a graph reads is one the manifest lists and hashes: a graph pointed at another
+    file (its checksum updated to match) is refused when the build's files are checked."""
+    import shutil
+
+    import onnx
+
+    from atedm_export.manifest import sha256
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_build, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    entry = data["shapes"][0]["stages"][-1]["onnx"]
+    graph = onnx.load(str(copy / entry["path"]), load_external_data=False)
+    tensor = next(t for t in graph.graph.initializer if t.external_data)
+    location = next(e for e in tensor.external_data if e.key == "location")
+    shutil.copy(copy / "onnx" / location.value, copy / "onnx" / "other.data")
+    location.value = "other.data"
+    onnx.save(graph, str(copy / entry["path"]))
+    entry.update(sha256=sha256(copy / entry["path"]), bytes=(copy / entry["path"]).stat().st_size)
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=f"reads tensor '{tensor.name}' from other.data, which the manifest does "
+                                            "not list"):
+        Manifest.load(copy)

@@ -385,3 +385,20 @@ def test_refit_force_never_replaces_what_it_did_not_write_nor_its_own_input(tiny
     for result in (user, around):
         assert [line for line in result.output.splitlines() if line.strip()] == [result.output.strip()]
     assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("edit", ["scale", "dropped"])
+def test_a_manifest_whose_loras_disagree_with_its_spec_is_refused(lora_build, tmp_path, edit):
+    """A hand-edited LoRA scale (past the spec's bounds or not), or a LoRA dropped from one of the two lists: the
+    build no longer says which weights it holds, so loading it is one line naming the lists."""
+    copy = tmp_path / "edited"
+    shutil.copytree(lora_build, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    if edit == "scale":
+        data["loras"][0]["scale"] = 99.0
+    else:
+        data["spec"]["loras"] = []
+    (copy / "manifest.json").write_text(json.dumps(data))
+    result = _cli("inspect", str(copy))
+    assert result.exit_code == 2 and "loras:" in result.output and "but its spec lists" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
