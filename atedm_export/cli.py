@@ -923,7 +923,7 @@ def serve(repository: Path, http_port: int, grpc_port: int, timeout: float, log_
     _check_outputs(log_path)
     check_repository(repository, files=False)  # the models check their files as they load
     signal.signal(signal.SIGINT, interrupt)  # also where a parent started us with SIGINT ignored
-    signal.signal(signal.SIGTERM, interrupt)  # `kill`, `docker stop`, systemd: stop the server too
+    signal.signal(signal.SIGTERM, _terminate)  # `kill`, `docker stop`, systemd: stop the server, exit 143 as all do
     server = TritonServer(repository, http_port, grpc_port, log_path=log_path)
     start = time.perf_counter()
     try:

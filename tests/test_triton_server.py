@@ -284,7 +284,7 @@ def test_serve_runs_until_sigterm_then_stops_the_server_and_leaves_the_repositor
         assert backend.client.is_model_ready("other_model")  # served beside ours
         backend.release()
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 130
+        assert process.wait(timeout=60) == 143  # 128 + SIGTERM, as every other command exits
     finally:
         process.kill()
         process.wait()
@@ -351,3 +351,27 @@ def test_one_router_serves_every_shape_of_a_multi_shape_build(install, multi_rep
                                                "-o", str(path)])
             assert result.exit_code == 0, result.output
         assert remote.read_bytes() == here.read_bytes()
+
+
+def test_serve_that_cannot_start_leaves_no_shared_memory(install, tiny_build, tmp_path):
+    """Its port taken, the server exits at once: the Python backend's shared-memory regions (``/dev/shm``, named
+    with this server's prefix) go with the failed start, as they go with a clean stop."""
+    import socket
+
+    repo = tmp_path / "repo"
+    deploy(DeployRequest(tiny_build, repo, backend="onnxruntime"))
+    shm = Path("/dev/shm")
+
+    def leftovers() -> set[str]:
+        return {p.name for p in shm.glob("*triton_python_backend_shm_region*")} | {p.name for p in shm.glob("atedm_*")}
+
+    before = leftovers()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [str(Path(sys.executable).parent / "atedm-export"), "serve", str(repo), "--http-port", str(port),
+                   "--grpc-port", str(free_port()), "--timeout", "120"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert leftovers() <= before

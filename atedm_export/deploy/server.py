@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -48,6 +49,9 @@ ENV_VAR = "ATEDM_TRITONSERVER"
 MODEL_CONTROL = ("--model-control-mode", "explicit", "--load-model", "*")
 #: The same flags as typed in a shell (the ``*`` quoted), for what the README and errors tell people to run.
 SHELL_CONTROL = " ".join(f"'{flag}'" if flag == "*" else flag for flag in MODEL_CONTROL)
+
+
+SHM_FOLDER = "/dev/shm"  # where the Python backend's shared-memory regions live (POSIX shm on Linux)
 
 
 class TritonServerError(AtedmError):
@@ -145,6 +149,9 @@ class TritonServer:
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self._tmp: Path | None = None  # backends folder and default log, made by start(), removed by stop()
+        # The Python backend's shared-memory regions (/dev/shm) carry this server's own prefix, so stop() removes
+        # exactly the regions it made, even where the server died before it could (a port already taken).
+        self.shm_prefix = f"atedm_{os.getpid()}_{secrets.token_hex(4)}_"
         self._log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
@@ -195,6 +202,7 @@ class TritonServer:
             "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
             "--allow-metrics", "false", "--exit-timeout-secs", "10", "--strict-readiness", "true",
             "--disable-auto-complete-config",  # configs are complete: no extra Python stub per model at load
+            "--backend-config", f"python,shm-region-prefix-name={self.shm_prefix}",
             *MODEL_CONTROL,  # explicit control: the router reloads a stage model whose process died
         ]
 
@@ -260,6 +268,8 @@ class TritonServer:
             process.wait()
             self.returncode = process.returncode
         self._log = self.log()
+        for region in Path(SHM_FOLDER).glob(f"{self.shm_prefix}*"):  # ours by name: left where the server died
+            region.unlink(missing_ok=True)
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
