@@ -138,11 +138,12 @@ def _map_layer_code() -> frozenset[CodeType]:
     projections is ``attention_with_map_kernels`` (and G-WPR ``mapless_gwpr_scores`` where no map is written);
     the ``atedm`` ops themselves are map layer wherever called.
     """
-    from .pruning import gwpr, recover, select
+    from .pruning import atedm, gwpr, recover, select
     from .pruning.attention import attention_with_map, attention_with_map_kernels
 
+    # atedm.select: the kernels' selection takes its k largest scores with a torch topk before the select kernel
     functions = (attention_with_map, attention_with_map_kernels, gwpr.gwpr_scores, gwpr.cross_gwpr_scores,
-                 gwpr.mapless_gwpr_scores, select.select_tokens, recover.recovery_sources)
+                 gwpr.mapless_gwpr_scores, select.select_tokens, recover.recovery_sources, atedm.select)
     return frozenset(f.__code__ for f in functions)
 
 
