@@ -353,6 +353,7 @@ def test_one_router_serves_every_shape_of_a_multi_shape_build(install, multi_rep
         assert remote.read_bytes() == here.read_bytes()
 
 
+@pytest.mark.slow  # a deploy and a server that fails to start: ~50 s
 def test_serve_that_cannot_start_leaves_no_shared_memory(install, tiny_build, tmp_path):
     """Its port taken, the server exits at once: the Python backend's shared-memory regions (``/dev/shm``, named
     with this server's prefix) go with the failed start, as they go with a clean stop."""
