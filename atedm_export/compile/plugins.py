@@ -53,18 +53,9 @@ def register_plugins(trtp: ModuleType, types: dict[str, Any], target: str) -> li
 _registered: set[str] = set()
 
 
-def _schema(name: str) -> tuple[list[str], list[str]]:
-    """The op's tensor inputs and scalar attributes, by their names in its schema (the node's input and attribute
-    names)."""
-    schema = getattr(torch.ops.atedm, name).default._schema
-    tensors = [a.name for a in schema.arguments if str(a.type) == "Tensor"]
-    scalars = [a.name for a in schema.arguments if str(a.type) != "Tensor"]
-    return tensors, scalars
-
-
 def _signature(name: str, trtp: ModuleType, tail: list[inspect.Parameter], returns: Any) -> inspect.Signature:  # noqa: ANN401
     """``tensorrt.plugin`` reads a plugin's inputs and attributes from its function's annotated signature."""
-    tensors, scalars = _schema(name)
+    tensors, scalars = ops.tensor_and_scalar_names(name)
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     params = [inspect.Parameter(t, kind, annotation=trtp.TensorDesc) for t in tensors]
     params += [inspect.Parameter(s, kind, annotation=float) for s in scalars]
@@ -73,24 +64,22 @@ def _signature(name: str, trtp: ModuleType, tail: list[inspect.Parameter], retur
 
 def _probes(name: str, descs: list[Any], scalars: dict[str, float]) -> list[Any]:  # noqa: ANN401
     """The op's arguments as meta tensors of the descriptors' (constant) shapes and types, scalars as given."""
-    tensors, _ = _schema(name)
     shapes = iter(descs)
     out = []
-    schema = getattr(torch.ops.atedm, name).default._schema
-    for argument in schema.arguments:
-        if argument.name in tensors:
+    for argument, kind in ops.arguments(name):
+        if kind == "Tensor":
             desc = next(shapes)
             shape = [int(d.constant_value()) for d in desc.shape_expr]
             out.append(torch.empty(shape, dtype=_TORCH_TYPES[desc.dtype.name], device="meta"))
         else:
-            out.append(scalars[argument.name])
+            out.append(scalars[argument])
     return out
 
 
 def _description(name: str, trtp: ModuleType, types: dict[str, Any]):  # noqa: ANN202, ANN401
     """The plugin's ``register`` function: its outputs' shapes and types, from ``ops.OUTPUTS``."""
     names = {torch_type: type_name for type_name, torch_type in _TORCH_TYPES.items()}
-    tensors, scalars = _schema(name)
+    tensors, scalars = ops.tensor_and_scalar_names(name)
     count = len(ops.OUTPUTS[name](*ops.probe_arguments(name, torch.float16)))
 
     def describe(*args: Any, **kwargs: Any) -> tuple:  # noqa: ANN401
@@ -111,7 +100,7 @@ def _ahead_of_time(name: str, trtp: ModuleType, target: str):  # noqa: ANN202
     from ..kernels.aot import compile_node
     from ..kernels.triton_kernels import LAUNCHES, sizes_of
 
-    tensors, scalars = _schema(name)
+    tensors, scalars = ops.tensor_and_scalar_names(name)
     spec = LAUNCHES[name]
     dtypes = {"HALF": "fp16", "BF16": "bf16", "FLOAT": "fp32"}
 

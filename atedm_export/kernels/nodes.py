@@ -60,13 +60,12 @@ def exporting_plugin_form() -> bool:
 
 def attributes(name: str, args: tuple) -> tuple[list[torch.Tensor], dict[str, float | int]]:
     """The op's tensor inputs, in order, and its scalars by their names in the op's schema (the node's attributes)."""
-    schema = getattr(torch.ops.atedm, name).default._schema
     tensors, attrs = [], {}
-    for argument, value in zip(schema.arguments, args, strict=True):
-        if isinstance(value, torch.Tensor):
+    for (argument, kind), value in zip(ops.arguments(name), args, strict=True):
+        if kind == "Tensor":
             tensors.append(value)
         else:
-            attrs[argument.name] = value
+            attrs[argument] = value
     return tensors, attrs
 
 

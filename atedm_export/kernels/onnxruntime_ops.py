@@ -79,27 +79,24 @@ def _register(precision: np.dtype) -> None:
         raise AtedmError(f"plugin-form graphs run in onnxruntime in fp32 or fp16, not {precision.name}")
     types = {**float_types, torch.int64: PyCustomOpDef.dt_int64}
     for name, node_type in NODE_TYPES.items():
-        schema = getattr(torch.ops.atedm, name).default._schema
         probes = ops.probe_arguments(name, dtype)
         inputs = [types[probe.dtype] for probe in probes if isinstance(probe, torch.Tensor)]
         outputs = [types[out_dtype] for _, out_dtype in ops.OUTPUTS[name](*probes)]
-        attrs = {arg.name: PyCustomOpDef.dt_float if isinstance(probe, float) else PyCustomOpDef.dt_int64
-                 for arg, probe in zip(schema.arguments, probes) if not isinstance(probe, torch.Tensor)}
-        onnx_op(op_type=node_type, inputs=inputs, outputs=outputs, attrs=attrs)(_runner(name, schema))
+        attrs = {arg: PyCustomOpDef.dt_float if kind == "float" else PyCustomOpDef.dt_int64
+                 for arg, kind in ops.arguments(name) if kind != "Tensor"}
+        onnx_op(op_type=node_type, inputs=inputs, outputs=outputs, attrs=attrs)(_runner(name))
     _registered[precision.name] = precision
 
 
-def _is_tensor(argument) -> bool:  # noqa: ANN001 - torch._C.Argument
-    return str(argument.type) == "Tensor"
-
-
-def _runner(name: str, schema) -> object:  # noqa: ANN001 - torch FunctionSchema
+def _runner(name: str) -> object:
     """The Python op for ``name``'s node: numpy in, ``torch.ops.atedm.<name>``, numpy out."""
     op = getattr(torch.ops.atedm, name)
+    listed = ops.arguments(name)
 
     def run(*inputs: np.ndarray, **attrs: float | int) -> np.ndarray | tuple[np.ndarray, ...]:
         tensors = iter(torch.from_numpy(np.ascontiguousarray(x)) for x in inputs)
-        args = [next(tensors) if _is_tensor(arg) else _attribute(arg, attrs) for arg in schema.arguments]
+        args = [next(tensors) if kind == "Tensor" else (float if kind == "float" else int)(attrs[argument])
+                for argument, kind in listed]
         out = op(*args)
         if isinstance(out, torch.Tensor):
             return out.numpy()
@@ -107,9 +104,3 @@ def _runner(name: str, schema) -> object:  # noqa: ANN001 - torch FunctionSchema
 
     run.__name__ = f"atedm_{name}"
     return run
-
-
-def _attribute(argument, attrs: dict[str, float | int]) -> float | int:  # noqa: ANN001 - torch._C.Argument
-    value = attrs[argument.name]
-    return float(value) if str(argument.type) == "float" else int(value)
-

@@ -141,11 +141,24 @@ for _name in OUTPUTS:
     _register_fake(_name)
 
 
+def arguments(name: str) -> list[tuple[str, str]]:
+    """Op ``name``'s arguments in order, each (name, type): ``Tensor`` for an input (a node's input), ``float`` or
+    ``int`` for a scalar (a node's attribute). The one reading of the ops' schemas the graph nodes, onnxruntime's
+    Python ops and the TensorRT plugins share."""
+    schema = getattr(torch.ops.atedm, name).default._schema
+    return [(argument.name, str(argument.type)) for argument in schema.arguments]
+
+
+def tensor_and_scalar_names(name: str) -> tuple[list[str], list[str]]:
+    """Op ``name``'s tensor inputs and its scalars, by name, each in order."""
+    listed = arguments(name)
+    return [n for n, kind in listed if kind == "Tensor"], [n for n, kind in listed if kind != "Tensor"]
+
+
 def probe_arguments(name: str, dtype: torch.dtype) -> list[torch.Tensor | float]:
     """Stand-ins for op ``name``'s arguments, projections in ``dtype``: meta tensors of consistent shapes (any) and
     scalars of the right type. What registering the op elsewhere needs: its inputs' and outputs' types, their count."""
-    schema = getattr(torch.ops.atedm, name).default._schema
-    return [_probe(argument.name, dtype) for argument in schema.arguments]
+    return [_probe(argument, dtype) for argument, _ in arguments(name)]
 
 
 def _probe(argument: str, dtype: torch.dtype) -> torch.Tensor | float:
