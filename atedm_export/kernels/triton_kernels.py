@@ -320,23 +320,19 @@ def sizes_of(name: str, shapes: list[tuple[int, ...]]) -> dict[str, int]:
     return {"B": first[0], "N": first[1], "M": first[2], "KEEP": shapes[1][1]}  # recovery_sources
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 LAUNCHES: dict[str, Launch] = {
     "attention_lse": Launch(attention_lse_node, ("N", "M", "H", "D"),
-                            lambda s, t: (_cdiv(s["N"], t.block_m), s["B"] * s["H"]), TILES["attention_lse"], True),
+                            lambda s, t: (triton.cdiv(s["N"], t.block_m), s["B"] * s["H"]), TILES["attention_lse"], True),
     "head_mean_map": Launch(head_mean_map_node, ("N", "M", "H", "D"),
-                            lambda s, t: (_cdiv(s["N"], t.block_m), _cdiv(s["M"], t.block_n), s["B"]),
+                            lambda s, t: (triton.cdiv(s["N"], t.block_m), triton.cdiv(s["M"], t.block_n), s["B"]),
                             TILES["head_mean_map"], True),
     "select_kept": Launch(select_kept_node, ("N", "KEEP"), lambda s, t: (s["B"],), TILES["select"], False),
     "recovery_sources": Launch(recovery_sources_node, ("N", "M", "KEEP"),
-                               lambda s, t: (_cdiv(s["N"], t.block_m), s["B"]), TILES["recovery_sources"], False),
+                               lambda s, t: (triton.cdiv(s["N"], t.block_m), s["B"]), TILES["recovery_sources"], False),
     "gwpr_step": Launch(gwpr_step_node, ("N", "M", "H", "D"),
-                        lambda s, t: (_cdiv(s["M"], t.block_m), s["B"] * s["H"]), TILES["gwpr_step"], True),
+                        lambda s, t: (triton.cdiv(s["M"], t.block_m), s["B"] * s["H"]), TILES["gwpr_step"], True),
     "recovery_mapless": Launch(recovery_mapless_node, ("N", "M", "H", "D", "KEEP"),
-                               lambda s, t: (_cdiv(s["N"], t.block_m), s["B"]), TILES["recovery_mapless"], True),
+                               lambda s, t: (triton.cdiv(s["N"], t.block_m), s["B"]), TILES["recovery_mapless"], True),
 }
 
 
