@@ -353,26 +353,27 @@ def test_one_router_serves_every_shape_of_a_multi_shape_build(install, multi_rep
         assert remote.read_bytes() == here.read_bytes()
 
 
-@pytest.mark.slow  # a deploy and a server that fails to start: ~50 s
-def test_serve_that_cannot_start_leaves_no_shared_memory(install, tiny_build, tmp_path):
-    """Its port taken, the server exits at once: the Python backend's shared-memory regions (``/dev/shm``, named
-    with this server's prefix) go with the failed start, as they go with a clean stop."""
+@pytest.mark.parametrize("which", ["http", "grpc"])
+def test_serve_on_a_taken_port_is_refused_before_the_server_starts_and_leaves_nothing(install, ort_repo, which):
+    """A taken port is found before ``tritonserver`` runs: a server that finds it itself exits leaving its Python
+    backend's ``/tmp/python_env_*`` folder (a fixed path no name ties to it) and shared-memory regions behind."""
     import socket
 
-    repo = tmp_path / "repo"
-    deploy(DeployRequest(tiny_build, repo, backend="onnxruntime"))
-    shm = Path("/dev/shm")
-
     def leftovers() -> set[str]:
-        return {p.name for p in shm.glob("*triton_python_backend_shm_region*")} | {p.name for p in shm.glob("atedm_*")}
+        return ({p.name for p in Path("/dev/shm").glob("*triton_python_backend_shm_region*")}
+                | {p.name for p in Path("/dev/shm").glob("atedm_*")} | {p.name for p in Path("/tmp").glob("python_env_*")})
 
-    before = leftovers()
+    repo, before, files = ort_repo, leftovers(), snapshot(ort_repo)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        command = [str(Path(sys.executable).parent / "atedm-export"), "serve", str(repo), "--http-port", str(port),
-                   "--grpc-port", str(free_port()), "--timeout", "120"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert leftovers() <= before
+        ports = {"http": port, "grpc": free_port()} if which == "http" else {"http": free_port(), "grpc": port}
+        command = [str(Path(sys.executable).parent / "atedm-export"), "serve", str(repo), "--http-port",
+                   str(ports["http"]), "--grpc-port", str(ports["grpc"])]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    errors = [line for line in done.stdout.splitlines() + done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stdout + done.stderr
+    assert f"port 127.0.0.1:{port} cannot be used" in errors[0] and f"--{which}-port" in errors[0]
+    assert "Traceback" not in done.stderr and "starting tritonserver" not in done.stdout
+    assert leftovers() <= before and snapshot(repo) == files

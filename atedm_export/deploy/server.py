@@ -126,6 +126,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """Refuse ports that are the same or already taken, before the server starts.
+
+    A ``tritonserver`` that finds its port taken exits only after its Python backend has made a ``python_env_*``
+    folder under ``/tmp`` (a fixed path, whatever ``TMPDIR`` says) that it never removes and that no name ties to
+    this server; so the port is tried here, where nothing has been made yet.
+    """
+    if len(set(ports.values())) < len(ports):
+        raise TritonServerError(f"the {' and '.join(ports)} ports are both {next(iter(ports.values()))}; "
+                                "expected a different port for each")
+    for name, port in ports.items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no owner
+            try:
+                sock.bind((host, port))
+            except OSError as error:
+                raise TritonServerError(f"the {name} port {host}:{port} cannot be used ({error.strerror}); "
+                                        f"expected a free port (pick another with --{name.lower()}-port)") from None
+
+
 def _link_tree(source: Path, target: Path, depth: int) -> None:
     """``target`` as ``source``: folders ``depth`` levels deep made anew, everything below and every file a link."""
     if depth == 0 or not source.is_dir():
@@ -208,6 +228,7 @@ class TritonServer:
 
     def start(self, timeout: float = 180.0) -> TritonServer:
         """Start the server and wait until every model is ready; on failure, stop it and quote its error."""
+        check_ports(self.host, {"HTTP": self.http_port, "gRPC": self.grpc_port})
         self._tmp = Path(tempfile.mkdtemp(prefix="atedm-triton-"))
         assert self.log_path is not None
         with self.log_path.open("wb") as log:
