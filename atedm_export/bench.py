@@ -11,7 +11,8 @@ Every graph runs in each form its backend has: the eager UNet on SDPA; onnxrunti
 (attention unfused) and, where the build has one, on its fused form (``ortfuse.py``: attention as
 onnxruntime's kernels); engines as built. Each backend's reference is its fastest baseline, whichever
 form that is (on this CPU the plain graph beats onnxruntime's fused kernels): "vs unpruned" is always
-against the fastest stock baseline of the same backend, never a slower one.
+against the fastest stock baseline of the same backend, never a slower one. What each backend runs, in which
+forms, and whose baseline is the stock UNet, bench reads off the backend's class (``runtime/backends.py``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from pathlib import Path
 import torch
 
 from .errors import AtedmError
-from .manifest import Manifest, check_same_model
+from .buildfolder import ShapeView, check_same_model, first_view, read_manifest, view_at
 from .shapes import Shape
-from .registry import ENGINE_LIBRARIES
-from .runtime.backends import Backend, backend_class, load_backend
+from .runtime.backends import Backend, backend_class, backend_type, load_backend
 
 
 @dataclass(frozen=True)
@@ -102,30 +102,29 @@ def run_bench(folder: str | Path, backends: list[str], warmup: int = 1, repeats:
     return run_benches([Path(folder)], backends, warmup, repeats, device, progress, engine_options, shape)[0]
 
 
-def _verify(folder: Path, manifest: Manifest, backends: list[str]) -> None:
+def _verify(folder: Path, view: ShapeView, backends: list[str]) -> None:
     """The files each backend opens (a missing plan concerns the engine backends only), before any timing."""
     for name in backends:
-        backend_class(name, folder, manifest).verify_build(folder, manifest)
+        backend_class(name, folder, view.manifest).verify_build(folder, view.manifest)
 
 
-def _time_build(folder: Path, manifest: Manifest, backends: list[str], warmup: int, repeats: int, device: str | None,
+def _time_build(folder: Path, view: ShapeView, backends: list[str], warmup: int, repeats: int, device: str | None,
                 progress=None, engine_options: dict | None = None) -> dict:  # noqa: ANN001
-    """Every graph of a checked build timed in every backend and form: the report."""
+    """Every graph of a checked build, at the shape ``view`` reads, timed in every backend and form: the report."""
     samples: dict[tuple[str, str, str], list[float]] = {}  # (backend, form, graph) → ms
     for name in backends:
-        for form in forms(name, manifest):
-            options = (engine_options or {}) if name in ENGINE_LIBRARIES else {}
-            if name == "onnxruntime":
-                options = {"fused": form == "fused"}
-            backend = load_backend(name, folder, manifest, device, **options)
-            feed = manifest.contract.example_feed(device=backend.device)
-            for entry in manifest.graphs():
+        cls = backend_type(name)
+        for form in cls.bench_forms(view.manifest):
+            options = (engine_options or {}) if cls.takes_engine_options else {}
+            backend = load_backend(name, folder, view.manifest, device, **options, **cls.form_options(form)).at(view)
+            feed = view.contract.example_feed(device=backend.device)
+            for entry in view.graphs():
                 if progress:
                     progress(f"{name} ({form}): {entry.name}")
                 samples[(name, form, entry.name)] = time_calls(backend, entry.name, feed, warmup, repeats)
                 backend.release()
             del backend
-    return _report(folder, manifest, backends, samples, warmup, repeats)
+    return _report(folder, view, backends, samples, warmup, repeats)
 
 
 def run_benches(folders: list[Path], backends: list[str], warmup: int = 1, repeats: int = 5, device: str | None = None,
@@ -134,18 +133,17 @@ def run_benches(folders: list[Path], backends: list[str], warmup: int = 1, repea
     """``run_bench`` of several builds of one model (AT-EDM and ToMe, say) one after the other, in one run: each
     report's ratios are against its own baseline graph, which is the same graph for builds of one model, timed
     again beside each (its spread between reports shows the machine's noise). ``shape``: the builds' graphs at
-    that shape (``Manifest.at``); their first shape by default."""
+    that shape (``buildfolder.view_at``); their first shape by default."""
     if repeats < 1 or warmup < 0:
         raise AtedmError(f"need --repeats >= 1 and --warmup >= 0, got {repeats} and {warmup}")
     folders = [Path(f) for f in folders]
-    manifests = [Manifest.load(f, verify=False) for f in folders]
-    if shape is not None:
-        manifests = [m.at(shape) for m in manifests]
-    check_same_model(folders, manifests, "bench")
-    for folder, manifest in zip(folders, manifests):  # every build's files, each hashed once, before any timing
-        _verify(folder, manifest, backends)
-    return [_time_build(f, m, backends, warmup, repeats, device, progress, engine_options)
-            for f, m in zip(folders, manifests)]
+    manifests = [read_manifest(f, verify=False) for f in folders]
+    shapes = [view_at(m, shape) if shape is not None else first_view(m) for m in manifests]
+    check_same_model(folders, shapes, "bench")
+    for folder, view in zip(folders, shapes):  # every build's files, each hashed once, before any timing
+        _verify(folder, view, backends)
+    return [_time_build(f, view, backends, warmup, repeats, device, progress, engine_options)
+            for f, view in zip(folders, shapes)]
 
 
 def side_by_side(reports: list[dict]) -> list[dict]:
@@ -154,40 +152,32 @@ def side_by_side(reports: list[dict]) -> list[dict]:
             for r in reports for row in r["schedule"]]
 
 
-def forms(backend: str, manifest: Manifest) -> tuple[str, ...]:
-    """The forms ``backend`` runs a build's graphs in (module docstring)."""
-    if backend == "eager":
-        return ("sdpa",)
-    if backend == "onnxruntime":
-        return ("fused", "unfused") if manifest.baseline.ort_onnx is not None else ("unfused",)
-    return (f"engine, {manifest.engine.form} form",)  # the graph form its engines were built from
-
-
-def _report(folder: Path, manifest: Manifest, backends: list[str], samples: dict, warmup: int, repeats: int) -> dict:
-    spec = manifest.graph_spec
+def _report(folder: Path, view: ShapeView, backends: list[str], samples: dict, warmup: int, repeats: int) -> dict:
+    spec = view.graph_spec
     median = {k: statistics.median(v) for k, v in samples.items()}
-    base_flops = manifest.baseline.graph_tflops
-    eager_ref = median.get(("eager", "sdpa", "baseline"))
+    base_flops = view.baseline.graph_tflops
+    classes = {name: backend_type(name) for name in backends}
+    stock = next(((name, cls.stock_form) for name, cls in classes.items() if cls.stock_form), None)
+    eager_ref = median.get((*stock, "baseline")) if stock else None  # the stock diffusers UNet
     rows, schedule, references = [], [], {}
-    for name in backends:
-        ran = forms(name, manifest)
+    for name, cls in classes.items():
+        ran = cls.bench_forms(view.manifest)
         best = min(ran, key=lambda form: median[(name, form, "baseline")])
         unpruned = median[(name, best, "baseline")]
-        what = _reference(best) + (" (faster here than its fused form)" if best == "unfused" and len(ran) > 1 else "")
-        references[name] = {"form": best, "median_ms": unpruned, "what": what}
+        references[name] = {"form": best, "median_ms": unpruned, "what": cls.reference(best, ran)}
         for form in ran:
-            for entry in manifest.graphs():
+            for entry in view.graphs():
                 key = (name, form, entry.name)
                 m = median[key]
-                steps = spec.steps if entry.name == "baseline" else entry.steps[1] - entry.steps[0]
+                steps = spec.steps if entry.name == "baseline" else entry.step_count
                 rows.append(Row(
                     name, entry.name, form, steps, m, percentile(samples[key], 0.1), percentile(samples[key], 0.9),
                     min(samples[key]), entry.graph_tflops, (eager_ref / m) if eager_ref else None, unpruned / m,
                     base_flops / entry.graph_tflops,
                 ))
-            if manifest.complete:
-                per_image = sum(median[(name, form, s.name)] * (s.steps[1] - s.steps[0]) for s in manifest.stages) / 1e3
-                flops = sum(s.graph_tflops * (s.steps[1] - s.steps[0]) for s in manifest.stages)
+            if view.manifest.complete:
+                per_image = sum(median[(name, form, s.name)] * s.step_count for s in view.stages) / 1e3
+                flops = sum(s.graph_tflops * s.step_count for s in view.stages)
                 unpruned_image = unpruned * spec.steps / 1e3
                 schedule.append(ScheduleRow(
                     name, form, per_image, unpruned_image, unpruned_image / per_image,
@@ -202,7 +192,7 @@ def _report(folder: Path, manifest: Manifest, backends: list[str], samples: dict
         "precision": spec.precision,
         "batch": spec.batch,
         "resolution": [spec.width, spec.height],
-        "shape": manifest.shape.key,
+        "shape": view.shape.key,
         "steps": spec.steps,
         "machine": {"processor": platform.processor() or platform.machine(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "warmup": warmup,
@@ -213,15 +203,6 @@ def _report(folder: Path, manifest: Manifest, backends: list[str], samples: dict
         "schedule": [asdict(s) for s in schedule],
         "samples_ms": {f"{b}/{f}/{g}": v for (b, f, g), v in samples.items()},
     }
-
-
-def _reference(form: str) -> str:
-    """What a backend's reference (its fastest baseline) runs, by the form it ran in."""
-    return {
-        "sdpa": "the stock diffusers UNet, attention on SDPA",
-        "fused": "the baseline graph, attention fused by onnxruntime's transformer optimizer",
-        "unfused": "the plain baseline graph, attention as MatMul-Softmax-MatMul",
-    }.get(form, "the baseline engine (TensorRT fuses the graph's attention)")
 
 
 def write_csv(reports: list[dict], path: Path) -> None:

@@ -31,8 +31,9 @@ from .isolated import run_isolated
 from .flops import count_flops, graph_flops
 from .ortfuse import fuse
 from .lora import check_loras
-from .manifest import (FILENAME, EngineInfo, FileEntry, GraphEntry, LoraEntry, Manifest, PipelineInfo, ShapeGraphs, TensorEntry,
-                       file_entry, tool_versions)
+from .buildfolder import (MANIFEST, EngineInfo, FileEntry, GraphEntry, LoraEntry, Manifest, ShapeGraphs, TensorEntry,
+                          file_entry, lora_entry, pipeline_info, tool_versions, write_manifest)
+from .buildfolder.layout import ENGINES_DIR, GRAPHS_DIR, WEIGHTS_FILE, engine_file, graph_file, graph_label
 from .models import PIPELINE_INDEX, attention_blocks, build_unet, pipeline_folder, unet_config
 from .pruning import StagePlan
 from .registry import BUILD_BACKENDS, ENGINE_LIBRARIES
@@ -40,10 +41,7 @@ from .shapes import Shape
 from .spec import GraphSpec
 from .staging import check_destination, staged_folder
 from .userfiles import load_onnx
-from .weights import WEIGHTS_FILE, WeightStore
-
-GRAPHS_DIR = "onnx"  # every graph and the shared weights file: ONNX external data must not leave the folder
-ENGINES_DIR = "engines"
+from .weights import WeightStore
 
 Progress = Callable[[str, str, float | None], None]  # (graph, what happened, seconds)
 
@@ -109,7 +107,7 @@ def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineI
     if backend not in BUILD_BACKENDS:
         raise AtedmError(f"unknown backend '{backend}'; expected one of: {', '.join(BUILD_BACKENDS)}")
     if backend == "onnx":
-        return None, EngineInfo(backend="onnx", skipped="--backend onnx: ONNX graphs only")
+        return None, EngineInfo(library=None, skipped="--backend onnx: ONNX graphs only")
     candidates = ENGINE_LIBRARIES if backend == "auto" else (backend,)
     reasons = []
     for name in candidates:
@@ -121,11 +119,11 @@ def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineI
                 raise
             reasons.append(str(exc))
             continue
-        info = EngineInfo(backend=name, library=library.api.module, version=library.version,
+        info = EngineInfo(library=name, module=library.api.module, version=library.version,
                           targets=list(request.targets), optimization_level=request.optimization_level,
                           **engine_form(library, request.plugin_form))
         return library, info
-    return None, EngineInfo(backend="onnx", skipped="; ".join(reasons))
+    return None, EngineInfo(library=None, skipped="; ".join(reasons))
 
 
 def build_inputs(spec: GraphSpec) -> dict[str, Path | None]:
@@ -161,13 +159,6 @@ class _ShapePlan:
     blocks: list
     plans: dict[int, StagePlan]  # schedule index → plan, for the selected stages
 
-    def label(self, graph: str, multi: bool) -> str:
-        """A graph's name in progress lines: ``main``, or ``main@1216x832-b2`` in a multi-shape build."""
-        return f"{graph}@{self.shape.key}" if multi else graph
-
-    def stem(self, graph: str, multi: bool) -> str:
-        """A graph's file name stem: ``main``, or ``main.1216x832-b2`` in a multi-shape build."""
-        return f"{graph}.{self.shape.key}" if multi else graph
 
 
 @dataclass(frozen=True)
@@ -186,7 +177,7 @@ def _prepare(request: BuildRequest, selected: list[int]) -> _Model:
     spec = request.spec
     meta = build_unet(unet_config(spec.model), device="meta")
     check_loras(spec.loras, meta)  # a tensor the UNet lacks or cannot take: one line, before any export
-    loras = tuple(LoraEntry.of(item.file, item.scale) for item in spec.loras)
+    loras = tuple(lora_entry(item.file, item.scale) for item in spec.loras)
     shapes = []
     for shape in spec.shape_list:
         at = spec.at(shape)
@@ -221,7 +212,7 @@ def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
     selected = _select_stages(request)
     library, engine_info = resolve_engine(request)
     model = _prepare(request, selected)
-    check_destination(out, request.force, FILENAME, build_inputs(request.spec))
+    check_destination(out, request.force, MANIFEST, build_inputs(request.spec))
     if model.pipeline is None and Path(request.spec.model).expanduser().is_dir():
         progress("model", f"{request.spec.model} has no {PIPELINE_INDEX} in it or its parent: the graphs build, "
                           "but generate needs the pipeline's VAE and text encoders", None)
@@ -252,33 +243,37 @@ class _GraphMaker:
     multi: bool
     made: dict[tuple, GraphEntry]
 
+    def shape_key(self, at: _ShapePlan) -> str | None:
+        """The shape's key in graph ids and labels (``buildfolder.layout``): only where the build has several."""
+        return at.shape.key if self.multi else None
+
     def graph(self, at: _ShapePlan, name: str, plan: StagePlan | None, until: float | None, steps: range) -> GraphEntry:
         tokens = {b.name: b.tokens for b in at.blocks}
         keep = {b: (plan.keep.get(b, n) if plan else n) for b, n in tokens.items()}
         key = (at.shape, tuple(sorted(keep.items())))
-        label = at.label(name, self.multi)
+        label = graph_label(name, self.shape_key(at))
         if key in self.made:
             first = self.made[key]
             self.progress(label, f"same graph as {first.name}: reuses its files", None)
             return first.model_copy(update={"name": name, "until": until, "steps": [steps.start, steps.stop],
                                             "same_as": first.same_as or first.name})
-        entry = self._make(at, label, at.stem(name, self.multi), name, plan, keep, until, steps)
+        entry = self._make(at, label, name, plan, keep, until, steps)
         self.made[key] = entry
         return entry
 
-    def _make(self, at: _ShapePlan, label: str, stem: str, name: str, plan: StagePlan | None, keep: dict[str, int],
+    def _make(self, at: _ShapePlan, label: str, name: str, plan: StagePlan | None, keep: dict[str, int],
               until: float | None, steps: range) -> GraphEntry:
         spec, store, work, progress = at.spec, self.store, self.work, self.progress
         contract = spec.contract(dict(self.meta.config))
-        graphs = work / GRAPHS_DIR
+        final = graph_file(work, name, self.shape_key(at))
         tick = time.perf_counter()
         # The UNet lives only in the export's own process; this one cleans a weight-free skeleton
         # of the graph and moves the weights into the shared file: they are never held twice.
-        raw = graphs / f".raw-{stem}" / "raw.onnx"
+        raw = final.parent / f".raw-{final.stem}" / "raw.onnx"
         raw.parent.mkdir()
         export_peak = export_stage(spec, plan, contract, raw, self.weight_bytes)
         stored, reused = store.size, store.reused
-        path = finalize(raw, graphs / f"{stem}.onnx", store)
+        path = finalize(raw, final, store)
         shutil.rmtree(raw.parent)
         export_seconds = time.perf_counter() - tick
         peak = f", exporter peak {export_peak / 1e9:.2f} GB" if export_peak else ""
@@ -289,7 +284,7 @@ class _GraphMaker:
         graph = graph_flops(str(path), spec.batch) / 1e12
         module = count_flops(self.meta, spec.height, spec.width, spec.text_length, plan) / 1e12
         progress(label, f"checked: {graph * 1e3:.3f} GFLOPs/image-step in the graph", time.perf_counter() - tick)
-        plugin = self._plugin_form(at, label, stem, plan, contract) if self.request.plugin_form and plan else None
+        plugin = self._plugin_form(at, label, name, plan, contract) if self.request.plugin_form and plan else None
         ort = None
         if self.ort_fusion:
             tick = time.perf_counter()
@@ -303,7 +298,7 @@ class _GraphMaker:
         if library is not None:
             store.flush()  # the builder maps the weights file
             target = "-".join(self.request.targets) or "local"
-            engine_path = work / ENGINES_DIR / f"{stem}.{library.backend}.{target}.plan"
+            engine_path = engine_file(work, name, self.shape_key(at), library.backend, target)
             source, options = path, self.options
             if plugin is not None and library.api.plugin_refusal is None:  # the engine carries the kernels' plugins
                 source, options = work / plugin.path, dataclasses.replace(options, plugins=True)
@@ -315,21 +310,21 @@ class _GraphMaker:
             progress(label, f"engine {engine.bytes / 2**20:.1f} MiB, builder peak {built.peak_rss / 1e9:.2f} GB",
                      compile_seconds)
         return GraphEntry(
-            name=name, until=until, steps=[steps.start, steps.stop], keep=keep,
+            name=name, shape=at.shape.key, until=until, steps=[steps.start, steps.stop], keep=keep,
             onnx=file_entry(work, path), ort_onnx=ort, plugin_onnx=plugin, engine=engine, graph_tflops=graph, module_tflops=module,
             export_seconds=export_seconds, compile_seconds=compile_seconds,
             export_peak_rss=export_peak, compile_peak_rss=compile_peak,
         )
 
-    def _plugin_form(self, at: _ShapePlan, label: str, stem: str, plan: StagePlan,
+    def _plugin_form(self, at: _ShapePlan, label: str, name: str, plan: StagePlan,
                      contract: GraphContract) -> FileEntry:
         """The graph's plugin form beside its portable one, its weights in the same shared file (stored once)."""
         tick = time.perf_counter()
-        graphs = self.work / GRAPHS_DIR
-        raw = graphs / f".raw-{stem}.plugin" / "raw.onnx"
+        final = graph_file(self.work, name, self.shape_key(at), "plugin")
+        raw = final.parent / f".raw-{final.stem}" / "raw.onnx"
         raw.parent.mkdir()
         export_stage(at.spec, plan, contract, raw, self.weight_bytes, form="plugin")
-        path = finalize(raw, graphs / f"{stem}.plugin.onnx", self.store)
+        path = finalize(raw, final, self.store)
         shutil.rmtree(raw.parent)
         check_onnx(path)
         nodes = plugin_nodes(load_onnx(path))
@@ -400,10 +395,10 @@ def _build_into(
         engine=engine_info,
         versions=tool_versions(),
         build_seconds=time.perf_counter() - start,
-        pipeline=PipelineInfo.of(model.pipeline) if model.pipeline else None,
+        pipeline=pipeline_info(model.pipeline) if model.pipeline else None,
         loras=list(model.loras),
     )
-    manifest.save(work)
+    write_manifest(work, manifest)
     return manifest
 
 

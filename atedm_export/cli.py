@@ -310,9 +310,10 @@ def _secs(s: float | None) -> str:
 
 def _graphs_table(manifest, title: str | Text) -> Table:  # noqa: ANN001
     """Every graph of a build, a section per shape (the grid of shapes × stages) with its schedule's total."""
+    from .buildfolder import views
     from .report import graph_summary, schedule_totals
 
-    base = manifest.baseline.graph_tflops
+    base = manifest.shapes[0].baseline.graph_tflops
     scale, unit = (1.0, "TFLOPs") if base >= 0.1 else (1e3, "GFLOPs")
     multi = manifest.multi_shape
     table = Table(title=title)
@@ -320,14 +321,14 @@ def _graphs_table(manifest, title: str | Text) -> Table:  # noqa: ANN001
                                    "ONNX MiB", "engine MiB", "export s", "compile s"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("shape", "graph") else "right")
-    for index, view in enumerate(manifest.views()):
+    for index, view in enumerate(views(manifest)):
         if index:
             table.add_section()
         blocks = len(view.tokens)
         shape = [view.shape.key] * multi
         for entry in view.graphs():
             g = graph_summary(view, entry)
-            steps = f"{g['steps'][0]}-{g['steps'][1] - 1}" if g["steps"][1] > g["steps"][0] else "(none)"
+            steps = f"{entry.steps[0]}-{entry.steps[1] - 1}" if entry.step_count else "(none)"
             table.add_row(
                 *shape, entry.name + (f" (= {entry.same_as})" if entry.same_as else ""), steps,
                 f"{g['pruned_blocks']}/{blocks}", f"{g['kept_fraction']:.0%}", f"{g['graph_tflops'] * scale:.3f}",
@@ -465,22 +466,23 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
     """Stages, steps, kept tokens per block, FLOPs, file sizes and op histogram of a build."""
     from .costmodel import device
     from .flops import flops_report
-    from .manifest import Manifest
+    from .buildfolder import first_view, read_manifest, views
     from .report import inspect_build
 
-    manifest = Manifest.load(build_dir)
+    manifest = read_manifest(build_dir)
+    view = first_view(manifest)  # what a single-shape build shows; other shapes have the same ops and attentions
     data = inspect_build(build_dir, manifest)
-    predictions = flops_report(manifest.graph_spec, tuple(device(d) for d in dict.fromkeys(devices))).predictions \
+    predictions = flops_report(view.graph_spec, tuple(device(d) for d in dict.fromkeys(devices))).predictions \
         if devices else []
     data["predictions"] = {p.device.key: p.to_json() for p in predictions}
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    spec = manifest.graph_spec
+    spec = view.graph_spec
     engine = manifest.engine
-    engines = (f"{engine.backend} {engine.version} for {','.join(engine.targets) or 'the local GPU'}, built from "
+    engines = (f"{engine.library} {engine.version} for {','.join(engine.targets) or 'the local GPU'}, built from "
                f"the {engine.form} form" + (f" ({engine.form_reason})" if engine.form_reason else "")
-               if not engine.skipped else f"none ({engine.skipped})")
+               if engine.built else f"none ({engine.skipped})")
     from .shapes import shape_keys
 
     sizes = (f"{len(manifest.shapes)} shapes ({shape_keys(manifest.shape_list)})" if manifest.multi_shape
@@ -499,11 +501,10 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
                        "in the graphs: standard ONNX ops (portable form)"
                        + ("; the kernels' atedm nodes (plugin form)" if plugin else "")))
     out.print(_graphs_table(manifest, "graphs"))
-    for view in manifest.views():
-        out.print(_keep_table(view.tokens, {e.name: e.keep for e in view.stages},
-                              f" at {view.shape.key}" if manifest.multi_shape else ""))
-    first = {entry.name if not manifest.multi_shape else f"{entry.name}@{manifest.shape.key}"
-             for entry in manifest.graphs()}  # other shapes' graphs have the same ops and attentions
+    for shaped in views(manifest):
+        out.print(_keep_table(shaped.tokens, {e.name: e.keep for e in shaped.stages},
+                              f" at {shaped.shape.key}" if manifest.multi_shape else ""))
+    first = {view.label(entry.name) for entry in view.graphs()}
     for name, forms in data["attention"].items():
         if name not in first:
             continue
@@ -512,7 +513,7 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
         plugin = f"; {forms['plugin_nodes']} atedm nodes in its plugin form" if "plugin_nodes" in forms else ""
         out.print(Text(f"{name}: {forms['fusable']} attentions in TensorRT's fused form, {forms['map']} maps read "
                        f"by the map layer{fused}{plugin}"))
-    ops = Table(title="op histogram (top 12)" + (f", at {manifest.shape.key}" if manifest.multi_shape else ""))
+    ops = Table(title="op histogram (top 12)" + (f", at {view.shape.key}" if manifest.multi_shape else ""))
     ops.add_column("op")
     graphs = [g for g in data["ops"] if g in first]
     for g in graphs:
@@ -781,6 +782,7 @@ def bench(build_dirs: tuple[Path, ...], backends: str, warmup: int, repeats: int
     the other in the same run and end with one table of their whole schedules side by side.
     """
     from .bench import run_benches, side_by_side, write_csv, write_plot, write_side_by_side_plot
+    from .runtime.backends import backend_types
     from .shapes import parse_shape
 
     _check_outputs(json_path, csv_path, plot_path, suffixes={plot_path: (".png",)} if plot_path else None)
@@ -788,10 +790,8 @@ def bench(build_dirs: tuple[Path, ...], backends: str, warmup: int, repeats: int
 
     check_distinct(build_dirs)
     names = list(_split(backends))
-    unknown = [n for n in names if n not in RUNTIME_BACKENDS]
-    if unknown or not names:
-        raise AtedmError(f"unknown backend '{unknown[0] if unknown else ''}'; expected some of: {', '.join(RUNTIME_BACKENDS)}")
-    engine = next((n for n in names if n in ENGINE_LIBRARIES), ",".join(names))
+    classes = backend_types(names)
+    engine = next((n for n, cls in zip(names, classes) if cls.takes_engine_options), ",".join(names))
     _engine_options(engine, cuda_graphs, engine_weights)  # refused before any timing when no engine backend is named
     with console.status("benchmarking…") as status:
         reports = run_benches(list(build_dirs), names, warmup, repeats, device,

@@ -32,6 +32,22 @@ class KernelUnavailable(AtedmError):
     """``map_impl: kernels`` where the map layer's kernels cannot run (no triton, or CPU tensors without its interpreter)."""
 
 
+class ManifestError(AtedmError):
+    """A build folder whose manifest or artifacts cannot be trusted."""
+
+
+class ShapeError(ManifestError):
+    """A shape the build has no graphs for."""
+
+
+class ScheduleError(ManifestError):
+    """A step the build cannot run: outside the run, an unknown timestep, or a stage that was not built."""
+
+
+class RefitError(AtedmError):
+    """A build the LoRAs cannot be refitted into: a parameter not found, or not alone, in its weights."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of a third-party exception's message (Triton's ``.message()`` too), for a one-line error."""
     message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)

@@ -15,6 +15,9 @@ the product (the same value, one multiply instead of two). The optimizer runs on
 it reads only the attention weights it stacks, from the build's weights file. The stacked weights are new tensors and go into that file once, shared by every
 graph of the build (``WeightStore`` deduplicates them); the fused graph no longer reads the separate
 q/k/v weights, so a session of it maps about as many weight bytes as one of the plain graph.
+
+How those options lay a self-attention's q/k/v weights out in the one tensor is stated here too
+(``packed_qkv``): refit finds and rewrites the stacks by it, so the options and the layout change together.
 """
 
 from __future__ import annotations
@@ -23,13 +26,19 @@ import collections
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 
-from .weights import WeightStore
+from .errors import RefitError
+from .weights import KEY_BYTES, Region, RegionKey, StoredWeights, WeightStore, tensor_bytes, where
+
+if TYPE_CHECKING:
+    import torch
 
 SUFFIX = ".ort.onnx"  # graphs/<name>.onnx → graphs/<name>.ort.onnx
 FUSED_OPS = ("Attention", "MultiHeadAttention")
@@ -49,6 +58,89 @@ def fusion_options():  # noqa: ANN201 - onnxruntime.transformers.fusion_options.
     options.enable_nhwc_conv = False
     options.enable_shape_inference = False  # every shape is already static and annotated
     return options
+
+
+# --- the packed q/k/v weight: the layout fusion_options() makes onnxruntime write ------------------------------
+
+
+def qkv_names(attention: str) -> list[str]:
+    """The weights onnxruntime packs into one for a self-attention: its module's ``to_q``, ``to_k``, ``to_v``."""
+    return [f"{attention}.to_{p}.weight" for p in "qkv"]
+
+
+def qkv_attentions(names: Iterable[str]) -> list[str]:
+    """The attention modules among parameter ``names`` (those with a ``to_q`` weight), sorted."""
+    return sorted(n.removesuffix(".to_q.weight") for n in names if n.endswith(".to_q.weight"))
+
+
+def qkv_parts(params: Mapping[str, torch.Tensor], attention: str) -> list[torch.Tensor] | None:
+    """``attention``'s q, k, v weights where onnxruntime could pack them (2-D, one input width), else None."""
+    names = qkv_names(attention)
+    if not all(n in params for n in names):
+        return None
+    q, k, v = (params[n] for n in names)
+    return [q, k, v] if q.dim() == 2 and q.shape[1] == k.shape[1] == v.shape[1] else None
+
+
+def packed_qkv(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The one weight onnxruntime's ``Attention`` reads for a self-attention's q, k, v (``torch.nn.Linear`` weights,
+    ``[out, in]``) with ``enable_packed_qkv`` off: ``np.stack((qw, kw, vw), axis=1)`` of the graph's ``[in, out]``
+    (transposed) weights, ``[in, 3·out]``, each row q's, then k's, then v's (``[Wqᵀ | Wkᵀ | Wvᵀ]``). Packed q/k/v
+    would interleave them head by head instead."""
+    import torch
+
+    return torch.cat([p.t() for p in parts], dim=1)
+
+
+def packed_qkv_key(parts: Sequence[torch.Tensor]) -> RegionKey:
+    """``weights.tensor_key`` of ``packed_qkv(parts)`` without packing the whole of it: its first and last rows are
+    the packing of the parts' first and last columns."""
+    row = sum(p.shape[0] for p in parts) * parts[0].element_size()
+    take = -(-KEY_BYTES // row)  # rows enough for KEY_BYTES
+    head = tensor_bytes(packed_qkv([p[:, :take] for p in parts])).tobytes()
+    tail = tensor_bytes(packed_qkv([p[:, -take:] for p in parts])).tobytes()
+    return sum(p.numel() * p.element_size() for p in parts), head[:KEY_BYTES], tail[-KEY_BYTES:]
+
+
+def find_packed_qkv(params: Mapping[str, torch.Tensor], changed: set[str], weights: StoredWeights,
+                    fused_only: set[Region]) -> tuple[dict[Region, str], set[Region]]:
+    """The regions only fused graphs hold, as what the optimizer wrote: ``(the packed q/k/v weights of attentions
+    with a ``changed`` weight: region → attention, every region accounted for)``.
+
+    A region is accounted for when it is the packed weight of some self-attention (those with a changed weight
+    compared exactly) or holds only zeros (the packed q/k/v biases the optimizer adds for attentions without any).
+    """
+    by_key = weights.index(fused_only)
+    changed_stacks: dict[Region, str] = {}
+    known: set[Region] = set()
+    for attention in qkv_attentions(params):
+        parts = qkv_parts(params, attention)
+        if parts is None:
+            continue
+        candidates = by_key.get(packed_qkv_key(parts), [])
+        if candidates and set(qkv_names(attention)) & changed:
+            hits = _packed_hits(attention, parts, candidates, weights)
+            changed_stacks.update(dict.fromkeys(hits, attention))
+            known.update(hits)
+        else:
+            known.update(candidates)
+    known.update(r for r in fused_only - known if not weights.view(r).any())
+    return changed_stacks, known
+
+
+def _packed_hits(attention: str, parts: list[torch.Tensor], candidates: list[Region],
+                 weights: StoredWeights) -> list[Region]:
+    """The one candidate region (or none) that is ``attention``'s packed weight, compared exactly; an error where
+    two are."""
+    data = tensor_bytes(packed_qkv(parts))
+    hits = [r for r in candidates if np.array_equal(weights.view(r), data)]
+    if len(hits) > 1:
+        raise RefitError(f"the q/k/v stack of '{attention}' is stored {len(hits)} times ({where(hits)}) in "
+                         "the onnxruntime graphs; refit cannot tell which it is")
+    return hits
+
+
+# --- fusing a graph ------------------------------------------------------------------------------------------
 
 
 def fused_path(graph: Path) -> Path:

@@ -10,7 +10,8 @@ from __future__ import annotations
 ENGINE_LIBRARIES: tuple[str, ...] = ("tensorrt", "tensorrt-rtx")
 #: What ``build --backend`` takes: an engine library, ``onnx`` (graphs only) or ``auto``.
 BUILD_BACKENDS: tuple[str, ...] = ("auto", *ENGINE_LIBRARIES, "onnx")
-#: What runs a build's graphs (``runtime/backends.py``): the eager reference, onnxruntime, the engines.
+#: What runs a build's graphs: the eager reference, onnxruntime, the engines. Each is a name a class of
+#: ``runtime/backends.py`` declares (``backends.BACKENDS``, which checks it has these); listed here in the CLI's order.
 RUNTIME_BACKENDS: tuple[str, ...] = ("onnxruntime", "eager", *ENGINE_LIBRARIES)
 #: How ``deploy`` serves graphs on Triton: TensorRT plans, or the ONNX graphs on onnxruntime.
 DEPLOY_VARIANTS: tuple[str, ...] = ("tensorrt", "onnxruntime")

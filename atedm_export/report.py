@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .manifest import GraphEntry, Manifest
+from .buildfolder import GraphEntry, Manifest, ShapeView, first_view, views
 from .kernels.onnxruntime_ops import plugin_nodes
 from .userfiles import load_onnx
 
@@ -37,15 +37,15 @@ def attention_forms(folder: Path, entry: GraphEntry) -> dict[str, int]:
     return forms
 
 
-def graph_summary(manifest: Manifest, entry: GraphEntry) -> dict:
+def graph_summary(view: ShapeView, entry: GraphEntry) -> dict:
     kept = sum(entry.keep.values())
-    tokens = sum(manifest.tokens.values())
-    base = manifest.baseline.graph_tflops
+    tokens = sum(view.tokens.values())
+    base = view.baseline.graph_tflops
     return {
         "name": entry.name,
         "steps": entry.steps,
         "until": entry.until,
-        "pruned_blocks": sum(k < manifest.tokens[b] for b, k in entry.keep.items()),
+        "pruned_blocks": sum(k < view.tokens[b] for b, k in entry.keep.items()),
         "kept_fraction": kept / tokens,
         "graph_tflops": entry.graph_tflops,
         "module_tflops": entry.module_tflops,
@@ -59,17 +59,17 @@ def graph_summary(manifest: Manifest, entry: GraphEntry) -> dict:
     }
 
 
-def schedule_totals(manifest: Manifest) -> dict | None:
+def schedule_totals(view: ShapeView) -> dict | None:
     """Step-weighted average FLOPs over the spec's steps; None when the build holds only some stages."""
-    if not manifest.complete:
+    if not view.manifest.complete:
         return None
-    steps = manifest.graph_spec.steps
-    tflops = sum(s.graph_tflops * (s.steps[1] - s.steps[0]) for s in manifest.stages) / steps
-    return {"steps": steps, "graph_tflops": tflops, "saving": 1 - tflops / manifest.baseline.graph_tflops}
+    steps = view.graph_spec.steps
+    tflops = sum(s.graph_tflops * s.step_count for s in view.stages) / steps
+    return {"steps": steps, "graph_tflops": tflops, "saving": 1 - tflops / view.baseline.graph_tflops}
 
 
-def shape_summary(view: Manifest) -> dict:
-    """One shape of a build (``view = manifest.at(shape)``): its I/O, tokens, graphs and schedule totals."""
+def shape_summary(view: ShapeView) -> dict:
+    """One shape of a build: its I/O, tokens, graphs and schedule totals."""
     shape = view.shape
     return {
         "shape": shape.key, "batch": shape.batch, "height": shape.height, "width": shape.width,
@@ -86,18 +86,17 @@ def inspect_build(folder: Path, manifest: Manifest) -> dict:
     """The JSON of ``atedm-export inspect``: the first shape's figures at the top level (as a single-shape build
     has them), every shape under ``shapes``, and the files of all of them."""
     unique = {e.onnx.path: e for e in manifest.all_graphs()}
-    labels = {path: (f"{e.name}@{view.shape.key}" if manifest.multi_shape else e.name)
-              for view in manifest.views() for e in view.graphs() for path in [e.onnx.path]}
+    labels = {e.onnx.path: view.label(e.name) for view in views(manifest) for e in view.graphs()}
     weights = sum(f.bytes for f in manifest.weight_files)  # a refit build's base and its changed tensors
     graph_bytes = sum(e.onnx.bytes for e in unique.values())
-    first = shape_summary(manifest)
+    first = shape_summary(first_view(manifest))
     return {
         "folder": str(folder),
-        "method": manifest.graph_spec.method,
+        "method": manifest.full_spec.method,
         "spec": manifest.spec,
         "engine": manifest.engine.model_dump(),
         **{key: first[key] for key in ("inputs", "outputs", "tokens", "graphs", "schedule")},
-        "shapes": [shape_summary(view) for view in manifest.views()],
+        "shapes": [shape_summary(view) for view in views(manifest)],
         "ops": {labels[path]: op_histogram(folder / path) for path in unique},
         "attention": {labels[path]: attention_forms(folder, e) for path, e in unique.items()},
         "weights": {"path": manifest.weights.path, "bytes": weights, "graphs_sharing": len(unique),

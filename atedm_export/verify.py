@@ -19,7 +19,7 @@ import torch
 
 from .contract import OUTPUT, PRECISIONS, UNetGraph
 from .isolated import run_isolated
-from .manifest import Manifest
+from .buildfolder import check_lora, first_view, read_manifest, view_at, views
 from .models import load_unet
 from .pruning import set_plan
 from .shapes import Shape
@@ -147,20 +147,20 @@ def verify_build(folder: str | Path, seed: int = 0, graphs: list[str] | None = N
     """Every graph of a build (or the named ones, at the given shapes) in onnxruntime, plain and fused, against
     eager AT-EDM on random inputs of each graph's shape. In a multi-shape build a graph is named ``main@1216x832-b2``."""
     folder = Path(folder)
-    manifest = Manifest.load(folder)
-    views = [manifest.at(s) for s in shapes] if shapes else manifest.views()
-    spec = manifest.graph_spec
+    manifest = read_manifest(folder)
+    checked = [view_at(manifest, s) for s in shapes] if shapes else views(manifest)
+    spec = first_view(manifest).graph_spec
     for lora in manifest.loras:
-        lora.check()  # the reference is the build's model only with the LoRA files it fused
+        check_lora(lora)  # the reference is the build's model only with the LoRA files it fused
     unet = load_unet(spec.model, dtype=spec.dtype, seed=spec.seed, loras=manifest.loras)
     checks = []
-    for view in views:
+    for view in checked:
         contract = view.contract
         feed = {k: v.numpy() for k, v in contract.example_feed(seed=seed).items()}
         for entry in view.graphs():
             if graphs and entry.name not in graphs:
                 continue
-            name = f"{entry.name}@{view.shape.key}" if manifest.multi_shape else entry.name
+            name = view.label(entry.name)
             set_plan(unet, view.plan(entry))
             reference = _torch_runner(contract.module(unet).eval(), f"eager-{name}", feed)
             candidate = _onnxrt_runner(folder / entry.onnx.path, f"onnxruntime-{name}")

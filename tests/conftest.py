@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from atedm_export.buildfolder import first_view
 from atedm_export.contract import GraphContract
 from atedm_export.models import attention_blocks, load_unet
 
@@ -169,10 +170,10 @@ def corrupted_copy(build, copy, graph: str):  # noqa: ANN001, ANN201 - paths
     sha256 can tell, which every loader must check."""
     import shutil
 
-    from atedm_export.manifest import Manifest
+    from atedm_export.buildfolder import Manifest, read_manifest
 
     shutil.copytree(build, copy)
-    path = copy / Manifest.load(copy, verify=False).graph(graph).onnx.path
+    path = copy / first_view(read_manifest(copy, verify=False)).graph(graph).onnx.path
     path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
     return copy
 
@@ -195,3 +196,74 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
     if item.get_closest_marker("gpu") and os.environ.get("ATEDM_REQUIRE_GPU") == "1" and not torch.cuda.is_available():
         pytest.fail("ATEDM_REQUIRE_GPU=1 but torch sees no CUDA GPU", pytrace=False)
+
+
+# --- LoRAs of tiny-sd15 and the builds made with them (tests/test_lora.py, tests/test_refit.py) ---------------------
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]  # proj_in: a 1x1 Conv2d in SD 1.5's blocks
+
+
+def _peft_lora(seed: int) -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA of tiny-sd15 with random A and B (PEFT's ``init_lora_weights=False``), PEFT's keys."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = load_unet("tiny-sd15", seed=0)
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False))
+    return {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def _save_diffusers(folder, state: dict[str, torch.Tensor]):  # noqa: ANN001, ANN202
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(state))
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def _save_kohya(path, state: dict[str, torch.Tensor], alpha: float = 4.0):  # noqa: ANN001, ANN202
+    """kohya/A1111 names for the same weights: ``lora_unet_<module_path>.lora_down/lora_up.weight`` and ``alpha``."""
+    from safetensors.torch import save_file
+
+    kohya = {}
+    for key, value in state.items():
+        module, _, rest = key.partition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if rest.startswith('A') else 'lora_up'}.weight"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(alpha)
+    save_file(kohya, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def loras(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    state = _peft_lora(seed=5)
+    (folder / "style").mkdir()
+    (folder / "other").mkdir()
+    return {"style": _save_diffusers(folder / "style", state), "kohya": _save_kohya(folder / "kohya.safetensors", state),
+            "other": _save_diffusers(folder / "other", _peft_lora(seed=7)), "state": state, "folder": folder}
+
+
+@pytest.fixture(scope="session")
+def lora_build(loras, tmp_path_factory):
+    """The ToMe spec with the LoRA in it (×0.8), its baseline graph only (schedule none: one graph to export)."""
+    from atedm_export.build import BuildRequest, build
+    from atedm_export.spec import parse_spec
+
+    out = tmp_path_factory.mktemp("lora-builds") / "with-lora"
+    spec = {**TOME_SPEC, "name": "with-lora", "schedule": "none", "loras": [f"{loras['style']}:0.8"]}
+    build(BuildRequest(parse_spec(spec), out, backend="onnx"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def refitted(tiny_tome_build, loras, tmp_path_factory):
+    """The ToMe build refitted with the LoRA (×0.8): its folder and ``RefitResult``."""
+    from atedm_export.refit import RefitRequest, refit
+    from atedm_export.spec import LoraSpec
+
+    out = tmp_path_factory.mktemp("refits") / "refitted"
+    result = refit(RefitRequest(tiny_tome_build, (LoraSpec(file=str(loras["style"]), scale=0.8),), out))
+    return out, result

@@ -111,7 +111,7 @@ def inputs(tmp_path_factory) -> Path:
 def _edited_build(build: Path, root: Path, name: str, edit, garbage: str | None = None) -> Path:  # noqa: ANN001
     """A copy of the build (files hard-linked, the manifest rewritten by ``edit``); ``garbage``: that graph's
     file replaced by bytes that are no ONNX model, its checksum updated so only the decoder can tell."""
-    from atedm_export.manifest import sha256
+    from atedm_export.buildfolder import sha256
 
     folder = root / name
     if folder.exists():

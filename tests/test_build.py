@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from atedm_export import build as build_module
 from atedm_export.cli import main
 from atedm_export.flops import flops_report
-from atedm_export.manifest import FORMAT, Manifest, ManifestError
+from atedm_export.buildfolder import FORMAT, Manifest, ManifestError, first_view, read_manifest, write_manifest
 from atedm_export.spec import load_spec
 from atedm_export.verify import verify_build
 
@@ -32,14 +32,14 @@ def _leftovers(folder) -> list[str]:
 
 
 def test_build_has_every_stage_and_the_baseline(tiny_build):
-    manifest = Manifest.load(tiny_build)
-    assert [g.name for g in manifest.graphs()] == ["baseline", "early", "main"]
+    manifest = read_manifest(tiny_build)
+    assert [g.name for g in first_view(manifest).graphs()] == ["baseline", "early", "main"]
     assert manifest.complete and manifest.format == FORMAT
-    assert [i.name for i in manifest.inputs] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
-    assert manifest.inputs[0].shape == [2, 4, 32, 32] and manifest.outputs[0].shape == [2, 4, 32, 32]
-    assert manifest.inputs[2].shape == [2, 77, 64]
-    assert [s.steps for s in manifest.stages] == [[0, 2], [2, 20]]
-    main_stage = manifest.graph("main")
+    assert [i.name for i in first_view(manifest).inputs] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert first_view(manifest).inputs[0].shape == [2, 4, 32, 32] and first_view(manifest).outputs[0].shape == [2, 4, 32, 32]
+    assert first_view(manifest).inputs[2].shape == [2, 77, 64]
+    assert [s.steps for s in first_view(manifest).stages] == [[0, 2], [2, 20]]
+    main_stage = first_view(manifest).graph("main")
     assert set(main_stage.keep.values()) == {95, 24}
 
 
@@ -51,10 +51,10 @@ def test_graphs_match_eager_atedm_in_onnxruntime(tiny_build):
 
 
 def test_graph_flops_agree_with_the_flops_command(tiny_build):
-    manifest = Manifest.load(tiny_build)
+    manifest = read_manifest(tiny_build)
     report = flops_report(load_spec("tiny-sdxl"))
-    assert manifest.baseline.graph_tflops == pytest.approx(report.baseline_tflops, rel=0.02)
-    for entry, stage in zip(manifest.stages, report.stages):
+    assert first_view(manifest).baseline.graph_tflops == pytest.approx(report.baseline_tflops, rel=0.02)
+    for entry, stage in zip(first_view(manifest).stages, report.stages):
         assert entry.graph_tflops == pytest.approx(stage.tflops, rel=0.02)
         assert entry.graph_tflops == pytest.approx(entry.module_tflops, rel=0.02)
 
@@ -63,10 +63,10 @@ def test_graph_flops_agree_with_the_flops_command(tiny_build):
 @pytest.mark.slow
 def test_every_graph_has_a_tensorrt_rtx_engine(tiny_engine_build):
     tiny_build = tiny_engine_build
-    manifest = Manifest.load(tiny_build)
-    assert manifest.engine.backend == "tensorrt-rtx" and manifest.engine.targets == ["sm89"]
+    manifest = read_manifest(tiny_build)
+    assert manifest.engine.library == "tensorrt-rtx" and manifest.engine.targets == ["sm89"]
     assert manifest.engine.version and not manifest.engine.skipped
-    for entry in manifest.graphs():
+    for entry in first_view(manifest).graphs():
         assert entry.engine is not None and entry.engine.bytes > 1_000_000
         assert (tiny_build / entry.engine.path).read_bytes()[:4] == b"vtrt"
         assert entry.compile_seconds > 0
@@ -103,11 +103,11 @@ def test_verify_cli(tiny_build):
 
 
 def test_manifest_round_trip(tiny_build, tmp_path):
-    manifest = Manifest.load(tiny_build)
+    manifest = read_manifest(tiny_build)
     copy = tmp_path / "copy"
     copy.mkdir()
-    manifest.save(copy)
-    assert Manifest.load(copy, verify=False) == manifest
+    write_manifest(copy, manifest)
+    assert read_manifest(copy, verify=False) == manifest
 
 
 def _external_locations(path) -> set[str]:
@@ -123,11 +123,11 @@ def test_all_graphs_share_one_weights_file(tiny_build):
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    manifest = Manifest.load(tiny_build)
+    manifest = read_manifest(tiny_build)
     weights = manifest.weights
     assert weights.path == "onnx/weights.onnx.data"
     referenced = {}
-    for entry in manifest.graphs():
+    for entry in first_view(manifest).graphs():
         path = tiny_build / entry.onnx.path
         assert path.parent == (tiny_build / weights.path).parent
         assert _external_locations(path) == {"weights.onnx.data"}
@@ -139,7 +139,7 @@ def test_all_graphs_share_one_weights_file(tiny_build):
         assert max((t.ByteSize() for t in model.graph.initializer if not uses_external_data(t)), default=0) < 64 * 1024
     one_graph = referenced["baseline"]
     assert referenced["main"] == pytest.approx(one_graph, rel=0.01)
-    on_disk = weights.bytes + sum(e.onnx.bytes for e in manifest.graphs())
+    on_disk = weights.bytes + sum(e.onnx.bytes for e in first_view(manifest).graphs())
     assert on_disk <= 1.15 * one_graph, (on_disk, one_graph)
     assert weights.bytes <= 1.01 * one_graph
 
@@ -151,14 +151,14 @@ def test_the_shared_weights_are_all_an_engine_parser_needs(tiny_build, tmp_path)
     import onnx
     import onnxruntime as ort
 
-    manifest = Manifest.load(tiny_build)
+    manifest = read_manifest(tiny_build)
     alone = tmp_path / "onnx"
     alone.mkdir()
-    shutil.copy(tiny_build / manifest.graph("main").onnx.path, alone / "main.onnx")
+    shutil.copy(tiny_build / first_view(manifest).graph("main").onnx.path, alone / "main.onnx")
     shutil.copy(tiny_build / manifest.weights.path, alone / "weights.onnx.data")
     onnx.checker.check_model(str(alone / "main.onnx"))
     session = ort.InferenceSession(str(alone / "main.onnx"), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == [t.name for t in manifest.inputs]
+    assert [i.name for i in session.get_inputs()] == [t.name for t in first_view(manifest).inputs]
 
 
 @pytest.mark.parametrize("artifact", ["onnx", "weights", pytest.param("engine", marks=pytest.mark.slow)])
@@ -168,8 +168,8 @@ def test_a_flipped_byte_is_caught(request, tmp_path, artifact):
     tiny_build = request.getfixturevalue("tiny_engine_build" if artifact == "engine" else "tiny_build")
     copy = tmp_path / "b"
     shutil.copytree(tiny_build, copy)
-    entry = Manifest.load(copy, verify=False).graph("main")
-    manifest = Manifest.load(copy, verify=False)
+    entry = first_view(read_manifest(copy, verify=False)).graph("main")
+    manifest = read_manifest(copy, verify=False)
     paths = {"onnx": entry.onnx.path, "weights": manifest.weights.path, "engine": entry.engine and entry.engine.path}
     target = copy / paths[artifact]
     data = bytearray(target.read_bytes())
@@ -177,7 +177,7 @@ def test_a_flipped_byte_is_caught(request, tmp_path, artifact):
     target.write_bytes(bytes(data))
     owner = "weights" if artifact == "weights" else "main"
     with pytest.raises(ManifestError, match=f"{owner}: .* does not match its checksum"):
-        Manifest.load(copy)
+        read_manifest(copy)
     result = _cli("inspect", str(copy))
     assert result.exit_code == 2 and "checksum" in result.output
 
@@ -201,9 +201,9 @@ def test_unknown_manifest_version_and_missing_manifest(tiny_build, tmp_path):
     data = json.loads((tiny_build / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({**data, "format": "atedm-export.manifest/0"}))
     with pytest.raises(ManifestError, match="has format 'atedm-export.manifest/0'; this atedm-export reads"):
-        Manifest.load(folder)
+        read_manifest(folder)
     with pytest.raises(ManifestError, match="not a build folder"):
-        Manifest.load(tmp_path / "nothing")
+        read_manifest(tmp_path / "nothing")
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def test_a_second_build_into_the_same_folder_is_refused_while_the_first_runs(tmp
         release.set()
         thread.join(300)
     assert second.exit_code == 2 and f"another build into {out.resolve()} is running" in second.output, second.output
-    assert first["manifest"].complete and Manifest.load(out).stages[0].name == "main"
+    assert first["manifest"].complete and first_view(read_manifest(out)).stages[0].name == "main"
     assert _leftovers(tmp_path) == ["o", "small.yaml"]
 
 
@@ -340,13 +340,13 @@ def test_onnx_only_build_then_force_rebuild(tmp_path, tiny_tome_build):
 
     out = tmp_path / "o"
     shutil.copytree(tiny_tome_build, out)
-    manifest = Manifest.load(out)
-    assert manifest.engine.skipped and all(g.engine is None for g in manifest.graphs())
-    assert [g.name for g in manifest.graphs()] == ["baseline", "main"]
+    manifest = read_manifest(out)
+    assert manifest.engine.skipped and all(g.engine is None for g in first_view(manifest).graphs())
+    assert [g.name for g in first_view(manifest).graphs()] == ["baseline", "main"]
     again = _cli("build", small_spec(tmp_path, schedule="none"), "--out", str(out), "--backend", "onnx", "--force")
     assert again.exit_code == 0, again.output
-    rebuilt = Manifest.load(out)
-    assert rebuilt.stages[0].same_as == "baseline" and rebuilt.stages[0].onnx == rebuilt.baseline.onnx
+    rebuilt = read_manifest(out)
+    assert first_view(rebuilt).stages[0].same_as == "baseline" and first_view(rebuilt).stages[0].onnx == first_view(rebuilt).baseline.onnx
     assert sorted(p.name for p in (out / "onnx").iterdir()) == ["baseline.onnx", "weights.onnx.data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "small.yaml"]
 
@@ -379,10 +379,10 @@ def test_fp16_build_through_the_dynamo_exporter(tmp_path):
     args += ["--backend", "tensorrt-rtx", "--target", "sm89"] if HAS_RTX else ["--backend", "onnx"]
     result = _cli(*args)
     assert result.exit_code == 0, result.output
-    manifest = Manifest.load(tmp_path / "o")
-    assert {t.dtype for t in manifest.inputs} == {"float16", "float32"}  # timestep stays fp32
-    assert all(g.engine is not None for g in manifest.graphs()) == HAS_RTX
-    for entry in manifest.graphs():  # the dynamo exporter's weights, moved into the one shared file
+    manifest = read_manifest(tmp_path / "o")
+    assert {t.dtype for t in first_view(manifest).inputs} == {"float16", "float32"}  # timestep stays fp32
+    assert all(g.engine is not None for g in first_view(manifest).graphs()) == HAS_RTX
+    for entry in first_view(manifest).graphs():  # the dynamo exporter's weights, moved into the one shared file
         assert _external_locations(tmp_path / "o" / entry.onnx.path) == {"weights.onnx.data"}
     checks = {c.graph: c for c in verify_build(tmp_path / "o")}
     assert checks["baseline"].passed and checks["baseline"].cosine > 0.99999, checks
@@ -441,7 +441,7 @@ def test_a_graph_that_reads_weights_the_manifest_does_not_list_is_refused(tiny_b
 
     import onnx
 
-    from atedm_export.manifest import sha256
+    from atedm_export.buildfolder import sha256, read_manifest
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_build, copy)
@@ -457,4 +457,4 @@ def test_a_graph_that_reads_weights_the_manifest_does_not_list_is_refused(tiny_b
     (copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match=f"reads tensor '{tensor.name}' from other.data, which the manifest does "
                                             "not list"):
-        Manifest.load(copy)
+        read_manifest(copy)

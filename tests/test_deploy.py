@@ -22,7 +22,7 @@ from atedm_export.deploy.config import CONFIG, DeployError, check_model, parse, 
 from atedm_export.deploy.repository import DeployRequest, check_repository, deploy
 from atedm_export.deploy.routing import Router, RoutingError
 from atedm_export.deploy.serving import RequestError, _PythonModel, check_finite
-from atedm_export.manifest import Manifest, ManifestError, ShapeError, sha256
+from atedm_export.buildfolder import Manifest, ManifestError, ShapeError, first_view, read_manifest, sha256, views
 
 from .conftest import corrupted_copy, needs_rtx
 
@@ -44,7 +44,7 @@ def _feed(batch: int, rows: int, marker: float) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def router(tiny_build):
-    return Router(Manifest.load(tiny_build, verify=False))
+    return Router(read_manifest(tiny_build, verify=False))
 
 
 def test_routes_follow_the_schedule(router):
@@ -86,7 +86,7 @@ def test_rows_are_grouped_by_graph_chunked_padded_and_scattered_back(router):
 
 
 def test_onnxruntime_repository_layout_and_configs(ort_repo, tiny_build):
-    manifest = Manifest.load(tiny_build)
+    manifest = read_manifest(tiny_build)
     configs = read_repository(ort_repo)
     assert sorted(configs) == ["atedm_unet", "atedm_unet_baseline", "atedm_unet_early", "atedm_unet_main"]
     assert check_repository(ort_repo) == manifest
@@ -104,9 +104,9 @@ def test_onnxruntime_repository_layout_and_configs(ort_repo, tiny_build):
         config = configs[f"atedm_unet_{graph}"]
         assert config.backend == "python" and config.max_batch_size == 0
         assert config.parameters["atedm_graph"].string_value == graph
-        assert [(i.name, list(i.dims)) for i in config.input] == [(t.name, t.shape) for t in manifest.inputs]
+        assert [(i.name, list(i.dims)) for i in config.input] == [(t.name, t.shape) for t in first_view(manifest).inputs]
         assert config.parameters["atedm_build"].string_value == "atedm_unet/build"
-        entry = manifest.graph(graph)
+        entry = first_view(manifest).graph(graph)
         copied = ort_repo / "atedm_unet" / "build" / entry.onnx.path
         assert sha256(copied) == entry.onnx.sha256
         assert sorted(p.name for p in (ort_repo / f"atedm_unet_{graph}" / "1").iterdir()) == ["model.py"]
@@ -136,7 +136,7 @@ def test_a_stage_that_prunes_nothing_is_routed_to_the_baseline(tmp_path):
     record = deploy(DeployRequest(out, tmp_path / "repo", backend="onnxruntime"))
     assert record["models"]["atedm_unet"]["routes"] == {"baseline": "atedm_unet_baseline", "late": "atedm_unet_late"}
     assert not (tmp_path / "repo" / "atedm_unet_warm").exists()
-    assert Router(Manifest.load(out)).graph_of("warm") == "baseline"
+    assert Router(read_manifest(out)).graph_of("warm") == "baseline"
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def tensorrt_build(tiny_engine_build, tmp_path_factory):
     copy = tmp_path_factory.mktemp("trt") / "build"
     shutil.copytree(tiny_engine_build, copy)
     data = json.loads((copy / "manifest.json").read_text())
-    data["engine"].update(backend="tensorrt", library="tensorrt", version="10.13.0", targets=[])
+    data["engine"].update(library="tensorrt", module="tensorrt", version="10.13.0", targets=[])
     (copy / "manifest.json").write_text(json.dumps(data))
     return copy
 
@@ -174,7 +174,7 @@ def test_tensorrt_repository_configs_pass_validation(tensorrt_build, tmp_path):
         assert [(o.name, list(o.dims), pb.DataType.Name(o.data_type)) for o in config.output] == [
             ("latent", [2, 4, 32, 32], "TYPE_FP32")]
         plan = repo / f"atedm_unet_{graph}" / "1" / "model.plan"
-        assert sha256(plan) == manifest.graph(graph).engine.sha256
+        assert sha256(plan) == first_view(manifest).graph(graph).engine.sha256
     assert configs["atedm_unet"].max_batch_size == 4
     assert "nvcr.io/nvidia/tritonserver" in (repo / "README.md").read_text()
 
@@ -262,7 +262,7 @@ def test_a_repository_that_overlaps_the_build_is_refused_before_any_work(build_c
     assert result.exit_code == 2 and len(errors) == 1, result.output
     assert f"repository {target} and build {build_copy} overlap" in errors[0]
     assert snapshot(tmp_path) == before
-    Manifest.load(build_copy)  # whole, every artifact checked
+    read_manifest(build_copy)  # whole, every artifact checked
 
 
 def _deploy(build: Path, repository: Path, **changes) -> dict:
@@ -279,7 +279,7 @@ def test_deploy_adds_its_models_beside_others_and_force_replaces_only_its_own(ti
     assert {p.name for p in repo.iterdir()} == {"other_model", "README.md", *ours}
     assert snapshot(repo / "other_model") == other and (repo / "README.md").read_text() == "the other team's notes\n"
     assert record["readme"] == "atedm_unet/README.md" and "atedm-export serve" in (repo / "atedm_unet" / "README.md").read_text()
-    assert check_repository(repo) == Manifest.load(tiny_build)  # only our models are checked: other_model is not ours
+    assert check_repository(repo) == read_manifest(tiny_build)  # only our models are checked: other_model is not ours
     assert [p.name for p in tmp_path.iterdir()] == ["shared"]  # no lock, no hidden work folder left beside it
 
     with pytest.raises(DeployError, match="already holds an atedm-export deployment .*; pass --force"):
@@ -456,8 +456,8 @@ def test_link_hard_links_the_artifacts(tiny_build, tmp_path):
     shutil.copytree(tiny_build, source)
     repo = tmp_path / "repo"
     deploy(DeployRequest(source, repo, backend="onnxruntime", link=True))
-    manifest = Manifest.load(source)
-    entry = manifest.graph("main")
+    manifest = read_manifest(source)
+    entry = first_view(manifest).graph("main")
     build = repo / "atedm_unet" / "build"
     for item in (entry.onnx, manifest.weights):
         assert (build / item.path).stat().st_ino == (source / item.path).stat().st_ino
@@ -482,13 +482,13 @@ def multi_repo(tiny_multi_build, tmp_path_factory):
 
 @pytest.mark.slow  # the 3-shape build: ~80 s of exports
 def test_multi_shape_repository_has_a_graph_model_per_shape_and_stage(multi_repo, tiny_multi_build):
-    manifest = Manifest.load(tiny_multi_build)
+    manifest = read_manifest(tiny_multi_build)
     assert [s.key for s in manifest.shape_list] == MULTI_KEYS
     configs = read_repository(multi_repo)
     graphs = {f"{g}.{key}": f"atedm_unet_{g}_{key}" for key in MULTI_KEYS for g in ("baseline", "main")}
     assert sorted(configs) == sorted(["atedm_unet", *graphs.values()])
     assert check_repository(multi_repo) == manifest
-    for view in manifest.views():
+    for view in views(manifest):
         for graph in ("baseline", "main"):
             config = configs[f"atedm_unet_{graph}_{view.shape.key}"]
             assert config.parameters["atedm_graph"].string_value == graph
@@ -518,7 +518,7 @@ def test_multi_shape_repository_has_a_graph_model_per_shape_and_stage(multi_repo
 def test_the_router_picks_each_requests_shape_and_a_missing_one_is_one_line(tiny_multi_build):
     """Shape by (rows, latent height, width) through the manifest's lookup: the shape of exactly those rows, else the
     next larger batch at that size (padded), else the largest (chunked); an unbuilt size names the shapes."""
-    router = Router(Manifest.load(tiny_multi_build, verify=False))
+    router = Router(read_manifest(tiny_multi_build, verify=False))
     asked = ((2, 16, 16), (4, 16, 16), (2, 16, 24), (1, 16, 24), (3, 16, 16), (1, 16, 16), (6, 16, 16))
     picked = {rows_hw: router.view_for(*rows_hw).shape.key for rows_hw in asked}
     assert picked == {(2, 16, 16): "128x128-b2", (4, 16, 16): "128x128-b4", (2, 16, 24): "192x128-b2",

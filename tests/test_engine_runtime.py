@@ -16,7 +16,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
 from atedm_export.contract import GraphContract
-from atedm_export.manifest import Manifest
+from atedm_export.buildfolder import Manifest, first_view, read_manifest
 from atedm_export.runtime import StagedUNet
 from atedm_export.runtime.engines import EngineRuntimeError
 from atedm_export.runtime.pipeline import SDXL_SCHEDULER
@@ -68,13 +68,13 @@ def test_engine_loop_switches_stages_like_onnxruntime(gpu_engine_build, cuda_gra
             pytest.skip(str(exc))
         raise
     reference = StagedUNet.load(gpu_engine_build, backend="onnxruntime")
-    contract, steps = engine.manifest.contract, 8
+    contract, steps = first_view(engine.manifest).contract, 8
     kwargs = SCHEDULER if scheduler is PNDMScheduler else SDXL_SCHEDULER
     got = sample_loop(engine, scheduler(**kwargs), contract, steps, device="cuda").cpu()
     want = sample_loop(reference, scheduler(**kwargs), contract, steps)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
     ranges = engine.schedule.step_ranges(steps)
-    for stage, expected in zip(engine.manifest.stages, ranges):  # every stage ran, at its steps
+    for stage, expected in zip(first_view(engine.manifest).stages, ranges):  # every stage ran, at its steps
         assert engine.stats[stage.name].steps == list(expected)
     runtime = engine.backend.engines
     assert engine.backend.activations.numel() == max(runtime.activation_bytes, 1)  # one buffer for all stages
@@ -87,9 +87,9 @@ def test_each_call_returns_a_tensor_the_caller_owns(gpu_engine_build, cuda_graph
     from atedm_export.runtime.backends import load_backend
 
     backend = load_backend("engine", gpu_engine_build, device="cuda", cuda_graphs=cuda_graphs)
-    contract = backend.manifest.contract
+    contract = first_view(backend.manifest).contract
     first_feed, second_feed = (contract.example_feed(seed=s, device="cuda") for s in (1, 2))
-    stage = backend.manifest.stages[-1].name
+    stage = first_view(backend.manifest).stages[-1].name
     first = backend.run(stage, first_feed)
     kept = first.clone()
     second = backend.run(stage, second_feed)
@@ -109,7 +109,7 @@ def test_plan_weights_reads_the_sections_of_every_stage_plan(tiny_engine_build, 
                            str(report_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(report_path.read_text())
-    assert report["plans_count"] == len(Manifest.load(tiny_build).graphs()) == 3
+    assert report["plans_count"] == len(first_view(read_manifest(tiny_build)).graphs()) == 3
     for row in report["plans"]:
         assert row["engine_bytes"] + row["weight_bytes"] < row["plan_bytes"] < row["engine_bytes"] + row["weight_bytes"] + 4096
     assert 1.0 <= report["copies"] <= 3.0 and "copies of the weights for 3 engines" in done.stdout

@@ -399,7 +399,7 @@ def test_an_unpruned_staged_unet_runs_the_baseline_at_every_step(build_of):
     image, done = draw(load_pipeline(staged), staged, "a fox", steps=3, seed=0, guidance=7.5)
     assert image.size == (128, 128) and done.seconds > 0
     assert [(r["stage"], r["steps"], r["calls"]) for r in staged.stage_report()] == [("baseline", "0-2", 3)]
-    pruned = StagedUNet(staged.manifest, staged.backend)  # the same build and backend, its stages as built
+    pruned = StagedUNet(staged.backend)  # the same build and backend, its stages as built
     draw(load_pipeline(pruned), pruned, "a fox", steps=3, seed=0, guidance=7.5)
     assert [r["stage"] for r in pruned.stage_report()] == ["main"]
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from atedm_export.cli import main
 from atedm_export.costmodel import DEVICES, OpCost, predict, record_ops
-from atedm_export.manifest import Manifest
+from atedm_export.buildfolder import Manifest, first_view, read_manifest
 from atedm_export.registry import COST_DEVICES
 
 
@@ -45,14 +45,14 @@ def _ops(path) -> dict[str, int]:
 def test_every_attention_but_the_map_layers_is_fused(fused_build):
     """In the graphs, every attention but the map layer's is in TensorRT's fused form (scale before the first
     product, the softmax read by the second only); onnxruntime's optimizer fuses exactly those."""
-    manifest = Manifest.load(fused_build)
+    manifest = read_manifest(fused_build)
     layers = 16  # tiny-sd15: one transformer layer in each of its 16 attention blocks
     report = json.loads(CliRunner().invoke(main, ["inspect", str(fused_build), "--json"]).output)["attention"]
     assert report["baseline"] == {"fusable": 2 * layers, "map": 0, "onnxruntime_fused": 2 * layers}
-    base = _ops(fused_build / manifest.baseline.ort_onnx.path)
+    base = _ops(fused_build / first_view(manifest).baseline.ort_onnx.path)
     assert (base.get("Attention"), base.get("MultiHeadAttention"), base.get("Softmax", 0)) == (layers, layers, 0)
-    main_stage = manifest.graph("main")
-    pruned = sum(k < manifest.tokens[b] for b, k in main_stage.keep.items())
+    main_stage = first_view(manifest).graph("main")
+    pruned = sum(k < first_view(manifest).tokens[b] for b, k in main_stage.keep.items())
     assert pruned > 0
     assert report["main"]["fusable"] == report["main"]["onnxruntime_fused"] == 2 * layers - pruned
     assert report["main"]["map"] > 0  # the map layers' per-head maps
@@ -93,11 +93,11 @@ def test_cost_model_flops_equal_the_graph_count(tiny_build):
     from atedm_export.flops import graph_ops
     from atedm_export.models import build_unet, unet_config
 
-    manifest = Manifest.load(tiny_build)
-    spec = manifest.graph_spec
+    manifest = read_manifest(tiny_build)
+    spec = first_view(manifest).graph_spec
     unet = build_unet(unet_config(spec.model), device="meta")
-    for entry in (manifest.baseline, manifest.graph("main")):
-        ops = graph_ops(unet, manifest.contract, manifest.plan(entry))
+    for entry in (first_view(manifest).baseline, first_view(manifest).graph("main")):
+        ops = graph_ops(unet, first_view(manifest).contract, first_view(manifest).plan(entry))
         assert sum(o.flops for o in ops) / spec.batch / 1e12 == pytest.approx(entry.graph_tflops, rel=1e-6)
 
 
@@ -119,14 +119,14 @@ def test_cost_model_fuses_stock_attention_and_prices_the_map_layer_apart(tiny_bu
     from atedm_export.flops import graph_ops
     from atedm_export.models import build_unet, unet_config
 
-    manifest = Manifest.load(tiny_build)
-    unet = build_unet(unet_config(manifest.graph_spec.model), device="meta")
+    manifest = read_manifest(tiny_build)
+    unet = build_unet(unet_config(first_view(manifest).graph_spec.model), device="meta")
     attentions = 2 * sum(len(b.transformer_blocks) for b in unet.modules() if hasattr(b, "transformer_blocks"))
-    baseline = graph_ops(unet, manifest.contract, None)
+    baseline = graph_ops(unet, first_view(manifest).contract, None)
     assert sum(o.kind == "attention" for o in baseline) == attentions and not any(o.map_layer for o in baseline)
-    main_stage = manifest.graph("main")
-    pruned = sum(k < manifest.tokens[b] for b, k in main_stage.keep.items())
-    staged = graph_ops(unet, manifest.contract, manifest.plan(main_stage))
+    main_stage = first_view(manifest).graph("main")
+    pruned = sum(k < first_view(manifest).tokens[b] for b, k in main_stage.keep.items())
+    staged = graph_ops(unet, first_view(manifest).contract, first_view(manifest).plan(main_stage))
     assert sum(o.kind == "attention" for o in staged) == attentions - pruned  # map layers: explicit ops
     assert not any(o.kind == "attention" and o.map_layer for o in staged)
     assert {o.op for o in staged if o.map_layer} >= {"bmm", "_softmax", "topk"}

@@ -65,6 +65,29 @@ def test_the_kernels_write_the_map_up_to_a_gib_and_no_map_past_it():
     assert not materializes(2, 16384, 16384)  # SDXL at 2048² (and SD 1.5 at 1024²): 2 GiB
 
 
+def test_the_kernel_modules_import_no_module_that_imports_them_back():
+    """``kernels/``' modules import each other one way (top-level and in-function imports alike): no cycle."""
+    import ast
+
+    folder = ROOT / "atedm_export" / "kernels"
+    imports = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names.update([node.module] if node.module else [alias.name for alias in node.names])
+        imports[path.stem] = names & {p.stem for p in folder.glob("*.py")}
+
+    def reaches(start: str, seen: tuple[str, ...]) -> None:
+        for module in imports[start]:
+            assert module not in seen, f"import cycle: {' -> '.join((*seen, module))}"
+            reaches(module, (*seen, module))
+
+    for module in imports:
+        reaches(module, (module,))
+    assert "outputs" in imports["ops"] and "outputs" in imports["triton_kernels"] and not imports["outputs"] - {"tiles"}
+
+
 @has_triton
 def test_kernels_agree_on_near_uniform_maps_and_in_fp32():
     flat = compare(256, 1280, 20, peak=1.0, batch=1)

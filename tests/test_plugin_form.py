@@ -28,7 +28,7 @@ from atedm_export.cli import main
 from atedm_export.kernels.nodes import DOMAIN, NODE_TYPES, plugin_form
 from atedm_export.kernels.onnxruntime_ops import plugin_nodes, session_model, session_options
 from atedm_export.kernels.runnable import TRITON_INSTALLED
-from atedm_export.manifest import Manifest
+from atedm_export.buildfolder import Manifest, first_view, read_manifest, verify_files
 from atedm_export.models import attention_blocks
 from atedm_export.pruning import PruneOptions, StagePlan, set_plan
 from atedm_export.pruning import atedm as atedm_module
@@ -151,10 +151,10 @@ def test_build_writes_the_plugin_form_and_verify_runs_it_against_the_portable_fo
                                       "--out", str(out)])
     assert built.exit_code == 0, built.output
     assert "plugin form: the map layer as 44 atedm nodes" in built.output
-    manifest = Manifest.load(out)
-    main_stage = manifest.graph("main")
-    assert manifest.baseline.plugin_onnx is None and main_stage.plugin_onnx is not None
-    manifest.verify_files(out)  # the plugin form's sha256 is checked with every other file
+    manifest = read_manifest(out)
+    main_stage = first_view(manifest).graph("main")
+    assert first_view(manifest).baseline.plugin_onnx is None and main_stage.plugin_onnx is not None
+    verify_files(manifest, out)  # the plugin form's sha256 is checked with every other file
     model = onnx.load(str(out / main_stage.plugin_onnx.path), load_external_data=False)
     assert {o.domain for o in model.opset_import} >= {DOMAIN}
     assert all(t.external_data[0].value == manifest.weights.path.split("/")[-1]
@@ -177,8 +177,8 @@ def test_build_writes_the_plugin_form_and_verify_runs_it_against_the_portable_fo
 
 @needs_rtx
 def test_tensorrt_rtx_engines_carry_the_portable_form_and_say_why(tiny_engine_build):
-    engine = Manifest.load(tiny_engine_build).engine
-    assert engine.backend == "tensorrt-rtx" and engine.form == "portable"
+    engine = read_manifest(tiny_engine_build).engine
+    assert engine.library == "tensorrt-rtx" and engine.form == "portable"
     assert "no plugin layer" in engine.form_reason
 
 

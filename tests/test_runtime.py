@@ -15,7 +15,7 @@ from PIL import Image
 from atedm_export.build import BuildRequest, build
 from atedm_export.cli import main
 from atedm_export.errors import AtedmError
-from atedm_export.manifest import Manifest, ManifestError
+from atedm_export.buildfolder import Manifest, ManifestError, first_view, read_manifest
 from atedm_export.runtime import ScheduleError, StagedUNet, load_backend
 from atedm_export.runtime.backends import RuntimeInputError
 from atedm_export.runtime.pipeline import SDXL_SCHEDULER
@@ -26,7 +26,7 @@ from .conftest import HAS_RTX, sample_loop
 
 def _denoise(staged: StagedUNet, num_steps: int, seed: int = 0) -> torch.Tensor:
     """A plain Euler loop (no pipeline): what a custom sampler does with a StagedUNet."""
-    return sample_loop(staged, EulerDiscreteScheduler(**SDXL_SCHEDULER), staged.manifest.contract, num_steps, seed)
+    return sample_loop(staged, EulerDiscreteScheduler(**SDXL_SCHEDULER), first_view(staged.manifest).contract, num_steps, seed)
 
 
 @pytest.mark.parametrize("num_steps", [20, 7, 1])
@@ -37,7 +37,7 @@ def test_onnxruntime_loop_equals_eager_loop_and_switches_stages_on_schedule(tiny
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     ranges = onnx.schedule.step_ranges(num_steps)
     for staged in (onnx, eager):
-        for stage, steps in zip(onnx.manifest.stages, ranges):
+        for stage, steps in zip(first_view(onnx.manifest).stages, ranges):
             assert staged.stats[stage.name].calls == len(steps)
             assert staged.stats[stage.name].steps == list(steps)
 
@@ -98,7 +98,7 @@ def test_bench_json_is_consistent(tiny_build, tmp_path):
 
 @pytest.fixture()
 def feed(tiny_build):
-    return Manifest.load(tiny_build).contract.example_feed()
+    return first_view(read_manifest(tiny_build)).contract.example_feed()
 
 
 def test_wrong_shape_and_dtype_name_the_expected_values(tiny_build, feed):
@@ -113,10 +113,10 @@ def test_wrong_shape_and_dtype_name_the_expected_values(tiny_build, feed):
 
 def test_fp32_cpu_sessions_use_the_mapped_weights_in_place(tiny_build):
     """fp32 on a CPU: no prepacked copies of the weights (they stay mapped from the shared file)."""
-    manifest = Manifest.load(tiny_build)
-    assert manifest.outputs[0].dtype == "float32"
+    manifest = read_manifest(tiny_build)
+    assert first_view(manifest).outputs[0].dtype == "float32"
     backend = load_backend("onnxruntime", tiny_build, manifest)
-    options = backend.session(manifest.graph("main")).get_session_options()
+    options = backend.session(first_view(manifest).graph("main")).get_session_options()
     assert options.get_session_config_entry("session.disable_prepacking") == "1"
     assert not options.enable_mem_pattern  # no second activation plan beside the arena
 
@@ -128,12 +128,41 @@ def test_unknown_backend(tiny_build):
     assert result.exit_code == 2 and "unknown backend 'openvino'" in result.output
 
 
+def test_runtime_backend_names_are_the_classes_names():
+    """``registry.RUNTIME_BACKENDS`` (read by the CLI without torch) are the names the backend classes declare, and
+    an alias chooses its class without being offered as a choice."""
+    from atedm_export.registry import ENGINE_LIBRARIES, RUNTIME_BACKENDS
+    from atedm_export.runtime.backends import BACKENDS, CHOICES, TensorRTBackend, backend_type, backend_types
+
+    assert CHOICES == set(RUNTIME_BACKENDS) and len(RUNTIME_BACKENDS) == len(CHOICES)
+    assert {name for name, cls in BACKENDS.items() if name not in cls.aliases} == set(RUNTIME_BACKENDS)
+    assert backend_type("engine") is TensorRTBackend and "engine" not in RUNTIME_BACKENDS
+    assert all(backend_type(name).takes_engine_options == (name in ENGINE_LIBRARIES) for name in RUNTIME_BACKENDS)
+    assert [cls.name for cls in backend_types(["eager", "onnxruntime"])] == ["eager", "onnxruntime"]
+    assert [backend_type(name).stock_form for name in RUNTIME_BACKENDS] == [None, "sdpa", None, None]
+    assert backend_type("onnxruntime").reference("unfused", ("fused", "unfused")).endswith("than its fused form)")
+    with pytest.raises(AtedmError, match="unknown backend 'engine'; expected some of: onnxruntime, eager, tensorrt"):
+        backend_types(["eager", "engine"])
+    with pytest.raises(AtedmError, match="unknown backend ''; expected some of"):
+        backend_types([])
+
+
+def test_engine_names_need_a_build_with_engines_of_that_library(tiny_build):
+    from atedm_export.runtime.backends import backend_class
+
+    manifest = read_manifest(tiny_build)
+    assert backend_class("onnxruntime", tiny_build, manifest).opens == ("portable", "onnxruntime")
+    for name in ("engine", "tensorrt-rtx"):
+        with pytest.raises(AtedmError, match=f"build {tiny_build} has no engines"):
+            backend_class(name, tiny_build, manifest)
+
+
 def test_missing_and_corrupted_files(tiny_build, tmp_path):
     """A graph the backend opens, corrupted or missing, refuses the build in one line (engine plans, which
     onnxruntime never opens: ``test_runtime_friction.py``)."""
     copy = tmp_path / "b"
     shutil.copytree(tiny_build, copy)
-    artifact = copy / Manifest.load(copy).graph("early").onnx.path
+    artifact = copy / first_view(read_manifest(copy)).graph("early").onnx.path
     artifact.write_bytes(artifact.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(ManifestError, match="early: .* does not match its checksum"):
         StagedUNet.load(copy)
@@ -177,11 +206,11 @@ def test_steps_outside_the_build(tmp_path_factory, tiny_build, feed):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_backend_matches_onnxruntime_on_gpu(gpu_engine_build):
-    manifest = Manifest.load(gpu_engine_build)
-    feed = manifest.contract.example_feed()
-    engine = load_backend(manifest.engine.backend, gpu_engine_build)
+    manifest = read_manifest(gpu_engine_build)
+    feed = first_view(manifest).contract.example_feed()
+    engine = load_backend(manifest.engine.library, gpu_engine_build)
     onnx = load_backend("onnxruntime", gpu_engine_build)
-    for entry in manifest.graphs():
+    for entry in first_view(manifest).graphs():
         got = engine.run(entry.name, {k: v.cuda() for k, v in feed.items()}).cpu()
         torch.testing.assert_close(got, onnx.run(entry.name, feed), atol=2e-3, rtol=1e-3)
 

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from atedm_export.cli import main
-from atedm_export.manifest import FILENAME, Manifest, ManifestError, file_entry
+from atedm_export.buildfolder import MANIFEST, Manifest, ManifestError, file_entry, first_view, pipeline_info, read_manifest
 from atedm_export.runtime import StagedUNet
 from atedm_export.runtime.backends import RuntimeInputError
 from atedm_export.runtime.pipeline import write_png, dropped_tokens, generate, tiny_pipeline, tiny_tokenizer
@@ -37,7 +37,7 @@ LONG_NEGATIVE = "y " * 80  # 82 of 77: 5 cut
 
 
 def _rewrite_manifest(folder: Path, change) -> None:  # noqa: ANN001 - a function of the manifest's JSON
-    path = folder / FILENAME
+    path = folder / MANIFEST
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data, indent=2))
@@ -49,9 +49,9 @@ def _build_missing_a_plan(tiny_build: Path, copy: Path) -> Path:
     Where TensorRT-RTX built the tiny build's plans, one is deleted; elsewhere the manifest is given plans
     that were never written (what a build copied without its ``engines/`` folder looks like)."""
     shutil.copytree(tiny_build, copy)
-    if Manifest.load(copy, verify=False).engine.skipped:
+    if read_manifest(copy, verify=False).engine.skipped:
         def with_plans(data: dict) -> None:
-            data["engine"] = {"backend": "tensorrt-rtx", "library": "tensorrt_rtx_bindings", "version": "1.0",
+            data["engine"] = {"library": "tensorrt-rtx", "module": "tensorrt_rtx_bindings", "version": "1.0",
                               "targets": ["sm89"]}
             for entry in [data["shapes"][0]["baseline"], *data["shapes"][0]["stages"]]:
                 plan = copy / "engines" / f"{entry['name']}.plan"
@@ -60,7 +60,7 @@ def _build_missing_a_plan(tiny_build: Path, copy: Path) -> Path:
                 entry["engine"] = file_entry(copy, plan).model_dump()
 
         _rewrite_manifest(copy, with_plans)
-    (copy / Manifest.load(copy, verify=False).graph("main").engine.path).unlink()
+    (copy / first_view(read_manifest(copy, verify=False)).graph("main").engine.path).unlink()
     return copy
 
 
@@ -70,7 +70,7 @@ def _build_missing_a_plan(tiny_build: Path, copy: Path) -> Path:
 def test_a_missing_engine_plan_refuses_only_the_engine_backends(tiny_build, tmp_path):
     copy = _build_missing_a_plan(tiny_build, tmp_path / "build")
     onnx = StagedUNet.load(copy, backend="onnxruntime")
-    feed = onnx.manifest.contract.example_feed()
+    feed = first_view(onnx.manifest).contract.example_feed()
     assert torch.isfinite(onnx.backend.run("main", feed)).all()  # the graphs it opens are all there
     StagedUNet.load(copy, backend="eager")  # reads no file of the build: the UNet comes from the spec's model
     with pytest.raises(ManifestError, match=r"^main: .*main\..*plan is missing \(the build is incomplete") as info:
@@ -86,7 +86,7 @@ def test_graph_backends_still_check_the_graphs_they_open(tiny_build, tmp_path):
     copy = corrupted_copy(tiny_build, tmp_path / "build", "early")
     with pytest.raises(ManifestError, match="early: .* does not match its checksum"):
         StagedUNet.load(copy, backend="onnxruntime")
-    if not Manifest.load(copy, verify=False).engine.skipped:  # engine backends open the graphs too (refit)
+    if not read_manifest(copy, verify=False).engine.skipped:  # engine backends open the graphs too (refit)
         with pytest.raises(ManifestError, match="early: .* does not match its checksum"):
             StagedUNet.load(copy, backend="tensorrt-rtx")
     StagedUNet.load(copy, backend="eager")
@@ -177,7 +177,7 @@ def test_the_cli_prints_only_its_own_lines(folder_build, tmp_path):
 def test_a_pipelines_unet_folder_finds_its_pipeline_and_its_files_are_fingerprinted(folder_build, tmp_path):
     """``model: pipe/unet`` builds and generates: the pipeline is its parent; a component edited after the
     build is named by ``generate`` (the image uses the files as they are)."""
-    from atedm_export.manifest import PipelineInfo
+    from atedm_export.buildfolder import PipelineInfo, read_manifest
     from atedm_export.models import pipeline_folder
 
     pipe = folder_build.parent / "pipeline"
@@ -187,7 +187,7 @@ def test_a_pipelines_unet_folder_finds_its_pipeline_and_its_files_are_fingerprin
     assert pipeline_folder(str(tmp_path)) is None and pipeline_folder("tiny-sdxl") is None
     copy = tmp_path / "build"
     shutil.copytree(folder_build, copy)
-    info = PipelineInfo.of(pipe.resolve())
+    info = pipeline_info(pipe.resolve())
     assert {"model_index.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"} <= {f.path for f in info.files}
     assert not any(f.path.startswith("unet/") for f in info.files)
     _rewrite_manifest(copy, lambda data: data.update(pipeline=info.model_dump(mode="json")) or
@@ -256,7 +256,7 @@ def _call(staged: StagedUNet, feed: dict[str, torch.Tensor]) -> torch.Tensor:
 @pytest.mark.parametrize("backend", ["onnxruntime", "eager"])
 def test_a_non_finite_input_is_refused_naming_it(tiny_build, backend):
     staged = StagedUNet.load(tiny_build, backend=backend)
-    feed = staged.manifest.contract.example_feed()
+    feed = first_view(staged.manifest).contract.example_feed()
     staged.set_timesteps([float(feed["timestep"][0])])
     assert torch.isfinite(_call(staged, feed)).all()
     sample = feed["sample"].clone()

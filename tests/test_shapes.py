@@ -16,7 +16,7 @@ from diffusers import EulerDiscreteScheduler
 
 from atedm_export.cli import main
 from atedm_export.errors import AtedmError, SpecError
-from atedm_export.manifest import Manifest, ManifestError, ShapeError
+from atedm_export.buildfolder import Manifest, ManifestError, ShapeError, find_view, read_manifest, view_at, views
 from atedm_export.runtime import StagedUNet
 from atedm_export.runtime.pipeline import SDXL_SCHEDULER
 from atedm_export.shapes import Shape, parse_shape
@@ -88,15 +88,15 @@ def test_parse_shape_from_the_command_line():
 
 @pytest.mark.slow
 def test_multi_shape_build_shares_one_weights_file(tiny_multi_build):
-    manifest = Manifest.load(tiny_multi_build)
+    manifest = read_manifest(tiny_multi_build)
     assert manifest.shape_list == SHAPES and manifest.multi_shape
     data_files = sorted(p.name for p in (tiny_multi_build / "onnx").iterdir() if not p.name.endswith(".onnx"))
     assert data_files == ["weights.onnx.data"]
     graphs = {e.onnx.path for e in manifest.all_graphs()}
     assert len(graphs) == 2 * len(SHAPES)  # baseline and main per shape, each its own static graph
-    assert all(path.endswith(f".{view.shape.key}.onnx") for view in manifest.views() for path in
+    assert all(path.endswith(f".{view.shape.key}.onnx") for view in views(manifest) for path in
                (e.onnx.path for e in view.graphs()))
-    for view, shape in zip(manifest.views(), SHAPES):
+    for view, shape in zip(views(manifest), SHAPES):
         assert view.inputs[0].shape == [shape.batch, 4, shape.height // 8, shape.width // 8]
         tokens = (shape.height // 8) * (shape.width // 8)  # SD 1.5 attends at the latent size first
         assert view.tokens["down_blocks.0.attentions.0"] == tokens
@@ -139,7 +139,7 @@ def test_a_sampling_loop_at_each_shape_equals_eager_per_call(tiny_multi_build):
     manifest = ort.manifest
     for shape in SHAPES:
         recorder = _Recorder(ort)
-        final = sample_loop(recorder, EulerDiscreteScheduler(**SDXL_SCHEDULER), manifest.at(shape).contract, 2)
+        final = sample_loop(recorder, EulerDiscreteScheduler(**SDXL_SCHEDULER), view_at(manifest, shape).contract, 2)
         assert list(final.shape) == [shape.batch, 4, shape.height // 8, shape.width // 8]
         eager.set_timesteps(_timesteps(2))
         for sample, t, text, out in recorder.calls:
@@ -163,8 +163,8 @@ def test_a_shape_the_build_lacks_is_one_line(tiny_multi_build):
     assert str(caught.value) == ("no graphs for batch 2 at 192x192 px (latent 24x24); this build has: 128x128-b2, "
                                  "192x128-b2, 128x128-b4")
     with pytest.raises(ShapeError, match="no graphs for width 640; it has: 128x128-b2, 192x128-b2, 128x128-b4"):
-        staged.manifest.find(width=640)
-    assert staged.manifest.find(height=128, batch=4).shape == SHAPES[2]
+        find_view(staged.manifest, width=640)
+    assert find_view(staged.manifest, height=128, batch=4).shape == SHAPES[2]
 
 
 @pytest.mark.slow
@@ -201,7 +201,7 @@ def test_manifest_shapes_must_be_the_specs(tiny_multi_build, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="shapes: 128x128-b2, 192x128-b2 are recorded, but its spec lists "
                                             "128x128-b2, 192x128-b2, 128x128-b4"):
-        Manifest.load(tmp_path, verify=False)
+        read_manifest(tmp_path, verify=False)
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from atedm_export.cli import main
 from atedm_export.deploy.client import TritonBackend, TritonClientError, compare_local, connect, load_test
 from atedm_export.deploy.repository import DeployRequest, deploy
 from atedm_export.deploy.server import TritonServer, TritonServerError, find_server, free_port
-from atedm_export.manifest import Manifest
+from atedm_export.buildfolder import Manifest, first_view, read_manifest, view_at
 from atedm_export.runtime import StagedUNet, load_backend
 
 from .test_deploy import MULTI_KEYS, foreign_model, multi_repo, snapshot  # noqa: F401 - multi_repo: a fixture
@@ -89,8 +89,8 @@ def test_partial_and_mixed_stage_batches_are_padded_per_graph(server, local, fee
 
 @pytest.fixture(scope="module")
 def feed(tiny_build):
-    manifest = Manifest.load(tiny_build, verify=False)
-    return manifest.contract.example_feed(seed=3)
+    manifest = read_manifest(tiny_build, verify=False)
+    return first_view(manifest).contract.example_feed(seed=3)
 
 
 def test_a_step_outside_the_run_is_a_clear_error_and_the_server_keeps_serving(server, feed):
@@ -320,7 +320,7 @@ def test_one_router_serves_every_shape_of_a_multi_shape_build(install, multi_rep
 
         recorded.set_timesteps = served.set_timesteps
         for shape in (wide, square):
-            sample_loop(recorded, EulerDiscreteScheduler(**SDXL_SCHEDULER), local.manifest.at(shape).contract, 3)
+            sample_loop(recorded, EulerDiscreteScheduler(**SDXL_SCHEDULER), view_at(local.manifest, shape).contract, 3)
         assert [list(c[0].shape) for c in calls] == [[2, 4, 16, 24]] * 3 + [[2, 4, 16, 16]] * 3
         scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
         scheduler.set_timesteps(3)
@@ -330,9 +330,9 @@ def test_one_router_serves_every_shape_of_a_multi_shape_build(install, multi_rep
         assert served.stats["main"].calls == 6
 
         backend = TritonBackend.connect(server.http_url)
-        feed = local.manifest.at(wide).contract.example_feed(seed=4)
+        feed = view_at(local.manifest, wide).contract.example_feed(seed=4)
         latent, stages = backend.infer(_rows(feed, [1], [2], 4))  # one row: the 192x128 batch-2 graph, padded
-        want = local.backend.at(local.manifest.at(wide)).run("main", {n: v[[1, 1]] for n, v in feed.items()})[:1]
+        want = local.backend.at(view_at(local.manifest, wide)).run("main", {n: v[[1, 1]] for n, v in feed.items()})[:1]
         assert stages.tolist() == [0] and np.array_equal(latent, want.numpy())
         missing = {**_rows(feed, [0, 1], [0, 0], 4), "sample": torch.zeros(2, 4, 16, 20)}
         status, body = _http_infer(server, missing)

@@ -833,14 +833,15 @@ def timed_graphs(folder: Path, backend_name: str, args: argparse.Namespace, grap
                  alternate: bool = False, **options: object) -> dict[str, list[float]]:
     """Load a backend for the build, time the graphs; the backend is gone when this returns. With
     ``alternate``, also every graph once in turn per sample (what a stage switch costs: key "alternating")."""
-    from atedm_export.manifest import Manifest
+    from atedm_export.buildfolder import first_view, read_manifest
     from atedm_export.runtime.backends import load_backend
 
-    manifest = Manifest.load(folder)
+    manifest = read_manifest(folder)
+    view = first_view(manifest)
     backend = load_backend(backend_name, folder, manifest, args.device, **options)
-    feed = manifest.contract.example_feed(seed=1, device=args.device)
+    feed = view.contract.example_feed(seed=1, device=args.device)
     samples = {}
-    for name in graphs or [entry.name for entry in manifest.graphs()]:
+    for name in graphs or [entry.name for entry in view.graphs()]:
         samples[name] = time_calls(backend, name, feed, args.warmup, args.repeats)
         backend.release()
     if alternate:
@@ -852,10 +853,10 @@ def timed_graphs(folder: Path, backend_name: str, args: argparse.Namespace, grap
 
 def onnxruntime_cuda(report: Report, folder: Path, args: argparse.Namespace) -> None:
     """One graph per session, so each peak is that graph's own; every graph in its fused and its plain form."""
-    from atedm_export.manifest import Manifest
+    from atedm_export.buildfolder import first_view, read_manifest
 
     for fused in (True, False):
-        for entry in Manifest.load(folder).graphs():
+        for entry in first_view(read_manifest(folder)).graphs():
             with PeakMemory() as peak:
                 samples = timed_graphs(folder, "onnxruntime", args, [entry.name], fused=fused)[entry.name]
             what = f"{_what(entry.name)} ({'fused' if fused else 'unfused'} attention)"

@@ -123,7 +123,7 @@ def main() -> None:
     manifest = build(BuildRequest(spec, args.out, args.backend, targets, stages, force=True), progress)
     overall = max(row["peak_rss_gb"] for row in rows) * GB  # resets make ru_maxrss cover the last phase only
     on_disk = sum(f.bytes for f in manifest.files())
-    graphs = manifest.weights.bytes + sum({e.onnx.path: e.onnx.bytes for e in manifest.graphs()}.values())
+    graphs = manifest.weights.bytes + sum({e.onnx.path: e.onnx.bytes for e in manifest.all_graphs()}.values())
     summary = {
         "spec": spec.name, "precision": precision, "backend": args.backend, "targets": list(targets),
         "weight_bytes": weights, "peak_rss_gb": round(overall / GB, 3), "ratio_to_weights": round(overall / weights, 3),

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atedm_export.manifest import Manifest  # noqa: E402
+from atedm_export.buildfolder import first_view, read_manifest  # noqa: E402
 
 CLASSES = {"MatMul": "matmul", "Gemm": "matmul", "Conv": "conv", "Attention": "attention",
            "MultiHeadAttention": "attention"}
@@ -52,7 +52,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("profile"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest.load(args.build)
+    manifest = first_view(read_manifest(args.build))
     feed = {name: tensor.numpy() for name, tensor in manifest.contract.example_feed(seed=1).items()}
     result = {}
     for entry in manifest.graphs():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -25,7 +26,7 @@ import torch
 
 from ..contract import precision_of
 from ..errors import AtedmError, ModelError, first_line
-from ..manifest import GraphEntry, Manifest
+from ..buildfolder import GraphEntry, Manifest, ShapeView, first_view, parse_manifest, view_at, views
 from ..runtime.backends import Backend, load_backend
 from ..runtime.staged import StagedUNet
 from .routing import STAGE_OUTPUT, STEP_INPUTS
@@ -73,9 +74,21 @@ class TritonBackend(Backend):
     ``sample``'s shape (``at(view)`` is this backend checking calls against another shape of the build)."""
 
     name = "triton"
+    names = ()  # not chosen by name from a build folder (``connect(url)`` makes it): no entry in the runtime's registry
+    opens = ()  # the server opens the build's files; this process holds the manifest it sent
+
+    @classmethod
+    def bench_forms(cls, manifest: Manifest) -> tuple[str, ...]:
+        """None: ``bench`` times builds here; a served UNet is timed by ``load-test`` (its ``--compare`` beside the
+        same graphs run locally)."""
+        return ()
+
+    @classmethod
+    def reference(cls, form: str, ran: Sequence[str]) -> str:
+        return "the served baseline graph"
 
     def __init__(self, url: str, model: str, manifest: Manifest, client: Any, module: ModuleType) -> None:
-        super().__init__(Path("."), manifest, "cpu")
+        super().__init__(Path("."), first_view(manifest), "cpu")
         self.url, self.model, self.client, self.module = url, model, client, module
 
     @classmethod
@@ -109,13 +122,13 @@ class TritonBackend(Backend):
         text = config.get("parameters", {}).get(MANIFEST_PARAMETER, {}).get("string_value")
         if not text:
             raise TritonClientError(f"model '{model}' at {url} is not an atedm-export router (no {MANIFEST_PARAMETER})")
-        return Manifest.model_validate_json(text)
+        return parse_manifest(text)
 
     def inputs(self, feed: dict[str, torch.Tensor]) -> list[Any]:
         """Graph inputs plus step and step count, one row per latent; per-row scalars as ``[b, 1]``."""
         rows = feed["sample"].shape[0]
         wire = []
-        for name in (*self.manifest.input_names, *STEP_INPUTS):
+        for name in (*self.view.input_names, *STEP_INPUTS):
             tensor = feed[name].detach().cpu().contiguous()
             try:
                 datatype = precision_of(tensor.dtype).wire
@@ -130,7 +143,7 @@ class TritonBackend(Backend):
 
     def infer(self, feed: dict[str, torch.Tensor], client: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """``(latent, stage index per row)`` for one request."""
-        output = self.manifest.output_name
+        output = self.view.output_name
         outputs = [self.module.InferRequestedOutput(n) for n in (output, STAGE_OUTPUT)]
         try:
             result = (client or self.client).infer(self.model, self.inputs(feed), outputs=outputs)
@@ -140,7 +153,7 @@ class TritonBackend(Backend):
 
     def _run(self, entry: GraphEntry, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         latent, stages = self.infer(feed)
-        schedule = self.manifest.graph_spec.dsap.stages  # the server answers indices in the schedule
+        schedule = self.view.graph_spec.dsap.stages  # the server answers indices in the schedule
         ran = {schedule[int(i)].name if 0 <= int(i) < len(schedule) else f"#{int(i)}" for i in stages}
         if ran != {entry.name}:
             raise TritonClientError(f"the server ran stage {', '.join(sorted(ran))} where this client expected "
@@ -155,18 +168,18 @@ def connect(url: str, model: str = DEFAULT_MODEL) -> StagedUNet:
     """The served UNet as a ``StagedUNet`` (``attach(pipe)`` it, or call it in a custom loop); a call runs at the
     build's shape its ``sample`` has, as on a local build."""
     backend = TritonBackend.connect(url, model)
-    return StagedUNet(backend.manifest, backend)
+    return StagedUNet(backend)
 
 
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def stage_feeds(backend: TritonBackend, seed: int = 0) -> list[tuple[Manifest, int, dict[str, torch.Tensor]]]:
+def stage_feeds(backend: TritonBackend, seed: int = 0) -> list[tuple[ShapeView, int, dict[str, torch.Tensor]]]:
     """``(shape's view, step, request)``: one full-batch request at the first step of each non-empty stage of the
     spec's step count, at every shape of the build."""
     requests = []
-    for view in backend.manifest.views():
+    for view in views(backend.manifest):
         spec = view.graph_spec
         base = view.contract.example_feed(seed=seed)
         shaped = backend.at(view)
@@ -195,7 +208,7 @@ def compare_local(url: str, build: str | Path, model: str = DEFAULT_MODEL, repea
     calls = []
     for view, step, feed in stage_feeds(remote, seed):
         entry = view.stage_at(step, view.graph_spec.steps)[1]
-        calls.append((local.at(local.manifest.at(view.shape)), entry.same_as or entry.name, feed))
+        calls.append((local.at(view_at(local.manifest, view.shape)), entry.same_as or entry.name, feed))
     times: dict[str, list[float]] = {"local": [], "triton": []}
     identical = True
     for round_ in range(repeats + 1):  # round 0 warms both up and is not timed
@@ -224,7 +237,7 @@ def load_test(url: str, model: str = DEFAULT_MODEL, requests: int = 200, concurr
     Latency is per request, measured on the client (encode, send, queue, run, receive).
     """
     backend = TritonBackend.connect(url, model)
-    spec = backend.manifest.graph_spec
+    spec = backend.view.graph_spec
     sent = stage_feeds(backend, seed)
     feeds = [feed for _, _, feed in sent]
     reference = [backend.infer(feed) for feed in feeds]

@@ -21,8 +21,8 @@ from typing import Any
 
 from ..contract import INT32, Precision, precision_of
 from ..errors import AtedmError
-from ..manifest import Manifest, TensorEntry
-from .routing import STAGE_OUTPUT, STEP_INPUTS, graph_id
+from ..buildfolder import MANIFEST, Manifest, ShapeView, TensorEntry, parse_manifest, views
+from .routing import STAGE_OUTPUT, STEP_INPUTS
 from .serving import BUILD_PARAMETER, GRAPH_MODELS_PARAMETER, GRAPH_PARAMETER, MANIFEST_PARAMETER, SHAPE_PARAMETER
 
 CONFIG = "config.pbtxt"
@@ -61,12 +61,12 @@ def router_tensors(manifest: Manifest) -> tuple[RouterTensors, RouterTensors]:
     """The router's per-row inputs and outputs (the graphs' without their batch dim; a scalar per row is ``[1]``, as
     are the step inputs and the stage output): ``(name, precision, dims)``, a dim ``-1`` where the build's shapes
     differ in it."""
-    views = manifest.views()
+    shapes = views(manifest)
 
     def rows(pick: Any) -> RouterTensors:
         tensors = []
-        for i, t in enumerate(pick(manifest)):
-            dims = [list(pick(v)[i].shape[1:]) or [1] for v in views]
+        for i, t in enumerate(pick(shapes[0])):
+            dims = [list(pick(v)[i].shape[1:]) or [1] for v in shapes]
             merged = [d if all(other[j] == d for other in dims) else -1 for j, d in enumerate(dims[0])]
             tensors.append((t.name, precision_of(t.dtype), merged))
         return tensors
@@ -80,8 +80,8 @@ def _triton(tensors: RouterTensors) -> list[tuple[str, str, list[int]]]:
     return [(name, p.triton, dims) for name, p, dims in tensors]
 
 
-def graph_config(name: str, manifest: Manifest, graph: str, backend: str, instances: int, build: str = "") -> Any:
-    """One graph at the static shape ``manifest`` views (``Manifest.at``): a TensorRT plan on GPUs, or the onnxruntime
+def graph_config(name: str, view: ShapeView, graph: str, backend: str, instances: int, build: str = "") -> Any:
+    """One graph at ``view``'s static shape: a TensorRT plan on GPUs, or the onnxruntime
     stage model.
 
     ``build``: for the onnxruntime model, the shared build folder, relative to the repository.
@@ -96,10 +96,10 @@ def graph_config(name: str, manifest: Manifest, graph: str, backend: str, instan
         config.backend = "python"
         config.parameters[GRAPH_PARAMETER].string_value = graph
         config.parameters[BUILD_PARAMETER].string_value = build
-        config.parameters[SHAPE_PARAMETER].string_value = manifest.shape.model_dump_json()
+        config.parameters[SHAPE_PARAMETER].string_value = view.shape.model_dump_json()
         kind = pb.ModelInstanceGroup.KIND_CPU
-    _add_tensors(config.input, _graph_tensors(manifest.inputs))
-    _add_tensors(config.output, _graph_tensors(manifest.outputs))
+    _add_tensors(config.input, _graph_tensors(view.inputs))
+    _add_tensors(config.output, _graph_tensors(view.outputs))
     config.instance_group.add(kind=kind, count=instances)
     return config
 
@@ -107,7 +107,7 @@ def graph_config(name: str, manifest: Manifest, graph: str, backend: str, instan
 def router_config(name: str, manifest: Manifest, graph_models: dict[str, str], instances: int, max_batch: int,
                   queue_delay_us: int) -> Any:
     """The UNet clients call: per-row inputs plus step and step count, batched up to ``max_batch`` rows, at any of
-    the build's shapes (``router_tensors``); ``graph_models`` maps each ``graph_id`` to the model serving it."""
+    the build's shapes (``router_tensors``); ``graph_models`` maps each graph's id to the model serving it."""
     pb = _pb()
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=max_batch)
     inputs, outputs = router_tensors(manifest)
@@ -157,8 +157,8 @@ def check_model(folder: Path, config: Any) -> None:
         raise DeployError(f"{where}: version 1 has no {model_file.name}")
     if GRAPH_PARAMETER in config.parameters:
         shared = folder.parent / config.parameters[BUILD_PARAMETER].string_value
-        if not (shared / "manifest.json").is_file():
-            raise DeployError(f"{where}: its build folder {shared} has no manifest.json")
+        if not (shared / MANIFEST).is_file():
+            raise DeployError(f"{where}: its build folder {shared} has no {MANIFEST}")
     if config.max_batch_size < 0:
         raise DeployError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
     if config.HasField("dynamic_batching") and config.max_batch_size == 0:
@@ -214,7 +214,7 @@ def check_routes(configs: dict[str, Any], router: str) -> Manifest:
     config = configs.get(router)
     if config is None or MANIFEST_PARAMETER not in config.parameters:
         raise DeployError(f"the repository has no atedm-export router model '{router}'; it has: {', '.join(configs)}")
-    manifest = Manifest.model_validate_json(config.parameters[MANIFEST_PARAMETER].string_value)
+    manifest = parse_manifest(config.parameters[MANIFEST_PARAMETER].string_value)
     graph_models = json.loads(config.parameters[GRAPH_MODELS_PARAMETER].string_value)
     want = _pb().ModelConfig()
     inputs, outputs = router_tensors(manifest)
@@ -222,7 +222,7 @@ def check_routes(configs: dict[str, Any], router: str) -> Manifest:
     _add_tensors(want.output, _triton(outputs))
     if list(config.input) != list(want.input) or list(config.output) != list(want.output):
         raise DeployError(f"{router}/{CONFIG}: inputs and outputs differ from what its build's shapes take")
-    graphs = {graph_id(view, entry.name): view for view in manifest.views() for entry in view.graphs()
+    graphs = {view.graph_id(entry.name): view for view in views(manifest) for entry in view.graphs()
               if not entry.same_as}
     for graph, model in graph_models.items():
         served = configs.get(model)
@@ -237,9 +237,9 @@ def check_routes(configs: dict[str, Any], router: str) -> Manifest:
         if list(served.input) != list(want.input) or list(served.output) != list(want.output):
             shape = f" (shape {view.shape.key})" if manifest.multi_shape else ""
             raise DeployError(f"{model}/{CONFIG}: inputs and outputs differ from the build's static graph I/O{shape}")
-    for view in manifest.views():
+    for view in views(manifest):
         for stage in view.stages:
-            if graph_id(view, stage.same_as or stage.name) not in graph_models:
+            if view.graph_id(stage.same_as or stage.name) not in graph_models:
                 shape = f" at {view.shape.key}" if manifest.multi_shape else ""
                 raise DeployError(f"{router} has no model for stage '{stage.name}'{shape}")
     return manifest

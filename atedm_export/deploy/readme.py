@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..manifest import Manifest
+from ..buildfolder import Manifest, first_view, views
 from .config import router_tensors
-from .routing import STAGE_OUTPUT, graph_id
+from .routing import STAGE_OUTPUT
 from .server import SHELL_CONTROL
 
 
@@ -37,8 +37,8 @@ def _models(record: dict, manifest: Manifest) -> str:
         return "\n".join(f"- `{model}`: graph `{info['graph']}`" for model, info in record["models"].items() if info["graph"])
     models = {info["graph"]: model for model, info in record["models"].items() if info["graph"]}
     rows = ["| shape | `sample` of a full request | graph models |", "|---|---|---|"]
-    for view in manifest.views():
-        served = ", ".join(f"`{models[graph_id(view, e.name)]}`" for e in view.graphs() if not e.same_as)
+    for view in views(manifest):
+        served = ", ".join(f"`{models[view.graph_id(e.name)]}`" for e in view.graphs() if not e.same_as)
         rows.append(f"| `{view.shape.key}` ({view.shape}) | `{view.inputs[0].shape}` | {served} |")
     return f"""
 Shapes: one graph model per shape and graph. The router reads each request's shape from its `sample`
@@ -50,10 +50,11 @@ where there is none, the shape of the next larger batch at that size (the rows p
 
 
 def _stages(manifest: Manifest) -> str:
-    spec = manifest.graph_spec
+    view = first_view(manifest)
+    spec = view.graph_spec
     lines = []
-    for s in manifest.stages:
-        steps = f"steps {s.steps[0]}-{s.steps[1] - 1}" if s.steps[1] > s.steps[0] else "no steps"
+    for s in view.stages:
+        steps = f"steps {s.steps[0]}-{s.steps[1] - 1}" if s.step_count else "no steps"
         lines.append(f"- `{s.name}`: up to {s.until:g} of the steps ({steps} of a {spec.steps}-step run), "
                      f"graph `{s.same_as or s.name}`")
     return "\n".join(lines)
@@ -62,7 +63,7 @@ def _stages(manifest: Manifest) -> str:
 def _start(record: dict, manifest: Manifest) -> str:
     if record["backend"] == "tensorrt":
         engine = record["engine"]
-        return f"""A GPU server (the NGC Triton container). The plans were built with {engine['backend']} {engine['version']}:
+        return f"""A GPU server (the NGC Triton container). The plans were built with {engine['library']} {engine['version']}:
 use the Triton release whose TensorRT is that version (Triton's release notes list it), on the GPU the
 engines were built on. The router model needs atedm-export and torch in the container's Python:
 
@@ -95,17 +96,18 @@ model folders. `serve` passes both.""".format(control=SHELL_CONTROL)
 
 
 def repository_readme(record: dict, manifest: Manifest) -> str:
-    spec = manifest.graph_spec
+    view = first_view(manifest)
+    spec = view.graph_spec
     router = record["router"]
     if manifest.multi_shape:
         size = f"at {len(manifest.shapes)} shapes ({', '.join(s.key for s in manifest.shape_list)})"
         batches = "static batches\n  of the request's shape"
-        first = (f"\n`generate` draws at the build's first shape, {manifest.shape.key}, unless `--width`, "
+        first = (f"\n`generate` draws at the build's first shape, {view.shape.key}, unless `--width`, "
                  "`--height` or `--batch`\npick another; the UNet `connect` gives runs each call at its `sample`'s "
                  "shape.\n")
     else:
         size, first = f"at {spec.width}x{spec.height}", ""
-        batches = f"static batches of {manifest.inputs[0].shape[0]} rows"
+        batches = f"static batches of {view.inputs[0].shape[0]} rows"
     return f"""# Triton model repository: {spec.name}
 
 Written by atedm-export {record['atedm_export']} from `{record['build']}` ({record['backend']} variant),

@@ -37,14 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..manifest import FILENAME, FileEntry, GraphEntry, Manifest, sha256, verify_file
+from ..buildfolder import (MANIFEST, FileEntry, GraphEntry, Manifest, ShapeView, manifest_sha256, read_manifest, verify_file,
+                           verify_files, views, write_manifest)
 from ..registry import DEPLOY_VARIANTS
 from ..staging import check_apart, check_destination, check_output_file
 from ..userfiles import load_json
 from .config import CONFIG, MODEL_NAME, DeployError, check_routes, graph_config, read_repository, router_config, to_text
 from .placement import check_movable, check_not_a_build, staged_entries
 from .readme import repository_readme
-from .routing import graph_id
 
 SHARED_BUILD = "build"  # in the router's folder: what the onnxruntime graph models serve
 RECORD = "atedm-deploy.json"  # what a deploy wrote into the folder: the mark that lets --force replace it
@@ -72,7 +72,7 @@ class DeployRequest:
 def auto_variant(manifest: Manifest) -> str:
     """``tensorrt`` where the build has TensorRT plans that hold their weights (what Triton loads), else ``onnxruntime``."""
     engine = manifest.engine
-    return "tensorrt" if engine.backend == "tensorrt" and not engine.weights_stripped else "onnxruntime"
+    return "tensorrt" if engine.library == "tensorrt" and not engine.weights_stripped else "onnxruntime"
 
 
 def _check(request: DeployRequest, manifest: Manifest) -> None:
@@ -87,8 +87,8 @@ def _check(request: DeployRequest, manifest: Manifest) -> None:
     if request.backend != "tensorrt":
         return
     engine = manifest.engine
-    if engine.backend != "tensorrt":
-        found = f"{engine.backend} engines" if not engine.skipped else "no engines"
+    if engine.library != "tensorrt":
+        found = f"{engine.library} engines" if engine.built else "no engines"
         raise DeployError(f"{request.build} has {found}; Triton's tensorrt_plan backend loads TensorRT plans only: "
                           "rebuild with --backend tensorrt on the GPU, or deploy --backend onnxruntime")
     if engine.weights_stripped:
@@ -97,19 +97,19 @@ def _check(request: DeployRequest, manifest: Manifest) -> None:
 
 
 def graph_model_name(router: str, graph: str) -> str:
-    """The Triton model that serves one graph (``routing.graph_id``): named after the router, so deployments can sit
+    """The Triton model that serves one graph (its id, ``ShapeView.graph_id``): named after the router, so deployments can sit
     side by side: ``atedm_unet_main``, or ``atedm_unet_main_1216x832-b2`` in a multi-shape build."""
     return f"{router}_{graph.replace('.', '_')}"
 
 
-def _distinct_graphs(manifest: Manifest) -> list[tuple[Manifest, GraphEntry]]:
+def _distinct_graphs(manifest: Manifest) -> list[tuple[ShapeView, GraphEntry]]:
     """Every graph a model serves, with the view of its shape: per shape, the graphs no stage reuses from another."""
-    return [(view, entry) for view in manifest.views() for entry in view.graphs() if not entry.same_as]
+    return [(view, entry) for view in views(manifest) for entry in view.graphs() if not entry.same_as]
 
 
 def _model_names(request: DeployRequest, manifest: Manifest) -> list[str]:
     """Every model folder the deploy will write: the router and one per distinct graph of each shape."""
-    return [request.name, *(graph_model_name(request.name, graph_id(view, entry.name))
+    return [request.name, *(graph_model_name(request.name, view.graph_id(entry.name))
                             for view, entry in _distinct_graphs(manifest))]
 
 
@@ -191,7 +191,7 @@ def _shared_build(work: Path, request: DeployRequest, manifest: Manifest) -> lis
     graph models."""
     folder = work / request.name / SHARED_BUILD
     folder.mkdir(parents=True)
-    manifest.save(folder)
+    write_manifest(folder, manifest)
     graphs = {f.path: f for e in manifest.all_graphs() for f in (e.onnx, e.ort_onnx) if f is not None}
     placements = [(item, folder / item.path) for item in (*manifest.weight_files, *graphs.values())]
     for item, target in placements:
@@ -199,10 +199,10 @@ def _shared_build(work: Path, request: DeployRequest, manifest: Manifest) -> lis
     return _records(work, placements)
 
 
-def _graph_model(work: Path, request: DeployRequest, manifest: Manifest, entry: GraphEntry) -> tuple[str, list[dict]]:
-    """One graph's model folder, at the shape ``manifest`` views; returns its name and the files placed, with their
+def _graph_model(work: Path, request: DeployRequest, view: ShapeView, entry: GraphEntry) -> tuple[str, list[dict]]:
+    """One graph's model folder, at ``view``'s shape; returns its name and the files placed, with their
     checksums."""
-    name = graph_model_name(request.name, graph_id(manifest, entry.name))
+    name = graph_model_name(request.name, view.graph_id(entry.name))
     version = work / name / "1"
     version.mkdir(parents=True)
     placements = []
@@ -213,7 +213,7 @@ def _graph_model(work: Path, request: DeployRequest, manifest: Manifest, entry: 
         (version / "model.py").write_text(MODEL_SOURCES["onnxruntime"])
     for item, target in placements:
         _place(request.build / item.path, target, item, entry.name, request.link)
-    config = graph_config(name, manifest, entry.name, request.backend, request.instances,
+    config = graph_config(name, view, entry.name, request.backend, request.instances,
                           f"{request.name}/{SHARED_BUILD}")
     (work / name / CONFIG).write_text(to_text(config))
     return name, _records(work, placements)
@@ -227,14 +227,14 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
     """
     build, out = request.build.resolve(), request.repository.resolve()
     check_apart(out, {"build": build}, "repository", DeployError)
-    check_not_a_build(out, FILENAME)
-    manifest = Manifest.load(build, verify=False)
+    check_not_a_build(out, MANIFEST)
+    manifest = read_manifest(build, verify=False)
     request = dataclasses.replace(request, build=build)
     if request.backend == "auto":
         engine = manifest.engine
         request = dataclasses.replace(request, backend=auto_variant(manifest))
         progress("repository", f"variant: {request.backend} (the build has "
-                               f"{engine.backend if not engine.skipped else 'no'} engines)")
+                               f"{engine.library or 'no'} engines)")
     _check(request, manifest)
     replace = _replaceable(out, request.force)
     readme = _readme_path(out, request.name, replace)
@@ -243,7 +243,7 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
     if others:
         progress("repository", f"{len(others)} other entries in {out} are left as they are")
     # every artifact the variant serves, against its sha256, before anything is copied (plans: tensorrt only)
-    manifest.verify_files(build, engines=request.backend == "tensorrt")
+    verify_files(manifest, build, engines=request.backend == "tensorrt")
     max_batch = request.max_batch or max(shape.batch for shape in manifest.shape_list)
     with staged_entries(out, replace, last=RECORD) as work:
         graph_models, models = {}, {}
@@ -252,7 +252,7 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
             progress(request.name, f"{SHARED_BUILD}/: {len(shared) - 1} graphs and one weights file, "
                                    f"{sum(f['bytes'] for f in shared) / 2**20:,.1f} MiB placed and checked")
         for view, entry in _distinct_graphs(manifest):  # a stage with same_as is routed to the graph it reuses
-            graph = graph_id(view, entry.name)
+            graph = view.graph_id(entry.name)
             model, files = _graph_model(work, request, view, entry)
             graph_models[graph] = model
             models[model] = {"graph": graph, "shape": view.shape.key, "files": files}
@@ -267,7 +267,7 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
         (work / request.name / CONFIG).write_text(to_text(config))
         models[request.name] = {"graph": None, "routes": graph_models, "files": shared}
         shapes = f"{len(manifest.shapes)} shapes × " if manifest.multi_shape else ""
-        progress(request.name, f"router: {shapes}{len(manifest.stages)} stages over {len(graph_models)} graph models, "
+        progress(request.name, f"router: {shapes}{len(manifest.shapes[0].stages)} stages over {len(graph_models)} graph models, "
                                f"up to {max_batch} rows per call")
         check_routes(read_repository(work), request.name)
         record = {
@@ -275,7 +275,7 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "atedm_export": __version__,
             "build": str(build),
-            "manifest_sha256": sha256(build / FILENAME),
+            "manifest_sha256": manifest_sha256(build),
             "backend": request.backend,
             "router": request.name,
             "max_batch": max_batch,

@@ -2,7 +2,7 @@
 
 A request carries ``b <= max_batch`` rows (one latent each: a classifier-free-guidance pair is two rows)
 and, per row, the denoising step and the run's step count. Its ``sample`` ([b, C, h, w]) picks the build's
-shape (``Manifest.at_latent``, the lookup ``StagedUNet`` uses too): the shape of exactly ``b`` rows at that
+shape (``buildfolder.view_for_latent``, the lookup ``StagedUNet`` uses too): the shape of exactly ``b`` rows at that
 latent size; where the build has no shape of ``b`` rows there, the shape of the smallest batch above ``b``
 at that size, else of the largest (its rows then padded or chunked, as below). A latent size the build lacks
 is the manifest's one-line ``ShapeError``, naming the shapes it has. A single-shape build has one shape, so
@@ -14,8 +14,8 @@ together, are cut into chunks of that shape's static batch ``B``; the last chunk
 last row, and the outputs are scattered back. A request of exactly ``B`` rows in one stage is one graph
 call on exactly its own inputs, so it gets what ``StagedUNet`` gives, bit for bit.
 
-A graph is named by ``graph_id``: its name (``main``), with its shape's key in a multi-shape build
-(``main.192x128-b2``, the stem of its ONNX file), since every shape has a graph of each name.
+A graph is named by its id (``buildfolder.layout.graph_id``): its name (``main``), with its shape's key in a
+multi-shape build (``main.192x128-b2``, the stem of its ONNX file), since every shape has a graph of each name.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..manifest import Manifest, ScheduleError, ShapeError
+from ..buildfolder import Manifest, ScheduleError, ShapeError, ShapeView, first_view, view_for_latent
 
 #: What the router takes besides the graph inputs: per row, the step and the run's step count.
 STEP_INPUTS = ("step", "num_steps")
@@ -36,17 +36,11 @@ STAGE_OUTPUT = "stage"
 RoutingError = ScheduleError
 
 
-def graph_id(view: Manifest, graph: str) -> str:
-    """The name of one graph of ``view``'s shape among every graph of the build: ``main``, or ``main.192x128-b2``
-    where the build has several shapes."""
-    return f"{graph}.{view.shape.key}" if view.multi_shape else graph
-
-
 @dataclass(frozen=True)
 class Chunk:
     """One static-batch graph call: which (request, row) fills each of its first ``len(rows)`` rows."""
 
-    graph: str  # graph_id
+    graph: str  # the graph's id (ShapeView.graph_id)
     rows: tuple[tuple[int, int], ...]
     batch: int  # the graph's static batch: rows past len(rows) repeat the last one
 
@@ -57,52 +51,53 @@ class Router:
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
-        self.batch = int(manifest.inputs[0].shape[0])  # the first shape's (the only one of a single-shape build)
-        self.input_names = manifest.input_names
+        self.first = first_view(manifest)  # the only shape of a single-shape build
+        self.batch = int(self.first.inputs[0].shape[0])
+        self.input_names = self.first.input_names
         self._batches = sorted({shape.batch for shape in manifest.shape_list})
-        self._views: dict[tuple[int, int, int], Manifest] = {}
+        self._views: dict[tuple[int, int, int], ShapeView] = {}
 
-    def view_for(self, rows: int, height: int, width: int) -> Manifest:
+    def view_for(self, rows: int, height: int, width: int) -> ShapeView:
         """The build's shape that runs a request of ``rows`` latents of ``height`` × ``width`` (latent pixels)."""
         key = (rows, height, width)
         if key not in self._views:
             try:
-                view = self.manifest.at_latent(rows, height, width)
+                view = view_for_latent(self.manifest, rows, height, width)
             except ShapeError as missing:
                 view = self._padded(rows, height, width, missing)
             self._views[key] = view
         return self._views[key]
 
-    def _padded(self, rows: int, height: int, width: int, missing: ShapeError) -> Manifest:
+    def _padded(self, rows: int, height: int, width: int, missing: ShapeError) -> ShapeView:
         """No shape of ``rows`` rows at this size: the next larger batch there (padded), else the largest (chunked)."""
         larger = [b for b in self._batches if b > rows]
         smaller = [b for b in reversed(self._batches) if b < rows]
         for batch in (*larger, *smaller):
             try:
-                return self.manifest.at_latent(batch, height, width)
+                return view_for_latent(self.manifest, batch, height, width)
             except ShapeError:
                 continue
         raise missing
 
-    def graph_of(self, stage: str, view: Manifest | None = None) -> str:
-        """The graph (``graph_id``) a stage runs at ``view``'s shape (default: the first): a stage that prunes nothing
+    def graph_of(self, stage: str, view: ShapeView | None = None) -> str:
+        """The graph (its id) a stage runs at ``view``'s shape (default: the first): a stage that prunes nothing
         reuses the baseline's."""
-        view = view or self.manifest
+        view = view or self.first
         built = next(entry for entry in view.stages if entry.name == stage)
-        return graph_id(view, built.same_as or stage)
+        return view.graph_id(built.same_as or stage)
 
-    def route(self, step: int, num_steps: int, view: Manifest | None = None) -> tuple[int, str]:
+    def route(self, step: int, num_steps: int, view: ShapeView | None = None) -> tuple[int, str]:
         """``(stage index in the schedule, stage name)`` of denoising step ``step`` of ``num_steps``."""
-        index, entry = (view or self.manifest).stage_at(step, num_steps)
+        index, entry = (view or self.first).stage_at(step, num_steps)
         return index, entry.name
 
-    def plan(self, stages: list[list[str]], views: list[Manifest] | None = None) -> list[Chunk]:
+    def plan(self, stages: list[list[str]], views: list[ShapeView] | None = None) -> list[Chunk]:
         """Graph calls for requests whose rows run ``stages[request][row]`` at the shape ``views[request]`` (default:
         the first), grouped by graph, each graph's static batch of rows at a time."""
         by_graph: dict[str, list[tuple[int, int]]] = {}
         batch: dict[str, int] = {}
         for request, names in enumerate(stages):
-            view = views[request] if views else self.manifest
+            view = views[request] if views else self.first
             for row, name in enumerate(names):
                 graph = self.graph_of(name, view)
                 by_graph.setdefault(graph, []).append((request, row))

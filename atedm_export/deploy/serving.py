@@ -26,14 +26,14 @@ from torch.utils import dlpack
 
 from ..errors import AtedmError, first_line
 from ..contract import precision_of
-from ..manifest import Manifest, ShapeError
+from ..buildfolder import ShapeError, ShapeView, parse_manifest, read_manifest, verify_graph, view_at
 from ..runtime.backends import OnnxRuntimeBackend
 from ..shapes import Shape
 from .routing import STAGE_OUTPUT, STEP_INPUTS, Router, RoutingError
 from .server import SHELL_CONTROL
 
 MANIFEST_PARAMETER = "atedm_manifest"  # the build's manifest (JSON), on the router: clients read it too
-GRAPH_MODELS_PARAMETER = "atedm_graph_models"  # graph (routing.graph_id) → the Triton model serving it (JSON)
+GRAPH_MODELS_PARAMETER = "atedm_graph_models"  # graph (its id, ShapeView.graph_id) → the Triton model serving it (JSON)
 GRAPH_PARAMETER = "atedm_graph"  # on a stage model: the graph it serves
 SHAPE_PARAMETER = "atedm_shape"  # on a stage model: the shape of that graph (shapes.Shape, JSON)
 BUILD_PARAMETER = "atedm_build"  # on a stage model: the build folder all graph models share, from the repository
@@ -103,17 +103,17 @@ class RouterModel(_PythonModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
-        self.manifest = Manifest.model_validate_json(self.parameters[MANIFEST_PARAMETER])
-        self.router = Router(self.manifest)
+        self.router = Router(parse_manifest(self.parameters[MANIFEST_PARAMETER]))
+        self.first = self.router.first  # the I/O names every shape shares
         self.models: dict[str, str] = json.loads(self.parameters[GRAPH_MODELS_PARAMETER])
 
-    def read(self, request: Any) -> tuple[dict[str, torch.Tensor], Manifest, list[tuple[int, str]]]:
+    def read(self, request: Any) -> tuple[dict[str, torch.Tensor], ShapeView, list[tuple[int, str]]]:
         """A request's tensors (timestep, step and step count flattened to one value per row), its shape and routes.
 
         Raises ``RequestError`` for what the client sent wrong: a non-finite input, a shape the build lacks, a
         step outside the run.
         """
-        feed = self.read_inputs(request, (*self.manifest.input_names, *STEP_INPUTS))
+        feed = self.read_inputs(request, (*self.first.input_names, *STEP_INPUTS))
         sample = feed["sample"]
         rows = sample.shape[0]
         for name in ("timestep", *STEP_INPUTS):
@@ -139,12 +139,12 @@ class RouterModel(_PythonModel):
             response = self._exec(model, feed)
         if response.has_error():
             raise AtedmError(f"model '{model}' failed: {response.error().message()}")
-        return self.tensor_of(response, self.manifest.output_name)
+        return self.tensor_of(response, self.first.output_name)
 
     def _exec(self, model: str, feed: dict[str, torch.Tensor]) -> Any:
         request = self.pb.InferenceRequest(
-            model_name=model, requested_output_names=[self.manifest.output_name],
-            inputs=[self.tensor_out(name, feed[name]) for name in self.manifest.input_names],
+            model_name=model, requested_output_names=[self.first.output_name],
+            inputs=[self.tensor_out(name, feed[name]) for name in self.first.input_names],
             preferred_memory=self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_CPU, 0),
         )
         return request.exec()
@@ -159,14 +159,14 @@ class RouterModel(_PythonModel):
 
     def execute(self, requests: list[Any]) -> list[Any]:
         feeds: list[dict[str, torch.Tensor]] = []
-        views: list[Manifest] = []
+        views: list[ShapeView] = []
         routes: list[list[tuple[int, str]]] = []
         errors: dict[int, AtedmError] = {}
         for i, request in enumerate(requests):
             try:
                 feed, view, route = self.read(request)
             except AtedmError as exc:
-                feed, view, route, errors[i] = {}, self.manifest, [], exc
+                feed, view, route, errors[i] = {}, self.first, [], exc
             feeds.append(feed)
             views.append(view)
             routes.append(route)
@@ -187,7 +187,7 @@ class RouterModel(_PythonModel):
                 continue
             stages = torch.tensor([[index] for index, _ in route], dtype=torch.int32)
             responses.append(self.pb.InferenceResponse(
-                output_tensors=[self.tensor_out(self.manifest.output_name, outputs[i]),
+                output_tensors=[self.tensor_out(self.first.output_name, outputs[i]),
                                 self.tensor_out(STAGE_OUTPUT, stages)]
             ))
         return responses
@@ -205,20 +205,20 @@ class OnnxRuntimeStageModel(_PythonModel):
         super().initialize(args)
         build = Path(args["model_repository"]).parent / self.parameters[BUILD_PARAMETER]
         shape = Shape.model_validate_json(self.parameters[SHAPE_PARAMETER])
-        self.manifest = Manifest.load(build, verify=False).at(shape)
+        self.view = view_at(read_manifest(build, verify=False), shape)
         self.graph = self.parameters[GRAPH_PARAMETER]
-        entry = self.manifest.graph(self.graph)
-        self.manifest.verify_graph(build, entry, engine=False)
-        self.backend = OnnxRuntimeBackend(build, self.manifest, "cpu")
+        entry = self.view.graph(self.graph)
+        verify_graph(self.view.manifest, build, entry, engine=False)
+        self.backend = OnnxRuntimeBackend(build, self.view, "cpu")
         self.backend.session(entry)  # load now: a broken graph fails the model load, not the first request
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
         for request in requests:
             try:
-                feed = self.read_inputs(request, self.manifest.input_names)
+                feed = self.read_inputs(request, self.view.input_names)
                 latent = self.backend.run(self.graph, feed)
-                output = self.tensor_out(self.manifest.output_name, latent)
+                output = self.tensor_out(self.view.output_name, latent)
                 responses.append(self.pb.InferenceResponse(output_tensors=[output]))
             except AtedmError as exc:
                 responses.append(self.error_response(exc))

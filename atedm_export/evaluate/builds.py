@@ -15,7 +15,7 @@ from typing import Any
 
 from ..contract import SDXL_REFINER
 from ..errors import AtedmError
-from ..manifest import FILENAME, Manifest, check_same_model
+from ..buildfolder import ShapeView, check_same_model, first_view, manifest_sha256, read_manifest
 from ..userfiles import check_distinct
 
 #: The label of the unpruned image set; builds never take it.
@@ -24,24 +24,20 @@ UNPRUNED = "unpruned"
 
 @dataclass(frozen=True)
 class BuildInfo:
-    """One build as the eval sees it: where it is, its checked manifest, its label and its identity."""
+    """One build as the eval sees it: where it is, its checked manifest (the view of its first shape, the one eval
+    draws at), its label and its identity."""
 
     folder: Path
-    manifest: Manifest
+    view: ShapeView
     label: str
     identity: str  # sha256 of manifest.json: another build in the same folder draws other images
 
 
-def manifest_sha(folder: Path) -> str:
-    """The sha256 of a build's manifest.json, which records every graph file's own sha256."""
-    return hashlib.sha256((folder / FILENAME).read_bytes()).hexdigest()
-
-
-def baseline_identity(manifest: Manifest) -> str:
+def baseline_identity(view: ShapeView) -> str:
     """What identifies the unpruned images: the baseline graph's files (and the weights they point into), so
     they are reused across evals of any build of the same model whose baseline is byte for byte the same."""
-    base = manifest.baseline
-    parts = [*(f.sha256 for f in manifest.weight_files), base.onnx.sha256,
+    base = view.baseline
+    parts = [*(f.sha256 for f in view.manifest.weight_files), base.onnx.sha256,
              *(f.sha256 for f in (base.ort_onnx, base.engine) if f)]
     return "baseline:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -67,13 +63,13 @@ def labels_for(folders: list[Path]) -> list[str]:
 def load_builds(folders: list[Path]) -> list[BuildInfo]:
     """Each build's manifest (format and consistency checked), refused where the eval cannot compare them."""
     check_distinct(folders)
-    manifests = [Manifest.load(folder, verify=False) for folder in folders]
+    manifests = [read_manifest(folder, verify=False) for folder in folders]
     for folder, manifest in zip(folders, manifests):
-        if manifest.contract.family is SDXL_REFINER:
+        if first_view(manifest).contract.family is SDXL_REFINER:
             raise AtedmError(f"build {folder} is the SDXL refiner, which refines images rather than drawing from text; "
                              "eval compares text-to-image builds")
-    check_same_model(folders, manifests, "eval")
-    return [BuildInfo(folder, manifest, label, manifest_sha(folder))
+    check_same_model(folders, [first_view(m) for m in manifests], "eval")
+    return [BuildInfo(folder, first_view(manifest), label, manifest_sha256(folder))
             for folder, manifest, label in zip(folders, manifests, labels_for(folders))]
 
 
@@ -81,7 +77,7 @@ def common_steps(builds: list[BuildInfo], steps: int | None) -> int:
     """The step count every image is drawn with: ``--steps``, else the builds' specs' where they agree."""
     if steps:
         return steps
-    counts = sorted({b.manifest.graph_spec.steps for b in builds})
+    counts = sorted({b.view.graph_spec.steps for b in builds})
     if len(counts) > 1:
         raise AtedmError(f"the builds' specs differ in steps ({', '.join(map(str, counts))}); pass --steps N so every "
                          "image is drawn with the same steps")

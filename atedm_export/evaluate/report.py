@@ -54,7 +54,7 @@ def json_safe(row: dict[str, Any]) -> dict[str, Any]:
 
 def settings(plan: EvalPlan) -> dict[str, Any]:
     """The eval's settings, as eval.json records them."""
-    spec = plan.jobs[1].build.manifest.graph_spec
+    spec = plan.jobs[1].build.view.graph_spec
     request = plan.request
     fid_real = None
     if plan.inception is not None:

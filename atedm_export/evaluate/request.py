@@ -112,7 +112,7 @@ def prepare(request: EvalRequest) -> EvalPlan:
         raise AtedmError(f"--seed {request.seed}: image i takes seed {request.seed}+i, past {MAX_SEED} for "
                          f"{len(prompts)} images")
     builds = load_builds(list(request.builds))
-    first = builds[0].manifest
+    first = builds[0].view
     steps, guidance = resolve_settings(first, common_steps(builds, request.steps), request.guidance)
     check_pipeline_source(first)
     reference = _reference_images(request.reference, request.inception)
@@ -141,8 +141,8 @@ def _jobs(builds: list[BuildInfo], request: EvalRequest) -> list[Job]:
         staged = StagedUNet.load(build.folder, backend=request.backend, device=request.device, **request.engine_options)
         jobs.append(Job(build.label, staged, build.identity, build))
     first = jobs[0].staged
-    unpruned = StagedUNet(first.manifest, first.backend, unpruned=True)
-    return [Job(UNPRUNED, unpruned, baseline_identity(first.manifest), None), *jobs]
+    unpruned = StagedUNet(first.backend, unpruned=True)
+    return [Job(UNPRUNED, unpruned, baseline_identity(first.view), None), *jobs]
 
 
 def _reference_images(folder: Path | None, inception: Path | None) -> list[Path] | None:

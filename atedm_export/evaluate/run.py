@@ -71,7 +71,7 @@ def _draw_set(plan: EvalPlan, job: Job, progress: Progress) -> ImageSet:
     build = job.build
     return ImageSet(job.label, build.folder if build else None, [state.image_path(job.label, i) for i in range(count)],
                     [float(s) for s in seconds], reused=reused, drawn=len(missing),
-                    schedule=build.manifest.graph_spec.dsap.name if build else None, identity=job.identity)
+                    schedule=build.view.graph_spec.dsap.name if build else None, identity=job.identity)
 
 
 def _draw_one(plan: EvalPlan, job: Job, index: int) -> float:

@@ -13,7 +13,7 @@ embed exactly one compiled kernel per plugin, launched on the plugin's inputs, t
 outputs. The map layer is several kernels with a reduction between them, so it is several nodes.
 
 The nodes are written by the dynamo exporter (``torch.onnx.ops.symbolic_multi_out``, which records a node of any
-domain with the shapes and dtypes given, from ``ops.OUTPUTS``); TorchScript tracing has no such op.
+domain with the shapes and dtypes given, from ``outputs.OUTPUTS``); TorchScript tracing has no such op.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import torch
 
 from . import ops
+from .outputs import OUTPUTS
 
 DOMAIN = "atedm"
 VERSION = 1
@@ -37,7 +38,7 @@ NODE_TYPES = {
     "gwpr_step": "GwprStep",
     "recovery_mapless": "RecoveryMapless",
 }
-assert set(NODE_TYPES) == set(ops.OUTPUTS)
+assert set(NODE_TYPES) == set(OUTPUTS)
 
 _exporting_plugin_form = False
 
@@ -88,7 +89,7 @@ launch = _Launch()
 
 def _node(name: str, args: tuple) -> torch.Tensor | tuple[torch.Tensor, ...]:
     tensors, attrs = attributes(name, args)
-    outputs = ops.OUTPUTS[name](*args)
+    outputs = OUTPUTS[name](*args)
     shapes = [shape for shape, _ in outputs]
     dtypes = [dtype for _, dtype in outputs]
     domain_op = f"{DOMAIN}::{NODE_TYPES[name]}"

@@ -22,6 +22,7 @@ import torch
 from ..errors import AtedmError
 from . import ops
 from .nodes import DOMAIN, NODE_TYPES
+from .outputs import OUTPUTS
 from .runnable import require_runnable
 
 EXTENSIONS_DOMAIN = "ai.onnx.contrib"  # the one domain onnxruntime-extensions' Python ops live in
@@ -81,7 +82,7 @@ def _register(precision: np.dtype) -> None:
     for name, node_type in NODE_TYPES.items():
         probes = ops.probe_arguments(name, dtype)
         inputs = [types[probe.dtype] for probe in probes if isinstance(probe, torch.Tensor)]
-        outputs = [types[out_dtype] for _, out_dtype in ops.OUTPUTS[name](*probes)]
+        outputs = [types[out_dtype] for _, out_dtype in OUTPUTS[name](*probes)]
         attrs = {arg: PyCustomOpDef.dt_float if kind == "float" else PyCustomOpDef.dt_int64
                  for arg, kind in ops.arguments(name) if kind != "Tensor"}
         onnx_op(op_type=node_type, inputs=inputs, outputs=outputs, attrs=attrs)(_runner(name))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .outputs import OUTPUTS, allocate
 from .runnable import require_runnable
-from .tiles import row_tiles
 
 
 @torch.library.custom_op("atedm::attention_lse", mutates_args=())
@@ -86,52 +86,10 @@ def recovery_mapless(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: 
 
 
 
-Outputs = list[tuple[tuple[int, ...], torch.dtype]]
-
-
-def _attention_lse_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Outputs:
-    batch, tokens, heads, _ = q.shape
-    return [(tuple(q.shape), q.dtype), ((batch, heads, tokens), torch.float32)]
-
-
-def _head_mean_map_outputs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> Outputs:
-    batch, tokens, keys = q.shape[0], q.shape[1], k.shape[1]
-    return [((batch, tokens, keys), torch.float32), ((batch, row_tiles(tokens), keys), torch.float32)]
-
-
-def _select_kept_outputs(scores: torch.Tensor, top: torch.Tensor) -> Outputs:
-    return [(tuple(top.shape), torch.int64), (tuple(scores.shape), torch.int64)]
-
-
-def _recovery_sources_outputs(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor) -> Outputs:
-    return [(tuple(attn_map.shape[:2]), torch.int64)]
-
-
-def _gwpr_step_outputs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor, scale: float) -> Outputs:
-    return [((q.shape[0], q.shape[2], k.shape[1]), torch.float32)]
-
-
-def _recovery_mapless_outputs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor,
-                              slot_of: torch.Tensor, scale: float) -> Outputs:
-    return [(tuple(q.shape[:2]), torch.int64)]
-
-
-#: Each op's outputs (shape, dtype) from its inputs: its fake implementation, and its node's in a graph (``nodes.py``).
-OUTPUTS = {
-    "attention_lse": _attention_lse_outputs,
-    "head_mean_map": _head_mean_map_outputs,
-    "select_kept": _select_kept_outputs,
-    "recovery_sources": _recovery_sources_outputs,
-    "gwpr_step": _gwpr_step_outputs,
-    "recovery_mapless": _recovery_mapless_outputs,
-}
-
-
 def _register_fake(name: str) -> None:
     """The op's fake implementation: empty tensors of ``OUTPUTS``' shapes, on the inputs' device."""
     def fake(*args: object) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        device = next(a for a in args if isinstance(a, torch.Tensor)).device
-        outs = tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in OUTPUTS[name](*args))
+        outs = allocate(name, args)
         return outs[0] if len(outs) == 1 else outs
 
     torch.library.register_fake(f"atedm::{name}", fake)

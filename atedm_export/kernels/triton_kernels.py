@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .outputs import allocate
 from .tiles import TILES, Tiles
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x·log2 e): the kernels work in base 2, as flash kernels do
@@ -361,16 +362,10 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _empty(outputs: list[tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> list[torch.Tensor]:
-    return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in outputs]
-
-
 def run(name: str, *args: object, tiles: Tiles | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Op ``name`` on its arguments (``ops.py``'s signature): outputs allocated from ``ops.OUTPUTS``, one launch."""
-    from .ops import OUTPUTS
-
+    """Op ``name`` on its arguments (``ops.py``'s signature): outputs allocated (``outputs.allocate``), one launch."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     scale = next((a for a in args if isinstance(a, float)), None)
-    outputs = _empty(OUTPUTS[name](*args), tensors[0].device)
-    launch(name, tensors, outputs, scale, tiles)
-    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+    outputs = allocate(name, args)
+    launch(name, tensors, list(outputs), scale, tiles)
+    return outputs[0] if len(outputs) == 1 else outputs

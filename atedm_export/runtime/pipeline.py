@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
 from ..errors import AtedmError, first_line
 from ..families import SDXL_REFINER, Family, family_of
-from ..manifest import Manifest
+from ..buildfolder import ShapeView, find_view, pipeline_changes
 from ..models import BUILTIN_CONFIGS, is_builtin
 from ..staging import check_output_file
 from .quiet import quiet_libraries
@@ -135,10 +135,10 @@ def load_pipeline(staged: StagedUNet) -> Any:
         return _load_pipeline(staged)
 
 
-def check_pipeline_source(manifest: Manifest) -> None:
+def check_pipeline_source(view: ShapeView) -> None:
     """Refuse, before anything loads, a build whose model has no pipeline around the UNet to draw with: a
     full-size built-in (a bare UNet with random weights) or a single UNet checkpoint."""
-    model = manifest.graph_spec.model
+    model = view.graph_spec.model
     if is_builtin(model) and not model.startswith("tiny-"):
         raise AtedmError(f"model '{model}' is a bare UNet with random weights (no text encoders or VAE); "
                          "to generate images, build from a diffusers pipeline folder")
@@ -148,9 +148,9 @@ def check_pipeline_source(manifest: Manifest) -> None:
 
 
 def _load_pipeline(staged: StagedUNet) -> Any:
-    spec = staged.manifest.graph_spec
+    spec = staged.view.graph_spec
     family = staged.contract.family
-    check_pipeline_source(staged.manifest)
+    check_pipeline_source(staged.view)
     if is_builtin(spec.model):
         pipe = tiny_pipeline(spec.model, seed=spec.seed)
     else:
@@ -227,13 +227,13 @@ def _input_image(family: Family, image: Path | None, width: int, height: int) ->
     return picture.resize((width, height), Image.LANCZOS), picture.size
 
 
-def resolve_settings(manifest: Manifest, steps: int | None, guidance: float | None) -> tuple[int, float]:
+def resolve_settings(view: ShapeView, steps: int | None, guidance: float | None) -> tuple[int, float]:
     """The run's step count and guidance scale (the spec's steps and the family's guidance where not given),
     refused where the build cannot serve them: classifier-free guidance doubles each image's rows, so a build
     of odd batch runs without it (``--guidance 1``)."""
-    spec = manifest.graph_spec
+    spec = view.graph_spec
     steps = steps or spec.steps
-    guidance = manifest.contract.family.guidance if guidance is None else guidance
+    guidance = view.contract.family.guidance if guidance is None else guidance
     if spec.batch % 2 and guidance > 1.0:
         raise AtedmError(f"the build has batch {spec.batch}: classifier-free guidance needs an even batch; pass --guidance 1")
     return steps, guidance
@@ -241,7 +241,7 @@ def resolve_settings(manifest: Manifest, steps: int | None, guidance: float | No
 
 def draw(pipe: Any, staged: StagedUNet, prompt: str, *, steps: int, seed: int, guidance: float,
          negative_prompt: str | None = None, picture: Any = None, strength: float = 0.3,
-         on_step: Callable[[int, int], None] | None = None, shape: Manifest | None = None) -> tuple[Any, Generation]:
+         on_step: Callable[[int, int], None] | None = None, shape: ShapeView | None = None) -> tuple[Any, Generation]:
     """One pipeline call with ``staged`` as ``pipe``'s UNet: the first image (PIL) and what the call did.
 
     The one place that calls the pipeline, so ``generate`` (one image to a file) and ``eval`` (many images through
@@ -249,12 +249,12 @@ def draw(pipe: Any, staged: StagedUNet, prompt: str, *, steps: int, seed: int, g
     denoising loop, VAE decode), not of loading or writing. The build's static batch sets the images per call:
     with classifier-free guidance (scale > 1) each image is a row pair, so batch 2 gives one image. The libraries'
     bars, notices and warnings stay out of the caller's output (``quiet.py``); the tokens the pipeline cut from
-    each text are counted instead. ``shape``: the view (``Manifest.find``) of the build's shape to draw at; the
+    each text are counted instead. ``shape``: the view (``buildfolder.find_view``) of the build's shape to draw at; the
     build's first shape by default.
     """
     import time
 
-    spec = (shape or staged.manifest).graph_spec
+    spec = (shape or staged.view).graph_spec
 
     def callback(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
         if on_step:
@@ -299,7 +299,7 @@ def generate(staged: StagedUNet, prompt: str, output: Path, *, negative_prompt: 
     if output.suffix.lower() != ".png":
         raise AtedmError(f"output {output} must be a .png file")
     check_output_file(output)
-    shape = staged.manifest.find(width, height, batch)
+    shape = find_view(staged.manifest, width, height, batch)
     spec = shape.graph_spec
     steps, guidance = resolve_settings(shape, steps, guidance)
     if not 0.0 < strength <= 1.0:
@@ -315,7 +315,7 @@ def generate(staged: StagedUNet, prompt: str, output: Path, *, negative_prompt: 
     for picture_drawn, path in zip((drawn, *done.more_images), files, strict=True):
         write_png(picture_drawn, path)
     recorded = staged.manifest.pipeline
-    return replace(done, resized_from=resized, changed=tuple(recorded.changed()) if recorded else (),
+    return replace(done, resized_from=resized, changed=tuple(pipeline_changes(recorded)) if recorded else (),
                    more_images=(), written=tuple(files))
 
 

@@ -38,7 +38,8 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ..contract import precision_of
 from ..errors import AtedmError
-from ..manifest import Manifest, ScheduleError, ShapeError
+from ..buildfolder import (Manifest, ScheduleError, ShapeError, ShapeView, check_same_graphs, read_manifest, verify_entry,
+                           verify_weights, view_for_latent)
 from .backends import Backend, RuntimeInputError, load_backend
 
 __all__ = ["ScheduleError", "ShapeError", "StageStats", "StagedUNet"]
@@ -55,17 +56,17 @@ class StagedUNet(torch.nn.Module):
     """Runs a build's stage graphs across the denoising loop on one backend (``unpruned``: its baseline graph at
     every step)."""
 
-    def __init__(self, manifest: Manifest, backend: Backend, unpruned: bool = False) -> None:
+    def __init__(self, backend: Backend, unpruned: bool = False) -> None:
         super().__init__()
-        self.manifest = manifest
         self.backend = backend
+        self.view: ShapeView = backend.view  # the first shape's: what pipelines read (dtype, config, schedule)
         self.unpruned = unpruned
-        self.schedule = manifest.graph_spec.dsap
-        self.contract = manifest.contract
-        self.config = FrozenDict(manifest.unet_config)
+        self.schedule = self.view.graph_spec.dsap
+        self.contract = self.view.contract
+        self.config = FrozenDict(self.manifest.unet_config)
         if self.contract.family.added_conditioning:
             self.add_embedding = SimpleNamespace(
-                linear_1=SimpleNamespace(in_features=self.contract.family.add_embedding_width(manifest.unet_config))
+                linear_1=SimpleNamespace(in_features=self.contract.family.add_embedding_width(self.manifest.unet_config))
             )
         self.encoder_hid_proj = None
         self._scheduler: Any = None
@@ -80,18 +81,22 @@ class StagedUNet(torch.nn.Module):
         """The build at ``folder`` on ``backend``, with the build files that backend opens checked, and only those:
         a missing engine plan refuses the engine backends, not onnxruntime or eager (``Backend.verify_build``).
         ``unpruned``: run the baseline graph at every step (the same model, nothing pruned)."""
-        runner = load_backend(backend, folder, None, device, **options)
-        return cls(runner.manifest, runner, unpruned=unpruned)
+        return cls(load_backend(backend, folder, None, device, **options), unpruned=unpruned)
+
+    @property
+    def manifest(self) -> Manifest:
+        """The build's record (every shape's graphs)."""
+        return self.view.manifest
 
     def graph_names(self) -> list[str]:
         """The graphs this UNet can run: the baseline alone when unpruned, else the built stages."""
-        return [self.manifest.baseline.name] if self.unpruned else [s.name for s in self.manifest.stages]
+        return [self.view.baseline.name] if self.unpruned else [s.name for s in self.view.stages]
 
     # --- what pipelines read -------------------------------------------------------------------
 
     @property
     def dtype(self) -> torch.dtype:
-        return precision_of(self.manifest.inputs[0].dtype).torch
+        return precision_of(self.view.inputs[0].dtype).torch
 
     @property
     def device(self) -> torch.device:
@@ -132,7 +137,7 @@ class StagedUNet(torch.nn.Module):
             return
         for steps in self.schedule.step_ranges(num_steps):
             if len(steps):
-                self.manifest.stage_at(steps.start, num_steps)
+                self.view.stage_at(steps.start, num_steps)
 
     def locate(self, timestep: torch.Tensor | float) -> tuple[int, int, str]:
         """``(step, num_steps, graph name)`` of a call at ``timestep``: its step's stage (the baseline when unpruned)."""
@@ -146,8 +151,8 @@ class StagedUNet(torch.nn.Module):
         step = min(-(-int(matches.nonzero()[0]) // order), num_steps - 1)
         self._check_stages(num_steps)
         if self.unpruned:
-            return step, num_steps, self.manifest.baseline.name
-        return step, num_steps, self.manifest.stage_at(step, num_steps)[1].name
+            return step, num_steps, self.view.baseline.name
+        return step, num_steps, self.view.stage_at(step, num_steps)[1].name
 
     # --- shapes ------------------------------------------------------------------------------------
 
@@ -162,10 +167,10 @@ class StagedUNet(torch.nn.Module):
         batch, _, height, width = sample.shape
         key = (int(batch), int(height), int(width))
         if key not in self._shapes:
-            if self.manifest.shape.latent == key:
+            if self.view.shape.latent == key:
                 self._shapes[key] = self.backend
             else:
-                self._shapes[key] = self.backend.at(self.manifest.at_latent(*key))
+                self._shapes[key] = self.backend.at(view_for_latent(self.manifest, *key))
         return self._shapes[key]
 
     # --- the UNet call -------------------------------------------------------------------------
@@ -219,16 +224,14 @@ class StagedUNet(torch.nn.Module):
         ``folder`` must hold these very graphs (a refit of the same origin), or nothing changes and one line says why;
         its graph and weights files are checked first (a weights file hard-linked from this build is not hashed again).
         """
-        from ..manifest import verify_entry
-
         folder = Path(folder)
         current = self.backend.folder
-        manifest = Manifest.load(folder, verify=False)
-        self.manifest.check_same_graphs(current, manifest, folder)
+        manifest = read_manifest(folder, verify=False)
+        check_same_graphs(self.manifest, current, manifest, folder)
         if self.backend.name != "eager":
-            manifest.verify_weights(folder, linked_from=current)
+            verify_weights(manifest, folder, linked_from=current)
             for entry in manifest.all_graphs():
                 verify_entry(folder, entry, engine=False)
         self.backend.use_weights(folder, manifest)
-        self.manifest = self.backend.manifest
+        self.view = self.backend.view
         self._shapes.clear()  # the other shapes' views of the backend are made again from it
