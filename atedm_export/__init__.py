@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["PruneOptions", "StagePlan", "__version__", "apply_atedm", "remove_atedm"]
+__all__ = ["AtedmOptions", "StagePlan", "__version__", "apply_pruning", "remove_pruning"]
 
 
 def __getattr__(name: str) -> Any:

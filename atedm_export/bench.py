@@ -105,7 +105,7 @@ def run_bench(folder: str | Path, backends: list[str], warmup: int = 1, repeats:
 def _verify(folder: Path, view: ShapeView, backends: list[str]) -> None:
     """The files each backend opens (a missing plan concerns the engine backends only), before any timing."""
     for name in backends:
-        backend_class(name, folder, view.manifest).verify_build(folder, view.manifest)
+        backend_class(name, folder, view.manifest).check_build_files(folder, view.manifest)
 
 
 def _time_build(folder: Path, view: ShapeView, backends: list[str], warmup: int, repeats: int, device: str | None,

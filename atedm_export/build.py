@@ -36,7 +36,7 @@ from .buildfolder import (MANIFEST, EngineInfo, FileEntry, GraphEntry, LoraEntry
 from .buildfolder.layout import ENGINES_DIR, GRAPHS_DIR, WEIGHTS_FILE, engine_file, graph_file, graph_label
 from .models import PIPELINE_INDEX, attention_blocks, build_unet, pipeline_folder, unet_config
 from .pruning import StagePlan
-from .registry import BUILD_BACKENDS, ENGINE_LIBRARIES
+from .registry import BUILD_LIBRARIES, ENGINE_LIBRARIES
 from .shapes import Shape
 from .spec import GraphSpec
 from .staging import check_destination, staged_folder
@@ -50,7 +50,7 @@ Progress = Callable[[str, str, float | None], None]  # (graph, what happened, se
 class BuildRequest:
     spec: GraphSpec
     out: Path
-    backend: str = "auto"  # auto | tensorrt | tensorrt-rtx | onnx
+    library: str = "auto"  # the engine library: auto | tensorrt | tensorrt-rtx | onnx (graphs only, no engines)
     targets: tuple[str, ...] = ()
     stages: tuple[str, ...] = ()  # empty = every stage of the schedule
     force: bool = False
@@ -103,19 +103,19 @@ def resolve_engine(request: BuildRequest) -> tuple[EngineLibrary | None, EngineI
     Only ``auto`` falls back to graphs only; a library named explicitly that cannot build here is an
     error before anything is exported, not minutes of export ending in "engines skipped".
     """
-    backend = request.backend
-    if backend not in BUILD_BACKENDS:
-        raise AtedmError(f"unknown backend '{backend}'; expected one of: {', '.join(BUILD_BACKENDS)}")
-    if backend == "onnx":
-        return None, EngineInfo(library=None, skipped="--backend onnx: ONNX graphs only")
-    candidates = ENGINE_LIBRARIES if backend == "auto" else (backend,)
+    wanted = request.library
+    if wanted not in BUILD_LIBRARIES:
+        raise AtedmError(f"unknown engine library '{wanted}'; expected one of: {', '.join(BUILD_LIBRARIES)}")
+    if wanted == "onnx":
+        return None, EngineInfo(library=None, skipped="--library onnx: ONNX graphs only")
+    candidates = ENGINE_LIBRARIES if wanted == "auto" else (wanted,)
     reasons = []
     for name in candidates:
         try:
             library = load_library(name)
             library.check_targets(request.targets)
         except EngineUnavailable as exc:
-            if backend != "auto":
+            if wanted != "auto":
                 raise
             reasons.append(str(exc))
             continue
@@ -298,11 +298,11 @@ class _GraphMaker:
         if library is not None:
             store.flush()  # the builder maps the weights file
             target = "-".join(self.request.targets) or "local"
-            engine_path = engine_file(work, name, self.shape_key(at), library.backend, target)
+            engine_path = engine_file(work, name, self.shape_key(at), library.name, target)
             source, options = path, self.options
             if plugin is not None and library.api.plugin_refusal is None:  # the engine carries the kernels' plugins
                 source, options = work / plugin.path, dataclasses.replace(options, plugins=True)
-            progress(label, f"compiling the {'plugin' if options.plugins else 'portable'} form with {library.backend} "
+            progress(label, f"compiling the {'plugin' if options.plugins else 'portable'} form with {library.name} "
                             f"{library.version} for {target}", None)
             built = build_isolated(library, source, engine_path, options)
             compile_seconds, compile_peak = built.result, built.peak_rss

@@ -27,7 +27,7 @@ from rich.text import Text
 
 from . import __version__
 from .errors import AtedmError
-from .registry import BUILD_BACKENDS, COST_DEVICES, DEPLOY_VARIANTS, ENGINE_LIBRARIES, ENGINE_WEIGHTS, PRECISION_NAMES, RUNTIME_BACKENDS
+from .registry import BUILD_LIBRARIES, COST_DEVICES, DEPLOY_VARIANTS, ENGINE_LIBRARIES, ENGINE_WEIGHTS, PRECISION_NAMES, RUNTIME_BACKENDS
 
 # Rich wraps at 80 columns when output is not a terminal; tables of figures need more.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
@@ -311,7 +311,7 @@ def _secs(s: float | None) -> str:
 def _graphs_table(manifest, title: str | Text) -> Table:  # noqa: ANN001
     """Every graph of a build, a section per shape (the grid of shapes × stages) with its schedule's total."""
     from .buildfolder import views
-    from .report import graph_summary, schedule_totals
+    from .inspection import graph_summary, schedule_totals
 
     base = manifest.shapes[0].baseline.graph_tflops
     scale, unit = (1.0, "TFLOPs") if base >= 0.1 else (1e3, "GFLOPs")
@@ -377,8 +377,9 @@ def _split(value: str | None) -> tuple[str, ...]:
                                  "YAML file.")
 @click.option("--prune-point", type=click.Choice(["attn1", "layer"]), help="Override the spec's prune point.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Build folder to create [default: build/<spec name>].")
-@click.option("--backend", type=click.Choice(BUILD_BACKENDS), default="auto",
-              show_default=True, help="Engine library; auto takes tensorrt, else tensorrt-rtx; onnx builds graphs only.")
+@click.option("--library", "--backend", "library", type=click.Choice(BUILD_LIBRARIES), default="auto", show_default=True,
+              help="Engine library; auto takes tensorrt, else tensorrt-rtx; onnx builds graphs only (--backend: its "
+                   "older name).")
 @click.option("--target", help="Compute capabilities for tensorrt-rtx, e.g. sm89 or sm86,sm89 (default: the GPU present).")
 @click.option("--precision", type=click.Choice(PRECISION_NAMES), help="Override the spec's precision.")
 @click.option("--stages", help="Build only these DSAP stages (comma-separated); the baseline is always built.")
@@ -398,7 +399,7 @@ def _split(value: str | None) -> tuple[str, ...]:
               help="Also write each pruned graph's plugin form: the map layer as the Triton kernels' atedm nodes "
                    "(dynamo exporter; verify runs it in onnxruntime through the kernels). Engines keep the portable "
                    "form (docs/build.md).")
-def build(spec: str, schedule: str | None, prune_point: str | None, out: Path | None, backend: str, target: str | None, precision: str | None, stages: str | None,
+def build(spec: str, schedule: str | None, prune_point: str | None, out: Path | None, library: str, target: str | None, precision: str | None, stages: str | None,
           force: bool, opt_level: int, workspace: float | None, timing_cache: Path | None,
           strip_weights: bool | None, ort_fusion: bool | None, refittable: bool, plugin_form: bool) -> None:
     """Export every DSAP stage of SPEC (and the unpruned baseline) to ONNX and compile engines.
@@ -420,7 +421,7 @@ def build(spec: str, schedule: str | None, prune_point: str | None, out: Path | 
     for t in targets:
         if not re.fullmatch(r"sm\d{2,3}", t):
             raise AtedmError(f"unknown target '{t}'; expected a compute capability such as sm86 or sm89")
-    request = BuildRequest(graph_spec, out, backend, targets, _split(stages), force, opt_level, workspace, timing_cache,
+    request = BuildRequest(graph_spec, out, library, targets, _split(stages), force, opt_level, workspace, timing_cache,
                            strip_weights, ort_fusion, refittable_engines=refittable,
                            plugin_form=plugin_form)
     start = time.perf_counter()
@@ -467,7 +468,7 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
     from .costmodel import device
     from .flops import flops_report
     from .buildfolder import first_view, read_manifest, views
-    from .report import inspect_build
+    from .inspection import inspect_build
 
     manifest = read_manifest(build_dir)
     view = first_view(manifest)  # what a single-shape build shows; other shapes have the same ops and attentions
@@ -490,12 +491,12 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
     out.print(Text.assemble((spec.name, "bold"), f": {spec.model} {sizes}, "
               f"{spec.precision}, {spec.steps} steps, method '{spec.method}', schedule '{spec.dsap.name}'; engines: {engines}"),
               highlight=False)
-    from .pruning import PruneOptions
+    from .pruning import AtedmOptions
     from .pruning.methods import summary_of
     from .pruning.options import MAP_IMPLS
 
     out.print(Text(f"method: {summary_of(spec.method)}"))
-    if isinstance(spec.pruning, PruneOptions):
+    if isinstance(spec.pruning, AtedmOptions):
         plugin = any(e.plugin_onnx for e in manifest.all_graphs())
         out.print(Text(f"map layer in PyTorch: map_impl '{spec.pruning.map_impl}' ({MAP_IMPLS[spec.pruning.map_impl]}); "
                        "in the graphs: standard ONNX ops (portable form)"
@@ -859,9 +860,11 @@ def _side_by_side_table(reports: list[dict]) -> Table:
 @click.option("--triton", "repository", required=True, type=click.Path(path_type=Path),
               help="Model repository folder to write, or an existing one to add the models to (others' models are kept).")
 @click.option("--name", default="atedm_unet", show_default=True, help="Name of the UNet model clients call.")
-@click.option("--backend", type=click.Choice(["auto", *DEPLOY_VARIANTS]), default="auto", show_default=True,
+@click.option("--variant", "--backend", "variant", type=click.Choice(["auto", *DEPLOY_VARIANTS]), default="auto",
+              show_default=True,
               help="tensorrt: the build's TensorRT plans as tensorrt_plan models (GPU servers); onnxruntime: the ONNX "
-                   "graphs in Python-backend models (CPU servers); auto: tensorrt where the build has TensorRT plans.")
+                   "graphs in Python-backend models (CPU servers); auto: tensorrt where the build has TensorRT plans "
+                   "(--backend: its older name).")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Instances of each model.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
               help="Rows (latents) per request and per dynamic batch [default: the build's static batch].")
@@ -870,7 +873,7 @@ def _side_by_side_table(reports: list[dict]) -> Table:
 @click.option("--link", is_flag=True, help="Hard-link the artifacts instead of copying them (same filesystem).")
 @click.option("--force", is_flag=True, help="Replace the deployment an earlier deploy wrote in REPO (only what its "
                                             "atedm-deploy.json lists; other models are never touched).")
-def deploy(build_dir: Path, repository: Path, name: str, backend: str, instances: int, max_batch: int | None,
+def deploy(build_dir: Path, repository: Path, name: str, variant: str, instances: int, max_batch: int | None,
            queue_delay_us: int, link: bool, force: bool) -> None:
     """Write a Triton Inference Server model repository for a build.
 
@@ -886,9 +889,9 @@ def deploy(build_dir: Path, repository: Path, name: str, backend: str, instances
     def progress(model: str, event: str) -> None:
         _progress_line(start, model, 24, event)
 
-    record = run_deploy(DeployRequest(build_dir, repository, name, backend, instances, max_batch, queue_delay_us, link,
+    record = run_deploy(DeployRequest(build_dir, repository, name, variant, instances, max_batch, queue_delay_us, link,
                                       force), progress)
-    table = Table(title=Text(f"{repository.resolve()}: {record['backend']} variant"))
+    table = Table(title=Text(f"{repository.resolve()}: {record['variant']} variant"))
     for column in ("model", "serves", "files", "MiB"):
         table.add_column(column, justify="left" if column in ("model", "serves") else "right")
     for model, info in record["models"].items():

@@ -24,8 +24,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import PlanError, SpecError, format_validation_error
-from .models import AttentionBlock
-from .pruning import PruneOptions, PruningOptions, StagePlan, method_of
+from .shapes import AttentionBlock
+from .pruning import AtedmOptions, PruningOptions, StagePlan, method_of
 from .userfiles import load_yaml
 
 Ratio = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -174,7 +174,7 @@ def keep_count(ratio: float, tokens: int) -> int:
     return max(1, min(tokens, round(ratio * tokens)))
 
 
-def stage_plan(stage: Stage, blocks: list[AttentionBlock], options: PruningOptions = PruneOptions()) -> StagePlan:
+def stage_plan(stage: Stage, blocks: list[AttentionBlock], options: PruningOptions = AtedmOptions()) -> StagePlan:
     """The static plan of one stage: blocks whose keep count is below their token count are pruned.
 
     A keep count below what the method can run (ToMe leaves at least its destination grid) is refused here,

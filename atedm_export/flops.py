@@ -18,8 +18,9 @@ from .costmodel import Device, Prediction, predict, record_ops
 from .dsap import stage_plan
 from .errors import PlanError
 from .contract import GraphContract
-from .models import AttentionBlock, attention_blocks, build_unet, unet_config
-from .pruning import PruneOptions, PruningOptions, StagePlan, planned
+from .models import attention_blocks, build_unet, unet_config
+from .shapes import AttentionBlock
+from .pruning import AtedmOptions, PruningOptions, StagePlan, planned
 from .spec import GraphSpec
 from .userfiles import load_onnx
 
@@ -210,13 +211,13 @@ def _predictions(spec: GraphSpec, devices: tuple[Device, ...], names: list[str],
             for dev in devices]
 
 
-def with_map_impl(options: PruningOptions, impl: str) -> PruneOptions | None:
+def with_map_impl(options: PruningOptions, impl: str) -> AtedmOptions | None:
     """AT-EDM ``options`` with the map layer run as ``impl``; None for a method without a map layer (ToMe), or
     where the options ask for a map the kernels do not compute (``heads: max``, ``map_pool`` > 1)."""
-    if not isinstance(options, PruneOptions):
+    if not isinstance(options, AtedmOptions):
         return None
     try:  # validated, not model_copy(update=...): that skips the check that the kernels compute this map
-        return PruneOptions.model_validate({**options.model_dump(), "map_impl": impl})
+        return AtedmOptions.model_validate({**options.model_dump(), "map_impl": impl})
     except PlanError:
         return None
 

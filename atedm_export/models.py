@@ -22,7 +22,6 @@ import json
 import socket
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +32,12 @@ from safetensors import SafetensorError
 
 from .contract import GraphContract
 from .errors import ModelError, first_line
+from .shapes import AttentionBlock
 from .families import SDXL_BASE_CONFIG, TINY_SDXL_CONFIG, builtin_configs, family_of  # noqa: F401 - configs re-exported
 from .userfiles import load_json
 
 #: Every built-in architecture's config by name, read off the family records (``families.py`` owns them).
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = builtin_configs()
-
-
-@dataclass(frozen=True)
-class AttentionBlock:
-    """One attention block (a ``Transformer2DModel``) and the token grid it sees at a resolution."""
-
-    name: str
-    height: int
-    width: int
-    layers: int
-    channels: int
-
-    @property
-    def tokens(self) -> int:
-        return self.height * self.width
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ from .errors import RefitError
 from .lora import LoraError, check_loras, describe, fuse_loras
 from .buildfolder import (MANIFEST, EngineInfo, FileEntry, GraphEntry, LoraEntry, Manifest, ManifestError, RefitInfo,
                           check_consistent, check_lora, file_entry, first_view, lora_entry, manifest_sha256, origin,
-                          read_manifest, rewrite, sha256, tool_versions, verify_entry, write_manifest)
+                          read_manifest, rewrite, sha256, tool_versions, check_graph_files, write_manifest)
 from .buildfolder.layout import DELTA_FILE, ENGINES_DIR, GRAPHS_DIR
 from .ortfuse import find_packed_qkv, packed_qkv, qkv_names, qkv_parts
 from .spec import LoraSpec
@@ -57,7 +57,7 @@ from .weights import (HashedStore, Place, Region, StoredWeights, find_parameters
                       tensor_layout)
 
 
-Progress = Callable[[str, str, float | None], None]  # (stage, what happened, seconds)
+Progress = Callable[[str, str, float | None], None]  # (phase: loras, graphs, weights, delta, engines; what happened; seconds)
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,8 @@ class RefitResult:
     notes: list[str] = field(default_factory=list)  # what was not carried over as it was, and why
 
 
-def _silent(stage: str, event: str, seconds: float | None) -> None:
-    del stage, event, seconds
+def _silent(phase: str, event: str, seconds: float | None) -> None:
+    del phase, event, seconds
 
 
 # --------------------------------------------------------------------------------------------------- graphs
@@ -104,7 +104,7 @@ def _read_graphs(build: Path, manifest: Manifest) -> _Graphs:
     models: dict[str, onnx.ModelProto] = {}
     fused_from: dict[str, str] = {}
     for entry in manifest.all_graphs():
-        verify_entry(build, entry, engine=False)
+        check_graph_files(build, entry, engine=False)
         for item in entry.forms():
             if item.path not in models:
                 models[item.path] = onnx.load(str(build / item.path), load_external_data=False)
@@ -165,9 +165,9 @@ class _Refit:
     hashing: float = 0.0
     writing: float = 0.0
 
-    def note(self, stage: str, text: str) -> None:
+    def note(self, phase: str, text: str) -> None:
         self.notes.append(text)
-        self.progress(stage, text, None)
+        self.progress(phase, text, None)
 
     def run(self, out: Path) -> RefitResult:
         manifest, build, work = self.manifest, self.build, self.work
@@ -391,7 +391,7 @@ class _Refit:
         (self.work / ENGINES_DIR).mkdir(exist_ok=True)
         for path, entry in plans.items():
             tick = time.perf_counter()
-            self.progress("engines", f"{Path(path).name}: rebuilding ({why}) with {library.backend} {library.version}",
+            self.progress("engines", f"{Path(path).name}: rebuilding ({why}) with {library.name} {library.version}",
                           None)
             build_isolated(library, self.work / entry.onnx.path, self.work / path, options)
             built[path] = file_entry(self.work, self.work / path)

@@ -6,10 +6,10 @@ module reads its lists from here; adding a backend adds its name here and its co
 
 from __future__ import annotations
 
-#: Libraries that compile ONNX into engines (``compile/``), in the order ``--backend auto`` tries them.
+#: Libraries that compile ONNX into engines (``compile/``), in the order ``build --library auto`` tries them.
 ENGINE_LIBRARIES: tuple[str, ...] = ("tensorrt", "tensorrt-rtx")
-#: What ``build --backend`` takes: an engine library, ``onnx`` (graphs only) or ``auto``.
-BUILD_BACKENDS: tuple[str, ...] = ("auto", *ENGINE_LIBRARIES, "onnx")
+#: What ``build --library`` takes: an engine library, ``onnx`` (graphs only) or ``auto``.
+BUILD_LIBRARIES: tuple[str, ...] = ("auto", *ENGINE_LIBRARIES, "onnx")  # build --library: onnx builds no engines
 #: What runs a build's graphs: the eager reference, onnxruntime, the engines. Each is a name a class of
 #: ``runtime/backends.py`` declares (``backends.BACKENDS``, which checks it has these); listed here in the CLI's order.
 RUNTIME_BACKENDS: tuple[str, ...] = ("onnxruntime", "eager", *ENGINE_LIBRARIES)

@@ -9,6 +9,7 @@ the built-in sets (``graphs/shapes/*.yaml``, e.g. ``sdxl-buckets``).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -55,6 +56,22 @@ class Shape(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.width}x{self.height} batch {self.batch}"
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One attention block (a ``Transformer2DModel``) and the token grid it sees at a shape's resolution: what the
+    schedules (``dsap.py``) and the FLOP counts plan against, known without loading a model."""
+
+    name: str
+    height: int
+    width: int
+    layers: int
+    channels: int
+
+    @property
+    def tokens(self) -> int:
+        return self.height * self.width
 
 
 def shape_keys(shapes: list[Shape] | tuple[Shape, ...]) -> str:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .contract import PRECISIONS, GraphContract
 from .dsap import Schedule, is_preset, load_preset, load_schedule, parse_schedule, preset_named
 from .errors import PlanError, SpecError, format_validation_error
-from .pruning import METHODS, PruneOptions, PruningOptions, parse_options
+from .pruning import METHODS, AtedmOptions, PruningOptions, parse_options
 from .shapes import Count, Pixels, Shape, load_shape_set, shape_keys
 from .userfiles import is_readable_file, load_yaml
 
@@ -66,7 +66,7 @@ class GraphSpec(BaseModel):
     precision: Precision = "fp16"
     steps: Count = Field(50, ge=1, le=1000)
     schedule: str | Schedule = "paper"
-    pruning: PruningOptions = PruneOptions()
+    pruning: PruningOptions = AtedmOptions()
     shapes: tuple[Shape, ...] | None = Field(None, description="several static shapes; the first sets height/width/batch")
     loras: tuple[LoraSpec, ...] = ()
 
@@ -157,7 +157,7 @@ class GraphSpec(BaseModel):
         """The same spec pruning at another point (``attn1`` or ``layer``), as ``--prune-point`` asks."""
         if prune_point is None:
             return self
-        if not isinstance(self.pruning, PruneOptions):
+        if not isinstance(self.pruning, AtedmOptions):
             raise SpecError(f"--prune-point is an AT-EDM option; this spec prunes with {self.method}")
         pruning = self.pruning.model_dump()
         return self.model_copy(update={"pruning": parse_options({**pruning, "prune_point": prune_point})})

@@ -77,7 +77,7 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory):
     from atedm_export.spec import load_spec
 
     out = tmp_path_factory.mktemp("builds") / "tiny"
-    build(BuildRequest(load_spec("tiny-sdxl"), out, backend="onnx"))
+    build(BuildRequest(load_spec("tiny-sdxl"), out, library="onnx"))
     return out
 
 
@@ -94,7 +94,7 @@ def tiny_tome_build(tmp_path_factory: pytest.TempPathFactory):
     from atedm_export.spec import parse_spec
 
     out = tmp_path_factory.mktemp("builds") / "tiny-tome"
-    build(BuildRequest(parse_spec(dict(TOME_SPEC)), out, backend="onnx"))
+    build(BuildRequest(parse_spec(dict(TOME_SPEC)), out, library="onnx"))
     return out
 
 
@@ -112,7 +112,7 @@ def tiny_multi_build(tmp_path_factory: pytest.TempPathFactory):
     from atedm_export.spec import parse_spec
 
     out = tmp_path_factory.mktemp("builds") / "tiny-multi"
-    build(BuildRequest(parse_spec(dict(MULTI_SPEC)), out, backend="onnx"))
+    build(BuildRequest(parse_spec(dict(MULTI_SPEC)), out, library="onnx"))
     return out
 
 
@@ -126,7 +126,7 @@ def tiny_engine_build(tmp_path_factory: pytest.TempPathFactory):
     if not HAS_RTX:
         pytest.skip("TensorRT-RTX (tensorrt-rtx-cu13-bindings) not installed")
     out = tmp_path_factory.mktemp("builds") / "tiny-engines"
-    build(BuildRequest(load_spec("tiny-sdxl"), out, backend="tensorrt-rtx", targets=("sm89",)))
+    build(BuildRequest(load_spec("tiny-sdxl"), out, library="tensorrt-rtx", targets=("sm89",)))
     return out
 
 
@@ -150,7 +150,7 @@ def gpu_engine_build(tmp_path_factory):
             reasons.append(f"{backend} does not target {local}")
             continue
         out = tmp_path_factory.mktemp("gpu-engines") / backend
-        build(BuildRequest(load_spec("tiny-sdxl"), out, backend=backend, targets=targets, strip_weights=False))
+        build(BuildRequest(load_spec("tiny-sdxl"), out, library=backend, targets=targets, strip_weights=False))
         return out
     pytest.skip("no engine library runs on this GPU: " + "; ".join(reasons))
 
@@ -161,7 +161,7 @@ def ort_repo(tiny_build, tmp_path_factory):
     from atedm_export.deploy.repository import DeployRequest, deploy
 
     repo = tmp_path_factory.mktemp("deploy") / "repo"
-    deploy(DeployRequest(tiny_build, repo, backend="onnxruntime"))
+    deploy(DeployRequest(tiny_build, repo, variant="onnxruntime"))
     return repo
 
 
@@ -254,7 +254,7 @@ def lora_build(loras, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("lora-builds") / "with-lora"
     spec = {**TOME_SPEC, "name": "with-lora", "schedule": "none", "loras": [f"{loras['style']}:0.8"]}
-    build(BuildRequest(parse_spec(spec), out, backend="onnx"))
+    build(BuildRequest(parse_spec(spec), out, library="onnx"))
     return out
 
 

@@ -276,7 +276,7 @@ CASES = [
     ("inspect {build} --device banana", "Invalid value for '--device'"),
     ("bench {build} --engine-weights banana", "Invalid value for '--engine-weights'"),
     ("deploy {build} --triton {out}/repo --instances 0", "Invalid value for '--instances'"),
-    ("deploy {build} --triton {out}/repo --backend banana", "Invalid value for '--backend'"),
+    ("deploy {build} --triton {out}/repo --backend banana", "Invalid value for '--variant' / '--backend'"),
     ("serve {out}/repo --http-port 70000", "Invalid value for '--http-port'"),
     ("load-test http://127.0.0.1:1 --concurrency 0", "Invalid value for '--concurrency'"),
     ("nosuch", "No such command 'nosuch'"),

@@ -289,7 +289,7 @@ def test_a_second_build_into_the_same_folder_is_refused_while_the_first_runs(tmp
     monkeypatch.setattr(build_module, "export_stage", held)
     out = tmp_path / "o"
     first: dict = {}
-    request = build_module.BuildRequest(load_spec(small_spec(tmp_path)), out, backend="onnx")
+    request = build_module.BuildRequest(load_spec(small_spec(tmp_path)), out, library="onnx")
     thread = threading.Thread(target=lambda: first.setdefault("manifest", build_module.build(request)))
     thread.start()
     assert entered.wait(60)

@@ -114,7 +114,7 @@ def test_onnxruntime_repository_layout_and_configs(ort_repo, tiny_build):
     weights = list(ort_repo.rglob("*.onnx.data"))
     assert weights == [ort_repo / "atedm_unet" / "build" / manifest.weights.path]
     record = json.loads((ort_repo / "atedm-deploy.json").read_text())
-    assert record["backend"] == "onnxruntime" and record["max_batch"] == 2
+    assert record["variant"] == "onnxruntime" and record["max_batch"] == 2
     readme = (ort_repo / "README.md").read_text()
     assert "atedm-export serve" in readme and "`step` (in) | INT32 | `[b, 1]`" in readme
 
@@ -132,8 +132,8 @@ def test_a_stage_that_prunes_nothing_is_routed_to_the_baseline(tmp_path):
                                                       {"name": "late", "until": 1.0, "keep": 0.37}]})
     assert yaml.safe_load(Path(spec).read_text())["schedule"]["stages"][0]["keep"] == 1.0
     out = tmp_path / "b"
-    build(BuildRequest(load_spec(spec), out, backend="onnx"))
-    record = deploy(DeployRequest(out, tmp_path / "repo", backend="onnxruntime"))
+    build(BuildRequest(load_spec(spec), out, library="onnx"))
+    record = deploy(DeployRequest(out, tmp_path / "repo", variant="onnxruntime"))
     assert record["models"]["atedm_unet"]["routes"] == {"baseline": "atedm_unet_baseline", "late": "atedm_unet_late"}
     assert not (tmp_path / "repo" / "atedm_unet_warm").exists()
     assert Router(read_manifest(out)).graph_of("warm") == "baseline"
@@ -266,7 +266,7 @@ def test_a_repository_that_overlaps_the_build_is_refused_before_any_work(build_c
 
 
 def _deploy(build: Path, repository: Path, **changes) -> dict:
-    return deploy(DeployRequest(build, repository, backend="onnxruntime", **changes))
+    return deploy(DeployRequest(build, repository, variant="onnxruntime", **changes))
 
 
 def test_deploy_adds_its_models_beside_others_and_force_replaces_only_its_own(tiny_build, tmp_path):
@@ -407,7 +407,7 @@ def test_load_test_with_a_bad_port_prints_one_line_and_no_traceback_at_exit():
 def test_a_corrupted_artifact_stops_the_deploy_and_leaves_nothing(tiny_build, tmp_path):
     copy = corrupted_copy(tiny_build, tmp_path / "b", "main")
     with pytest.raises(ManifestError, match="main: .* does not match its checksum"):
-        deploy(DeployRequest(copy, tmp_path / "repo", backend="onnxruntime"))
+        deploy(DeployRequest(copy, tmp_path / "repo", variant="onnxruntime"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
@@ -455,7 +455,7 @@ def test_link_hard_links_the_artifacts(tiny_build, tmp_path):
     source = tmp_path / "b"  # a copy: the session's build must keep one link per file (onnx.checker wants that)
     shutil.copytree(tiny_build, source)
     repo = tmp_path / "repo"
-    deploy(DeployRequest(source, repo, backend="onnxruntime", link=True))
+    deploy(DeployRequest(source, repo, variant="onnxruntime", link=True))
     manifest = read_manifest(source)
     entry = first_view(manifest).graph("main")
     build = repo / "atedm_unet" / "build"
@@ -476,7 +476,7 @@ MULTI_KEYS = ["128x128-b2", "192x128-b2", "128x128-b4"]  # conftest.MULTI_SPEC's
 def multi_repo(tiny_multi_build, tmp_path_factory):
     """The session's three-shape build (conftest ``MULTI_SPEC``) deployed, onnxruntime variant."""
     repo = tmp_path_factory.mktemp("deploy-multi") / "repo"
-    deploy(DeployRequest(tiny_multi_build, repo, backend="onnxruntime"))
+    deploy(DeployRequest(tiny_multi_build, repo, variant="onnxruntime"))
     return repo
 
 

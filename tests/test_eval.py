@@ -208,7 +208,7 @@ def _build(root: Path, name: str, **changes: object) -> Path:
     folder = root / f"{name}-spec"
     folder.mkdir()
     out = root / name
-    build(BuildRequest(load_spec(small_spec(folder, name=name, **TINY, **changes)), out, backend="onnx"))
+    build(BuildRequest(load_spec(small_spec(folder, name=name, **TINY, **changes)), out, library="onnx"))
     return out
 
 

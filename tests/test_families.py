@@ -27,7 +27,7 @@ from atedm_export.errors import AtedmError, ModelError
 from atedm_export.families import FAMILIES, Family, family_named, family_of
 from atedm_export.flops import count_flops, graph_flops
 from atedm_export.models import BUILTIN_CONFIGS, attention_blocks, build_unet, load_unet
-from atedm_export.pruning import PruneOptions, StagePlan, planned
+from atedm_export.pruning import AtedmOptions, StagePlan, planned
 from atedm_export.runtime import StagedUNet
 
 from .conftest import HAS_RTX
@@ -166,7 +166,7 @@ def test_attn1_and_layer_prune_points_give_the_same_output(saved, model):
     keep = {b.name: max(1, round(0.37 * b.tokens)) for b in blocks}
     outputs, flops = {}, {}
     for point in ("layer", "attn1"):
-        plan = StagePlan(keep, PruneOptions(prune_point=point))
+        plan = StagePlan(keep, AtedmOptions(prune_point=point))
         with planned(unet, plan), torch.no_grad():
             outputs[point] = unet(**inputs).sample
         flops[point] = count_flops(build_unet(dict(unet.config), device="meta"), HW, HW, 77, plan)
@@ -175,9 +175,9 @@ def test_attn1_and_layer_prune_points_give_the_same_output(saved, model):
 
 
 def test_attn1_is_the_default_where_it_is_exact():
-    assert PruneOptions().prune_point == "attn1"
-    assert PruneOptions(recovery="skip").prune_point == "layer"
-    assert PruneOptions(importance="cross").prune_point == "layer"
+    assert AtedmOptions().prune_point == "attn1"
+    assert AtedmOptions(recovery="skip").prune_point == "layer"
+    assert AtedmOptions(importance="cross").prune_point == "layer"
 
 
 def _export_flops(unet, plan, tmp_path, name):
@@ -198,7 +198,7 @@ def _export_flops(unet, plan, tmp_path, name):
 def test_the_prune_points_differ_in_flops_counted_from_the_graphs(saved, model, tmp_path):
     unet = load_unet(str(saved(model)))
     keep = {b.name: max(1, round(0.37 * b.tokens)) for b in attention_blocks(unet, HW, HW)}
-    counted = {p: _export_flops(unet, StagePlan(keep, PruneOptions(prune_point=p)), tmp_path, p)
+    counted = {p: _export_flops(unet, StagePlan(keep, AtedmOptions(prune_point=p)), tmp_path, p)
                for p in ("layer", "attn1")}
     assert counted["attn1"] < counted["layer"]
 
@@ -285,7 +285,7 @@ def family_build(saved, tmp_path_factory):
         if model not in builds:
             spec = load_spec(model).model_copy(update={"model": str(saved(model))})
             out = tmp_path_factory.mktemp("family-builds") / model
-            build(BuildRequest(spec, out, backend="onnx"))
+            build(BuildRequest(spec, out, library="onnx"))
             builds[model] = out
         return builds[model]
 
@@ -383,7 +383,7 @@ def test_family_deploys_and_a_served_loop_equals_the_local_one(family_build, ins
 
     build = family_build(model)
     repo = tmp_path / "repo"
-    deploy(DeployRequest(build, repo, backend="onnxruntime"))
+    deploy(DeployRequest(build, repo, variant="onnxruntime"))
     with TritonServer(repo, install=install) as server:
         served = connect(server.grpc_url)
         local = StagedUNet.load(build, backend="onnxruntime")

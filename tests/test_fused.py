@@ -29,7 +29,7 @@ def fused_build(tmp_path_factory):
     from atedm_export.spec import load_spec
 
     out = tmp_path_factory.mktemp("fused") / "sd15"
-    build(BuildRequest(load_spec("tiny-sd15"), out, backend="onnx", stages=("main",), ort_fusion=True))
+    build(BuildRequest(load_spec("tiny-sd15"), out, library="onnx", stages=("main",), ort_fusion=True))
     return out
 
 

@@ -21,7 +21,7 @@ import torch
 
 from atedm_export.errors import KernelUnavailable, PlanError
 from atedm_export.kernels.runnable import TRITON_INSTALLED
-from atedm_export.pruning import PruneOptions, StagePlan, apply_atedm
+from atedm_export.pruning import AtedmOptions, StagePlan, apply_pruning
 from atedm_export.pruning.attention import resolve_map_impl
 from atedm_export.pruning.recover import recovery_sources
 from atedm_export.pruning.select import topk_keep_indices
@@ -140,8 +140,8 @@ def test_the_selection_kernel_keeps_topks_set_ties_included():
 @has_triton
 def test_the_pruned_unet_on_kernels_equals_the_explicit_path(tiny_unet, tiny_blocks, tiny_inputs):
     keep = {b.name: round(0.37 * b.tokens) for b in tiny_blocks}
-    want = run(apply_atedm(tiny_unet, StagePlan(keep, PruneOptions(map_impl="explicit"))), tiny_inputs)
-    got = run(apply_atedm(tiny_unet, StagePlan(keep, PruneOptions(map_impl="kernels"))), tiny_inputs)
+    want = run(apply_pruning(tiny_unet, StagePlan(keep, AtedmOptions(map_impl="explicit"))), tiny_inputs)
+    got = run(apply_pruning(tiny_unet, StagePlan(keep, AtedmOptions(map_impl="kernels"))), tiny_inputs)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -151,7 +151,7 @@ def test_the_pruned_unet_on_kernels_compiles_to_one_graph(tiny_unet, tiny_blocks
     """``torch.compile(fullgraph=True)``: dynamo traces the whole pruned UNet, the kernels as opaque custom ops
     (their fake implementations give the shapes), with no graph break (42 s here with ``aot_eager``)."""
     keep = {b.name: round(0.37 * b.tokens) for b in tiny_blocks}
-    unet = apply_atedm(tiny_unet, StagePlan(keep, PruneOptions(map_impl="kernels")))
+    unet = apply_pruning(tiny_unet, StagePlan(keep, AtedmOptions(map_impl="kernels")))
     want = run(unet, tiny_inputs)
     got = run(torch.compile(unet, backend="aot_eager", fullgraph=True), tiny_inputs)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
@@ -176,14 +176,14 @@ def test_auto_on_cuda_without_triton_warns_and_runs_explicit(monkeypatch):
 
 def test_kernels_on_cpu_without_the_interpreter_is_one_line(monkeypatch, tiny_unet, tiny_blocks):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    plan = StagePlan({tiny_blocks[0].name: 10}, PruneOptions(map_impl="kernels"))
+    plan = StagePlan({tiny_blocks[0].name: 10}, AtedmOptions(map_impl="kernels"))
     with pytest.raises(KernelUnavailable, match=r"^map_impl 'kernels' runs on CUDA tensors, or on CPU tensors in "
                                                 r"Triton's interpreter \(set TRITON_INTERPRET=1.*; got cpu tensors") as err:
-        apply_atedm(tiny_unet, plan)
+        apply_pruning(tiny_unet, plan)
     assert "\n" not in str(err.value)
     with pytest.raises(PlanError, match="map_impl 'kernels' needs heads 'mean' and map_pool 1"):
-        PruneOptions(map_impl="kernels", heads="max")
-    assert PruneOptions().map_impl == "auto"
+        AtedmOptions(map_impl="kernels", heads="max")
+    assert AtedmOptions().map_impl == "auto"
 
 
 def test_every_kernel_compiles_ahead_of_time_for_sm80_sm89_sm90():
@@ -220,8 +220,8 @@ def test_on_the_gpu_the_pruned_unet_replays_from_a_cuda_graph(tiny_unet, tiny_bl
 
     inputs = on_gpu(tiny_inputs)
     keep = {b.name: round(0.37 * b.tokens) for b in tiny_blocks}
-    want = run(apply_atedm(unet, StagePlan(keep, PruneOptions(map_impl="explicit"))), inputs)
-    apply_atedm(unet, StagePlan(keep, PruneOptions()))  # auto: the kernels on CUDA
+    want = run(apply_pruning(unet, StagePlan(keep, AtedmOptions(map_impl="explicit"))), inputs)
+    apply_pruning(unet, StagePlan(keep, AtedmOptions()))  # auto: the kernels on CUDA
     eager = run(unet, inputs)
     torch.testing.assert_close(eager.float(), want.float(), atol=2e-2, rtol=2e-2)
     with torch.no_grad():

@@ -94,15 +94,15 @@ def test_pooled_walk_with_pool_one_is_gwpr():
 
 def test_pooled_map_runs_in_a_unet_and_is_refused_where_it_cannot_hold(tiny_unet, tiny_blocks, tiny_inputs):
     from atedm_export.errors import PlanError
-    from atedm_export.pruning import PruneOptions, StagePlan, apply_atedm
+    from atedm_export.pruning import AtedmOptions, StagePlan, apply_pruning
 
     from .conftest import run
 
-    plan = StagePlan({b.name: round(0.37 * b.tokens) for b in tiny_blocks}, PruneOptions(map_pool=2))
+    plan = StagePlan({b.name: round(0.37 * b.tokens) for b in tiny_blocks}, AtedmOptions(map_pool=2))
     assert plan.options.map_output == "fused"  # a pooled map has no row per query to take the output from
-    out = run(apply_atedm(tiny_unet, plan), tiny_inputs)
+    out = run(apply_pruning(tiny_unet, plan), tiny_inputs)
     assert torch.isfinite(out).all()
     with pytest.raises(PlanError, match="map_pool > 1 needs map_output 'fused'"):
-        PruneOptions(map_pool=2, map_output="reuse")
+        AtedmOptions(map_pool=2, map_output="reuse")
     with pytest.raises(PlanError, match="map_pool must be 1, 2 or 4"):
-        PruneOptions(map_pool=3)
+        AtedmOptions(map_pool=3)

@@ -28,9 +28,9 @@ from atedm_export.cli import main
 from atedm_export.kernels.nodes import DOMAIN, NODE_TYPES, plugin_form
 from atedm_export.kernels.onnxruntime_ops import plugin_nodes, session_model, session_options
 from atedm_export.kernels.runnable import TRITON_INSTALLED
-from atedm_export.buildfolder import Manifest, first_view, read_manifest, verify_files
+from atedm_export.buildfolder import Manifest, first_view, read_manifest, check_files
 from atedm_export.models import attention_blocks
-from atedm_export.pruning import PruneOptions, StagePlan, set_plan
+from atedm_export.pruning import AtedmOptions, StagePlan, set_plan
 from atedm_export.pruning import atedm as atedm_module
 
 from .conftest import needs_rtx
@@ -55,7 +55,7 @@ def _peaked_block(unet: torch.nn.Module) -> tuple[_Block, int, int]:
     """The first 16×16 block of the tiny UNet, pruned to 95 of 256 tokens, its first layer's maps peaked."""
     blocks = attention_blocks(unet, 256, 256)
     chosen = blocks[0]
-    set_plan(unet, StagePlan({chosen.name: 95}, PruneOptions(), {b.name: b.tokens for b in blocks}))
+    set_plan(unet, StagePlan({chosen.name: 95}, AtedmOptions(), {b.name: b.tokens for b in blocks}))
     block = unet.get_submodule(chosen.name)
     first = block.transformer_blocks[0].attn1
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_build_writes_the_plugin_form_and_verify_runs_it_against_the_portable_fo
     manifest = read_manifest(out)
     main_stage = first_view(manifest).graph("main")
     assert first_view(manifest).baseline.plugin_onnx is None and main_stage.plugin_onnx is not None
-    verify_files(manifest, out)  # the plugin form's sha256 is checked with every other file
+    check_files(manifest, out)  # the plugin form's sha256 is checked with every other file
     model = onnx.load(str(out / main_stage.plugin_onnx.path), load_external_data=False)
     assert {o.domain for o in model.opset_import} >= {DOMAIN}
     assert all(t.external_data[0].value == manifest.weights.path.split("/")[-1]

@@ -9,7 +9,7 @@ import torch
 from atedm_export.dsap import keep_count
 from atedm_export.errors import PlanError
 from atedm_export.contract import GraphContract
-from atedm_export.pruning import PruneOptions, StagePlan, apply_atedm, patched_blocks, remove_atedm
+from atedm_export.pruning import AtedmOptions, StagePlan, apply_pruning, patched_blocks, remove_pruning
 from atedm_export.pruning.attention import attention_with_map
 from atedm_export.pruning.gwpr import cross_gwpr_scores, gwpr_scores
 from atedm_export.pruning.recover import copy_recover, recovery_sources, skip_recover
@@ -142,14 +142,14 @@ def test_skip_recovery_keeps_pruned_values():
 
 
 def _uniform_plan(blocks, ratio: float, **options) -> StagePlan:
-    return StagePlan({b.name: keep_count(ratio, b.tokens) for b in blocks}, PruneOptions(**options))
+    return StagePlan({b.name: keep_count(ratio, b.tokens) for b in blocks}, AtedmOptions(**options))
 
 
 @pytest.mark.parametrize("prune_point", ["layer", "attn1"])
 @pytest.mark.parametrize("recovery", ["copy", "skip"])
 def test_keeping_every_token_equals_stock(tiny_unet, tiny_blocks, tiny_inputs, prune_point, recovery):
     stock = run(tiny_unet, tiny_inputs)
-    apply_atedm(tiny_unet, _uniform_plan(tiny_blocks, 1.0, prune_point=prune_point, recovery=recovery))
+    apply_pruning(tiny_unet, _uniform_plan(tiny_blocks, 1.0, prune_point=prune_point, recovery=recovery))
     assert len(patched_blocks(tiny_unet)) == 11  # the pruned path really ran, with k = N
     torch.testing.assert_close(run(tiny_unet, tiny_inputs), stock, atol=1e-5, rtol=0)
 
@@ -158,11 +158,11 @@ def test_remove_restores_the_stock_module(tiny_unet, tiny_blocks, tiny_inputs):
     stock_classes = {n: type(m) for n, m in tiny_unet.named_modules()}
     stock_state = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
     stock = run(tiny_unet, tiny_inputs)
-    apply_atedm(tiny_unet, _uniform_plan(tiny_blocks, 0.37))
-    apply_atedm(tiny_unet, _uniform_plan(tiny_blocks, 0.5))  # applying twice replaces the plan
+    apply_pruning(tiny_unet, _uniform_plan(tiny_blocks, 0.37))
+    apply_pruning(tiny_unet, _uniform_plan(tiny_blocks, 0.5))  # applying twice replaces the plan
     assert set(patched_blocks(tiny_unet).values()) == {128, 32}
-    remove_atedm(tiny_unet)
-    remove_atedm(tiny_unet)
+    remove_pruning(tiny_unet)
+    remove_pruning(tiny_unet)
     assert {n: type(m) for n, m in tiny_unet.named_modules()} == stock_classes
     assert not any(hasattr(m, "_atedm") for m in tiny_unet.modules())
     assert all(torch.equal(v, stock_state[k]) for k, v in tiny_unet.state_dict().items())
@@ -171,8 +171,8 @@ def test_remove_restores_the_stock_module(tiny_unet, tiny_blocks, tiny_inputs):
 
 def test_applying_twice_equals_applying_once(tiny_unet, tiny_blocks, tiny_inputs):
     plan = _uniform_plan(tiny_blocks, 0.37)
-    once = run(apply_atedm(tiny_unet, plan), tiny_inputs)
-    twice = run(apply_atedm(apply_atedm(tiny_unet, plan), plan), tiny_inputs)
+    once = run(apply_pruning(tiny_unet, plan), tiny_inputs)
+    twice = run(apply_pruning(apply_pruning(tiny_unet, plan), plan), tiny_inputs)
     assert torch.equal(once, twice)
 
 
@@ -182,7 +182,7 @@ def test_applying_twice_equals_applying_once(tiny_unet, tiny_blocks, tiny_inputs
 )
 def test_pruned_output_is_finite_and_differs(tiny_unet, tiny_blocks, tiny_inputs, options):
     stock = run(tiny_unet, tiny_inputs)
-    pruned = run(apply_atedm(tiny_unet, _uniform_plan(tiny_blocks, 0.37, **options)), tiny_inputs)
+    pruned = run(apply_pruning(tiny_unet, _uniform_plan(tiny_blocks, 0.37, **options)), tiny_inputs)
     assert pruned.shape == stock.shape
     assert torch.isfinite(pruned).all()
     assert (pruned - stock).abs().max() > 1e-3
@@ -190,7 +190,7 @@ def test_pruned_output_is_finite_and_differs(tiny_unet, tiny_blocks, tiny_inputs
 
 def test_unpruned_blocks_keep_their_stock_class(tiny_unet, tiny_blocks):
     plan = StagePlan({tiny_blocks[0].name: 10})
-    apply_atedm(tiny_unet, plan)
+    apply_pruning(tiny_unet, plan)
     assert list(patched_blocks(tiny_unet)) == [tiny_blocks[0].name]
 
 
@@ -212,7 +212,7 @@ def test_half_precision_unet_runs_pruned(tiny_dir, tiny_blocks, tiny_inputs):
     from atedm_export.models import load_unet
 
     unet = load_unet(str(tiny_dir), dtype=torch.bfloat16)
-    apply_atedm(unet, _uniform_plan(tiny_blocks, 0.37))
+    apply_pruning(unet, _uniform_plan(tiny_blocks, 0.37))
     inputs = {k: v.to(torch.bfloat16) if k != "timestep" else v for k, v in tiny_inputs.items() if k != "added_cond_kwargs"}
     inputs["added_cond_kwargs"] = {k: v.to(torch.bfloat16) for k, v in tiny_inputs["added_cond_kwargs"].items()}
     out = run(unet, inputs)
@@ -221,7 +221,7 @@ def test_half_precision_unet_runs_pruned(tiny_dir, tiny_blocks, tiny_inputs):
 
 @pytest.mark.slow
 def test_pruned_unet_exports_as_one_static_graph(tiny_unet, tiny_blocks, tiny_inputs):
-    apply_atedm(tiny_unet, _uniform_plan(tiny_blocks, 0.37))
+    apply_pruning(tiny_unet, _uniform_plan(tiny_blocks, 0.37))
     graph = GraphContract.from_config(dict(tiny_unet.config), 2, 256, 256).module(tiny_unet)
     args = (tiny_inputs["sample"], tiny_inputs["timestep"], tiny_inputs["encoder_hidden_states"],
             *tiny_inputs["added_cond_kwargs"].values())
@@ -237,17 +237,17 @@ def test_pruned_unet_exports_as_one_static_graph(tiny_unet, tiny_blocks, tiny_in
 
 def test_unknown_block_name_is_refused(tiny_unet):
     with pytest.raises(PlanError, match="unknown attention block 'down_blocks.9.attentions.0'.*the UNet has"):
-        apply_atedm(tiny_unet, StagePlan({"down_blocks.9.attentions.0": 4}))
+        apply_pruning(tiny_unet, StagePlan({"down_blocks.9.attentions.0": 4}))
 
 
 def test_bad_keep_counts_and_options_are_refused(tiny_unet, tiny_blocks, tiny_inputs):
     with pytest.raises(PlanError, match="positive integer"):
-        apply_atedm(tiny_unet, StagePlan({tiny_blocks[0].name: 0}))
-    apply_atedm(tiny_unet, StagePlan({tiny_blocks[0].name: 10_000}))
+        apply_pruning(tiny_unet, StagePlan({tiny_blocks[0].name: 0}))
+    apply_pruning(tiny_unet, StagePlan({tiny_blocks[0].name: 10_000}))
     with pytest.raises(PlanError, match="exceeds the block's 256 tokens"):
         run(tiny_unet, tiny_inputs)
     with pytest.raises(PlanError, match="needs prune_point 'layer'"):
-        PruneOptions(importance="cross", prune_point="attn1")
+        AtedmOptions(importance="cross", prune_point="attn1")
 
 
 def test_a_plan_made_at_one_resolution_is_refused_at_another(tiny_unet, tiny_blocks):
@@ -256,9 +256,9 @@ def test_a_plan_made_at_one_resolution_is_refused_at_another(tiny_unet, tiny_blo
     from atedm_export.dsap import load_preset, stage_plan
 
     plan = stage_plan(load_preset("uniform-63").stages[0], tiny_blocks)
-    apply_atedm(tiny_unet, plan)
+    apply_pruning(tiny_unet, plan)
     contract = GraphContract.from_config(dict(tiny_unet.config), 2, 512, 512)
     with pytest.raises(PlanError, match=r"of down_blocks\.1\.attentions\.0's 256 tokens, but this call gives the block "
                                         r"32x32 = 1024: make the plan at the resolution"):
         run(tiny_unet, contract.unet_kwargs(contract.example_feed()))
-    remove_atedm(tiny_unet)
+    remove_pruning(tiny_unet)

@@ -230,7 +230,7 @@ def test_refit_of_an_atedm_build_with_onnxruntime_fused_graphs(loras, tmp_path):
     """AT-EDM (the map layer reads its block's first q/k) with onnxruntime's fused graphs, whose q/k/v stacks refit
     rewrites; then a refit of that refit with a second LoRA (the earlier delta's tensors carried into the new one)."""
     spec = {**{k: v for k, v in TOME_SPEC.items() if k != "method"}, "name": "atedm"}  # AT-EDM: the default method
-    build(BuildRequest(parse_spec(spec), tmp_path / "base", backend="onnx", ort_fusion=True))
+    build(BuildRequest(parse_spec(spec), tmp_path / "base", library="onnx", ort_fusion=True))
     first = refit(RefitRequest(tmp_path / "base", (LoraSpec(file=str(loras["style"]), scale=0.8),), tmp_path / "r1"))
     assert all(g.ort_onnx is not None for g in first.manifest.all_graphs()) and not first.notes
     second = refit(RefitRequest(tmp_path / "r1", (LoraSpec(file=str(loras["other"]), scale=-0.5),), tmp_path / "r2"))

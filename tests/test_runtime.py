@@ -180,14 +180,14 @@ def test_engines_need_a_gpu(tiny_engine_build):
 
 
 def test_a_build_without_engines_says_so_to_the_engine_backends(tiny_build):
-    with pytest.raises(AtedmError, match="has no engines .*--backend onnx.*rebuild with --backend tensorrt or tensorrt-rtx"):
+    with pytest.raises(AtedmError, match="has no engines .*--library onnx.*rebuild with --library tensorrt or tensorrt-rtx"):
         load_backend("tensorrt-rtx", tiny_build)
 
 
 @pytest.mark.slow
 def test_steps_outside_the_build(tmp_path_factory, tiny_build, feed):
     out = tmp_path_factory.mktemp("partial") / "main-only"
-    build(BuildRequest(load_spec("tiny-sd15"), out, backend="onnx", stages=("main",)))
+    build(BuildRequest(load_spec("tiny-sd15"), out, library="onnx", stages=("main",)))
     staged = StagedUNet.load(out, backend="onnxruntime")
     with pytest.raises(ScheduleError, match="needs stage 'early' \\(steps 0-1\\), which this build does not have"):
         staged.set_timesteps(range(950, 0, -50))

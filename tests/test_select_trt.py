@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from atedm_export.pruning import StagePlan, apply_atedm, select
+from atedm_export.pruning import StagePlan, apply_pruning, select
 
 rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx_bindings") is None, reason="TensorRT-RTX not installed")
 GRID = 64
@@ -33,7 +33,7 @@ class Block(torch.nn.Module):
 
 
 def _export(tiny_unet, keep: int, path) -> tuple[Block, tuple[torch.Tensor, torch.Tensor]]:
-    apply_atedm(tiny_unet, StagePlan({NAME: keep}))
+    apply_pruning(tiny_unet, StagePlan({NAME: keep}))
     module = Block(tiny_unet.get_submodule(NAME)).eval()
     gen = torch.Generator().manual_seed(0)
     args = (torch.randn(1, 64, GRID, GRID, generator=gen), torch.randn(1, 77, 64, generator=gen))

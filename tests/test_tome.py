@@ -16,7 +16,7 @@ from atedm_export.contract import GraphContract
 from atedm_export.dsap import Stage, stage_plan
 from atedm_export.errors import PlanError, SpecError
 from atedm_export.models import attention_blocks, load_unet
-from atedm_export.pruning import StagePlan, ToMeOptions, apply_atedm, parse_options, remove_atedm
+from atedm_export.pruning import StagePlan, ToMeOptions, apply_pruning, parse_options, remove_pruning
 from atedm_export.pruning.tome import bipartite_merge, partition
 from atedm_export.spec import parse_spec
 
@@ -55,8 +55,8 @@ def test_static_tome_equals_tomesd(model, merges):
     # tomesd merges r = int(N · ratio) tokens per layer: the same r is N − keep here.
     plan = StagePlan({b.name: b.tokens - int(b.tokens * ratio) for b in blocks}, ToMeOptions(method="tome", **merges),
                      {b.name: b.tokens for b in blocks})
-    ours = run(apply_atedm(unet, plan), inputs)
-    remove_atedm(unet)
+    ours = run(apply_pruning(unet, plan), inputs)
+    remove_pruning(unet)
     assert (reference - stock).abs().max() > 1e-2  # tomesd did merge: the comparison is not stock against stock
     assert (ours - reference).abs().max() < 1e-5
 
@@ -157,5 +157,5 @@ def test_tome_graphs_build_with_tensorrt_rtx(tmp_path):
         pytest.skip("TensorRT-RTX (tensorrt-rtx-cu13-bindings) not installed")
     from atedm_export.build import BuildRequest, build
 
-    manifest = build(BuildRequest(parse_spec(dict(TOME_SPEC)), tmp_path / "b", backend="tensorrt-rtx", targets=("sm89",)))
+    manifest = build(BuildRequest(parse_spec(dict(TOME_SPEC)), tmp_path / "b", library="tensorrt-rtx", targets=("sm89",)))
     assert all(g.engine is not None for g in first_view(manifest).graphs())

@@ -268,7 +268,7 @@ def test_serve_runs_until_sigterm_then_stops_the_server_and_leaves_the_repositor
     folder as deploy left it; no ``__pycache__`` from the Python backend importing each ``model.py``."""
     repo = tmp_path / "shared"
     foreign_model(repo)
-    deploy(DeployRequest(tiny_build, repo, backend="onnxruntime"))
+    deploy(DeployRequest(tiny_build, repo, variant="onnxruntime"))
     before = snapshot(tmp_path)
     http, grpc = free_port(), free_port()
     command = [str(Path(sys.executable).parent / "atedm-export"), "serve", str(repo),

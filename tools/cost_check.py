@@ -70,9 +70,9 @@ def forms_table(dev, batch: int = 2) -> Table:  # noqa: ANN001 - costmodel.Devic
     swapped roles), priced at each of ``FORM_BLOCKS``, with the map's memory: where each form wins."""
     from diffusers.models.attention_processor import Attention
 
-    from atedm_export.pruning.options import PruneOptions
+    from atedm_export.pruning.options import AtedmOptions
 
-    opts = PruneOptions(map_impl="kernels")
+    opts = AtedmOptions(map_impl="kernels")
     table = Table(title=f"the map layer's kernels on {dev.name}, batch {batch}, fp16, 37% kept: ms per block")
     for column in ("block", "tokens", "map (fp32)", "map form", "mapless form", "the kernels take"):
         table.add_column(column, justify="left" if column == "block" else "right")

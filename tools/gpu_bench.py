@@ -823,7 +823,7 @@ def build(spec, out: Path, backend: str, targets: tuple[str, ...]) -> Path:  # n
 
     folder = out / f"build-{backend}"
     # plans keep their weights: 'cycled' reloads them from the plan (stripped plans are refitted from the ONNX)
-    run_build(BuildRequest(spec, folder, backend=backend, targets=targets, stages=("main",), force=True,
+    run_build(BuildRequest(spec, folder, library=backend, targets=targets, stages=("main",), force=True,
                            strip_weights=False, ort_fusion=backend == "onnx"),
               progress=lambda name, text, seconds: print(f"    {name}: {text}", flush=True))
     return folder

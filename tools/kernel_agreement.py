@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atedm_export.kernels import ops as kernel_ops  # noqa: E402
 from atedm_export.pruning.atedm import map_scores, map_sources, select, self_attention_map  # noqa: E402
-from atedm_export.pruning.options import PruneOptions  # noqa: E402
+from atedm_export.pruning.options import AtedmOptions  # noqa: E402
 
 #: (tokens, channels, heads): SDXL at 1024² (64×64 and 32×32 blocks) and SD 1.5 at 512² (its two finest levels)
 FULL_SHAPES = [(4096, 640, 10), (1024, 1280, 20), (4096, 320, 8), (1024, 640, 8)]
@@ -70,7 +70,7 @@ def peaked_attention(channels: int, heads: int, peak: float, seed: int = 0) -> A
 
 
 def _run(attn: Attention, x: torch.Tensor, keep: int, impl: str) -> tuple[torch.Tensor, ...]:
-    opts = PruneOptions(map_impl=impl)
+    opts = AtedmOptions(map_impl=impl)
     grid = (1, x.shape[1])
     out, self_map = self_attention_map(attn, x, opts, grid, impl)
     scores = map_scores(self_map, opts, grid)

@@ -3,7 +3,7 @@ and the one reader and writer. Every other module reads and writes a build throu
 
 from ..errors import ManifestError, ScheduleError, ShapeError
 from .checksums import (check_lora, file_entry, lora_entry, manifest_sha256, pipeline_changes, pipeline_info, sha256,
-                        verify_entry, verify_file, verify_files, verify_graph, verify_weights)
+                        check_graph_files, check_file, check_files, check_graph, check_weights)
 from .consistency import check_consistent
 from .layout import MANIFEST, graph_id, graph_label
 from .lineage import check_same_graphs, check_same_model, model_fingerprint, origin
@@ -17,7 +17,7 @@ __all__ = [
     "PipelineFile", "PipelineInfo", "RefitInfo", "ScheduleError", "ShapeError", "ShapeGraphs", "ShapeView",
     "TensorEntry", "check_consistent", "check_lora", "check_same_graphs", "check_same_model", "file_entry",
     "find_view", "first_view", "graph_id", "graph_label", "lora_entry", "manifest_sha256", "model_fingerprint",
-    "origin", "parse_manifest", "pipeline_changes", "pipeline_info", "read_manifest", "rewrite", "sha256", "verify_entry",
-    "tool_versions", "verify_file", "verify_files", "verify_graph", "verify_weights", "view_at", "view_for_latent", "views",
+    "origin", "parse_manifest", "pipeline_changes", "pipeline_info", "read_manifest", "rewrite", "sha256", "check_graph_files",
+    "tool_versions", "check_file", "check_files", "check_graph", "check_weights", "view_at", "view_for_latent", "views",
     "write_manifest",
 ]

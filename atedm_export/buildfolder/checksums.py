@@ -29,7 +29,7 @@ def file_entry(folder: Path, path: Path) -> FileEntry:
     return FileEntry(path=os.path.relpath(path, folder), sha256=sha256(path), bytes=path.stat().st_size)
 
 
-def verify_file(target: Path, item: FileEntry, owner: str) -> None:
+def check_file(target: Path, item: FileEntry, owner: str) -> None:
     """One artifact (possibly copied elsewhere under another name) against its manifest entry."""
     if not target.is_file():
         raise ManifestError(f"{owner}: {target} is missing (the build is incomplete: rebuild or copy it whole)")
@@ -37,10 +37,10 @@ def verify_file(target: Path, item: FileEntry, owner: str) -> None:
         raise ManifestError(f"{owner}: {item.path} does not match its checksum (corrupted or replaced)")
 
 
-def verify_entry(folder: Path, entry: GraphEntry, engine: bool = True) -> None:
+def check_graph_files(folder: Path, entry: GraphEntry, engine: bool = True) -> None:
     """Check one graph's own files (and its engine) against their sizes and sha256, naming the first that differs."""
     for item in [*entry.forms(), *([entry.engine] if engine and entry.engine else [])]:
-        verify_file(folder / item.path, item, entry.name)
+        check_file(folder / item.path, item, entry.name)
 
 
 def _same_file(target: Path, checked: Path, item: FileEntry) -> bool:
@@ -52,34 +52,34 @@ def _same_file(target: Path, checked: Path, item: FileEntry) -> bool:
     return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino) and mine.st_size == item.bytes
 
 
-def verify_weights(manifest: Manifest, folder: Path, linked_from: Path | None = None) -> None:
+def check_weights(manifest: Manifest, folder: Path, linked_from: Path | None = None) -> None:
     """The weights files against their sizes and sha256. ``linked_from``: a build folder whose files were
     checked already; a weights file that is the same file there (a hard link: same inode) is not hashed again."""
     for item in manifest.weight_files:
         target = folder / item.path
         if linked_from is not None and _same_file(target, linked_from / item.path, item):
             continue
-        verify_file(target, item, "weights")
+        check_file(target, item, "weights")
 
 
-def verify_files(manifest: Manifest, folder: Path, engines: bool = True) -> None:
+def check_files(manifest: Manifest, folder: Path, engines: bool = True) -> None:
     """Every artifact against its size and sha256, each file hashed once (the shared weights, the graphs
     stages share); ``engines=False`` leaves the plans out, for the backends that never open them."""
-    verify_weights(manifest, folder)
+    check_weights(manifest, folder)
     seen: set[str] = set()
     for entry in manifest.all_graphs():
         for item in [*entry.forms(), entry.engine if engines else None]:
             if item is not None and item.path not in seen:
                 seen.add(item.path)
-                verify_file(folder / item.path, item, entry.name)
+                check_file(folder / item.path, item, entry.name)
                 if item is not entry.engine:
                     check_external_data(manifest, folder, item, entry.name)
 
 
-def verify_graph(manifest: Manifest, folder: Path, entry: GraphEntry, engine: bool = True) -> None:
+def check_graph(manifest: Manifest, folder: Path, entry: GraphEntry, engine: bool = True) -> None:
     """What one graph relies on: the shared weights, its graph file and (``engine``) its engine."""
-    verify_weights(manifest, folder)
-    verify_entry(folder, entry, engine)
+    check_weights(manifest, folder)
+    check_graph_files(folder, entry, engine)
 
 
 def check_external_data(manifest: Manifest, folder: Path, item: FileEntry, owner: str) -> None:

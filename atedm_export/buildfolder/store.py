@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from ..errors import ManifestError, format_validation_error
 from ..userfiles import load_json
-from .checksums import verify_files
+from .checksums import check_files
 from .consistency import check_consistent
 from .layout import MANIFEST
 from .record import FORMAT, GraphEntry, Manifest
@@ -42,7 +42,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
         raise ManifestError(format_validation_error(exc, str(path))) from None
     check_consistent(manifest, path)
     if verify:
-        verify_files(manifest, folder)
+        check_files(manifest, folder)
     return manifest
 
 

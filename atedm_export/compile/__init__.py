@@ -8,7 +8,7 @@ Both build strongly typed networks: precision was decided at export, in the grap
 from __future__ import annotations
 
 from .api import APIS, EngineUnavailable, TensorRTApi, TensorRTRtxApi
-from .library import BuildOptions, EngineBuildError, EngineLibrary, available_backends, build_isolated, load_library
+from .library import BuildOptions, EngineBuildError, EngineLibrary, available_libraries, build_isolated, load_library
 
 __all__ = ["APIS", "BuildOptions", "EngineBuildError", "EngineLibrary", "EngineUnavailable", "TensorRTApi",
-           "TensorRTRtxApi", "available_backends", "build_isolated", "load_library"]
+           "TensorRTRtxApi", "available_libraries", "build_isolated", "load_library"]

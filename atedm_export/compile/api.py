@@ -37,7 +37,7 @@ AOT_PLUGINS_SINCE = (10, 9)
 class TensorRTApi:
     """Datacenter TensorRT 10: builds for the GPU it runs on; timing cache; weight-stripped plans and refit."""
 
-    backend = "tensorrt"
+    library = "tensorrt"  # the engine library, as the manifest, the CLI and the registry name it
     module_name = "tensorrt"
     extra = "atedm-export[tensorrt]"
     #: builds ahead of time for named compute capabilities, on any machine (TensorRT-RTX only)
@@ -60,11 +60,11 @@ class TensorRTApi:
         try:
             module = importlib.import_module(cls.module_name)
         except ImportError as exc:
-            raise EngineUnavailable(f"{cls.backend} is not installed ({exc.msg}); "
+            raise EngineUnavailable(f"{cls.library} is not installed ({exc.msg}); "
                                     f"install it with: pip install '{cls.extra}'") from None
         if not hasattr(module, "Builder"):
             # `tensorrt-stubs` installs a `tensorrt/` folder of .pyi files: an empty namespace package.
-            raise EngineUnavailable(f"{cls.backend}: '{cls.module_name}' here has no bindings (type stubs only?); "
+            raise EngineUnavailable(f"{cls.library}: '{cls.module_name}' here has no bindings (type stubs only?); "
                                     f"install it with: pip install '{cls.extra}'")
         return cls(module)
 
@@ -103,15 +103,15 @@ class TensorRTApi:
         """The library's plugin framework (``tensorrt.plugin``), which takes the ``atedm`` nodes' ahead-of-time plugins
         (``compile/plugins.py``); ``EngineUnavailable`` where the library has none that embeds a kernel."""
         if self.plugin_refusal:
-            raise EngineUnavailable(f"{self.backend} {self.version}: {self.plugin_refusal}")
+            raise EngineUnavailable(f"{self.library} {self.version}: {self.plugin_refusal}")
         numbers = tuple(int(part) for part in re.findall(r"\d+", self.version)[:2])
         if numbers < AOT_PLUGINS_SINCE:
-            raise EngineUnavailable(f"{self.backend} {self.version} has no ahead-of-time plugins; the plugin form's "
+            raise EngineUnavailable(f"{self.library} {self.version} has no ahead-of-time plugins; the plugin form's "
                                     f"engines need TensorRT >= {'.'.join(map(str, AOT_PLUGINS_SINCE))}")
         try:
             return importlib.import_module(f"{self._trt.__name__}.plugin")
         except ImportError as exc:
-            raise EngineUnavailable(f"{self.backend} {self.version}: its plugin framework does not import "
+            raise EngineUnavailable(f"{self.library} {self.version}: its plugin framework does not import "
                                     f"({exc.msg})") from None
 
     def tensor_types(self) -> dict[str, Handle]:
@@ -199,7 +199,7 @@ class TensorRTApi:
     def runtime(self, logger: Handle, defer_weights: bool = False) -> Handle:
         """A runtime; with ``defer_weights`` its engines deserialize without their weights on the GPU."""
         if defer_weights and not self.deferred_weights:
-            raise EngineUnavailable(f"{self.backend} cannot defer loading an engine's weights (TensorRT-RTX can)")
+            raise EngineUnavailable(f"{self.library} cannot defer loading an engine's weights (TensorRT-RTX can)")
         return self._trt.Runtime(logger)
 
     def deserialize(self, runtime: Handle, plan: bytes) -> Handle | None:
@@ -242,10 +242,10 @@ class TensorRTApi:
     # -------------------------------------------------------------------------- deferred weights (RTX)
 
     def load_weights(self, engine: Handle, plan: bytes) -> bool:
-        raise EngineUnavailable(f"{self.backend} cannot load an engine's weights after deserializing it")
+        raise EngineUnavailable(f"{self.library} cannot load an engine's weights after deserializing it")
 
     def unload_weights(self, engine: Handle) -> bool:
-        raise EngineUnavailable(f"{self.backend} cannot unload an engine's weights")
+        raise EngineUnavailable(f"{self.library} cannot unload an engine's weights")
 
     def weights_loaded(self, engine: Handle) -> bool:
         """Whether the engine's weights are on the GPU; always, where weights cannot be deferred."""
@@ -255,7 +255,7 @@ class TensorRTApi:
 class TensorRTRtxApi(TensorRTApi):
     """TensorRT for RTX 1.x: ahead-of-time builds for named GPUs, kernels compiled at load, deferred weights."""
 
-    backend = "tensorrt-rtx"
+    library = "tensorrt-rtx"
     module_name = "tensorrt_rtx_bindings"
     extra = "atedm-export[rtx]"
     ahead_of_time = True
@@ -305,5 +305,5 @@ class TensorRTRtxApi(TensorRTApi):
         return bool(engine.weights_loaded)
 
 
-APIS: dict[str, type[TensorRTApi]] = {api.backend: api for api in (TensorRTApi, TensorRTRtxApi)}
+APIS: dict[str, type[TensorRTApi]] = {api.library: api for api in (TensorRTApi, TensorRTRtxApi)}
 

@@ -38,7 +38,7 @@ class EngineLibrary:
 
     def __init__(self, api: TensorRTApi) -> None:
         self.api = api
-        self.backend = api.backend
+        self.name = api.library
 
     @property
     def version(self) -> str:
@@ -52,18 +52,18 @@ class EngineLibrary:
         if self.api.ahead_of_time:
             if not targets and not _has_cuda_gpu():
                 raise EngineUnavailable(
-                    f"{self.backend} on a machine without a GPU needs --target; one of: {', '.join(self.targets())}"
+                    f"{self.name} on a machine without a GPU needs --target; one of: {', '.join(self.targets())}"
                 )
             for target in targets:
                 if target not in self.targets():
-                    raise AtedmError(f"unknown target '{target}' for {self.backend}; expected one of: {', '.join(self.targets())}")
+                    raise AtedmError(f"unknown target '{target}' for {self.name}; expected one of: {', '.join(self.targets())}")
             return
         if not _has_cuda_gpu():
-            raise EngineUnavailable(f"{self.backend} builds for the GPU it runs on, and this machine has no CUDA GPU")
+            raise EngineUnavailable(f"{self.name} builds for the GPU it runs on, and this machine has no CUDA GPU")
         local = _local_target()
         for target in targets:
             if target != local:
-                raise AtedmError(f"target '{target}' is not this machine's GPU ({local}); {self.backend} builds only for the GPU present")
+                raise AtedmError(f"target '{target}' is not this machine's GPU ({local}); {self.name} builds only for the GPU present")
 
     def build(self, onnx_path: Path, engine_path: Path, options: BuildOptions) -> float:
         """Parse ``onnx_path``, build a strongly typed engine, stream it to ``engine_path``; returns seconds.
@@ -156,9 +156,9 @@ def _local_target() -> str:
     return f"sm{major}{minor}"
 
 
-def build_engine_file(backend: str, onnx_path: Path, engine_path: Path, options: BuildOptions) -> float:
+def build_engine_file(library: str, onnx_path: Path, engine_path: Path, options: BuildOptions) -> float:
     """Load the library by name and build one engine: what an isolated engine build runs."""
-    return load_library(backend).build(onnx_path, engine_path, options)
+    return load_library(library).build(onnx_path, engine_path, options)
 
 
 def build_isolated(library: EngineLibrary, onnx_path: Path, engine_path: Path, options: BuildOptions) -> Isolated:
@@ -169,27 +169,27 @@ def build_isolated(library: EngineLibrary, onnx_path: Path, engine_path: Path, o
     peaked at 23.6 GB.
     """
     try:
-        return run_isolated(build_engine_file, library.backend, onnx_path, engine_path, options,
+        return run_isolated(build_engine_file, library.name, onnx_path, engine_path, options,
                             error=EngineBuildError, what="engine builder")
     except EngineBuildError:
         engine_path.unlink(missing_ok=True)
         raise
 
 
-def available_backends() -> list[str]:
-    """Engine backends whose library imports here (with its bindings, not only type stubs)."""
+def available_libraries() -> list[str]:
+    """Engine libraries that import here (with its bindings, not only type stubs)."""
     found = []
-    for backend, api in APIS.items():
+    for name, api in APIS.items():
         try:
             api.load()
-            found.append(backend)
+            found.append(name)
         except EngineUnavailable:
             continue
     return found
 
 
-def load_library(backend: str) -> EngineLibrary:
+def load_library(name: str) -> EngineLibrary:
     """The engine library for ``tensorrt`` or ``tensorrt-rtx``; a clear error when it is not installed."""
-    if backend not in APIS:
-        raise AtedmError(f"unknown engine backend '{backend}'; expected one of: {', '.join(APIS)}")
-    return EngineLibrary(APIS[backend].load())
+    if name not in APIS:
+        raise AtedmError(f"unknown engine library '{name}'; expected one of: {', '.join(APIS)}")
+    return EngineLibrary(APIS[name].load())

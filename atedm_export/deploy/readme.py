@@ -61,7 +61,7 @@ def _stages(manifest: Manifest) -> str:
 
 
 def _start(record: dict, manifest: Manifest) -> str:
-    if record["backend"] == "tensorrt":
+    if record["variant"] == "tensorrt":
         engine = record["engine"]
         return f"""A GPU server (the NGC Triton container). The plans were built with {engine['library']} {engine['version']}:
 use the Triton release whose TensorRT is that version (Triton's release notes list it), on the GPU the
@@ -110,7 +110,7 @@ def repository_readme(record: dict, manifest: Manifest) -> str:
         batches = f"static batches of {view.inputs[0].shape[0]} rows"
     return f"""# Triton model repository: {spec.name}
 
-Written by atedm-export {record['atedm_export']} from `{record['build']}` ({record['backend']} variant),
+Written by atedm-export {record['atedm_export']} from `{record['build']}` ({record['variant']} variant),
 {record['created']}. {spec.model} {size}, {spec.precision}, schedule `{spec.dsap.name}`.
 `atedm-deploy.json` lists every file with its sha256, and marks what `atedm-export deploy` wrote here:
 `deploy --force` replaces that and nothing else in the folder.

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..buildfolder import (MANIFEST, FileEntry, GraphEntry, Manifest, ShapeView, manifest_sha256, read_manifest, verify_file,
-                           verify_files, views, write_manifest)
+from ..buildfolder import (MANIFEST, FileEntry, GraphEntry, Manifest, ShapeView, manifest_sha256, read_manifest, check_file,
+                           check_files, views, write_manifest)
 from ..registry import DEPLOY_VARIANTS
 from ..staging import check_apart, check_destination, check_output_file
 from ..userfiles import load_json
@@ -61,7 +61,7 @@ class DeployRequest:
     build: Path
     repository: Path
     name: str = "atedm_unet"
-    backend: str = "auto"  # tensorrt: tensorrt_plan models (GPUs) | onnxruntime: Python-backend models (CPUs) | auto
+    variant: str = "auto"  # tensorrt: tensorrt_plan models (GPUs) | onnxruntime: Python-backend models (CPUs) | auto
     instances: int = 1
     max_batch: int | None = None  # rows per router call; default: the build's static batch (the largest of its shapes)
     queue_delay_us: int = 2000  # how long the router's dynamic batcher waits to fill a batch
@@ -76,21 +76,21 @@ def auto_variant(manifest: Manifest) -> str:
 
 
 def _check(request: DeployRequest, manifest: Manifest) -> None:
-    if request.backend not in DEPLOY_VARIANTS:
-        raise DeployError(f"unknown deploy backend '{request.backend}'; expected one of: auto, {', '.join(DEPLOY_VARIANTS)}")
+    if request.variant not in DEPLOY_VARIANTS:
+        raise DeployError(f"unknown deploy variant '{request.variant}'; expected one of: auto, {', '.join(DEPLOY_VARIANTS)}")
     if not MODEL_NAME.match(request.name):
         raise DeployError(f"model name '{request.name}' must be letters, digits, '_' or '-'")
     if request.instances < 1:
         raise DeployError(f"--instances must be >= 1, got {request.instances}")
     if request.max_batch is not None and request.max_batch < 1:
         raise DeployError(f"--max-batch must be >= 1, got {request.max_batch}")
-    if request.backend != "tensorrt":
+    if request.variant != "tensorrt":
         return
     engine = manifest.engine
     if engine.library != "tensorrt":
         found = f"{engine.library} engines" if engine.built else "no engines"
         raise DeployError(f"{request.build} has {found}; Triton's tensorrt_plan backend loads TensorRT plans only: "
-                          "rebuild with --backend tensorrt on the GPU, or deploy --backend onnxruntime")
+                          "rebuild with --library tensorrt on the GPU, or deploy --variant onnxruntime")
     if engine.weights_stripped:
         raise DeployError(f"{request.build} has weight-stripped engines, which Triton's TensorRT backend does not refit; "
                           "rebuild with --keep-weights")
@@ -178,7 +178,7 @@ def _place(source: Path, target: Path, item: FileEntry, owner: str, link: bool) 
         except OSError:
             pass  # another filesystem: a copy it is
     shutil.copy2(source, target)
-    verify_file(target, item, owner)
+    check_file(target, item, owner)
 
 
 def _records(work: Path, placements: list[tuple[FileEntry, Path]]) -> list[dict]:
@@ -206,14 +206,14 @@ def _graph_model(work: Path, request: DeployRequest, view: ShapeView, entry: Gra
     version = work / name / "1"
     version.mkdir(parents=True)
     placements = []
-    if request.backend == "tensorrt":
+    if request.variant == "tensorrt":
         assert entry.engine is not None
         placements = [(entry.engine, version / "model.plan")]
     else:
         (version / "model.py").write_text(MODEL_SOURCES["onnxruntime"])
     for item, target in placements:
         _place(request.build / item.path, target, item, entry.name, request.link)
-    config = graph_config(name, view, entry.name, request.backend, request.instances,
+    config = graph_config(name, view, entry.name, request.variant, request.instances,
                           f"{request.name}/{SHARED_BUILD}")
     (work / name / CONFIG).write_text(to_text(config))
     return name, _records(work, placements)
@@ -230,10 +230,10 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
     check_not_a_build(out, MANIFEST)
     manifest = read_manifest(build, verify=False)
     request = dataclasses.replace(request, build=build)
-    if request.backend == "auto":
+    if request.variant == "auto":
         engine = manifest.engine
-        request = dataclasses.replace(request, backend=auto_variant(manifest))
-        progress("repository", f"variant: {request.backend} (the build has "
+        request = dataclasses.replace(request, variant=auto_variant(manifest))
+        progress("repository", f"variant: {request.variant} (the build has "
                                f"{engine.library or 'no'} engines)")
     _check(request, manifest)
     replace = _replaceable(out, request.force)
@@ -243,11 +243,11 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
     if others:
         progress("repository", f"{len(others)} other entries in {out} are left as they are")
     # every artifact the variant serves, against its sha256, before anything is copied (plans: tensorrt only)
-    verify_files(manifest, build, engines=request.backend == "tensorrt")
+    check_files(manifest, build, engines=request.variant == "tensorrt")
     max_batch = request.max_batch or max(shape.batch for shape in manifest.shape_list)
     with staged_entries(out, replace, last=RECORD) as work:
         graph_models, models = {}, {}
-        shared = _shared_build(work, request, manifest) if request.backend == "onnxruntime" else []
+        shared = _shared_build(work, request, manifest) if request.variant == "onnxruntime" else []
         if shared:
             progress(request.name, f"{SHARED_BUILD}/: {len(shared) - 1} graphs and one weights file, "
                                    f"{sum(f['bytes'] for f in shared) / 2**20:,.1f} MiB placed and checked")
@@ -276,7 +276,7 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
             "atedm_export": __version__,
             "build": str(build),
             "manifest_sha256": manifest_sha256(build),
-            "backend": request.backend,
+            "variant": request.variant,
             "router": request.name,
             "max_batch": max_batch,
             "shapes": [shape.key for shape in manifest.shape_list],
@@ -304,5 +304,5 @@ def check_repository(repository: Path, router: str | None = None, files: bool = 
     manifest = check_routes(read_repository(repository, record["models"]), router or record["router"])
     for model, info in record["models"].items() if files else ():
         for f in info["files"]:
-            verify_file(repository / f["path"], FileEntry(**f), model)
+            check_file(repository / f["path"], FileEntry(**f), model)
     return manifest

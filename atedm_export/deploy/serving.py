@@ -26,7 +26,7 @@ from torch.utils import dlpack
 
 from ..errors import AtedmError, first_line
 from ..contract import precision_of
-from ..buildfolder import ShapeError, ShapeView, parse_manifest, read_manifest, verify_graph, view_at
+from ..buildfolder import ShapeError, ShapeView, parse_manifest, read_manifest, check_graph, view_at
 from ..runtime.backends import OnnxRuntimeBackend
 from ..shapes import Shape
 from .routing import STAGE_OUTPUT, STEP_INPUTS, Router, RoutingError
@@ -208,7 +208,7 @@ class OnnxRuntimeStageModel(_PythonModel):
         self.view = view_at(read_manifest(build, verify=False), shape)
         self.graph = self.parameters[GRAPH_PARAMETER]
         entry = self.view.graph(self.graph)
-        verify_graph(self.view.manifest, build, entry, engine=False)
+        check_graph(self.view.manifest, build, entry, engine=False)
         self.backend = OnnxRuntimeBackend(build, self.view, "cpu")
         self.backend.session(entry)  # load now: a broken graph fails the model load, not the first request
 

@@ -133,7 +133,7 @@ def prepare(request: EvalRequest) -> EvalPlan:
 def _jobs(builds: list[BuildInfo], request: EvalRequest) -> list[Job]:
     """The unpruned set (the first build's baseline graph, on that build's backend) and one set per build.
 
-    Each build's backend is loaded here, so its files are checked against the manifest (``verify_build``)
+    Each build's backend is loaded here, so its files are checked against the manifest (``Backend.check_build_files``)
     before anything is drawn; sessions and engines open lazily or are released between sets.
     """
     jobs = []

@@ -22,12 +22,12 @@ from ..kernels.nodes import launch
 from .attention import MapPath, SelfMap, attention_with_map, attention_with_map_kernels, resolve_map_impl
 from .block import BlockCall, BlockState, close_block, cross_and_ff, open_block
 from .gwpr import cross_gwpr_scores, gwpr_scores, mapless_gwpr_scores, pooled_gwpr_scores
-from .options import PruneOptions
+from .options import AtedmOptions
 from .recover import copy_recover, recovery_sources, skip_recover
 from .select import gather_tokens, select_tokens
 
 
-def map_scores(self_map: SelfMap, opts: PruneOptions, grid: tuple[int, int]) -> torch.Tensor:
+def map_scores(self_map: SelfMap, opts: AtedmOptions, grid: tuple[int, int]) -> torch.Tensor:
     if self_map.factors is not None:
         return mapless_gwpr_scores(*self_map.factors, opts.iterations, opts.damping)
     if opts.map_pool == 1:
@@ -36,7 +36,7 @@ def map_scores(self_map: SelfMap, opts: PruneOptions, grid: tuple[int, int]) -> 
 
 
 def select(self_map: SelfMap, scores: torch.Tensor, keep: int,
-           opts: PruneOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+           opts: AtedmOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kept tokens ``[B, k]`` and, from the kernels' one-pass selection, each token's slot ``[B, N]`` (−1 where
     pruned; None on the explicit path, whose recovery finds the kept positions' slots itself)."""
     if self_map.kernels:
@@ -56,7 +56,7 @@ def map_sources(self_map: SelfMap, kept: torch.Tensor, slot_of: torch.Tensor | N
     return recovery_sources(self_map.attn_map, kept, rows)
 
 
-def self_attention_map(attn: Attention, hidden: torch.Tensor, opts: PruneOptions, grid: tuple[int, int],
+def self_attention_map(attn: Attention, hidden: torch.Tensor, opts: AtedmOptions, grid: tuple[int, int],
                        impl: MapPath) -> tuple[torch.Tensor, SelfMap]:
     """The first layer's self-attention output and its head-combined map, as ``impl`` computes them."""
     if impl == "kernels":
@@ -65,7 +65,7 @@ def self_attention_map(attn: Attention, hidden: torch.Tensor, opts: PruneOptions
     return out, SelfMap(self_map)
 
 
-def map_layer(attn: Attention, hidden: torch.Tensor, keep: int, opts: PruneOptions,
+def map_layer(attn: Attention, hidden: torch.Tensor, keep: int, opts: AtedmOptions,
               grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The map layer alone, as ``atedm_block`` runs it under ``opts`` (self importance): the self-attention's
     output ``[B, N, C]``, the kept tokens ``[B, k]`` and every position's recovery slot ``[B, N]``.
@@ -87,7 +87,7 @@ def _map_rows(grid: tuple[int, int], pool: int, device: torch.device) -> torch.T
 
 def atedm_block(block: Transformer2DModel, state: BlockState, call: BlockCall) -> Transformer2DModelOutput:
     """One AT-EDM block (module docstring); the keep count is a Python int, so every shape is static."""
-    opts: PruneOptions = state.options
+    opts: AtedmOptions = state.options
     encoder_hidden_states = call.encoder_hidden_states
     given = open_block(block, state, call)
     tokens, grid = given.tokens, given.grid

@@ -19,7 +19,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from ..kernels.runnable import require_runnable
 from .atedm import atedm_block
 from .attention import check_supported
-from .options import DEFAULT_METHOD, PruneOptions, ToMeOptions
+from .options import DEFAULT_METHOD, AtedmOptions, ToMeOptions
 from .tome import check_tome, destinations, tome_block
 
 BlockForward = Callable[..., Any]  # (block, block.BlockState, block.BlockCall) -> Transformer2DModelOutput
@@ -37,7 +37,7 @@ class Method:
     least_kept: Callable[[tuple[int, int], Any], int]  # (token grid, options): the smallest keep count it can run
 
 
-def _check_atedm(name: str, block: Transformer2DModel, opts: PruneOptions) -> None:
+def _check_atedm(name: str, block: Transformer2DModel, opts: AtedmOptions) -> None:
     check_supported(name, block)
     if opts.map_impl == "kernels":  # where the block's weights are now; the forward checks its inputs again
         require_runnable(next(block.parameters()).device)
@@ -45,7 +45,7 @@ def _check_atedm(name: str, block: Transformer2DModel, opts: PruneOptions) -> No
 
 METHODS: dict[str, Method] = {
     "atedm": Method("atedm", "AT-EDM", "AT-EDM: G-WPR ranking on the first self-attention map, top-k, similarity-copy recovery",
-                    PruneOptions, atedm_block, _check_atedm, lambda grid, opts: 1),
+                    AtedmOptions, atedm_block, _check_atedm, lambda grid, opts: 1),
     "tome": Method("tome", "ToMe", "ToMe (tomesd, static): bipartite soft matching per layer, destinations on a fixed grid, "
                            "unmerge by copy", ToMeOptions, tome_block, check_tome,
                    lambda grid, opts: destinations(grid, opts.stride)),

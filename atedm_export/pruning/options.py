@@ -47,7 +47,7 @@ class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class PruneOptions(_Options):
+class AtedmOptions(_Options):
     """AT-EDM: the choices the paper leaves open, each with the default AT-EDM uses.
 
     ``prune_point``: prune right after the first layer's self-attention (``attn1``, the default where exact)
@@ -105,7 +105,7 @@ class PruneOptions(_Options):
         return data
 
     @model_validator(mode="after")
-    def _consistent(self) -> PruneOptions:
+    def _consistent(self) -> AtedmOptions:
         if self.map_pool not in (1, 2, 4):
             raise PlanError(f"map_pool must be 1, 2 or 4, got {self.map_pool}")
         if self.map_pool > 1 and (self.map_output != "fused" or self.importance != "self"):

@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from ..errors import PlanError
 from .block import BlockCall, BlockState
 from .methods import method_of
-from .options import PruneOptions, ToMeOptions
+from .options import AtedmOptions, ToMeOptions
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -32,7 +32,7 @@ class StagePlan:
     """
 
     keep: Mapping[str, int] = field(default_factory=dict)
-    options: PruneOptions | ToMeOptions = PruneOptions()
+    options: AtedmOptions | ToMeOptions = AtedmOptions()
     tokens: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -51,7 +51,7 @@ def transformer_blocks(unet: torch.nn.Module) -> dict[str, Transformer2DModel]:
     return {n: m for n, m in unet.named_modules() if isinstance(m, Transformer2DModel)}
 
 
-def apply_atedm(unet: UNet2DConditionModel, plan: StagePlan) -> UNet2DConditionModel:
+def apply_pruning(unet: UNet2DConditionModel, plan: StagePlan) -> UNet2DConditionModel:
     """Prune the blocks the plan names with the plan's method (AT-EDM by default); blocks it does not name run
     stock. Applying again replaces the plan."""
     blocks = transformer_blocks(unet)
@@ -62,7 +62,7 @@ def apply_atedm(unet: UNet2DConditionModel, plan: StagePlan) -> UNet2DConditionM
         if not isinstance(keep, int) or keep < 1:
             raise PlanError(f"keep count for {name} must be a positive integer, got {keep!r}")
         method_of(plan.options).check(name, blocks[name], plan.options)
-    remove_atedm(unet)
+    remove_pruning(unet)
     for name, keep in plan.keep.items():
         block = blocks[name]
         setattr(block, _ATTR, BlockState(name, keep, plan.options, type(block), plan.tokens.get(name)))
@@ -70,7 +70,7 @@ def apply_atedm(unet: UNet2DConditionModel, plan: StagePlan) -> UNet2DConditionM
     return unet
 
 
-def remove_atedm(unet: torch.nn.Module) -> torch.nn.Module:
+def remove_pruning(unet: torch.nn.Module) -> torch.nn.Module:
     """Restore every patched block to its stock class; a no-op on an unpatched UNet."""
     for block in transformer_blocks(unet).values():
         state: BlockState | None = getattr(block, _ATTR, None)
@@ -82,7 +82,7 @@ def remove_atedm(unet: torch.nn.Module) -> torch.nn.Module:
 
 def set_plan(unet: UNet2DConditionModel, plan: StagePlan | None) -> UNet2DConditionModel:
     """Run ``unet`` on ``plan`` from now on; ``None`` (or a plan that prunes nothing) is the stock UNet."""
-    return apply_atedm(unet, plan) if plan is not None and plan.keep else remove_atedm(unet)
+    return apply_pruning(unet, plan) if plan is not None and plan.keep else remove_pruning(unet)
 
 
 @contextlib.contextmanager
@@ -92,7 +92,7 @@ def planned(unet: UNet2DConditionModel, plan: StagePlan | None) -> Iterator[UNet
     try:
         yield unet
     finally:
-        remove_atedm(unet)
+        remove_pruning(unet)
 
 
 def patched_blocks(unet: torch.nn.Module) -> dict[str, int]:

@@ -3,7 +3,7 @@
 All take and return torch tensors keyed by the manifest's input names, and check shapes, dtypes, device
 and finiteness against the manifest before running, naming the expected values when they differ.
 
-Loading a backend checks the build files that backend opens, and only those (``Backend.verify_build``): a
+Loading a backend checks the build files that backend opens, and only those (``Backend.check_build_files``): a
 build whose engine plan is missing or stale still runs on onnxruntime, and refuses only where a plan is run.
 
 What the rest of the package knows of a backend it reads off its class, never off its name: each class declares
@@ -26,10 +26,10 @@ import torch
 from ..contract import precision_of
 from ..errors import AtedmError
 from ..buildfolder import (FileEntry, GraphEntry, Manifest, ShapeView, check_lora, first_view, read_manifest, rewrite,
-                           verify_files, view_at, views)
+                           check_files, view_at, views)
 from ..models import load_unet
 from ..kernels.runnable import require_runnable
-from ..pruning import PruneOptions, set_plan
+from ..pruning import AtedmOptions, set_plan
 from ..registry import ENGINE_LIBRARIES, RUNTIME_BACKENDS
 from ..userfiles import decoding
 from .quiet import quiet_libraries
@@ -58,7 +58,7 @@ class Backend(abc.ABC):
     aliases: ClassVar[tuple[str, ...]] = ()
     default_device: ClassVar[str] = "cpu"
     #: The forms of a build's graphs this backend opens (``GraphEntry.form_files``' names, and ``engine`` for the
-    #: plans); none: it opens no file of the build, and ``verify_build`` checks none.
+    #: plans); none: it opens no file of the build, and ``check_build_files`` checks none.
     opens: ClassVar[tuple[str, ...]] = ()
     #: The form ``bench`` runs in which this backend's baseline is the stock diffusers UNet, what "vs eager" ratios
     #: compare with; None: its baseline is a graph of the build.
@@ -103,14 +103,14 @@ class Backend(abc.ABC):
         """Refuse a build this backend cannot run when chosen by ``name``, before any file is read."""
 
     @classmethod
-    def verify_build(cls, folder: Path, manifest: Manifest) -> None:
+    def check_build_files(cls, folder: Path, manifest: Manifest) -> None:
         """Check the build files this backend opens (``opens``) against the manifest (size and sha256), and no others.
 
         A backend that opens graphs is checked for the shared weights and each graph's files (every form the build
         has); a missing or corrupted engine plan is no reason to refuse one that never opens a plan.
         """
         if cls.opens:
-            verify_files(manifest, folder, engines="engine" in cls.opens)
+            check_files(manifest, folder, engines="engine" in cls.opens)
 
     @classmethod
     @abc.abstractmethod
@@ -212,7 +212,7 @@ class EagerBackend(Backend):
     def __init__(self, folder: Path, view: ShapeView, device: str | torch.device = "cpu") -> None:
         super().__init__(folder, view, device)
         options = view.graph_spec.pruning
-        if isinstance(options, PruneOptions) and options.map_impl == "kernels":  # before the UNet loads
+        if isinstance(options, AtedmOptions) and options.map_impl == "kernels":  # before the UNet loads
             require_runnable(self.device)
         self._load()
 
@@ -479,7 +479,7 @@ def _addresses(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 def _no_engines(folder: Path, why: str) -> AtedmError:
-    return AtedmError(f"build {folder} has no engines ({why}); rebuild with --backend tensorrt or tensorrt-rtx")
+    return AtedmError(f"build {folder} has no engines ({why}); rebuild with --library tensorrt or tensorrt-rtx")
 
 
 def _unknown(name: str, expected: str) -> AtedmError:
@@ -519,7 +519,7 @@ def load_backend(name: str, folder: str | Path, manifest: Manifest | None = None
     """A backend by name for a build folder.
 
     Without ``manifest``, the manifest is loaded and the files this backend opens are checked, and only those
-    (``Backend.verify_build``); a caller that passes a manifest has checked what it needs. The libraries'
+    (``Backend.check_build_files``); a caller that passes a manifest has checked what it needs. The libraries'
     loading notices stay out of the caller's output (``quiet.py``).
     """
     folder = Path(folder)
@@ -527,6 +527,6 @@ def load_backend(name: str, folder: str | Path, manifest: Manifest | None = None
     manifest = manifest or read_manifest(folder, verify=False)
     cls = backend_class(name, folder, manifest)
     if not checked:
-        cls.verify_build(folder, manifest)
+        cls.check_build_files(folder, manifest)
     with quiet_libraries():
         return cls(folder, first_view(manifest), device or cls.default_device, **options)

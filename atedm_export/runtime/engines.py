@@ -48,7 +48,7 @@ class StageEngines:
         if not plans:
             raise EngineRuntimeError(f"no engines to load from {folder}")
         if weights == "cycled" and not api.deferred_weights:
-            raise EngineRuntimeError(f"weights 'cycled' needs deferred weight loading, which {api.backend} lacks; "
+            raise EngineRuntimeError(f"weights 'cycled' needs deferred weight loading, which {api.library} lacks; "
                                      "use 'resident'")
         if weights == "cycled" and refit_from:
             raise EngineRuntimeError("weights 'cycled' reloads weights from the plans, and these plans are "

@@ -38,8 +38,8 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ..contract import precision_of
 from ..errors import AtedmError
-from ..buildfolder import (Manifest, ScheduleError, ShapeError, ShapeView, check_same_graphs, read_manifest, verify_entry,
-                           verify_weights, view_for_latent)
+from ..buildfolder import (Manifest, ScheduleError, ShapeError, ShapeView, check_same_graphs, read_manifest, check_graph_files,
+                           check_weights, view_for_latent)
 from .backends import Backend, RuntimeInputError, load_backend
 
 __all__ = ["ScheduleError", "ShapeError", "StageStats", "StagedUNet"]
@@ -79,7 +79,7 @@ class StagedUNet(torch.nn.Module):
     def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str | None = None, unpruned: bool = False,
              **options: Any) -> StagedUNet:
         """The build at ``folder`` on ``backend``, with the build files that backend opens checked, and only those:
-        a missing engine plan refuses the engine backends, not onnxruntime or eager (``Backend.verify_build``).
+        a missing engine plan refuses the engine backends, not onnxruntime or eager (``Backend.check_build_files``).
         ``unpruned``: run the baseline graph at every step (the same model, nothing pruned)."""
         return cls(load_backend(backend, folder, None, device, **options), unpruned=unpruned)
 
@@ -229,9 +229,9 @@ class StagedUNet(torch.nn.Module):
         manifest = read_manifest(folder, verify=False)
         check_same_graphs(self.manifest, current, manifest, folder)
         if self.backend.name != "eager":
-            verify_weights(manifest, folder, linked_from=current)
+            check_weights(manifest, folder, linked_from=current)
             for entry in manifest.all_graphs():
-                verify_entry(folder, entry, engine=False)
+                check_graph_files(folder, entry, engine=False)
         self.backend.use_weights(folder, manifest)
         self.view = self.backend.view
         self._shapes.clear()  # the other shapes' views of the backend are made again from it
