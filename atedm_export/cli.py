@@ -371,6 +371,14 @@ def _split(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
 
+def _gpu_list(value: str | None) -> tuple[int, ...]:
+    """``--gpus 0,1`` as GPU indices; anything else is one line (what is wrong, what was expected)."""
+    items = _split(value)
+    if value is not None and not items or not all(item.isdigit() for item in items):
+        raise AtedmError(f"--gpus {value!r}: expected GPU indices separated by commas, e.g. 0,1")
+    return tuple(int(item) for item in items)
+
+
 @main.command()
 @click.argument("spec", default="tiny-sdxl")
 @click.option("--schedule", help="DSAP schedule instead of the spec's: a preset (paper, uniform-63, dagger, none) or a "
@@ -865,16 +873,31 @@ def _side_by_side_table(reports: list[dict]) -> Table:
               help="tensorrt: the build's TensorRT plans as tensorrt_plan models (GPU servers); onnxruntime: the ONNX "
                    "graphs in Python-backend models (CPU servers); auto: tensorrt where the build has TensorRT plans "
                    "(--backend: its older name).")
-@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Instances of each model.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Instances of each model (tensorrt: on each GPU of --gpus).")
+@click.option("--gpus", help="tensorrt variant: the GPUs each graph model runs on, e.g. 0,1 (an instance group of "
+                             "--instances on each; Triton spreads the calls) [default: every GPU the server sees].")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
               help="Rows (latents) per request and per dynamic batch [default: the build's static batch].")
 @click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
               help="How long the dynamic batcher waits to fill a batch.")
 @click.option("--link", is_flag=True, help="Hard-link the artifacts instead of copying them (same filesystem).")
 @click.option("--force", is_flag=True, help="Replace the deployment an earlier deploy wrote in REPO (only what its "
-                                            "atedm-deploy.json lists; other models are never touched).")
-def deploy(build_dir: Path, repository: Path, name: str, variant: str, instances: int, max_batch: int | None,
-           queue_delay_us: int, link: bool, force: bool) -> None:
+                                            "atedm-deploy.json lists; other models are never touched), and a "
+                                            "--kubernetes folder an earlier deploy wrote.")
+@click.option("--kubernetes", "kubernetes_dir", type=click.Path(path_type=Path),
+              help="Also write Kubernetes manifests that serve REPO: a kustomization (kubectl apply -k DIR) and KServe's "
+                   "InferenceService in DIR/kserve, validated offline (docs/deploy.md).")
+@click.option("--storage-uri", help="With --kubernetes: where you will upload REPO (s3://, gs:// or as://, read by Triton "
+                                    "itself) [default: a volume you copy REPO into].")
+@click.option("--load-seconds", type=FiniteFloat(min=0.1),
+              help="With --kubernetes: the servers' model-load time ('ready in' of atedm-export serve); the startup "
+                   "probe allows three times it [default: guessed from the files' size].")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=4, show_default=True,
+              help="With --kubernetes: the autoscaler's most servers.")
+def deploy(build_dir: Path, repository: Path, name: str, variant: str, instances: int, gpus: str | None,
+           max_batch: int | None, queue_delay_us: int, link: bool, force: bool, kubernetes_dir: Path | None,
+           storage_uri: str | None, load_seconds: float | None, max_replicas: int) -> None:
     """Write a Triton Inference Server model repository for a build.
 
     One model per graph (TensorRT plans, or ONNX graphs on onnxruntime) and a router model that takes
@@ -889,8 +912,13 @@ def deploy(build_dir: Path, repository: Path, name: str, variant: str, instances
     def progress(model: str, event: str) -> None:
         _progress_line(start, model, 24, event)
 
-    record = run_deploy(DeployRequest(build_dir, repository, name, variant, instances, max_batch, queue_delay_us, link,
-                                      force), progress)
+    request = DeployRequest(build_dir, repository, name, variant=variant, instances=instances,
+                            gpus=_gpu_list(gpus), max_batch=max_batch, queue_delay_us=queue_delay_us, link=link,
+                            force=force, kubernetes=kubernetes_dir, storage_uri=storage_uri, load_seconds=load_seconds,
+                            max_replicas=max_replicas)
+    if kubernetes_dir is None and (storage_uri or load_seconds):
+        raise AtedmError("--storage-uri and --load-seconds describe the cluster of --kubernetes DIR; add it")
+    record = run_deploy(request, progress)
     table = Table(title=Text(f"{repository.resolve()}: {record['variant']} variant"))
     for column in ("model", "serves", "files", "MiB"):
         table.add_column(column, justify="left" if column in ("model", "serves") else "right")
@@ -950,7 +978,7 @@ def serve(repository: Path, http_port: int, grpc_port: int, timeout: float, log_
 
 
 @main.command("load-test")
-@click.argument("url")
+@click.argument("urls", metavar="URL...", nargs=-1, required=True)
 @click.option("--model", default="atedm_unet", show_default=True, help="The router model's name on the server.")
 @click.option("--requests", "count", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True)
@@ -959,14 +987,21 @@ def serve(repository: Path, http_port: int, grpc_port: int, timeout: float, log_
               help="Also time the same calls on this build's graphs in this process (onnxruntime), alternating with "
                    "the served ones at concurrency 1: what the server adds per call.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON.")
-def load_test(url: str, model: str, count: int, concurrency: int, seed: int, build_dir: Path | None,
+def load_test(urls: tuple[str, ...], model: str, count: int, concurrency: int, seed: int, build_dir: Path | None,
               json_path: Path | None) -> None:
     """UNet calls from concurrent clients to a served repository: latency percentiles, errors, identity.
 
     Requests cycle over the first step of every DSAP stage; each distinct request is sent alone first,
-    and every concurrent output must equal it bit for bit. Exit status 1 on any error or mismatch.
+    and every concurrent output must equal it bit for bit. Several URLs (servers of one build): the clients are
+    spread over them, as a Service spreads connections, and the table counts each server's requests. Exit status 1
+    on any error or mismatch.
     """
-    from .deploy.client import compare_local
+    url = urls[0]
+    if len(set(urls)) != len(urls):
+        raise AtedmError(f"URL {next(u for u in urls if urls.count(u) > 1)} is given twice; expected each server once")
+    for each in urls:
+        parse_url(each)  # a malformed URL is one line before anything is sent
+    from .deploy.client import compare_local, parse_url
     from .deploy.client import load_test as run_load_test
 
     _check_outputs(json_path)
@@ -981,15 +1016,17 @@ def load_test(url: str, model: str, count: int, concurrency: int, seed: int, bui
                       f"{comparison['ratio']:.2f}×", "identical" if comparison["identical"] else Text("DIFFER", "red"))
         out.print(table)
     with console.status("load test…") as status:
-        report = run_load_test(url, model, count, concurrency, seed,
+        report = run_load_test(urls, model, count, concurrency, seed,
                                progress=lambda i: status.update(f"load test: {i + 1}/{count} requests"))
-    table = Table(title=Text(f"{report['spec']} on {url} ({model}): {count} requests of batch {report['batch']}, "
-                             f"{concurrency} concurrent clients"))
-    for column in ("errors", "mismatches", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests/s", "wall s"):
+    table = Table(title=Text(f"{report['spec']} on {', '.join(urls)} ({model}): {count} requests of batch "
+                             f"{report['batch']}, {concurrency} concurrent clients"))
+    spread = len(urls) > 1
+    for column in ("errors", "mismatches", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests/s", "wall s",
+                   *(["requests per server"] * spread)):
         table.add_column(column, justify="right")
     table.add_row(str(report["errors"]), str(report["mismatches"]), f"{report['p50_ms']:.1f}", f"{report['p90_ms']:.1f}",
                   f"{report['p99_ms']:.1f}", f"{report['max_ms']:.1f}", f"{report['throughput_rps']:.2f}",
-                  f"{report['wall_seconds']:.1f}")
+                  f"{report['wall_seconds']:.1f}", *([" / ".join(map(str, report["per_server"]))] * spread))
     out.print(table)
     if report["first_error"]:
         _say("first error:", "red", report["first_error"])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from atedm_export.buildfolder import first_view
+from atedm_export.buildfolder import FileEntry, first_view, sha256
 from atedm_export.contract import GraphContract
 from atedm_export.models import attention_blocks, load_unet
 
@@ -267,3 +269,18 @@ def refitted(tiny_tome_build, loras, tmp_path_factory):
     out = tmp_path_factory.mktemp("refits") / "refitted"
     result = refit(RefitRequest(tiny_tome_build, (LoraSpec(file=str(loras["style"]), scale=0.8),), out))
     return out, result
+
+
+def with_fake_engines(build, folder, **engine) -> None:  # noqa: ANN001
+    """A copy of ``build`` whose manifest lists a plan per graph (a few bytes each; the runtime never opens them here)."""
+    shutil.copytree(build, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    (folder / "engines").mkdir(exist_ok=True)
+    for shape in data["shapes"]:
+        for graph in (shape["baseline"], *shape["stages"]):
+            plan = folder / "engines" / f"{graph['name']}.plan"
+            plan.write_bytes(b"plan of " + graph["name"].encode())
+            graph["engine"] = FileEntry(path=f"engines/{plan.name}", sha256=sha256(plan), bytes=plan.stat().st_size).model_dump()
+    data["engine"] = {"library": "tensorrt-rtx", "module": "tensorrt_rtx_bindings", "version": "1.0", "targets": ["sm89"],
+                      **engine}
+    (folder / "manifest.json").write_text(json.dumps(data))

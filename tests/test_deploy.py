@@ -24,7 +24,7 @@ from atedm_export.deploy.routing import Router, RoutingError
 from atedm_export.deploy.serving import RequestError, _PythonModel, check_finite
 from atedm_export.buildfolder import Manifest, ManifestError, ShapeError, first_view, read_manifest, sha256, views
 
-from .conftest import corrupted_copy, needs_rtx
+from .conftest import corrupted_copy, needs_rtx, with_fake_engines
 
 
 def _feed(batch: int, rows: int, marker: float) -> dict[str, torch.Tensor]:
@@ -428,6 +428,7 @@ def test_check_repository_catches_a_changed_file(ort_repo, tmp_path):
      "version 1 has no model.plan"),
     (lambda t: t + "dynamic_batching {}\n", "dynamic_batching needs max_batch_size > 0"),
     (lambda t: t.replace("data_type: TYPE_FP32", "data_type: FP32", 1), "not a valid Triton model config"),
+    (lambda t: t.replace("count: 1\n", "count: 1\n  gpus: 0\n", 1), "instance group KIND_CPU names GPUs \\[0\\]"),
 ])
 def test_configs_a_server_would_refuse_are_errors(ort_repo, tmp_path, edit, message):
     repo = tmp_path / "repo"
@@ -445,6 +446,38 @@ def test_tensorrt_plans_need_gpu_instances(ort_repo, tmp_path):
     config = parse('name: "m" platform: "tensorrt_plan" input { name: "x" data_type: TYPE_FP32 dims: 1 } '
                    'output { name: "y" data_type: TYPE_FP32 dims: 1 } instance_group { kind: KIND_CPU count: 1 }', "m")
     with pytest.raises(DeployError, match="tensorrt_plan runs KIND_GPU"):
+        check_model(folder, config)
+
+
+def test_gpus_give_each_graph_model_an_instance_group_per_gpu(tiny_build, tmp_path):
+    """``--gpus 0,1 --instances 2``: each graph model runs two instances on each GPU (Triton spreads the router's calls
+    over them); the router stays on the CPU; the configs pass the checks a server's loading would make."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    build = tmp_path / "trt"
+    with_fake_engines(tiny_build, build, library="tensorrt", module="tensorrt", version="10.13.0", targets=[])
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(main, ["deploy", str(build), "--triton", str(repo), "--gpus", "0,1", "--instances", "2"])
+    assert result.exit_code == 0, result.output
+    check_repository(repo)
+    configs = read_repository(repo)
+    for graph in ("baseline", "early", "main"):
+        groups = [(pb.ModelInstanceGroup.Kind.Name(g.kind), g.count, list(g.gpus))
+                  for g in configs[f"atedm_unet_{graph}"].instance_group]
+        assert groups == [("KIND_GPU", 2, [0]), ("KIND_GPU", 2, [1])]
+    assert [(pb.ModelInstanceGroup.Kind.Name(g.kind), list(g.gpus)) for g in configs["atedm_unet"].instance_group] == [
+        ("KIND_CPU", [])]
+    assert json.loads((repo / "atedm-deploy.json").read_text())["gpus"] == [0, 1]
+
+
+def test_a_gpu_placed_twice_is_refused(ort_repo, tmp_path):
+    folder = tmp_path / "m"
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "model.plan").write_bytes(b"plan")
+    config = parse('name: "m" platform: "tensorrt_plan" input { name: "x" data_type: TYPE_FP32 dims: 1 } '
+                   'output { name: "y" data_type: TYPE_FP32 dims: 1 } instance_group { kind: KIND_GPU count: 1 gpus: 0 }'
+                   ' instance_group { kind: KIND_GPU count: 1 gpus: [0, 1] }', "m")
+    with pytest.raises(DeployError, match=r"instance groups place GPUs \[0, 0, 1\]; expected each GPU once"):
         check_model(folder, config)
 
 
@@ -553,3 +586,80 @@ def test_a_graph_model_at_another_shapes_dims_is_refused(multi_repo, tmp_path):
     with pytest.raises(DeployError, match=r"atedm_unet_main_192x128-b2/config.pbtxt: inputs and outputs differ from "
                                           r"the build's static graph I/O \(shape 192x128-b2\)"):
         check_repository(repo, files=False)
+
+
+# --- Kubernetes (deploy --kubernetes) ----------------------------------------------------------------------------
+
+
+def test_kubernetes_manifests_for_a_cpu_repository_validate_and_apply_as_written(tiny_build, tmp_path):
+    """``--kubernetes DIR`` beside the repository: a kustomization over plain manifests and one for KServe, each file
+    the YAML of a manifest that passed the schemas (strict), KServe's models and the cross-manifest rules."""
+    import yaml
+
+    from atedm_export.deploy.kubernetes import Cluster, check_manifests
+
+    repo, k8s = tmp_path / "repo", tmp_path / "k8s"
+    result = CliRunner().invoke(main, ["deploy", str(tiny_build), "--triton", str(repo), "--kubernetes", str(k8s),
+                                       "--storage-uri", "s3://models/atedm", "--load-seconds", "12"])
+    assert result.exit_code == 0, result.output
+    files = {p.relative_to(k8s).as_posix(): yaml.safe_load(p.read_text()) for p in k8s.rglob("*.yaml")}
+    assert set(files) == {"kustomization.yaml", "deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml",
+                          "kserve/kustomization.yaml", "kserve/servingruntime.yaml", "kserve/inferenceservice.yaml"}
+    assert files["kustomization.yaml"]["resources"] == ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml"]
+    container = files["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--model-repository=s3://models/atedm" in container["args"] and "--model-control-mode=explicit" in container["args"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]  # the onnxruntime variant: CPU pods
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] >= 3 * 12
+    assert files["kserve/inferenceservice.yaml"]["spec"]["predictor"]["model"]["storageUri"] == "s3://models/atedm"
+    record = json.loads((k8s / "atedm-kubernetes.json").read_text())
+    assert record["repository"] == str(repo.resolve()) and "Dockerfile" in record["files"]
+    cluster = Cluster(name="atedm-unet", variant="onnxruntime", gpus=1, repository_bytes=1, load_seconds=12,
+                      storage_uri="s3://models/atedm")
+    check_manifests(files, cluster)  # what was written is what was checked
+
+
+def test_kubernetes_for_a_gpu_repository_requests_its_gpus_and_mounts_a_volume(tiny_build, tmp_path):
+    build = tmp_path / "trt"
+    with_fake_engines(tiny_build, build, library="tensorrt", module="tensorrt", version="10.13.0", targets=[])
+    k8s = tmp_path / "k8s"
+    result = CliRunner().invoke(main, ["deploy", str(build), "--triton", str(tmp_path / "repo"), "--gpus", "0,1",
+                                       "--kubernetes", str(k8s)])
+    assert result.exit_code == 0, result.output
+    assert "model-load time taken as" in result.output  # no --load-seconds: said, not silently guessed
+    import yaml
+
+    deployment = yaml.safe_load((k8s / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "atedm-unet-models"
+    assert (k8s / "pvc.yaml").is_file() and (k8s / "kserve" / "pvc.yaml").is_file()
+    isvc = yaml.safe_load((k8s / "kserve" / "inferenceservice.yaml").read_text())
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == "pvc://atedm-unet-models/"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: f["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+     .__setitem__("port", "htp"), "readinessProbe port 'htp' is not a port the container opens"),
+    (lambda f: f["service.yaml"]["spec"]["ports"][1].__setitem__("targetPort", "grcp"),
+     "port 'grpc' targets 'grcp', which the container does not open"),
+    (lambda f: f["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+     .pop("nvidia.com/gpu"), "a GPU build's server requests no nvidia.com/gpu"),
+    (lambda f: f["service.yaml"]["spec"]["ports"][0].__setitem__("portz", 1), "'portz' was unexpected"),
+    (lambda f: f["hpa.yaml"]["spec"].__setitem__("maxReplicas", "four"), "hpa.yaml: spec.maxReplicas: 'four' is not"),
+    (lambda f: f["kserve/inferenceservice.yaml"]["spec"]["predictor"].__setitem__("modle", {}),
+     "unknown field 'modle' of V1beta1PredictorSpec; did you mean 'model'"),
+    (lambda f: f["kserve/inferenceservice.yaml"]["spec"]["predictor"]["model"].__setitem__("runtime", "other"),
+     "runtime 'other' is not the ServingRuntime written beside it"),
+    (lambda f: f["kustomization.yaml"]["resources"].append("missing.yaml"), "resources \\['missing.yaml'\\]"),
+])
+def test_a_broken_manifest_is_caught(edit, message):
+    """The check catches what a cluster would refuse (schemas, KServe's models) and what would apply but not serve
+    (a probe on a port the container does not open, a GPU build without GPUs, a Service missing its pods)."""
+    from atedm_export.deploy.kubernetes import Cluster, KubernetesError, check_manifests, manifests
+
+    cluster = Cluster(name="atedm-unet", variant="tensorrt", gpus=1, repository_bytes=2**30, load_seconds=30)
+    files = manifests(cluster)
+    check_manifests(files, cluster)
+    edit(files)
+    with pytest.raises(KubernetesError, match=message):
+        check_manifests(files, cluster)

@@ -33,7 +33,7 @@ from atedm_export.spec import LoraSpec, parse_spec
 from atedm_export.verify import verify_build
 from atedm_export.weights import HashedStore, Region, StoredWeights, find_parameters, tensor_key, tensor_layout
 
-from .conftest import TOME_SPEC
+from .conftest import TOME_SPEC, with_fake_engines
 
 
 def _cli(*args: str):
@@ -104,31 +104,16 @@ def test_refit_names_a_parameter_it_cannot_place(tmp_path):
         weights.close()
 
 
-def _with_fake_engines(build, folder, **engine) -> None:  # noqa: ANN001
-    """A copy of ``build`` whose manifest lists a plan per graph (a few bytes each; the runtime never opens them here)."""
-    shutil.copytree(build, folder)
-    data = json.loads((folder / "manifest.json").read_text())
-    (folder / "engines").mkdir(exist_ok=True)
-    for shape in data["shapes"]:
-        for graph in (shape["baseline"], *shape["stages"]):
-            plan = folder / "engines" / f"{graph['name']}.plan"
-            plan.write_bytes(b"plan of " + graph["name"].encode())
-            graph["engine"] = FileEntry(path=f"engines/{plan.name}", sha256=sha256(plan), bytes=plan.stat().st_size).model_dump()
-    data["engine"] = {"library": "tensorrt-rtx", "module": "tensorrt_rtx_bindings", "version": "1.0", "targets": ["sm89"],
-                      **engine}
-    (folder / "manifest.json").write_text(json.dumps(data))
-
-
 def test_refittable_stripped_plans_are_linked_and_others_rebuilt_or_dropped(tiny_tome_build, loras, tmp_path):
     stripped = tmp_path / "stripped"
-    _with_fake_engines(tiny_tome_build, stripped, weights_stripped=True, refittable=True)
+    with_fake_engines(tiny_tome_build, stripped, weights_stripped=True, refittable=True)
     request = RefitRequest(stripped, (LoraSpec(file=str(loras["style"])),), tmp_path / "linked")
     new = refit(request).manifest
     assert new.engine.refittable and not new.engine.skipped
     for entry in first_view(new).graphs():
         assert os.stat(tmp_path / "linked" / entry.engine.path).st_ino == os.stat(stripped / entry.engine.path).st_ino
     identical = tmp_path / "identical"
-    _with_fake_engines(tiny_tome_build, identical, weights_stripped=True)
+    with_fake_engines(tiny_tome_build, identical, weights_stripped=True)
     result = refit(RefitRequest(identical, request.loras, tmp_path / "dropped"))
     assert all(g.engine is None for g in result.manifest.all_graphs())
     assert "REFIT_IDENTICAL" in result.manifest.engine.skipped and any("engines dropped" in n for n in result.notes)

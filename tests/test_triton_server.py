@@ -149,6 +149,34 @@ def test_generate_through_triton_writes_the_same_png_as_local(server, tiny_build
     assert result.exit_code == 2 and "either BUILD_DIR" in result.output
 
 
+@pytest.mark.slow  # a second server (~15 s to start) and two 200-request load tests
+def test_two_servers_of_one_repository_share_the_load_and_answer_alike(server, install, ort_repo, tmp_path, capsys):
+    """Scale-out as a Service does it: two servers of one repository, the clients spread over both. Every output
+    from either equals the first server's alone; the throughput of two against one is reported (2 cores here: the
+    servers share them, so the ratio says what the client side and the BLS hop cost, not what a second GPU gives)."""
+    with TritonServer(ort_repo, install=install) as second:
+        one = load_test([server.http_url], requests=200, concurrency=16)
+        both = load_test([server.http_url, second.grpc_url], requests=200, concurrency=16)
+    for report in (one, both):
+        assert report["errors"] == 0 and report["mismatches"] == 0, report["first_error"]
+    assert sum(both["per_server"]) == 200 and min(both["per_server"]) > 0 and one["per_server"] == [200]
+    with capsys.disabled():
+        print(f"\n[two servers] 200 requests, 16 clients: 1 server {one['throughput_rps']:.1f} requests/s, 2 servers "
+              f"{both['throughput_rps']:.1f} ({both['per_server'][0]} / {both['per_server'][1]}): "
+              f"{both['throughput_rps'] / one['throughput_rps']:.2f}x; 0 errors, 0 mismatches")
+
+
+@pytest.mark.slow  # a second server of another build (~20 s)
+def test_servers_of_other_builds_are_refused_together(server, install, tiny_tome_build, tmp_path):
+    from atedm_export.deploy.repository import DeployRequest, deploy
+
+    other = tmp_path / "other"
+    deploy(DeployRequest(tiny_tome_build, other, variant="onnxruntime"))
+    with TritonServer(other, install=install) as second:
+        with pytest.raises(TritonClientError, match=f"{second.http_url} serves another build than {server.http_url}"):
+            load_test([server.http_url, second.http_url], requests=2, concurrency=1)
+
+
 @pytest.mark.slow
 def test_load_test_200_requests_from_16_clients(server, tiny_build, tmp_path, capsys):
     report_path = tmp_path / "load.json"

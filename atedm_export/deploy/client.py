@@ -228,39 +228,61 @@ def compare_local(url: str, build: str | Path, model: str = DEFAULT_MODEL, repea
             "overhead_ms": triton_ms - local_ms, "ratio": triton_ms / local_ms}
 
 
-def load_test(url: str, model: str = DEFAULT_MODEL, requests: int = 200, concurrency: int = 16, seed: int = 0,
-              progress: Any = None) -> dict:
-    """``requests`` UNet calls from ``concurrency`` clients, cycling over every stage of the schedule at every shape
-    of the build.
+def connect_all(urls: Sequence[str], model: str = DEFAULT_MODEL) -> list[TritonBackend]:
+    """A backend per server, refused in one line unless every server serves the same build (its manifest): requests
+    spread over them must get the same outputs from each."""
+    backends: list[TritonBackend] = []
+    try:
+        for url in urls:
+            backends.append(TritonBackend.connect(url, model))
+            if backends[-1].manifest != backends[0].manifest:
+                raise TritonClientError(f"{url} serves another build than {urls[0]} (their manifests differ); a load "
+                                        "test spreads one build's requests over servers of that build")
+    except BaseException:
+        for backend in backends:
+            backend.release()
+        raise
+    return backends
 
-    Each distinct request is first sent once, alone: every concurrent output must equal it exactly.
-    Latency is per request, measured on the client (encode, send, queue, run, receive).
+
+def load_test(urls: str | Sequence[str], model: str = DEFAULT_MODEL, requests: int = 200, concurrency: int = 16,
+              seed: int = 0, progress: Any = None) -> dict:
+    """``requests`` UNet calls from ``concurrency`` clients, cycling over every stage of the schedule at every shape
+    of the build, the clients spread over the servers at ``urls`` (client ``i`` keeps one connection to server
+    ``i mod len(urls)``, as a Service balances connections).
+
+    Each distinct request is first sent once, alone, to the first server: every concurrent output, from any server,
+    must equal it exactly. Latency is per request, measured on the client (encode, send, queue, run, receive).
     """
-    backend = TritonBackend.connect(url, model)
-    spec = backend.view.graph_spec
-    sent = stage_feeds(backend, seed)
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    backends = connect_all(urls, model)
+    first = backends[0]
+    spec = first.view.graph_spec
+    sent = stage_feeds(first, seed)
     feeds = [feed for _, _, feed in sent]
-    reference = [backend.infer(feed) for feed in feeds]
+    reference = [first.infer(feed) for feed in feeds]
     local = threading.local()
     clients: list[Any] = []
     lock = threading.Lock()
 
-    def one(i: int) -> tuple[float, bool, str | None]:
+    def one(i: int) -> tuple[float, bool, str | None, int]:
         if not hasattr(local, "client"):
-            local.client = backend.module.InferenceServerClient(parse_url(url)[1])
             with lock:
+                local.server = len(clients) % len(backends)
+                local.client = backends[local.server].module.InferenceServerClient(parse_url(urls[local.server])[1])
                 clients.append(local.client)
+        backend = backends[local.server]
         start = time.perf_counter()
         try:
             latent, stages = backend.infer(feeds[i % len(feeds)], local.client)
         except TritonClientError as exc:
-            return time.perf_counter() - start, False, str(exc)
+            return time.perf_counter() - start, False, str(exc), local.server
         seconds = time.perf_counter() - start
         want_latent, want_stages = reference[i % len(feeds)]
         same = np.array_equal(latent, want_latent) and np.array_equal(stages, want_stages)
         if progress:
             progress(i)
-        return seconds, same, None
+        return seconds, same, None, local.server
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -268,15 +290,17 @@ def load_test(url: str, model: str = DEFAULT_MODEL, requests: int = 200, concurr
     wall = time.perf_counter() - start
     for client in clients:
         client.close()
-    backend.release()
-    errors = [e for _, _, e in results if e]
-    latencies = [s * 1e3 for s, _, e in results if not e]
+    for backend in backends:
+        backend.release()
+    errors = [e for _, _, e, _ in results if e]
+    latencies = [s * 1e3 for s, _, e, _ in results if not e]
     return {
-        "url": url, "model": model, "spec": spec.name, "batch": spec.batch,
+        "url": urls[0], "urls": urls, "model": model, "spec": spec.name, "batch": spec.batch,
         "steps_sent": list(dict.fromkeys(step for _, step, _ in sent)),
         "shapes_sent": list(dict.fromkeys(view.shape.key for view, _, _ in sent)),
         "requests": requests, "concurrency": concurrency, "errors": len(errors), "first_error": errors[0] if errors else None,
-        "mismatches": sum(1 for _, same, e in results if not e and not same),
+        "mismatches": sum(1 for _, same, e, _ in results if not e and not same),
+        "per_server": [sum(1 for *_, server in results if server == index) for index in range(len(urls))],
         "wall_seconds": wall, "throughput_rps": requests / wall,
         "p50_ms": _percentile(latencies, 50), "p90_ms": _percentile(latencies, 90), "p99_ms": _percentile(latencies, 99),
         "mean_ms": float(np.mean(latencies)) if latencies else float("nan"), "max_ms": max(latencies, default=float("nan")),

@@ -80,15 +80,24 @@ def _triton(tensors: RouterTensors) -> list[tuple[str, str, list[int]]]:
     return [(name, p.triton, dims) for name, p, dims in tensors]
 
 
-def graph_config(name: str, view: ShapeView, graph: str, backend: str, instances: int, build: str = "") -> Any:
+def check_gpus(gpus: tuple[int, ...]) -> None:
+    """GPU indices as Triton's instance groups take them: each one once, none negative."""
+    if any(gpu < 0 for gpu in gpus) or len(set(gpus)) != len(gpus):
+        raise DeployError(f"--gpus {','.join(map(str, gpus))}: expected distinct GPU indices, each 0 or more")
+
+
+def graph_config(name: str, view: ShapeView, graph: str, variant: str, instances: int, build: str = "",
+                 gpus: tuple[int, ...] = ()) -> Any:
     """One graph at ``view``'s static shape: a TensorRT plan on GPUs, or the onnxruntime
     stage model.
 
-    ``build``: for the onnxruntime model, the shared build folder, relative to the repository.
+    ``build``: for the onnxruntime model, the shared build folder, relative to the repository. ``gpus`` (tensorrt):
+    an instance group of ``instances`` on each of these GPUs, so Triton's scheduler spreads the router's calls to
+    this graph over them; none: ``instances`` on every GPU the server sees (Triton's default for ``KIND_GPU``).
     """
     pb = _pb()
     config = pb.ModelConfig(name=name, max_batch_size=0)
-    if backend == "tensorrt":
+    if variant == "tensorrt":
         config.platform = "tensorrt_plan"
         config.default_model_filename = MODEL_FILES["tensorrt_plan"]
         kind = pb.ModelInstanceGroup.KIND_GPU
@@ -100,7 +109,8 @@ def graph_config(name: str, view: ShapeView, graph: str, backend: str, instances
         kind = pb.ModelInstanceGroup.KIND_CPU
     _add_tensors(config.input, _graph_tensors(view.inputs))
     _add_tensors(config.output, _graph_tensors(view.outputs))
-    config.instance_group.add(kind=kind, count=instances)
+    for gpu in gpus or [None]:
+        config.instance_group.add(kind=kind, count=instances, gpus=[] if gpu is None else [gpu])
     return config
 
 
@@ -177,10 +187,16 @@ def check_model(folder: Path, config: Any) -> None:
                 what = "positive dims, or -1 (variable)" if router else "static positive dims"
                 raise DeployError(f"{where}: {direction} '{t.name}' needs {what}, got {list(t.dims)}")
     allowed = INSTANCE_KINDS[kind]
+    placed: list[int] = []
     for group in config.instance_group:
         kind_name = pb.ModelInstanceGroup.Kind.Name(group.kind)
         if group.count < 1 or kind_name not in allowed:
             raise DeployError(f"{where}: instance group {kind_name} x{group.count}; {kind} runs {', '.join(sorted(allowed))}, count >= 1")
+        if group.gpus and kind_name != "KIND_GPU":
+            raise DeployError(f"{where}: instance group {kind_name} names GPUs {list(group.gpus)}; only KIND_GPU groups do")
+        placed += group.gpus
+    if any(gpu < 0 for gpu in placed) or len(set(placed)) != len(placed):
+        raise DeployError(f"{where}: instance groups place GPUs {placed}; expected each GPU once, none negative")
 
 
 def read_repository(repository: Path, models: Iterable[str] | None = None) -> dict[str, Any]:

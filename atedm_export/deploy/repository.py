@@ -40,9 +40,12 @@ from .. import __version__
 from ..buildfolder import (MANIFEST, FileEntry, GraphEntry, Manifest, ShapeView, manifest_sha256, read_manifest, check_file,
                            check_files, views, write_manifest)
 from ..registry import DEPLOY_VARIANTS
-from ..staging import check_apart, check_destination, check_output_file
+from ..staging import check_apart, check_destination, check_output_file, staged_folder
 from ..userfiles import load_json
-from .config import CONFIG, MODEL_NAME, DeployError, check_routes, graph_config, read_repository, router_config, to_text
+from .config import (CONFIG, MODEL_NAME, DeployError, check_gpus, check_routes, graph_config, read_repository,
+                     router_config, to_text)
+from .kubernetes import KUBERNETES_VERSION, Cluster, check_cluster, check_manifests, manifests, write_kubernetes
+from .kubernetes import RECORD as KUBERNETES_RECORD
 from .placement import check_movable, check_not_a_build, staged_entries
 from .readme import repository_readme
 
@@ -62,11 +65,16 @@ class DeployRequest:
     repository: Path
     name: str = "atedm_unet"
     variant: str = "auto"  # tensorrt: tensorrt_plan models (GPUs) | onnxruntime: Python-backend models (CPUs) | auto
-    instances: int = 1
+    instances: int = 1  # of each model, on each GPU of ``gpus`` (tensorrt), or on the CPU (onnxruntime)
+    gpus: tuple[int, ...] = ()  # tensorrt: the GPUs each graph model runs on, an instance group each; () = every GPU
     max_batch: int | None = None  # rows per router call; default: the build's static batch (the largest of its shapes)
     queue_delay_us: int = 2000  # how long the router's dynamic batcher waits to fill a batch
     link: bool = False  # hard-link artifacts instead of copying (same filesystem)
     force: bool = False
+    kubernetes: Path | None = None  # also write Kubernetes manifests for the repository here (kubernetes.py)
+    storage_uri: str | None = None  # where the repository will be uploaded for the cluster (s3://, gs://, as://)
+    load_seconds: float | None = None  # the servers' model-load time (``serve`` prints it); None: from the files' size
+    max_replicas: int = 4
 
 
 def auto_variant(manifest: Manifest) -> str:
@@ -84,7 +92,12 @@ def _check(request: DeployRequest, manifest: Manifest) -> None:
         raise DeployError(f"--instances must be >= 1, got {request.instances}")
     if request.max_batch is not None and request.max_batch < 1:
         raise DeployError(f"--max-batch must be >= 1, got {request.max_batch}")
+    check_gpus(request.gpus)
     if request.variant != "tensorrt":
+        if request.gpus:
+            raise DeployError(f"--gpus places the tensorrt variant's plans on GPUs; this deployment is the "
+                              f"{request.variant} variant, whose graph models run on the CPU (--instances sets how "
+                              "many): deploy a build with TensorRT plans, or leave out --gpus")
         return
     engine = manifest.engine
     if engine.library != "tensorrt":
@@ -214,7 +227,7 @@ def _graph_model(work: Path, request: DeployRequest, view: ShapeView, entry: Gra
     for item, target in placements:
         _place(request.build / item.path, target, item, entry.name, request.link)
     config = graph_config(name, view, entry.name, request.variant, request.instances,
-                          f"{request.name}/{SHARED_BUILD}")
+                          f"{request.name}/{SHARED_BUILD}", request.gpus)
     (work / name / CONFIG).write_text(to_text(config))
     return name, _records(work, placements)
 
@@ -242,6 +255,7 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
     others = sorted(p.name for p in out.iterdir() if p.name not in replace) if out.is_dir() else []
     if others:
         progress("repository", f"{len(others)} other entries in {out} are left as they are")
+    cluster = _cluster(request, manifest, out, progress) if request.kubernetes else None
     # every artifact the variant serves, against its sha256, before anything is copied (plans: tensorrt only)
     check_files(manifest, build, engines=request.variant == "tensorrt")
     max_batch = request.max_batch or max(shape.batch for shape in manifest.shape_list)
@@ -281,6 +295,7 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
             "max_batch": max_batch,
             "shapes": [shape.key for shape in manifest.shape_list],
             "instances": request.instances,
+            "gpus": list(request.gpus),
             "engine": manifest.engine.model_dump(mode="json"),
             "readme": readme,
             "models": models,
@@ -288,7 +303,40 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
         (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         (work / readme).write_text(repository_readme(record, manifest))
         progress("repository", "configs checked with Triton's ModelConfig")
+    if cluster is not None and request.kubernetes is not None:
+        with staged_folder(request.kubernetes.resolve(), what="kubernetes") as work:
+            written = write_kubernetes(work, cluster, {"repository": str(out), "build": str(build),
+                                                       "manifest_sha256": record["manifest_sha256"]})
+        progress("kubernetes", f"{len(written)} files in {request.kubernetes}: kubectl apply -k {request.kubernetes} "
+                               f"(or -k {request.kubernetes / 'kserve'}); manifests checked against Kubernetes "
+                               f"{KUBERNETES_VERSION}'s schemas and KServe's models")
     return record
+
+
+def _served_bytes(manifest: Manifest, variant: str) -> int:
+    """What a server of the variant reads: the plans, or the graphs and the weights they share."""
+    if variant == "tensorrt":
+        return sum(e.engine.bytes for e in manifest.all_graphs() if e.engine and not e.same_as)
+    return sum(f.bytes for f in manifest.weight_files) + sum(e.onnx.bytes for e in manifest.all_graphs() if not e.same_as)
+
+
+def _cluster(request: DeployRequest, manifest: Manifest, repository: Path, progress: Progress) -> Cluster:
+    """The Kubernetes side of the request, checked (options, folder, every manifest) before anything is written."""
+    assert request.kubernetes is not None
+    folder = request.kubernetes.resolve()
+    check_apart(folder, {"build": request.build, "repository": repository}, "--kubernetes", DeployError)
+    check_destination(folder, request.force, owner_file=KUBERNETES_RECORD)
+    served = _served_bytes(manifest, request.variant)
+    load = request.load_seconds or 30 + served / 200e6  # a guess from the size; serve measures the real one
+    cluster = Cluster(name=request.name.replace("_", "-").lower(), variant=request.variant,
+                      gpus=max(1, len(request.gpus)), repository_bytes=served, load_seconds=load,
+                      storage_uri=request.storage_uri, max_replicas=request.max_replicas)
+    check_cluster(cluster)
+    check_manifests(manifests(cluster), cluster)
+    if request.load_seconds is None:
+        progress("kubernetes", f"model-load time taken as {load:.0f}s from the files' size: pass the 'ready in' "
+                               "time atedm-export serve prints as --load-seconds")
+    return cluster
 
 
 def check_repository(repository: Path, router: str | None = None, files: bool = True) -> Manifest:
