@@ -996,13 +996,14 @@ def load_test(urls: tuple[str, ...], model: str, count: int, concurrency: int, s
     spread over them, as a Service spreads connections, and the table counts each server's requests. Exit status 1
     on any error or mismatch.
     """
+    from .deploy.client import compare_local, parse_url
+    from .deploy.client import load_test as run_load_test
+
     url = urls[0]
     if len(set(urls)) != len(urls):
         raise AtedmError(f"URL {next(u for u in urls if urls.count(u) > 1)} is given twice; expected each server once")
     for each in urls:
         parse_url(each)  # a malformed URL is one line before anything is sent
-    from .deploy.client import compare_local, parse_url
-    from .deploy.client import load_test as run_load_test
 
     _check_outputs(json_path)
     comparison = None

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..ortfuse import SUFFIX as ORT_SUFFIX  # onnxruntime's form is named where it is made
+
 MANIFEST = "manifest.json"
 GRAPHS_DIR = "onnx"  # every graph and the shared weights file: ONNX external data must not leave the folder
 ENGINES_DIR = "engines"
 WEIGHTS_FILE = "weights.onnx.data"
 DELTA_FILE = "weights.refit.onnx.data"  # beside the base weights, in onnx/
-FORM_SUFFIXES = {"portable": ".onnx", "onnxruntime": ".ort.onnx", "plugin": ".plugin.onnx"}
+FORM_SUFFIXES = {"portable": ".onnx", "onnxruntime": ORT_SUFFIX, "plugin": ".plugin.onnx"}
 
 
 def graph_id(name: str, shape_key: str | None) -> str:

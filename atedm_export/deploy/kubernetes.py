@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AtedmError
+from ..isolated import run_isolated
 
 KUBERNETES_VERSION = "1.33.0"  # the schemas the manifests are validated against (kubernetes-validate ships them)
 IMAGE = "atedm-tritonserver"  # the image name in every manifest; kustomization.yaml's images: sets the real one
@@ -223,14 +224,24 @@ def check_manifests(files: dict[str, dict[str, Any]], cluster: Cluster) -> None:
     if missing:
         raise KubernetesError(f"deploy --kubernetes validates its manifests with {', '.join(missing)}: pip install "
                               "'atedm-export[kubernetes]'")
+    served = {}
     for name, doc in files.items():
         if Path(name).name == "kustomization.yaml":
             _check_kustomization(name, doc, files)
         elif doc["apiVersion"].startswith("serving.kserve.io/"):
-            _kserve_model(doc, f"V1{doc['apiVersion'].rpartition('/')[2].removeprefix('v1')}{doc['kind']}", name)
+            served[name] = doc
         else:
             _check_schema(name, doc)
     _check_rules(files, cluster)
+    # kserve registers its gRPC protocol's messages under the names tritonclient's take ("inference.*"): one process
+    # cannot import both, so KServe's models check in a process of their own
+    run_isolated(check_kserve, served, error=KubernetesError, what="KServe check")
+
+
+def check_kserve(files: dict[str, dict[str, Any]]) -> None:
+    """KServe's manifests as its generated models (``_kserve_model``); run in a process without tritonclient."""
+    for name, doc in files.items():
+        _kserve_model(doc, f"V1{doc['apiVersion'].rpartition('/')[2].removeprefix('v1')}{doc['kind']}", name)
 
 
 def _check_schema(name: str, doc: dict[str, Any]) -> None:
