@@ -172,7 +172,7 @@ def corrupted_copy(build, copy, graph: str):  # noqa: ANN001, ANN201 - paths
     sha256 can tell, which every loader must check."""
     import shutil
 
-    from atedm_export.buildfolder import Manifest, read_manifest
+    from atedm_export.buildfolder import read_manifest
 
     shutil.copytree(build, copy)
     path = copy / first_view(read_manifest(copy, verify=False)).graph(graph).onnx.path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import tempfile
 
 import pytest
@@ -13,7 +12,7 @@ from click.testing import CliRunner
 from atedm_export import build as build_module
 from atedm_export.cli import main
 from atedm_export.flops import flops_report
-from atedm_export.buildfolder import FORMAT, Manifest, ManifestError, first_view, read_manifest, write_manifest
+from atedm_export.buildfolder import FORMAT, ManifestError, first_view, read_manifest, write_manifest
 from atedm_export.spec import load_spec
 from atedm_export.verify import verify_build
 

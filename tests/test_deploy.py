@@ -22,7 +22,7 @@ from atedm_export.deploy.config import CONFIG, DeployError, check_model, parse, 
 from atedm_export.deploy.repository import DeployRequest, check_repository, deploy
 from atedm_export.deploy.routing import Router, RoutingError
 from atedm_export.deploy.serving import RequestError, _PythonModel, check_finite
-from atedm_export.buildfolder import Manifest, ManifestError, ShapeError, first_view, read_manifest, sha256, views
+from atedm_export.buildfolder import ManifestError, ShapeError, first_view, read_manifest, sha256, views
 
 from .conftest import corrupted_copy, needs_rtx, with_fake_engines
 

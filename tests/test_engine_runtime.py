@@ -16,7 +16,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
 from atedm_export.contract import GraphContract
-from atedm_export.buildfolder import Manifest, first_view, read_manifest
+from atedm_export.buildfolder import first_view, read_manifest
 from atedm_export.runtime import StagedUNet
 from atedm_export.runtime.engines import EngineRuntimeError
 from atedm_export.runtime.pipeline import SDXL_SCHEDULER

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from atedm_export.cli import main
 from atedm_export.costmodel import DEVICES, OpCost, predict, record_ops
-from atedm_export.buildfolder import Manifest, first_view, read_manifest
+from atedm_export.buildfolder import first_view, read_manifest
 from atedm_export.registry import COST_DEVICES
 
 

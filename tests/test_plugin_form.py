@@ -28,7 +28,7 @@ from atedm_export.cli import main
 from atedm_export.kernels.nodes import DOMAIN, NODE_TYPES, plugin_form
 from atedm_export.kernels.onnxruntime_ops import plugin_nodes, session_model, session_options
 from atedm_export.kernels.runnable import TRITON_INSTALLED
-from atedm_export.buildfolder import Manifest, first_view, read_manifest, check_files
+from atedm_export.buildfolder import first_view, read_manifest, check_files
 from atedm_export.models import attention_blocks
 from atedm_export.pruning import AtedmOptions, StagePlan, set_plan
 from atedm_export.pruning import atedm as atedm_module

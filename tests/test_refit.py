@@ -11,7 +11,6 @@ build are compared on call for call; the refit's pruned graph is checked against
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +24,7 @@ from click.testing import CliRunner
 from atedm_export.build import BuildRequest, build
 from atedm_export.cli import main
 from atedm_export.errors import AtedmError, RefitError
-from atedm_export.buildfolder import FileEntry, Manifest, check_same_model, first_view, model_fingerprint, read_manifest, sha256
+from atedm_export.buildfolder import Manifest, check_same_model, first_view, model_fingerprint, read_manifest
 from atedm_export.ortfuse import fusion_options, packed_qkv, packed_qkv_key
 from atedm_export.refit import DELTA_FILE, RefitRequest, refit
 from atedm_export.runtime.backends import load_backend

@@ -15,13 +15,13 @@ from PIL import Image
 from atedm_export.build import BuildRequest, build
 from atedm_export.cli import main
 from atedm_export.errors import AtedmError
-from atedm_export.buildfolder import Manifest, ManifestError, first_view, read_manifest
+from atedm_export.buildfolder import ManifestError, first_view, read_manifest
 from atedm_export.runtime import ScheduleError, StagedUNet, load_backend
 from atedm_export.runtime.backends import RuntimeInputError
 from atedm_export.runtime.pipeline import SDXL_SCHEDULER
 from atedm_export.spec import load_spec
 
-from .conftest import HAS_RTX, sample_loop
+from .conftest import sample_loop
 
 
 def _denoise(staged: StagedUNet, num_steps: int, seed: int = 0) -> torch.Tensor:

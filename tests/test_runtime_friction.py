@@ -24,13 +24,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from atedm_export.cli import main
-from atedm_export.buildfolder import MANIFEST, Manifest, ManifestError, file_entry, first_view, pipeline_info, read_manifest
+from atedm_export.buildfolder import MANIFEST, ManifestError, file_entry, first_view, pipeline_info, read_manifest
 from atedm_export.runtime import StagedUNet
 from atedm_export.runtime.backends import RuntimeInputError
 from atedm_export.runtime.pipeline import write_png, dropped_tokens, generate, tiny_pipeline, tiny_tokenizer
 from atedm_export.staging import check_output_file
 
-from .conftest import HAS_RTX, corrupted_copy
+from .conftest import corrupted_copy
 
 LONG_PROMPT = "x " * 100  # the tiny tokenizer: one token per letter, + start and end: 102 of 77, 25 cut
 LONG_NEGATIVE = "y " * 80  # 82 of 77: 5 cut
@@ -177,7 +177,6 @@ def test_the_cli_prints_only_its_own_lines(folder_build, tmp_path):
 def test_a_pipelines_unet_folder_finds_its_pipeline_and_its_files_are_fingerprinted(folder_build, tmp_path):
     """``model: pipe/unet`` builds and generates: the pipeline is its parent; a component edited after the
     build is named by ``generate`` (the image uses the files as they are)."""
-    from atedm_export.buildfolder import PipelineInfo, read_manifest
     from atedm_export.models import pipeline_folder
 
     pipe = folder_build.parent / "pipeline"

@@ -16,7 +16,7 @@ from diffusers import EulerDiscreteScheduler
 
 from atedm_export.cli import main
 from atedm_export.errors import AtedmError, SpecError
-from atedm_export.buildfolder import Manifest, ManifestError, ShapeError, find_view, read_manifest, view_at, views
+from atedm_export.buildfolder import ManifestError, ShapeError, find_view, read_manifest, view_at, views
 from atedm_export.runtime import StagedUNet
 from atedm_export.runtime.pipeline import SDXL_SCHEDULER
 from atedm_export.shapes import Shape, parse_shape

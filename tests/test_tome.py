@@ -107,7 +107,7 @@ def test_tome_options_and_plans_are_checked_before_any_work(tiny_blocks):
 
 def test_tome_build_verifies_and_counts_its_flops_from_the_graphs(tiny_tome_build):
     from atedm_export.flops import flops_report
-    from atedm_export.buildfolder import Manifest, read_manifest
+    from atedm_export.buildfolder import read_manifest
     from atedm_export.verify import verify_build
 
     manifest = read_manifest(tiny_tome_build)

@@ -28,7 +28,7 @@ from atedm_export.cli import main
 from atedm_export.deploy.client import TritonBackend, TritonClientError, compare_local, connect, load_test
 from atedm_export.deploy.repository import DeployRequest, deploy
 from atedm_export.deploy.server import TritonServer, TritonServerError, find_server, free_port
-from atedm_export.buildfolder import Manifest, first_view, read_manifest, view_at
+from atedm_export.buildfolder import first_view, read_manifest, view_at
 from atedm_export.runtime import StagedUNet, load_backend
 
 from .test_deploy import MULTI_KEYS, foreign_model, multi_repo, snapshot  # noqa: F401 - multi_repo: a fixture

@@ -11,7 +11,6 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..contract import SDXL_REFINER
 from ..errors import AtedmError

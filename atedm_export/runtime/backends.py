@@ -26,7 +26,7 @@ import torch
 from ..contract import precision_of
 from ..errors import AtedmError
 from ..buildfolder import (FileEntry, GraphEntry, Manifest, ShapeView, check_lora, first_view, read_manifest, rewrite,
-                           check_files, view_at, views)
+                           check_files, view_at)
 from ..models import load_unet
 from ..kernels.runnable import require_runnable
 from ..pruning import AtedmOptions, set_plan
