@@ -402,4 +402,4 @@ def _build_into(
     return manifest
 
 
-__all__ = ["BuildRequest", "FileEntry", "build", "resolve_engine"]
+__all__ = ["BuildRequest", "build", "resolve_engine"]

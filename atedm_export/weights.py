@@ -42,7 +42,6 @@ from .errors import RefitError
 if TYPE_CHECKING:  # torch is imported where a tensor is read: the engine builder's process never imports it
     import torch
 
-WEIGHTS_FILE = "weights.onnx.data"
 INLINE_BYTES = 1024  # tensors up to this size stay inside the graph file (ONNX's own default threshold)
 ALIGN = mmap.ALLOCATIONGRANULARITY  # onnxruntime maps external data only at this alignment
 _CHUNK = 64 << 20

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import ManifestError, format_validation_error
+from ..shapes import Shape
 from ..userfiles import load_json
 from .checksums import check_files
 from .consistency import check_consistent
@@ -58,7 +59,10 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
         return data
     data = json.loads(json.dumps(data))  # a deep copy: the caller's dict stays as read
     for shape in data.get("shapes", []):
-        key = f"{shape.get('width')}x{shape.get('height')}-b{shape.get('batch')}"
+        try:
+            key = Shape(batch=shape["batch"], height=shape["height"], width=shape["width"]).key
+        except (KeyError, TypeError, ValidationError):
+            continue  # a shape edited by hand: the record's validation names what is wrong
         for graph in [shape.get("baseline"), *shape.get("stages", [])]:
             if isinstance(graph, dict):
                 graph.setdefault("shape", key)

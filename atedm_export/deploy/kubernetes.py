@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import AtedmError
 from ..isolated import run_isolated
+from .server import MODEL_CONTROL
 
 KUBERNETES_VERSION = "1.33.0"  # the schemas the manifests are validated against (kubernetes-validate ships them)
 IMAGE = "atedm-tritonserver"  # the image name in every manifest; kustomization.yaml's images: sets the real one
@@ -110,8 +111,8 @@ def _probes(cluster: Cluster, port: str) -> dict[str, Any]:
 
 
 def _server_args(repository: str) -> list[str]:
-    return [f"--model-repository={repository}", "--model-control-mode=explicit", "--load-model=*",
-            "--exit-timeout-secs=30", "--strict-readiness=true"]
+    control = [f"{flag}={value}" for flag, value in zip(MODEL_CONTROL[::2], MODEL_CONTROL[1::2])]  # as serve runs it
+    return [f"--model-repository={repository}", *control, "--exit-timeout-secs=30", "--strict-readiness=true"]
 
 
 def deployment(cluster: Cluster) -> dict[str, Any]:
