@@ -867,7 +867,12 @@ def _side_by_side_table(reports: list[dict]) -> Table:
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--triton", "repository", required=True, type=click.Path(path_type=Path),
               help="Model repository folder to write, or an existing one to add the models to (others' models are kept).")
-@click.option("--name", default="atedm_unet", show_default=True, help="Name of the UNet model clients call.")
+@click.option("--name", help="Name of the UNet model clients call [default: atedm_unet; --next-version: the "
+                             "deployment's].")
+@click.option("--next-version", is_flag=True,
+              help="Add the build to the deployment in REPO as the next version of every model, beside the serving one "
+                   "(a refit, a new schedule; the same shapes and serving options); then move the servers to it with "
+                   "atedm-export rollout.")
 @click.option("--variant", "--backend", "variant", type=click.Choice(["auto", *DEPLOY_VARIANTS]), default="auto",
               show_default=True,
               help="tensorrt: the build's TensorRT plans as tensorrt_plan models (GPU servers); onnxruntime: the ONNX "
@@ -895,39 +900,93 @@ def _side_by_side_table(reports: list[dict]) -> Table:
                    "probe allows three times it [default: guessed from the files' size].")
 @click.option("--max-replicas", type=click.IntRange(min=1), default=4, show_default=True,
               help="With --kubernetes: the autoscaler's most servers.")
-def deploy(build_dir: Path, repository: Path, name: str, variant: str, instances: int, gpus: str | None,
-           max_batch: int | None, queue_delay_us: int, link: bool, force: bool, kubernetes_dir: Path | None,
-           storage_uri: str | None, load_seconds: float | None, max_replicas: int) -> None:
+def deploy(build_dir: Path, repository: Path, name: str | None, next_version: bool, variant: str, instances: int,
+           gpus: str | None, max_batch: int | None, queue_delay_us: int, link: bool, force: bool,
+           kubernetes_dir: Path | None, storage_uri: str | None, load_seconds: float | None, max_replicas: int) -> None:
     """Write a Triton Inference Server model repository for a build.
 
     One model per graph (TensorRT plans, or ONNX graphs on onnxruntime) and a router model that takes
     the UNet call plus the step and step count, and runs each row on its DSAP stage's graph. Every
     config is checked with Triton's model-config protobuf and every copied file against its sha256.
     """
-    from .deploy.repository import DeployRequest
+    from .deploy.repository import DEFAULT_ROUTER, DeployRequest, read_record
     from .deploy.repository import deploy as run_deploy
+    from .deploy.versions import next_version as run_next_version
 
     start = time.perf_counter()
 
     def progress(model: str, event: str) -> None:
         _progress_line(start, model, 24, event)
 
+    if next_version and (force or kubernetes_dir):
+        raise AtedmError("--next-version adds to the deployment in REPO as it is; --force and --kubernetes are for "
+                         "a deployment written anew: leave them out")
+    if name is None:
+        name = read_record(repository.resolve())["router"] if next_version else DEFAULT_ROUTER
     request = DeployRequest(build_dir, repository, name, variant=variant, instances=instances,
                             gpus=_gpu_list(gpus), max_batch=max_batch, queue_delay_us=queue_delay_us, link=link,
                             force=force, kubernetes=kubernetes_dir, storage_uri=storage_uri, load_seconds=load_seconds,
                             max_replicas=max_replicas)
     if kubernetes_dir is None and (storage_uri or load_seconds):
         raise AtedmError("--storage-uri and --load-seconds describe the cluster of --kubernetes DIR; add it")
-    record = run_deploy(request, progress)
-    table = Table(title=Text(f"{repository.resolve()}: {record['variant']} variant"))
+    record = run_next_version(request, progress) if next_version else run_deploy(request, progress)
+    versions = f", version {record['version']}" + (" (beside " + ", ".join(sorted(record["versions"], key=int)[:-1]) + ")"
+                                                  if len(record["versions"]) > 1 else "")
+    table = Table(title=Text(f"{repository.resolve()}: {record['variant']} variant{versions}"))
     for column in ("model", "serves", "files", "MiB"):
         table.add_column(column, justify="left" if column in ("model", "serves") else "right")
     for model, info in record["models"].items():
         serves = info["graph"] or "router: " + ", ".join(f"{g}→{m}" for g, m in info["routes"].items())
         table.add_row(model, serves, str(len(info["files"])), _mib(sum(f["bytes"] for f in info["files"])))
     console.print(table)
+    if next_version:
+        _say("wrote", "green", f"version {record['version']} into {repository} in {time.perf_counter() - start:.1f}s; "
+                               f"move the servers to it with: atedm-export rollout {repository} --url URL")
+        return
     _say("wrote", "green", f"{repository} in {time.perf_counter() - start:.1f}s; start it as "
                            f"{repository / record.get('readme', 'README.md')} says")
+
+
+@main.command()
+@click.argument("repository", type=click.Path(path_type=Path))
+@click.option("--url", "urls", multiple=True, required=True,
+              help="A server of REPO (http://HOST:PORT or grpc://HOST:PORT), started with explicit model control; "
+                   "repeat it for each server (each pod).")
+@click.option("--timeout", type=FiniteFloat(min=1), default=600, show_default=True,
+              help="Seconds each server may take for each phase (loading the new version, unloading the old).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write what was done as JSON.")
+def rollout(repository: Path, urls: tuple[str, ...], timeout: float, json_path: Path | None) -> None:
+    """Move running servers to the newest version of REPO (deploy --next-version), then retire the old versions.
+
+    On each server in turn the new version of every graph model loads beside the old; then the router's: Triton
+    sends new requests to it once it is ready and unloads the old one after the requests in flight finish. No
+    request is refused, and none mixes two versions. Then the old versions leave the repository and the servers.
+    """
+    import json
+
+    from .deploy.client import parse_url
+    from .deploy.rollout import rollout as run_rollout
+
+    _check_outputs(json_path, suffixes={json_path: (".json",)} if json_path else None)
+    for url in urls:
+        parse_url(url)
+    start = time.perf_counter()
+
+    def progress(where: str, event: str) -> None:
+        _progress_line(start, where, 28, event)
+
+    report = run_rollout(repository, urls, timeout, progress)
+    table = Table(title=Text(f"{repository.resolve()}: version {report['version']}"))
+    for column in ("server", "served", "now", "switch s", "retire s"):
+        table.add_column(column, justify="left" if column == "server" else "right")
+    for row in report["servers"]:
+        table.add_row(row["url"], str(row["from"]), str(row["to"]), f"{row['switch_s']:.1f}", f"{row['retire_s']:.1f}")
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    retired = ", ".join(report["retired"]) or "none"
+    _say("rolled out", "green", f"version {report['version']} on {len(report['servers'])} server(s) in "
+                                f"{time.perf_counter() - start:.1f}s; old versions retired: {retired}")
 
 
 @main.command()

@@ -98,23 +98,26 @@ def test_onnxruntime_repository_layout_and_configs(ort_repo, tiny_build):
         ("time_ids", [6]), ("step", [1]), ("num_steps", [1]),
     ]
     assert [o.name for o in router.output] == ["latent", "stage"]
-    assert json.loads(router.parameters["atedm_graph_models"].string_value) == {
-        g: f"atedm_unet_{g}" for g in ("baseline", "early", "main")}
+    assert router.version_policy.latest.num_versions == 1  # only the newest router version serves
+    assert read_manifest(ort_repo / "atedm_unet" / "1" / "build") == manifest  # what version 1 routes by
     for graph in ("baseline", "early", "main"):
         config = configs[f"atedm_unet_{graph}"]
         assert config.backend == "python" and config.max_batch_size == 0
+        assert config.version_policy.HasField("all")  # a new version loads beside the serving one
         assert config.parameters["atedm_graph"].string_value == graph
         assert [(i.name, list(i.dims)) for i in config.input] == [(t.name, t.shape) for t in first_view(manifest).inputs]
-        assert config.parameters["atedm_build"].string_value == "atedm_unet/build"
+        assert config.parameters["atedm_build"].string_value == "atedm_unet/{version}/build"
         entry = first_view(manifest).graph(graph)
-        copied = ort_repo / "atedm_unet" / "build" / entry.onnx.path
+        copied = ort_repo / "atedm_unet" / "1" / "build" / entry.onnx.path
         assert sha256(copied) == entry.onnx.sha256
         assert sorted(p.name for p in (ort_repo / f"atedm_unet_{graph}" / "1").iterdir()) == ["model.py"]
     # one copy of the weights in the repository, shared by every graph model
     weights = list(ort_repo.rglob("*.onnx.data"))
-    assert weights == [ort_repo / "atedm_unet" / "build" / manifest.weights.path]
+    assert weights == [ort_repo / "atedm_unet" / "1" / "build" / manifest.weights.path]
     record = json.loads((ort_repo / "atedm-deploy.json").read_text())
     assert record["variant"] == "onnxruntime" and record["max_batch"] == 2
+    assert record["version"] == 1 and list(record["versions"]) == ["1"]
+    assert record["versions"]["1"]["manifest_sha256"] == record["manifest_sha256"]
     readme = (ort_repo / "README.md").read_text()
     assert "atedm-export serve" in readme and "`step` (in) | INT32 | `[b, 1]`" in readme
 
@@ -414,7 +417,7 @@ def test_a_corrupted_artifact_stops_the_deploy_and_leaves_nothing(tiny_build, tm
 def test_check_repository_catches_a_changed_file(ort_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(ort_repo, repo)
-    graph = repo / "atedm_unet" / "build" / "onnx" / "early.onnx"
+    graph = repo / "atedm_unet" / "1" / "build" / "onnx" / "early.onnx"
     graph.write_bytes(graph.read_bytes() + b"x")
     with pytest.raises(ManifestError, match="atedm_unet: .*early.onnx does not match its checksum"):
         check_repository(repo)
@@ -491,7 +494,7 @@ def test_link_hard_links_the_artifacts(tiny_build, tmp_path):
     deploy(DeployRequest(source, repo, variant="onnxruntime", link=True))
     manifest = read_manifest(source)
     entry = first_view(manifest).graph("main")
-    build = repo / "atedm_unet" / "build"
+    build = repo / "atedm_unet" / "1" / "build"
     for item in (entry.onnx, manifest.weights):
         assert (build / item.path).stat().st_ino == (source / item.path).stat().st_ino
     session = ort.InferenceSession(str(build / entry.onnx.path), providers=["CPUExecutionProvider"])
@@ -538,7 +541,7 @@ def test_multi_shape_repository_has_a_graph_model_per_shape_and_stage(multi_repo
     assert [(o.name, list(o.dims)) for o in router.output] == [("latent", [4, 16, -1]), ("stage", [1])]
     assert json.loads(router.parameters["atedm_graph_models"].string_value) == graphs
     weights = list(multi_repo.rglob("*.onnx.data"))
-    assert weights == [multi_repo / "atedm_unet" / "build" / manifest.weights.path]  # one copy for every shape
+    assert weights == [multi_repo / "atedm_unet" / "1" / "build" / manifest.weights.path]  # one copy for every shape
     record = json.loads((multi_repo / "atedm-deploy.json").read_text())
     assert record["shapes"] == MULTI_KEYS and record["max_batch"] == 4
     assert record["models"]["atedm_unet_main_192x128-b2"]["graph"] == "main.192x128-b2"

@@ -263,7 +263,7 @@ def test_a_killed_stage_model_comes_back_and_no_request_fails(server, feed, caps
 def test_a_repository_that_fails_to_load_stops_the_server_and_says_why(install, ort_repo, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     shutil.copytree(ort_repo, repo)
-    graph = repo / "atedm_unet" / "build" / "onnx" / "main.onnx"
+    graph = repo / "atedm_unet" / "1" / "build" / "onnx" / "main.onnx"
     graph.write_bytes(graph.read_bytes()[:-4] + b"\0\0\0\0")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the server's backends folder and log go
     server = TritonServer(repo, install=install)
@@ -278,7 +278,7 @@ def test_a_repository_that_fails_to_load_stops_the_server_and_says_why(install, 
 def test_serve_keeps_the_servers_log_and_shows_its_last_lines_when_it_fails(install, ort_repo, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     shutil.copytree(ort_repo, repo)
-    graph = repo / "atedm_unet" / "build" / "onnx" / "main.onnx"
+    graph = repo / "atedm_unet" / "1" / "build" / "onnx" / "main.onnx"
     graph.write_bytes(graph.read_bytes()[:-4] + b"\0\0\0\0")
     monkeypatch.setenv("ATEDM_TRITONSERVER", str(install.binary))  # the server the fixture found
     log = tmp_path / "server.log"

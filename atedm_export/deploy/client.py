@@ -58,7 +58,7 @@ def parse_url(url: str) -> tuple[str, str]:
     return protocol, address
 
 
-def _module(protocol: str) -> ModuleType:
+def client_module(protocol: str) -> ModuleType:
     try:
         if protocol == "grpc":
             import tritonclient.grpc as module
@@ -95,7 +95,7 @@ class TritonBackend(Backend):
     def connect(cls, url: str, model: str = DEFAULT_MODEL) -> TritonBackend:
         """A backend for the router ``model`` at ``url``; a client that cannot be used is closed, not left to GC."""
         protocol, address = parse_url(url)
-        module = _module(protocol)
+        module = client_module(protocol)
         try:
             client = module.InferenceServerClient(address)
         except Exception as exc:  # noqa: BLE001 - what either client library raises for an address it refuses

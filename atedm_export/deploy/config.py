@@ -9,11 +9,16 @@ that would not load is an error at deploy time, not on the server.
 Graph models take static dims, their shape's. The router takes every shape of the build: a per-row dim that
 differs between shapes (a multi-shape build's latent height or width) is ``-1``, variable, and the router
 picks the shape from each request's ``sample`` (``routing``).
+
+Versions: every model's numeric folders are versions, one build each. Graph models load every version
+(``version_policy: all``), so a new build's graphs come up beside the old; the router loads only its newest
+(``latest 1``), and each router version calls the graph models at its own version. A config is the same for
+every version of its model (only the router's published manifest follows the newest), so Triton never
+reloads a version that did not change.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,9 +26,9 @@ from typing import Any
 
 from ..contract import INT32, Precision, precision_of
 from ..errors import AtedmError
-from ..buildfolder import MANIFEST, Manifest, ShapeView, TensorEntry, parse_manifest, views
-from .routing import STAGE_OUTPUT, STEP_INPUTS
-from .serving import BUILD_PARAMETER, GRAPH_MODELS_PARAMETER, GRAPH_PARAMETER, MANIFEST_PARAMETER, SHAPE_PARAMETER
+from ..buildfolder import MANIFEST, Manifest, ShapeView, TensorEntry, parse_manifest, read_manifest, views
+from .routing import STAGE_OUTPUT, STEP_INPUTS, Router, graph_model_name
+from .serving import BUILD_FOLDER, BUILD_PARAMETER, GRAPH_PARAMETER, MANIFEST_PARAMETER, SHAPE_PARAMETER
 
 CONFIG = "config.pbtxt"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -88,15 +93,17 @@ def check_gpus(gpus: tuple[int, ...]) -> None:
 
 def graph_config(name: str, view: ShapeView, graph: str, variant: str, instances: int, build: str = "",
                  gpus: tuple[int, ...] = ()) -> Any:
-    """One graph at ``view``'s static shape: a TensorRT plan on GPUs, or the onnxruntime
+    """One graph at ``view``'s static shape, every version loaded: a TensorRT plan on GPUs, or the onnxruntime
     stage model.
 
-    ``build``: for the onnxruntime model, the shared build folder, relative to the repository. ``gpus`` (tensorrt):
+    ``build``: for the onnxruntime model, the build folder each version serves, relative to the repository, with
+    ``{version}`` for its version (``build_template``). ``gpus`` (tensorrt):
     an instance group of ``instances`` on each of these GPUs, so Triton's scheduler spreads the router's calls to
     this graph over them; none: ``instances`` on every GPU the server sees (Triton's default for ``KIND_GPU``).
     """
     pb = _pb()
     config = pb.ModelConfig(name=name, max_batch_size=0)
+    config.version_policy.all.SetInParent()  # a new build's version loads beside the one the router still calls
     if variant == "tensorrt":
         config.platform = "tensorrt_plan"
         config.default_model_filename = MODEL_FILES["tensorrt_plan"]
@@ -114,19 +121,31 @@ def graph_config(name: str, view: ShapeView, graph: str, variant: str, instances
     return config
 
 
-def router_config(name: str, manifest: Manifest, graph_models: dict[str, str], instances: int, max_batch: int,
-                  queue_delay_us: int) -> Any:
+def build_template(router: str) -> str:
+    """Where an onnxruntime graph model's version finds its build: in the router's folder of that version."""
+    return f"{router}/{{version}}/{BUILD_FOLDER}"
+
+
+def model_versions(folder: Path) -> list[int]:
+    """A model folder's versions, as Triton reads them: its subfolders named by a positive integer, in order."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def router_config(name: str, manifest: Manifest, instances: int, max_batch: int, queue_delay_us: int) -> Any:
     """The UNet clients call: per-row inputs plus step and step count, batched up to ``max_batch`` rows, at any of
-    the build's shapes (``router_tensors``); ``graph_models`` maps each graph's id to the model serving it."""
+    the build's shapes (``router_tensors``). Only its newest version is loaded; ``manifest`` (the newest's) is
+    published for clients."""
     pb = _pb()
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=max_batch)
+    config.version_policy.latest.num_versions = 1
     inputs, outputs = router_tensors(manifest)
     _add_tensors(config.input, _triton(inputs))
     _add_tensors(config.output, _triton(outputs))
     config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=instances)
     config.parameters[MANIFEST_PARAMETER].string_value = manifest.model_dump_json()
-    config.parameters[GRAPH_MODELS_PARAMETER].string_value = json.dumps(graph_models, sort_keys=True)
     return config
 
 
@@ -162,13 +181,17 @@ def check_model(folder: Path, config: Any) -> None:
     kind = config.platform or config.backend
     if kind not in MODEL_FILES or (config.platform and config.backend):
         raise DeployError(f"{where}: backend '{kind}' is not one deploy writes; expected one of: {', '.join(MODEL_FILES)}")
-    model_file = folder / "1" / (config.default_model_filename or MODEL_FILES[kind])
-    if not model_file.is_file():
-        raise DeployError(f"{where}: version 1 has no {model_file.name}")
-    if GRAPH_PARAMETER in config.parameters:
-        shared = folder.parent / config.parameters[BUILD_PARAMETER].string_value
-        if not (shared / MANIFEST).is_file():
-            raise DeployError(f"{where}: its build folder {shared} has no {MANIFEST}")
+    versions = model_versions(folder)
+    if not versions:
+        raise DeployError(f"{where}: no version folder (1, 2, …) beside it; Triton loads a model's numbered folders")
+    for version in versions:
+        model_file = folder / str(version) / (config.default_model_filename or MODEL_FILES[kind])
+        if not model_file.is_file():
+            raise DeployError(f"{where}: version {version} has no {model_file.name}")
+        if GRAPH_PARAMETER in config.parameters:
+            shared = _version_build(folder, config, version)
+            if not (shared / MANIFEST).is_file():
+                raise DeployError(f"{where}: the build folder of version {version}, {shared}, has no {MANIFEST}")
     if config.max_batch_size < 0:
         raise DeployError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
     if config.HasField("dynamic_batching") and config.max_batch_size == 0:
@@ -199,6 +222,16 @@ def check_model(folder: Path, config: Any) -> None:
         raise DeployError(f"{where}: instance groups place GPUs {placed}; expected each GPU once, none negative")
 
 
+def _version_build(folder: Path, config: Any, version: int) -> Path:
+    """The build folder an onnxruntime graph model's ``version`` serves (its config's template filled in)."""
+    template = config.parameters[BUILD_PARAMETER].string_value
+    try:
+        return folder.parent / template.format(version=version)
+    except (KeyError, IndexError, ValueError):
+        raise DeployError(f"{folder.name}/{CONFIG}: {BUILD_PARAMETER} '{template}' is not a path with {{version}}; "
+                          "redeploy the repository") from None
+
+
 def read_repository(repository: Path, models: Iterable[str] | None = None) -> dict[str, Any]:
     """The models of a repository, parsed and checked: ``{name: ModelConfig}``.
 
@@ -224,38 +257,48 @@ def read_repository(repository: Path, models: Iterable[str] | None = None) -> di
     return configs
 
 
-def check_routes(configs: dict[str, Any], router: str) -> Manifest:
-    """The router takes every shape of its build, and its graph models exist and take exactly their shape's static
-    inputs and outputs; every stage of every shape has a model."""
+def check_routes(repository: Path, configs: dict[str, Any], router: str) -> Manifest:
+    """Every version of the router routes to graph models that have that version and take exactly their shape's
+    static inputs and outputs; every version takes the inputs and outputs of the router's config (a client's contract
+    does not change with a build); the config publishes the newest version's manifest. Returns that manifest."""
     config = configs.get(router)
     if config is None or MANIFEST_PARAMETER not in config.parameters:
         raise DeployError(f"the repository has no atedm-export router model '{router}'; it has: {', '.join(configs)}")
-    manifest = parse_manifest(config.parameters[MANIFEST_PARAMETER].string_value)
-    graph_models = json.loads(config.parameters[GRAPH_MODELS_PARAMETER].string_value)
-    want = _pb().ModelConfig()
-    inputs, outputs = router_tensors(manifest)
-    _add_tensors(want.input, _triton(inputs))
-    _add_tensors(want.output, _triton(outputs))
-    if list(config.input) != list(want.input) or list(config.output) != list(want.output):
-        raise DeployError(f"{router}/{CONFIG}: inputs and outputs differ from what its build's shapes take")
-    graphs = {view.graph_id(entry.name): view for view in views(manifest) for entry in view.graphs()
-              if not entry.same_as}
-    for graph, model in graph_models.items():
-        served = configs.get(model)
-        if served is None:
-            raise DeployError(f"{router} routes graph '{graph}' to model '{model}', which the repository lacks")
-        view = graphs.get(graph)
-        if view is None:
-            raise DeployError(f"{router} routes graph '{graph}', which its build does not have")
+    manifests = {version: read_manifest(repository / router / str(version) / BUILD_FOLDER, verify=False)
+                 for version in model_versions(repository / router)}
+    newest = manifests[max(manifests)]
+    if parse_manifest(config.parameters[MANIFEST_PARAMETER].string_value) != newest:
+        raise DeployError(f"{router}/{CONFIG} publishes another manifest than its newest version's "
+                          f"({max(manifests)}); redeploy the repository")
+    for version, manifest in manifests.items():
         want = _pb().ModelConfig()
-        _add_tensors(want.input, _graph_tensors(view.inputs))
-        _add_tensors(want.output, _graph_tensors(view.outputs))
-        if list(served.input) != list(want.input) or list(served.output) != list(want.output):
-            shape = f" (shape {view.shape.key})" if manifest.multi_shape else ""
-            raise DeployError(f"{model}/{CONFIG}: inputs and outputs differ from the build's static graph I/O{shape}")
+        inputs, outputs = router_tensors(manifest)
+        _add_tensors(want.input, _triton(inputs))
+        _add_tensors(want.output, _triton(outputs))
+        if list(config.input) != list(want.input) or list(config.output) != list(want.output):
+            raise DeployError(f"{router}/{CONFIG}: inputs and outputs differ from what the shapes of version "
+                              f"{version}'s build take")
+        _check_graph_models(repository, configs, router, version, manifest)
+    return newest
+
+
+def _check_graph_models(repository: Path, configs: dict[str, Any], router: str, version: int, manifest: Manifest) -> None:
+    """The graph models version ``version`` of the router calls: there, at that version, with their shape's I/O."""
+    routes = Router(manifest)
     for view in views(manifest):
         for stage in view.stages:
-            if view.graph_id(stage.same_as or stage.name) not in graph_models:
-                shape = f" at {view.shape.key}" if manifest.multi_shape else ""
-                raise DeployError(f"{router} has no model for stage '{stage.name}'{shape}")
-    return manifest
+            graph = routes.graph_of(stage.name, view)
+            model = graph_model_name(router, graph)
+            served = configs.get(model)
+            shape = f" at {view.shape.key}" if manifest.multi_shape else ""
+            if served is None:
+                raise DeployError(f"{router} version {version} routes stage '{stage.name}'{shape} to model '{model}', "
+                                  "which the repository lacks")
+            if version not in model_versions(repository / model):
+                raise DeployError(f"{router} version {version} calls model '{model}' at version {version}, which "
+                                  f"it lacks (it has {model_versions(repository / model)})")
+            want = _pb().ModelConfig()
+            _add_tensors(want.input, _graph_tensors(view.inputs))
+            _add_tensors(want.output, _graph_tensors(view.outputs))
+            if list(served.input) != list(want.input) or list(served.output) != list(want.output):
+                raise DeployError(f"{model}/{CONFIG}: inputs and outputs differ from the build's static graph I/O{shape}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,3 +88,57 @@ def _swap_entries(work: Path, repository: Path, replace: Collection[str], last: 
 def _move(source: Path, target: Path, moves: list[tuple[Path, Path]]) -> None:
     source.rename(target)
     moves.append((source, target))
+
+
+@contextmanager
+def staged_version(repository: Path, last: str, check: Callable[[], None]) -> Iterator[Path]:
+    """Yield an empty hidden work folder beside ``repository``, laid out as it is; when the body ends, merge it in.
+
+    For a new version of a deployment: the work folder holds ``<model>/<version>/`` for every model, each model's
+    ``config.pbtxt``, and the record. A version folder is renamed into its model's folder (never over one); a model
+    the repository lacks comes in whole; any other file replaces ours, the old one moved aside. The model ``last``
+    (the router) comes after the graph models it calls, and top-level files (the record) after every model.
+    ``check`` runs on the merged repository; if it or any move fails, every move is undone in reverse and the
+    repository is as it was.
+    """
+    with exclusive(repository, "deploy"):
+        work = repository.parent / f".{repository.name}.partial-{os.getpid()}"
+        aside = repository.parent / f".{repository.name}.old-{os.getpid()}"
+        for folder in (work, aside):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+        try:
+            yield work
+            _merge(work, repository, aside, last, check)
+        except OSError as exc:
+            raise DeployError(f"deploy failed: {exc.strerror or exc} ({exc.filename or work})") from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def _merge(work: Path, repository: Path, aside: Path, last: str, check: Callable[[], None]) -> None:
+    moves: list[tuple[Path, Path]] = []
+    try:
+        for entry in sorted(work.iterdir(), key=lambda p: (p.is_file(), p.name == last, p.name)):
+            target = repository / entry.name
+            if entry.is_dir() and target.is_dir():
+                for child in sorted(entry.iterdir(), key=lambda p: (p.is_file(), p.name)):
+                    _merge_entry(child, target / child.name, aside / entry.name / child.name, moves)
+            else:
+                _merge_entry(entry, target, aside / entry.name, moves)
+        check()
+    except BaseException:
+        for source, target in reversed(moves):
+            target.rename(source)
+        raise
+
+
+def _merge_entry(source: Path, target: Path, aside: Path, moves: list[tuple[Path, Path]]) -> None:
+    """A file replaces ``target`` (moved to ``aside`` first); a folder goes where nothing is."""
+    if os.path.lexists(target):
+        if source.is_dir() or target.is_dir():
+            raise DeployError(f"{target} appeared during the deploy; nothing was changed")
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        _move(target, aside, moves)
+    _move(source, target, moves)

@@ -1,20 +1,24 @@
 """``atedm-export deploy``: a build folder → a Triton model repository.
 
-Layout (``--name atedm_unet``)::
+Layout (``--name atedm_unet``; every model's numbered folders are its versions, one build each)::
 
     REPO/atedm_unet/            the UNet clients call (Python backend): routes rows to stage graphs by BLS
-    REPO/atedm_unet/build/      onnxruntime: manifest.json + onnx/ (every graph, one shared weights file)
+    REPO/atedm_unet/1/build/    that version's manifest.json (+ onnx/: every graph, one shared weights file, for
+                                onnxruntime)
     REPO/atedm_unet_baseline/   the unpruned graph    } tensorrt:    1/model.plan (tensorrt_plan, KIND_GPU)
-    REPO/atedm_unet_<stage>/    each pruned stage     } onnxruntime: 1/model.py, serving its graph of build/
+    REPO/atedm_unet_<stage>/    each pruned stage     } onnxruntime: 1/model.py, serving its graph of 1/build
     REPO/README.md              how to start the server and call it
     REPO/atedm-deploy.json      what was deployed from where, every file with its sha256
+
+``deploy --next-version`` adds a build as the next version of every model beside the serving one
+(``versions``), and ``rollout`` moves running servers to it (``rollout``).
 
 A multi-shape build has a graph model per (shape, graph): ``atedm_unet_<graph>_<shape key>``
 (``atedm_unet_main_1216x832-b2``), each config at its shape's static dims; the one router takes every shape
 and picks the graph model from each request's ``sample`` and step (``routing``). A stage that prunes
 nothing is routed to the baseline model of its shape. The onnxruntime graph models share one
 copy of the build's graphs and weights (Triton ignores a model folder's non-numeric subfolders), so
-the weights are on disk once and every model's session maps the same pages. Artifacts are copied (or hard-linked with
+the weights are on disk once per version and every model's session maps the same pages. Artifacts are copied (or hard-linked with
 ``link``) and each copy is checked against the manifest's sha256; configs are checked with Triton's own
 model-config protobuf.
 
@@ -42,14 +46,17 @@ from ..buildfolder import (MANIFEST, FileEntry, GraphEntry, Manifest, ShapeView,
 from ..registry import DEPLOY_VARIANTS
 from ..staging import check_apart, check_destination, check_output_file, staged_folder
 from ..userfiles import load_json
-from .config import (CONFIG, MODEL_NAME, DeployError, check_gpus, check_routes, graph_config, read_repository,
-                     router_config, to_text)
+from .config import (CONFIG, MODEL_NAME, DeployError, build_template, check_gpus, check_routes, graph_config,
+                     read_repository, router_config, to_text)
 from .kubernetes import KUBERNETES_VERSION, Cluster, check_cluster, check_manifests, manifests, write_kubernetes
 from .kubernetes import RECORD as KUBERNETES_RECORD
 from .placement import check_movable, check_not_a_build, staged_entries
 from .readme import repository_readme
+from .routing import graph_model_name
+from .serving import BUILD_FOLDER
 
-SHARED_BUILD = "build"  # in the router's folder: what the onnxruntime graph models serve
+DEFAULT_ROUTER = "atedm_unet"
+FORMAT = "atedm-export.deploy/2"  # 2: a version folder per build, the router's manifest in it (1: one version)
 RECORD = "atedm-deploy.json"  # what a deploy wrote into the folder: the mark that lets --force replace it
 README = "README.md"
 MODEL_SOURCES = {  # what each generated model.py holds: the model lives in the package, versioned with it
@@ -63,7 +70,7 @@ Progress = Callable[[str, str], None]
 class DeployRequest:
     build: Path
     repository: Path
-    name: str = "atedm_unet"
+    name: str = DEFAULT_ROUTER  # the router's model name (next_version: the deployment's)
     variant: str = "auto"  # tensorrt: tensorrt_plan models (GPUs) | onnxruntime: Python-backend models (CPUs) | auto
     instances: int = 1  # of each model, on each GPU of ``gpus`` (tensorrt), or on the CPU (onnxruntime)
     gpus: tuple[int, ...] = ()  # tensorrt: the GPUs each graph model runs on, an instance group each; () = every GPU
@@ -109,18 +116,12 @@ def _check(request: DeployRequest, manifest: Manifest) -> None:
                           "rebuild with --keep-weights")
 
 
-def graph_model_name(router: str, graph: str) -> str:
-    """The Triton model that serves one graph (its id, ``ShapeView.graph_id``): named after the router, so deployments can sit
-    side by side: ``atedm_unet_main``, or ``atedm_unet_main_1216x832-b2`` in a multi-shape build."""
-    return f"{router}_{graph.replace('.', '_')}"
-
-
 def _distinct_graphs(manifest: Manifest) -> list[tuple[ShapeView, GraphEntry]]:
     """Every graph a model serves, with the view of its shape: per shape, the graphs no stage reuses from another."""
     return [(view, entry) for view in views(manifest) for entry in view.graphs() if not entry.same_as]
 
 
-def _model_names(request: DeployRequest, manifest: Manifest) -> list[str]:
+def model_names(request: DeployRequest, manifest: Manifest) -> list[str]:
     """Every model folder the deploy will write: the router and one per distinct graph of each shape."""
     return [request.name, *(graph_model_name(request.name, view.graph_id(entry.name))
                             for view, entry in _distinct_graphs(manifest))]
@@ -134,6 +135,15 @@ def read_record(repository: Path) -> dict:
     record = load_json(path, "an atedm-export deploy record", DeployError)
     if not isinstance(record, dict) or not isinstance(record.get("router"), str) or not isinstance(record.get("models"), dict):
         raise DeployError(f"{path} has no router or models; expected an atedm-export deploy record (redeploy the repository)")
+    return record
+
+
+def current_record(repository: Path) -> dict:
+    """The record of a deployment this atedm-export serves and adds versions to (``read_record``, of its format)."""
+    record = read_record(repository)
+    if record.get("format") != FORMAT:
+        raise DeployError(f"{repository} was deployed by an older atedm-export ({record.get('format')}, one version per "
+                          f"model; this one reads {FORMAT}): deploy the build again with --force")
     return record
 
 
@@ -167,7 +177,7 @@ def _replaceable(out: Path, force: bool) -> frozenset[str]:
     return owned_entries(record, out)
 
 
-def _check_free(out: Path, names: list[str], replace: frozenset[str]) -> None:
+def check_free(out: Path, names: list[str], replace: frozenset[str]) -> None:
     """Refuse a name of ours already taken by an entry that deploy did not write: such an entry is never replaced."""
     for name in names:
         if name not in replace and os.path.lexists(out / name):
@@ -199,37 +209,110 @@ def _records(work: Path, placements: list[tuple[FileEntry, Path]]) -> list[dict]
             for item, target in placements]
 
 
-def _shared_build(work: Path, request: DeployRequest, manifest: Manifest) -> list[dict]:
-    """The router's ``build/``: the manifest, every distinct graph of every shape and the one weights file, for all
-    graph models."""
-    folder = work / request.name / SHARED_BUILD
+def _version_build(work: Path, request: DeployRequest, manifest: Manifest, version: int) -> list[dict]:
+    """The router's ``<version>/build/``: the manifest it routes by and, for onnxruntime, every distinct graph of every
+    shape and the one weights file its graph models serve."""
+    folder = work / request.name / str(version) / BUILD_FOLDER
     folder.mkdir(parents=True)
     write_manifest(folder, manifest)
-    graphs = {f.path: f for e in manifest.all_graphs() for f in (e.onnx, e.ort_onnx) if f is not None}
-    placements = [(item, folder / item.path) for item in (*manifest.weight_files, *graphs.values())]
+    placements = []
+    if request.variant == "onnxruntime":
+        graphs = {f.path: f for e in manifest.all_graphs() for f in (e.onnx, e.ort_onnx) if f is not None}
+        placements = [(item, folder / item.path) for item in (*manifest.weight_files, *graphs.values())]
     for item, target in placements:
         _place(request.build / item.path, target, item, "build", request.link)
     return _records(work, placements)
 
 
-def _graph_model(work: Path, request: DeployRequest, view: ShapeView, entry: GraphEntry) -> tuple[str, list[dict]]:
-    """One graph's model folder, at ``view``'s shape; returns its name and the files placed, with their
-    checksums."""
+def _graph_model(work: Path, request: DeployRequest, view: ShapeView, entry: GraphEntry,
+                 version: int) -> tuple[str, list[dict]]:
+    """One graph's model folder at ``view``'s shape: its config and its version ``version``; returns its name and the
+    files placed, with their checksums."""
     name = graph_model_name(request.name, view.graph_id(entry.name))
-    version = work / name / "1"
-    version.mkdir(parents=True)
+    folder = work / name / str(version)
+    folder.mkdir(parents=True)
     placements = []
     if request.variant == "tensorrt":
         assert entry.engine is not None
-        placements = [(entry.engine, version / "model.plan")]
+        placements = [(entry.engine, folder / "model.plan")]
     else:
-        (version / "model.py").write_text(MODEL_SOURCES["onnxruntime"])
+        (folder / "model.py").write_text(MODEL_SOURCES["onnxruntime"])
     for item, target in placements:
         _place(request.build / item.path, target, item, entry.name, request.link)
-    config = graph_config(name, view, entry.name, request.variant, request.instances,
-                          f"{request.name}/{SHARED_BUILD}", request.gpus)
+    config = graph_config(name, view, entry.name, request.variant, request.instances, build_template(request.name),
+                          request.gpus)
     (work / name / CONFIG).write_text(to_text(config))
     return name, _records(work, placements)
+
+
+def write_version(work: Path, request: DeployRequest, manifest: Manifest, version: int, max_batch: int,
+                  progress: Progress) -> dict[str, dict]:
+    """Version ``version`` of every model of the build under ``work`` (``<model>/<version>/``, each model's
+    ``config.pbtxt``); returns each model's record: its graph, shape, routes and the files placed."""
+    models: dict[str, dict] = {}
+    shared = _version_build(work, request, manifest, version)
+    if len(shared) > 1:
+        progress(request.name, f"{version}/{BUILD_FOLDER}/: {len(shared) - 1} graphs and one weights file, "
+                               f"{sum(f['bytes'] for f in shared) / 2**20:,.1f} MiB placed and checked")
+    routes = {}
+    for view, entry in _distinct_graphs(manifest):  # a stage with same_as is routed to the graph it reuses
+        graph = view.graph_id(entry.name)
+        model, files = _graph_model(work, request, view, entry, version)
+        routes[graph] = model
+        models[model] = {"graph": graph, "shape": view.shape.key, "files": files}
+        placed = (f"{sum(f['bytes'] for f in files) / 2**20:,.1f} MiB placed and checked" if files
+                  else f"served from {request.name}/{version}/{BUILD_FOLDER}/")
+        shape = f" at {view.shape.key}" if manifest.multi_shape else ""
+        progress(model, f"{entry.name} graph{shape}, version {version}: {placed}")
+    router = work / request.name / str(version)
+    (router / "model.py").write_text(MODEL_SOURCES["router"])
+    config = router_config(request.name, manifest, request.instances, max_batch, request.queue_delay_us)
+    (work / request.name / CONFIG).write_text(to_text(config))
+    models[request.name] = {"graph": None, "routes": routes, "files": shared}
+    shapes = f"{len(manifest.shapes)} shapes × " if manifest.multi_shape else ""
+    progress(request.name, f"router version {version}: {shapes}{len(manifest.shapes[0].stages)} stages over "
+                           f"{len(routes)} graph models, up to {max_batch} rows per call")
+    return models
+
+
+def version_record(request: DeployRequest, manifest: Manifest) -> dict:
+    """What the record says of one version: the build it serves, and when it was deployed."""
+    return {"build": str(request.build), "manifest_sha256": manifest_sha256(request.build),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def make_record(request: DeployRequest, manifest: Manifest, max_batch: int, readme: str,
+                versions: dict[str, dict], models: dict[str, dict]) -> dict:
+    """The deployment's record (``atedm-deploy.json``): its newest version's build and options, every version, and
+    every model with the files of every version."""
+    newest = versions[str(max(map(int, versions)))]
+    return {
+        "format": FORMAT,
+        "created": newest["created"],
+        "atedm_export": __version__,
+        "build": newest["build"],
+        "manifest_sha256": newest["manifest_sha256"],
+        "variant": request.variant,
+        "router": request.name,
+        "max_batch": max_batch,
+        "shapes": [shape.key for shape in manifest.shape_list],
+        "instances": request.instances,
+        "gpus": list(request.gpus),
+        "engine": manifest.engine.model_dump(mode="json"),
+        "readme": readme,
+        "version": max(map(int, versions)),
+        "versions": versions,
+        "models": models,
+    }
+
+
+def resolve_variant(request: DeployRequest, manifest: Manifest, progress: Progress) -> DeployRequest:
+    """``auto`` made concrete from the build (TensorRT plans: tensorrt, else onnxruntime), then the request checked."""
+    if request.variant == "auto":
+        request = dataclasses.replace(request, variant=auto_variant(manifest))
+        progress("repository", f"variant: {request.variant} (the build has {manifest.engine.library or 'no'} engines)")
+    _check(request, manifest)
+    return request
 
 
 def deploy(request: DeployRequest, progress: Progress = lambda model, event: None) -> dict:
@@ -242,16 +325,10 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
     check_apart(out, {"build": build}, "repository", DeployError)
     check_not_a_build(out, MANIFEST)
     manifest = read_manifest(build, verify=False)
-    request = dataclasses.replace(request, build=build)
-    if request.variant == "auto":
-        engine = manifest.engine
-        request = dataclasses.replace(request, variant=auto_variant(manifest))
-        progress("repository", f"variant: {request.variant} (the build has "
-                               f"{engine.library or 'no'} engines)")
-    _check(request, manifest)
+    request = resolve_variant(dataclasses.replace(request, build=build), manifest, progress)
     replace = _replaceable(out, request.force)
     readme = _readme_path(out, request.name, replace)
-    _check_free(out, [*_model_names(request, manifest), RECORD, Path(readme).parts[0]], replace)
+    check_free(out, [*model_names(request, manifest), RECORD, Path(readme).parts[0]], replace)
     others = sorted(p.name for p in out.iterdir() if p.name not in replace) if out.is_dir() else []
     if others:
         progress("repository", f"{len(others)} other entries in {out} are left as they are")
@@ -260,46 +337,10 @@ def deploy(request: DeployRequest, progress: Progress = lambda model, event: Non
     check_files(manifest, build, engines=request.variant == "tensorrt")
     max_batch = request.max_batch or max(shape.batch for shape in manifest.shape_list)
     with staged_entries(out, replace, last=RECORD) as work:
-        graph_models, models = {}, {}
-        shared = _shared_build(work, request, manifest) if request.variant == "onnxruntime" else []
-        if shared:
-            progress(request.name, f"{SHARED_BUILD}/: {len(shared) - 1} graphs and one weights file, "
-                                   f"{sum(f['bytes'] for f in shared) / 2**20:,.1f} MiB placed and checked")
-        for view, entry in _distinct_graphs(manifest):  # a stage with same_as is routed to the graph it reuses
-            graph = view.graph_id(entry.name)
-            model, files = _graph_model(work, request, view, entry)
-            graph_models[graph] = model
-            models[model] = {"graph": graph, "shape": view.shape.key, "files": files}
-            placed = (f"{sum(f['bytes'] for f in files) / 2**20:,.1f} MiB placed and checked" if files
-                      else f"served from {request.name}/{SHARED_BUILD}/")
-            shape = f" at {view.shape.key}" if manifest.multi_shape else ""
-            progress(model, f"{entry.name} graph{shape}, {placed}")
-        router = work / request.name / "1"
-        router.mkdir(parents=True)
-        (router / "model.py").write_text(MODEL_SOURCES["router"])
-        config = router_config(request.name, manifest, graph_models, request.instances, max_batch, request.queue_delay_us)
-        (work / request.name / CONFIG).write_text(to_text(config))
-        models[request.name] = {"graph": None, "routes": graph_models, "files": shared}
-        shapes = f"{len(manifest.shapes)} shapes × " if manifest.multi_shape else ""
-        progress(request.name, f"router: {shapes}{len(manifest.shapes[0].stages)} stages over {len(graph_models)} graph models, "
-                               f"up to {max_batch} rows per call")
-        check_routes(read_repository(work), request.name)
-        record = {
-            "format": "atedm-export.deploy/1",
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "atedm_export": __version__,
-            "build": str(build),
-            "manifest_sha256": manifest_sha256(build),
-            "variant": request.variant,
-            "router": request.name,
-            "max_batch": max_batch,
-            "shapes": [shape.key for shape in manifest.shape_list],
-            "instances": request.instances,
-            "gpus": list(request.gpus),
-            "engine": manifest.engine.model_dump(mode="json"),
-            "readme": readme,
-            "models": models,
-        }
+        models = write_version(work, request, manifest, 1, max_batch, progress)
+        check_routes(work, read_repository(work), request.name)
+        record = make_record(request, manifest, max_batch, readme, {"1": version_record(request, manifest)},
+                             {name: {**info, "versions": [1]} for name, info in models.items()})
         (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         (work / readme).write_text(repository_readme(record, manifest))
         progress("repository", "configs checked with Triton's ModelConfig")
@@ -340,16 +381,17 @@ def _cluster(request: DeployRequest, manifest: Manifest, repository: Path, progr
 
 
 def check_repository(repository: Path, router: str | None = None, files: bool = True) -> Manifest:
-    """Re-check a deployment: its models' configs, the routes, and (``files``) every file's recorded sha256.
+    """Re-check a deployment: its models' configs, every version's routes, and (``files``) every file's recorded
+    sha256. Returns the newest version's manifest.
 
     Only the models its record lists are checked: other models in the folder are someone else's.
 
     ``serve`` leaves the files out: each graph model checks its own files when the server loads it.
     """
     repository = Path(repository)
-    record = read_record(repository)
+    record = current_record(repository)
     owned_entries(record, repository)  # the model names the record lists are names, not paths
-    manifest = check_routes(read_repository(repository, record["models"]), router or record["router"])
+    manifest = check_routes(repository, read_repository(repository, record["models"]), router or record["router"])
     for model, info in record["models"].items() if files else ():
         for f in info["files"]:
             check_file(repository / f["path"], FileEntry(**f), model)

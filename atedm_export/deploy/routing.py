@@ -36,6 +36,13 @@ STAGE_OUTPUT = "stage"
 RoutingError = ScheduleError
 
 
+def graph_model_name(router: str, graph: str) -> str:
+    """The Triton model that serves one graph (its id, ``ShapeView.graph_id``): named after the router, so deployments
+    can sit side by side: ``atedm_unet_main``, or ``atedm_unet_main_1216x832-b2`` in a multi-shape build. The router
+    finds its graph models by this name, at its own version."""
+    return f"{router}_{graph.replace('.', '_')}"
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One static-batch graph call: which (request, row) fills each of its first ``len(rows)`` rows."""

@@ -2,6 +2,10 @@
 
 ``RouterModel`` is the UNet clients call: it picks the build's shape from each request's ``sample``, routes
 each row to the graph of its DSAP stage at that shape, and calls that graph's model through BLS.
+
+Every version of the router is one build (``deploy --next-version`` adds one, ``rollout`` moves servers to it):
+its manifest lives in its own version folder (``<router>/<version>/build/``), and it calls its graph models at
+that same version, so one request never mixes two builds however the versions are loaded.
 ``OnnxRuntimeStageModel`` serves one graph (of one shape) with the project's own onnxruntime backend, for CPU
 servers; on GPU servers each graph is a ``tensorrt_plan`` model instead.
 
@@ -26,17 +30,19 @@ from torch.utils import dlpack
 
 from ..errors import AtedmError, first_line
 from ..contract import precision_of
-from ..buildfolder import ShapeError, ShapeView, parse_manifest, read_manifest, check_graph, view_at
+from ..buildfolder import ShapeError, ShapeView, read_manifest, check_graph, view_at
 from ..runtime.backends import OnnxRuntimeBackend
 from ..shapes import Shape
-from .routing import STAGE_OUTPUT, STEP_INPUTS, Router, RoutingError
+from .routing import STAGE_OUTPUT, STEP_INPUTS, Router, RoutingError, graph_model_name
 from .server import SHELL_CONTROL
 
-MANIFEST_PARAMETER = "atedm_manifest"  # the build's manifest (JSON), on the router: clients read it too
-GRAPH_MODELS_PARAMETER = "atedm_graph_models"  # graph (its id, ShapeView.graph_id) → the Triton model serving it (JSON)
+#: On the router: the newest version's manifest (JSON), for clients (``connect``); each version routes by its own.
+MANIFEST_PARAMETER = "atedm_manifest"
 GRAPH_PARAMETER = "atedm_graph"  # on a stage model: the graph it serves
 SHAPE_PARAMETER = "atedm_shape"  # on a stage model: the shape of that graph (shapes.Shape, JSON)
-BUILD_PARAMETER = "atedm_build"  # on a stage model: the build folder all graph models share, from the repository
+#: On an onnxruntime stage model: the build folder its version serves, from the repository, ``{version}`` its version.
+BUILD_PARAMETER = "atedm_build"
+BUILD_FOLDER = "build"  # in each version folder of the router: that version's manifest (and onnxruntime's graphs)
 #: What Triton's Python backend answers for a model whose process died (killed, out of memory): for good,
 #: while the model still reports ready. The router reloads such a model and retries once.
 DEAD_MODEL = "is not healthy"
@@ -63,6 +69,8 @@ class _PythonModel:
         self.pb = pb_utils
         self.config = json.loads(args["model_config"])
         self.parameters = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        self.name = args["model_name"]
+        self.version = int(args["model_version"])
         self.version_dir = Path(args["model_repository"]) / args["model_version"]
 
     def tensor_in(self, request: Any, name: str) -> torch.Tensor:
@@ -103,9 +111,8 @@ class RouterModel(_PythonModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
-        self.router = Router(parse_manifest(self.parameters[MANIFEST_PARAMETER]))
+        self.router = Router(read_manifest(self.version_dir / BUILD_FOLDER, verify=False))
         self.first = self.router.first  # the I/O names every shape shares
-        self.models: dict[str, str] = json.loads(self.parameters[GRAPH_MODELS_PARAMETER])
 
     def read(self, request: Any) -> tuple[dict[str, torch.Tensor], ShapeView, list[tuple[int, str]]]:
         """A request's tensors (timestep, step and step count flattened to one value per row), its shape and routes.
@@ -127,12 +134,12 @@ class RouterModel(_PythonModel):
         return feed, view, routes
 
     def call_graph(self, graph: str, feed: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One BLS call to the model serving ``graph``; its output comes back in CPU memory.
+        """One BLS call to the model serving ``graph``, at this router's version; its output comes back in CPU memory.
 
         A model whose process died is reloaded and the call retried once, so a killed stage costs the
         calls that were in flight, not every later one.
         """
-        model = self.models[graph]
+        model = graph_model_name(self.name, graph)
         response = self._exec(model, feed)
         if response.has_error() and DEAD_MODEL in response.error().message():
             self._reload(model)
@@ -143,7 +150,7 @@ class RouterModel(_PythonModel):
 
     def _exec(self, model: str, feed: dict[str, torch.Tensor]) -> Any:
         request = self.pb.InferenceRequest(
-            model_name=model, requested_output_names=[self.first.output_name],
+            model_name=model, model_version=self.version, requested_output_names=[self.first.output_name],
             inputs=[self.tensor_out(name, feed[name]) for name in self.first.input_names],
             preferred_memory=self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_CPU, 0),
         )
@@ -203,7 +210,7 @@ class OnnxRuntimeStageModel(_PythonModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
-        build = Path(args["model_repository"]).parent / self.parameters[BUILD_PARAMETER]
+        build = Path(args["model_repository"]).parent / self.parameters[BUILD_PARAMETER].format(version=self.version)
         shape = Shape.model_validate_json(self.parameters[SHAPE_PARAMETER])
         self.view = view_at(read_manifest(build, verify=False), shape)
         self.graph = self.parameters[GRAPH_PARAMETER]
