@@ -110,7 +110,8 @@ def test_onnxruntime_repository_layout_and_configs(ort_repo, tiny_build):
         entry = first_view(manifest).graph(graph)
         copied = ort_repo / "atedm_unet" / "1" / "build" / entry.onnx.path
         assert sha256(copied) == entry.onnx.sha256
-        assert sorted(p.name for p in (ort_repo / f"atedm_unet_{graph}" / "1").iterdir()) == ["model.py"]
+        assert sorted(p.name for p in (ort_repo / f"atedm_unet_{graph}" / "1").iterdir()) == ["__pycache__", "model.py"]
+        assert (ort_repo / f"atedm_unet_{graph}" / "1" / "__pycache__").is_file()  # Python cannot write its cache there
     # one copy of the weights in the repository, shared by every graph model
     weights = list(ort_repo.rglob("*.onnx.data"))
     assert weights == [ort_repo / "atedm_unet" / "1" / "build" / manifest.weights.path]

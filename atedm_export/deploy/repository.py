@@ -63,7 +63,19 @@ MODEL_SOURCES = {  # what each generated model.py holds: the model lives in the 
     "router": "from atedm_export.deploy.serving import RouterModel as TritonPythonModel  # noqa: F401\n",
     "onnxruntime": "from atedm_export.deploy.serving import OnnxRuntimeStageModel as TritonPythonModel  # noqa: F401\n",
 }
+#: A file, not a folder, named as Python's bytecode cache, in every Python model's version folder: Python cannot
+#: write its cache there, so the version's files never change after deploy and Triton never reloads a serving
+#: version when its model is loaded again (``server``'s notes).
+BYTECODE_GUARD = "__pycache__"
+BYTECODE_GUARD_TEXT = ("atedm-export deploy: a file where Python would write its bytecode cache, so that serving never\n"
+                       "changes this version folder (Triton reloads a version whose files changed).\n")
 Progress = Callable[[str, str], None]
+
+
+def _python_model(folder: Path, kind: str) -> None:
+    """A Python model's version folder: its ``model.py`` (``MODEL_SOURCES[kind]``) and the bytecode guard."""
+    (folder / "model.py").write_text(MODEL_SOURCES[kind])
+    (folder / BYTECODE_GUARD).write_text(BYTECODE_GUARD_TEXT)
 
 
 @dataclass(frozen=True)
@@ -236,7 +248,7 @@ def _graph_model(work: Path, request: DeployRequest, view: ShapeView, entry: Gra
         assert entry.engine is not None
         placements = [(entry.engine, folder / "model.plan")]
     else:
-        (folder / "model.py").write_text(MODEL_SOURCES["onnxruntime"])
+        _python_model(folder, "onnxruntime")
     for item, target in placements:
         _place(request.build / item.path, target, item, entry.name, request.link)
     config = graph_config(name, view, entry.name, request.variant, request.instances, build_template(request.name),
@@ -265,7 +277,7 @@ def write_version(work: Path, request: DeployRequest, manifest: Manifest, versio
         shape = f" at {view.shape.key}" if manifest.multi_shape else ""
         progress(model, f"{entry.name} graph{shape}, version {version}: {placed}")
     router = work / request.name / str(version)
-    (router / "model.py").write_text(MODEL_SOURCES["router"])
+    _python_model(router, "router")
     config = router_config(request.name, manifest, request.instances, max_batch, request.queue_delay_us)
     (work / request.name / CONFIG).write_text(to_text(config))
     models[request.name] = {"graph": None, "routes": routes, "files": shared}

@@ -12,18 +12,13 @@ The binary comes from an NGC Triton install (``/opt/tritonserver``), from ``nvid
   system one and the model fails to initialize) and the wheel's ``nvidia_pytriton.libs`` (else the
   server hangs at start).
 
-Serving leaves the repository exactly as deploy wrote it. The stub imports each ``model.py`` in an
-interpreter set up isolated (``PyConfig_InitIsolatedConfig``: ``PYTHONDONTWRITEBYTECODE`` and every other
-``PYTHON*`` variable are ignored, as was seen here), and the model is imported before anything we could
-run in it, so Python writes a ``__pycache__`` beside each ``model.py``. So the server is given a mirror of
-the repository in its temporary folder: the model and version folders made anew, every file and deeper
-folder a symbolic link to the original. The version folders are read-only, so Python keeps its bytecode in
-memory: a ``__pycache__`` written there would change the version's time stamp, and Triton reloads a loaded
-version whose files changed each time its model is loaded again (as ``rollout`` does).
-
-The mirror follows the repository while the server runs (``sync``, twice a second): a version folder or a
-model that appears there (``deploy --next-version``) appears in the mirror whole, and one removed there is
-removed here, as a server reading the repository itself would see them.
+Serving leaves the repository exactly as deploy wrote it, and the server reads it in place. The stub imports
+each ``model.py`` in an interpreter set up isolated (``PyConfig_InitIsolatedConfig``: ``PYTHONDONTWRITEBYTECODE``
+and every other ``PYTHON*`` variable are ignored, as was seen here), so Python would write a ``__pycache__``
+beside each ``model.py``, changing the version's time stamp: Triton then reloads that version each time its
+model is loaded again (as ``rollout`` does). So deploy puts a file named ``__pycache__`` in every Python model's
+version folder (``repository.BYTECODE_GUARD``): Python cannot make its cache folder there and keeps the bytecode
+in memory, as it does on a read-only disk.
 """
 
 from __future__ import annotations
@@ -152,50 +147,6 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
                                         f"expected a free port (pick another with --{name.lower()}-port)") from None
 
 
-def _link_tree(source: Path, target: Path, depth: int) -> None:
-    """``target`` as ``source``: folders ``depth`` levels deep made anew, everything below and every file a link; the
-    deepest folders made (version folders) read-only. A folder is made under a hidden name and renamed into place,
-    so the server never sees it half made."""
-    if depth == 0 or not source.is_dir():
-        target.symlink_to(source)
-        return
-    partial = target.with_name(f".{target.name}.partial")
-    _remove(partial)
-    partial.mkdir()
-    for child in source.iterdir():
-        _link_tree(child, partial / child.name, depth - 1)
-    if depth == 1:
-        partial.chmod(0o555)
-    partial.rename(target)
-
-
-def _sync_tree(source: Path, target: Path, depth: int) -> None:
-    """Bring the mirror ``target`` up to ``source``: what appeared there is linked or made here, what went is removed."""
-    if depth <= 1:  # a version folder's contents are links already: live
-        return
-    names = {p.name for p in source.iterdir()}
-    for child in list(target.iterdir()):
-        if child.name not in names:
-            _remove(child)
-    for name in sorted(names):
-        mirrored = target / name
-        if not os.path.lexists(mirrored):
-            _link_tree(source / name, mirrored, depth - 1)
-        elif mirrored.is_dir() and not mirrored.is_symlink():
-            _sync_tree(source / name, mirrored, depth - 1)
-
-
-def _remove(path: Path) -> None:
-    """Remove a link, a file or a folder of the mirror, its read-only folders included."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-        return
-    if path.is_dir():
-        for folder, _, _ in os.walk(path):
-            os.chmod(folder, 0o755)
-        shutil.rmtree(path, ignore_errors=True)
-
-
 class TritonServer:
     """One ``tritonserver`` process serving ``repository`` on loopback; a context manager that always stops it."""
 
@@ -216,7 +167,6 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
         self._log = ""
-        self._following: threading.Event | None = None  # set to stop the thread that keeps the mirror in sync
 
     @property
     def http_url(self) -> str:
@@ -240,25 +190,6 @@ class TritonServer:
             shutil.copy2(self.install.python_stub(), stub)
         return folder
 
-    def _mirror(self) -> Path:
-        """The repository as the server sees it (see the module's notes): writes into it stay in the temporary folder."""
-        assert self._tmp is not None
-        folder = self._tmp / "repository"
-        _link_tree(self.repository, folder, depth=3)  # the repository, its model folders, their version folders
-        return folder
-
-    def sync(self) -> None:
-        """Bring the server's mirror up to the repository: versions and models added or removed there since."""
-        if self._tmp is not None:
-            _sync_tree(self.repository, self._tmp / "repository", depth=3)
-
-    def _follow(self, stop: threading.Event) -> None:
-        while not stop.wait(0.5):
-            try:
-                self.sync()
-            except OSError:  # a folder renamed or removed while we read it: the next round sees it settled
-                continue
-
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -269,7 +200,7 @@ class TritonServer:
 
     def command(self) -> list[str]:
         return [
-            str(self.install.binary), "--model-repository", str(self._mirror()),
+            str(self.install.binary), "--model-repository", str(self.repository),
             "--backend-directory", str(self._backends()),
             "--http-address", self.host, "--http-port", str(self.http_port),
             "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
@@ -293,9 +224,6 @@ class TritonServer:
                 self.stop()
                 raise TritonServerError(f"tritonserver exited with status {self.returncode}: {self.first_error()}")
             if self.ready():
-                self._following = threading.Event()
-                threading.Thread(target=self._follow, args=(self._following,), daemon=True,
-                                 name="atedm-mirror").start()
                 return self
             time.sleep(0.25)
         self.stop()
@@ -331,9 +259,6 @@ class TritonServer:
             self._shutdown(process)
 
     def _shutdown(self, process: subprocess.Popen[bytes] | None) -> None:
-        if self._following is not None:
-            self._following.set()
-            self._following = None
         if process is not None:
             if process.poll() is None:
                 process.send_signal(signal.SIGINT)
@@ -351,7 +276,7 @@ class TritonServer:
         for region in Path(SHM_FOLDER).glob(f"{self.shm_prefix}*"):  # ours by name: left where the server died
             region.unlink(missing_ok=True)
         if self._tmp is not None:
-            _remove(self._tmp)
+            shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
     def __enter__(self) -> TritonServer:
