@@ -157,8 +157,10 @@ class RouterModel(_PythonModel):
         return request.exec()
 
     def _reload(self, model: str) -> None:
-        """Load ``model`` again: Triton starts fresh instances, and reports the model not ready meanwhile."""
+        """Unload ``model`` and load it again: Triton starts fresh instances, and reports the model not ready
+        meanwhile. A load alone would do nothing: Triton reloads only versions whose files changed."""
         try:
+            self.pb.unload_model(model_name=model)
             self.pb.load_model(model_name=model)
         except Exception as exc:  # noqa: BLE001 - pb_utils raises its own TritonModelException
             raise AtedmError(f"model '{model}' died and could not be reloaded ({first_line(exc)}); start the server "
