@@ -301,4 +301,5 @@ def _check_graph_models(repository: Path, configs: dict[str, Any], router: str, 
             _add_tensors(want.input, _graph_tensors(view.inputs))
             _add_tensors(want.output, _graph_tensors(view.outputs))
             if list(served.input) != list(want.input) or list(served.output) != list(want.output):
-                raise DeployError(f"{model}/{CONFIG}: inputs and outputs differ from the build's static graph I/O{shape}")
+                raise DeployError(f"{model}/{CONFIG}: inputs and outputs differ from the build's static graph I/O"
+                                  + (f" (shape {view.shape.key})" if manifest.multi_shape else ""))

@@ -10,9 +10,10 @@ version, the router only its newest. On each server in turn:
    version, so no request mixes two builds;
 3. wait until the old router version is gone.
 
-Once every server runs the new router, ``retire_old_versions`` removes the old versions from the repository
-and each server loads its graph models again, which unloads the old versions (a model the new build does not use
-is unloaded). A request is never refused along the way; each step waits for the server to say it is done.
+Once every server runs the new router, each server unloads the graph models the new build does not use,
+``retire_old_versions`` removes the old versions (and those models) from the repository, and each server loads
+its graph models again, which unloads their old versions. A request is never refused along the way; each step
+waits for the server's repository index to say it is done.
 
 The servers must read the repository this command writes (a local folder, or a volume they share) and run with
 explicit model control (``serve`` does; the README says how to start one).
@@ -65,13 +66,21 @@ class ServerControl:
         except Exception as exc:  # noqa: BLE001 - InferenceServerException, or the connection dropped
             raise RolloutError(f"Triton at {self.url}: {what} failed: {first_line(exc)}") from None
 
-    def states(self, model: str) -> States:
-        """The versions of ``model`` the server knows, with their states (``READY``, ``UNLOADING``, ``UNAVAILABLE``…)."""
+    def index(self) -> dict[str, States]:
+        """Every model in the server's repository (loaded or not) with its versions' states (``READY``, ``LOADING``,
+        ``UNLOADING``, ``UNAVAILABLE``…)."""
         grpc = {"as_json": True} if self.protocol == "grpc" else {}
         index = self._call("reading the repository index", lambda: self.client.get_model_repository_index(**grpc))
-        rows = index.get("models", []) if isinstance(index, dict) else index
-        return {int(row["version"]): row.get("state", "") for row in rows
-                if row.get("name") == model and str(row.get("version", "")).isdigit()}
+        models: dict[str, States] = {}
+        for row in index.get("models", []) if isinstance(index, dict) else index:
+            states = models.setdefault(row.get("name", ""), {})
+            if str(row.get("version", "")).isdigit():
+                states[int(row["version"])] = row.get("state", "")
+        return models
+
+    def states(self, model: str) -> States:
+        """The versions of ``model`` the server knows, with their states."""
+        return self.index().get(model, {})
 
     def load(self, model: str) -> None:
         try:
@@ -99,22 +108,36 @@ class ServerControl:
         self.client.close()
 
 
+def _transient(error: RolloutError) -> bool:
+    """A server whose view of the repository lags behind it (a mirror, a synced volume): a model folder not there yet,
+    or gone with a link to it still there. Worth asking again; any other error is not."""
+    message = str(error).lower()
+    return "failed to stat" in message or "not found" in message
+
+
 def _wait(server: ServerControl, model: str, done: Callable[[States], bool], what: str, deadline: float,
           load: bool = True) -> None:
-    """Until ``done(states of model)``: loading the model first (``load``), and again every 2 s while it is not
-    done (a server whose repository lags behind this one, a mirror or a synced volume, sees the change late)."""
-    asked = float("-inf")
+    """Until ``done(states of model)``: loading the model first (``load``) once the server's repository shows it, and
+    again every 2 s while it is not done (a server that sees the repository late sees the change late)."""
+    asked, last = float("-inf"), ""
     while True:
-        if load and time.monotonic() - asked >= 2.0:
-            server.load(model)
-            asked = time.monotonic()
-        states = server.states(model)
-        if done(states):
-            return
+        try:
+            index = server.index()
+            if load and model in index and time.monotonic() - asked >= 2.0:
+                server.load(model)
+                asked = time.monotonic()
+                index = server.index()
+            if done(index.get(model, {})):
+                return
+            shown = ", ".join(f"{v} {s or '?'}" for v, s in sorted(index.get(model, {}).items())) or "none"
+            last = f"its versions: {shown}" if model in index else "not in its repository"
+        except RolloutError as error:
+            if not _transient(error):
+                raise
+            last = str(error)
         if time.monotonic() > deadline:
-            shown = ", ".join(f"{v} {s or '?'}" for v, s in sorted(states.items())) or "none"
-            raise RolloutError(f"Triton at {server.url}: '{model}' did not {what} in time (its versions: {shown}); "
-                               "the repository is left with every version: run rollout again, or raise --timeout")
+            raise RolloutError(f"Triton at {server.url}: '{model}' did not {what} in time ({last}); the repository "
+                               "is left with every version: run rollout again, or raise --timeout")
         time.sleep(0.25)
 
 
@@ -149,19 +172,25 @@ def _move(server: ServerControl, record: dict, deadline: float, progress: Progre
     progress(server.url, f"{router}: old version unloaded after its requests finished")
 
 
-def _unload_old(server: ServerControl, before: dict, after: dict, deadline: float, progress: Progress) -> None:
-    """After the repository lost its old versions: each model's old versions unloaded, a model no longer used unloaded."""
-    newest = after["version"]
-    for model in before["models"]:
-        if model == after["router"]:
-            continue
-        if model in after["models"]:
-            if any(v != newest for v in before["models"][model]["versions"]):
-                _wait(server, model, _only(newest), "unload its old versions", deadline)
-        else:
+def _unload_unused(server: ServerControl, record: dict, deadline: float, progress: Progress) -> None:
+    """Unload the graph models the newest version does not use (a stage the new schedule dropped), before their
+    folders go."""
+    newest = record["version"]
+    unused = [model for model, info in record["models"].items() if info["graph"] and newest not in info["versions"]]
+    for model in unused:
+        if not _only(-1)(server.states(model)):  # still loaded
             server.unload(model)
             _wait(server, model, _only(-1), "unload", deadline, load=False)
             progress(server.url, f"{model}: unloaded (version {newest} does not use it)")
+
+
+def _unload_old_versions(server: ServerControl, before: dict, after: dict, deadline: float, progress: Progress) -> None:
+    """After the repository lost its old versions: each graph model loaded again, which unloads them."""
+    newest = after["version"]
+    for model, info in after["models"].items():
+        if info["graph"] and any(v != newest for v in before["models"][model]["versions"]):
+            _wait(server, model, _only(newest), "unload its old versions", deadline)
+            progress(server.url, f"{model}: old versions unloaded")
 
 
 def rollout(repository: Path, urls: Sequence[str], timeout: float = 600.0,
@@ -185,12 +214,14 @@ def rollout(repository: Path, urls: Sequence[str], timeout: float = 600.0,
             _move(server, record, start + timeout, progress)
             report["servers"].append({"url": server.url, "from": before[server.url], "to": record["version"],
                                       "switch_s": time.monotonic() - start})
+        starts = {server.url: time.monotonic() for server in servers}
+        for server in servers:
+            _unload_unused(server, record, starts[server.url] + timeout, progress)
         retired = retire_old_versions(repository, progress)
         report["retired"] = sorted(set(record["versions"]) - set(retired["versions"]), key=int)
         for server, row in zip(servers, report["servers"]):
-            start = time.monotonic()
-            _unload_old(server, record, retired, start + timeout, progress)
-            row["retire_s"] = time.monotonic() - start
+            _unload_old_versions(server, record, retired, time.monotonic() + timeout, progress)
+            row["retire_s"] = time.monotonic() - starts[server.url]
         return report
     finally:
         for server in servers:

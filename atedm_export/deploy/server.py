@@ -12,18 +12,24 @@ The binary comes from an NGC Triton install (``/opt/tritonserver``), from ``nvid
   system one and the model fails to initialize) and the wheel's ``nvidia_pytriton.libs`` (else the
   server hangs at start).
 
-Serving leaves the repository exactly as deploy wrote it, and the server reads it in place. The stub imports
-each ``model.py`` in an interpreter set up isolated (``PyConfig_InitIsolatedConfig``: ``PYTHONDONTWRITEBYTECODE``
-and every other ``PYTHON*`` variable are ignored, as was seen here), so Python would write a ``__pycache__``
-beside each ``model.py``, changing the version's time stamp: Triton then reloads that version each time its
-model is loaded again (as ``rollout`` does). So deploy puts a file named ``__pycache__`` in every Python model's
-version folder (``repository.BYTECODE_GUARD``): Python cannot make its cache folder there and keeps the bytecode
-in memory, as it does on a read-only disk.
+Serving leaves the repository exactly as deploy wrote it. The stub imports each ``model.py`` in an
+interpreter set up isolated (``PyConfig_InitIsolatedConfig``: ``PYTHONDONTWRITEBYTECODE`` and every other
+``PYTHON*`` variable are ignored, as was seen here), so Python writes a ``__pycache__`` beside each ``model.py``
+it can. Deploy's models carry a file of that name in each version folder (``repository.BYTECODE_GUARD``), so
+Python cannot write there; other models in a shared repository do not. So the server is given a mirror of the
+repository in its temporary folder: the models the deploy record lists are links to their folders (live: a
+version added or removed there is seen at once), every other model's model and version folders are made anew
+with every file a link, so what Python writes for them stays in the temporary folder.
+
+The mirror follows the repository while the server runs (``sync``, twice a second): a model that appears there
+(``deploy --next-version`` adds one for a graph a new schedule has) appears in the mirror, and one removed there
+is removed here.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import secrets
 import shutil
@@ -37,7 +43,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +153,62 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
                                         f"expected a free port (pick another with --{name.lower()}-port)") from None
 
 
+def _link_tree(source: Path, target: Path, depth: int, whole: Collection[str] = ()) -> None:
+    """``target`` as ``source``: folders ``depth`` levels deep made anew (an entry named in ``whole``: a link),
+    everything below and every file a link. A folder is made under a hidden name and renamed into place, so the
+    server never sees it half made."""
+    if depth == 0 or not source.is_dir():
+        target.symlink_to(source)
+        return
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    for child in source.iterdir():
+        if child.name in whole:
+            (partial / child.name).symlink_to(child)
+        else:
+            _link_tree(child, partial / child.name, depth - 1)
+    partial.rename(target)
+
+
+def _sync_tree(source: Path, target: Path, depth: int, whole: Collection[str] = ()) -> None:
+    """Bring the mirror ``target`` up to ``source``: what appeared there is linked or made here, what went is removed."""
+    if depth <= 1:  # a version folder's contents are links already: live
+        return
+    names = {p.name for p in source.iterdir()}
+    for child in list(target.iterdir()):
+        if child.name not in names:
+            _remove(child)
+    for name in sorted(names):
+        mirrored = target / name
+        if not os.path.lexists(mirrored):
+            if name in whole:
+                mirrored.symlink_to(source / name)
+            else:
+                _link_tree(source / name, mirrored, depth - 1)
+        elif mirrored.is_dir() and not mirrored.is_symlink():
+            _sync_tree(source / name, mirrored, depth - 1)
+
+
+def _remove(path: Path) -> None:
+    """Remove a link, a file or a folder of the mirror."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _deployed_models(repository: Path) -> frozenset[str]:
+    """The models the repository's deploy record lists (none where it has no readable record)."""
+    from .repository import RECORD  # the record's name; repository.py imports this module
+
+    try:
+        models = json.loads((repository / RECORD).read_text()).get("models", {})
+    except (OSError, ValueError, AttributeError):
+        return frozenset()
+    return frozenset(name for name in models if isinstance(name, str) and "/" not in name and name not in (".", ".."))
+
+
 class TritonServer:
     """One ``tritonserver`` process serving ``repository`` on loopback; a context manager that always stops it."""
 
@@ -167,6 +229,7 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
         self._log = ""
+        self._following: threading.Event | None = None  # set to stop the thread that keeps the mirror in sync
 
     @property
     def http_url(self) -> str:
@@ -190,6 +253,26 @@ class TritonServer:
             shutil.copy2(self.install.python_stub(), stub)
         return folder
 
+    def _mirror(self) -> Path:
+        """The repository as the server sees it (see the module's notes): writes into it stay in the temporary folder."""
+        assert self._tmp is not None
+        folder = self._tmp / "repository"
+        # the repository, its model folders, their version folders; deploy's models linked whole
+        _link_tree(self.repository, folder, depth=3, whole=_deployed_models(self.repository))
+        return folder
+
+    def sync(self) -> None:
+        """Bring the server's mirror up to the repository: models added or removed there since."""
+        if self._tmp is not None:
+            _sync_tree(self.repository, self._tmp / "repository", depth=3, whole=_deployed_models(self.repository))
+
+    def _follow(self, stop: threading.Event) -> None:
+        while not stop.wait(0.5):
+            try:
+                self.sync()
+            except OSError:  # a folder renamed or removed while we read it: the next round sees it settled
+                continue
+
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -200,7 +283,7 @@ class TritonServer:
 
     def command(self) -> list[str]:
         return [
-            str(self.install.binary), "--model-repository", str(self.repository),
+            str(self.install.binary), "--model-repository", str(self._mirror()),
             "--backend-directory", str(self._backends()),
             "--http-address", self.host, "--http-port", str(self.http_port),
             "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
@@ -224,6 +307,9 @@ class TritonServer:
                 self.stop()
                 raise TritonServerError(f"tritonserver exited with status {self.returncode}: {self.first_error()}")
             if self.ready():
+                self._following = threading.Event()
+                threading.Thread(target=self._follow, args=(self._following,), daemon=True,
+                                 name="atedm-mirror").start()
                 return self
             time.sleep(0.25)
         self.stop()
@@ -259,6 +345,9 @@ class TritonServer:
             self._shutdown(process)
 
     def _shutdown(self, process: subprocess.Popen[bytes] | None) -> None:
+        if self._following is not None:
+            self._following.set()
+            self._following = None
         if process is not None:
             if process.poll() is None:
                 process.send_signal(signal.SIGINT)
