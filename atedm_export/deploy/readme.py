@@ -149,4 +149,23 @@ unet.attach(pipe)                                             # pipe.unet = unet
 `{router}` inputs and outputs (any Triton client):
 
 {_io_table(manifest, record['max_batch'])}
+
+## Versions
+
+{_versions(record)} A new build of this model (a refit, a new schedule; the same shapes) goes in beside the
+serving one, and running servers move to it without refusing a request:
+
+```bash
+atedm-export deploy NEW_BUILD --triton . --next-version     # the next version of every model
+atedm-export rollout . --url http://127.0.0.1:8000          # each server in turn (repeat --url), then the old versions go
+```
 """
+
+
+def _versions(record: dict) -> str:
+    """What the record says of the repository's versions, one sentence each."""
+    lines = [f"Version {v}: `{info['build']}` ({info['created']})." for v, info in
+             sorted(record["versions"].items(), key=lambda item: int(item[0]))]
+    serving = (f" The router loads only its newest, {record['version']}; run `atedm-export rollout` to move running "
+               "servers to it and retire the others." if len(lines) > 1 else "")
+    return " ".join(lines) + serving
