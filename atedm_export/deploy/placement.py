@@ -91,7 +91,7 @@ def _move(source: Path, target: Path, moves: list[tuple[Path, Path]]) -> None:
 
 
 @contextmanager
-def staged_version(repository: Path, last: str, check: Callable[[], None]) -> Iterator[Path]:
+def staged_version(repository: Path, last: str, check: Callable[[], object]) -> Iterator[Path]:
     """Yield an empty hidden work folder beside ``repository``, laid out as it is; when the body ends, merge it in.
 
     For a new version of a deployment: the work folder holds ``<model>/<version>/`` for every model, each model's
@@ -117,7 +117,7 @@ def staged_version(repository: Path, last: str, check: Callable[[], None]) -> It
             shutil.rmtree(aside, ignore_errors=True)
 
 
-def _merge(work: Path, repository: Path, aside: Path, last: str, check: Callable[[], None]) -> None:
+def _merge(work: Path, repository: Path, aside: Path, last: str, check: Callable[[], object]) -> None:
     moves: list[tuple[Path, Path]] = []
     try:
         for entry in sorted(work.iterdir(), key=lambda p: (p.is_file(), p.name == last, p.name)):
