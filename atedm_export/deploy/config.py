@@ -28,7 +28,8 @@ from ..contract import INT32, Precision, precision_of
 from ..errors import AtedmError
 from ..buildfolder import MANIFEST, Manifest, ShapeView, TensorEntry, parse_manifest, read_manifest, views
 from .routing import STAGE_OUTPUT, STEP_INPUTS, Router, graph_model_name
-from .serving import BUILD_FOLDER, BUILD_PARAMETER, GRAPH_PARAMETER, MANIFEST_PARAMETER, SHAPE_PARAMETER
+from .layout import BUILD_FOLDER
+from .serving import BUILD_PARAMETER, GRAPH_PARAMETER, MANIFEST_PARAMETER, SHAPE_PARAMETER
 
 CONFIG = "config.pbtxt"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")

@@ -53,22 +53,14 @@ from .kubernetes import RECORD as KUBERNETES_RECORD
 from .placement import check_movable, check_not_a_build, staged_entries
 from .readme import repository_readme
 from .routing import graph_model_name
-from .serving import BUILD_FOLDER
+from .layout import BUILD_FOLDER, BYTECODE_GUARD, BYTECODE_GUARD_TEXT, README, RECORD
 
 DEFAULT_ROUTER = "atedm_unet"
 FORMAT = "atedm-export.deploy/2"  # 2: a version folder per build, the router's manifest in it (1: one version)
-RECORD = "atedm-deploy.json"  # what a deploy wrote into the folder: the mark that lets --force replace it
-README = "README.md"
 MODEL_SOURCES = {  # what each generated model.py holds: the model lives in the package, versioned with it
     "router": "from atedm_export.deploy.serving import RouterModel as TritonPythonModel  # noqa: F401\n",
     "onnxruntime": "from atedm_export.deploy.serving import OnnxRuntimeStageModel as TritonPythonModel  # noqa: F401\n",
 }
-#: A file, not a folder, named as Python's bytecode cache, in every Python model's version folder: Python cannot
-#: write its cache there, so the version's files never change after deploy and Triton never reloads a serving
-#: version when its model is loaded again (``server``'s notes).
-BYTECODE_GUARD = "__pycache__"
-BYTECODE_GUARD_TEXT = ("atedm-export deploy: a file where Python would write its bytecode cache, so that serving never\n"
-                       "changes this version folder (Triton reloads a version whose files changed).\n")
 Progress = Callable[[str, str], None]
 
 

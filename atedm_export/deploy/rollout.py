@@ -32,7 +32,8 @@ from ..errors import AtedmError, first_line
 from .client import client_module, parse_url
 from .repository import Progress, check_repository, current_record
 from .server import SHELL_CONTROL
-from .serving import BUILD_FOLDER, MANIFEST_PARAMETER
+from .layout import BUILD_FOLDER
+from .serving import MANIFEST_PARAMETER
 from .versions import retire_old_versions
 
 READY, UNLOADING, LOADING = "READY", "UNLOADING", "LOADING"

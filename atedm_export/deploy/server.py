@@ -15,7 +15,7 @@ The binary comes from an NGC Triton install (``/opt/tritonserver``), from ``nvid
 Serving leaves the repository exactly as deploy wrote it. The stub imports each ``model.py`` in an
 interpreter set up isolated (``PyConfig_InitIsolatedConfig``: ``PYTHONDONTWRITEBYTECODE`` and every other
 ``PYTHON*`` variable are ignored, as was seen here), so Python writes a ``__pycache__`` beside each ``model.py``
-it can. Deploy's models carry a file of that name in each version folder (``repository.BYTECODE_GUARD``), so
+it can. Deploy's models carry a file of that name in each version folder (``layout.BYTECODE_GUARD``), so
 Python cannot write there; other models in a shared repository do not. So the server is given a mirror of the
 repository in its temporary folder: the models the deploy record lists are links to their folders (live: a
 version added or removed there is seen at once), every other model's model and version folders are made anew
@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AtedmError
+from .layout import RECORD
 
 ENV_VAR = "ATEDM_TRITONSERVER"
 #: Explicit model control, every model loaded at start: the router can then reload a stage model whose
@@ -200,8 +201,6 @@ def _remove(path: Path) -> None:
 
 def _deployed_models(repository: Path) -> frozenset[str]:
     """The models the repository's deploy record lists (none where it has no readable record)."""
-    from .repository import RECORD  # the record's name; repository.py imports this module
-
     try:
         models = json.loads((repository / RECORD).read_text()).get("models", {})
     except (OSError, ValueError, AttributeError):

@@ -33,6 +33,7 @@ from ..contract import precision_of
 from ..buildfolder import ShapeError, ShapeView, read_manifest, check_graph, view_at
 from ..runtime.backends import OnnxRuntimeBackend
 from ..shapes import Shape
+from .layout import BUILD_FOLDER
 from .routing import STAGE_OUTPUT, STEP_INPUTS, Router, RoutingError, graph_model_name
 from .server import SHELL_CONTROL
 
@@ -42,7 +43,6 @@ GRAPH_PARAMETER = "atedm_graph"  # on a stage model: the graph it serves
 SHAPE_PARAMETER = "atedm_shape"  # on a stage model: the shape of that graph (shapes.Shape, JSON)
 #: On an onnxruntime stage model: the build folder its version serves, from the repository, ``{version}`` its version.
 BUILD_PARAMETER = "atedm_build"
-BUILD_FOLDER = "build"  # in each version folder of the router: that version's manifest (and onnxruntime's graphs)
 #: What Triton's Python backend answers for a model whose process died (killed, out of memory): for good,
 #: while the model still reports ready. The router reloads such a model and retries once.
 DEAD_MODEL = "is not healthy"

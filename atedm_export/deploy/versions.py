@@ -25,9 +25,10 @@ from ..staging import check_apart, exclusive
 from .config import CONFIG, DeployError, model_versions, parse, router_tensors
 from .placement import staged_version
 from .readme import repository_readme
-from .repository import (RECORD, DeployRequest, Progress, check_free, model_names, check_repository, current_record,
+from .layout import BUILD_FOLDER, RECORD
+from .repository import (DeployRequest, Progress, check_free, model_names, check_repository, current_record,
                          make_record, resolve_variant, version_record, write_version)
-from .serving import BUILD_FOLDER, MANIFEST_PARAMETER
+from .serving import MANIFEST_PARAMETER
 
 
 def _check_contract(serving: Manifest, manifest: Manifest, build: Path, repository: Path) -> None:
