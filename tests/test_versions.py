@@ -133,3 +133,9 @@ def test_a_version_folder_missing_its_model_file_is_one_line(repo, refitted, tmp
     shutil.rmtree(broken / "atedm_unet_main" / "2")
     with pytest.raises(DeployError, match="version 2 calls model 'atedm_unet_main' at version 2, which it lacks"):
         check_repository(broken, files=False)
+
+
+def test_retiring_with_nothing_older_changes_nothing(repo):
+    before = snapshot(repo)
+    assert retire_old_versions(repo)["version"] == 1
+    assert snapshot(repo) == before

@@ -122,6 +122,8 @@ def retire_old_versions(repository: Path, progress: Progress = lambda model, eve
     with exclusive(out, "deploy"):
         record = current_record(out)
         newest = record["version"]
+        if all(info["versions"] == [newest] for info in record["models"].values()):
+            return record  # nothing older: the files stay as they are (a rewritten README would change the router)
         aside = out.parent / f".{out.name}.old-{os.getpid()}"
         shutil.rmtree(aside, ignore_errors=True)
         aside.mkdir()
