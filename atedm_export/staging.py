@@ -10,6 +10,7 @@ hidden folders behind, and the next writer into the same place removes them once
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -106,6 +107,17 @@ def check_output_file(path: Path, suffixes: tuple[str, ...] = ()) -> None:
     if path.is_dir():
         raise AtedmError(f"cannot write {path}: it is a folder; expected a file name")
     check_writable(folder, path)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write beside the target and rename: a reader (or a rerun after Ctrl-C) sees the old file or the new one."""
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(3)}.tmp"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 @contextmanager

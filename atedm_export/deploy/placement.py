@@ -38,6 +38,16 @@ def check_movable(repository: Path) -> None:
                           "so expected a folder on the same file system as its parent (deploy into a folder inside it)")
 
 
+def hidden_folder(repository: Path, kind: str) -> Path:
+    """A fresh, empty hidden folder beside ``repository``: ``.NAME.partial-PID`` (``kind`` partial) for what is being
+    written, ``.NAME.old-PID`` (old) for what is on its way out; ``staging``'s names, so a writer killed outright is
+    cleaned up as a build's is."""
+    folder = repository.parent / f".{repository.name}.{kind}-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
+
+
 @contextmanager
 def staged_entries(repository: Path, replace: Collection[str], last: str = "") -> Iterator[Path]:
     """Yield an empty hidden work folder beside ``repository``; when the body ends, its entries go in.
@@ -48,9 +58,7 @@ def staged_entries(repository: Path, replace: Collection[str], last: str = "") -
     OS errors become one-line ``DeployError``s naming the file.
     """
     with parents_made(repository), exclusive(repository, "deploy"):
-        work = repository.parent / f".{repository.name}.partial-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
+        work = hidden_folder(repository, "partial")
         try:
             yield work
             if repository.exists():
@@ -65,9 +73,7 @@ def staged_entries(repository: Path, replace: Collection[str], last: str = "") -
 
 def _swap_entries(work: Path, repository: Path, replace: Collection[str], last: str) -> None:
     """Move ``replace`` aside and ``work``'s entries in; on any failure undo every move, in reverse."""
-    aside = repository.parent / f".{repository.name}.old-{os.getpid()}"
-    shutil.rmtree(aside, ignore_errors=True)
-    aside.mkdir()
+    aside = hidden_folder(repository, "old")
     moves: list[tuple[Path, Path]] = []
     try:
         for name in sorted(n for n in replace if os.path.lexists(repository / n)):
@@ -102,11 +108,7 @@ def staged_version(repository: Path, last: str, check: Callable[[], object]) -> 
     repository is as it was.
     """
     with exclusive(repository, "deploy"):
-        work = repository.parent / f".{repository.name}.partial-{os.getpid()}"
-        aside = repository.parent / f".{repository.name}.old-{os.getpid()}"
-        for folder in (work, aside):
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
+        work, aside = hidden_folder(repository, "partial"), hidden_folder(repository, "old")
         try:
             yield work
             _merge(work, repository, aside, last, check)

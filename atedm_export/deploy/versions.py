@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
 from ..buildfolder import Manifest, check_files, manifest_sha256, read_manifest
-from ..staging import check_apart, exclusive
+from ..staging import check_apart, exclusive, write_atomically
 from .config import CONFIG, DeployError, model_versions, parse, router_tensors
-from .placement import staged_version
+from .placement import hidden_folder, staged_version
 from .readme import repository_readme
 from .layout import BUILD_FOLDER, RECORD
 from .repository import (DeployRequest, Progress, check_free, model_names, check_repository, current_record,
@@ -124,17 +123,15 @@ def retire_old_versions(repository: Path, progress: Progress = lambda model, eve
         newest = record["version"]
         if all(info["versions"] == [newest] for info in record["models"].values()):
             return record  # nothing older: the files stay as they are (a rewritten README would change the router)
-        aside = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(aside, ignore_errors=True)
-        aside.mkdir()
+        aside = hidden_folder(out, "old")
         try:
             models = _retire(out, aside, record, newest, progress)
         finally:
             shutil.rmtree(aside, ignore_errors=True)
         manifest = read_manifest(out / record["router"] / str(newest) / BUILD_FOLDER, verify=False)
         record = {**record, "versions": {str(newest): record["versions"][str(newest)]}, "models": models}
-        _replace_file(out / RECORD, json.dumps(record, indent=2) + "\n")
-        _replace_file(out / record["readme"], repository_readme(record, manifest))
+        write_atomically(out / RECORD, json.dumps(record, indent=2) + "\n")
+        write_atomically(out / record["readme"], repository_readme(record, manifest))
     return record
 
 
@@ -158,10 +155,4 @@ def _retire(out: Path, aside: Path, record: dict, newest: int, progress: Progres
         models[model] = {**info, "versions": [newest], "files": [f for f in info["files"] if not f["path"].startswith(prefixes)]}
     return models
 
-
-def _replace_file(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over: readers see the old or the new."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 

@@ -11,14 +11,12 @@ also at 30k images; it is written after its PNG, so an image interrupted between
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import AtedmError
-from ..staging import check_writable
+from ..staging import check_writable, write_atomically
 from ..userfiles import load_json
 
 FORMAT = "atedm-export.eval/1"
@@ -36,17 +34,6 @@ class ImageKey:
     backend: str
     device: str
     build: str  # the graphs' identity: a build's manifest sha256, or the baseline's files for the unpruned set
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write beside the target and rename: a reader (or a rerun after Ctrl-C) sees the old file or the new one."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(3)}.tmp"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class EvalState:
