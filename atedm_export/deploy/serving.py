@@ -2,12 +2,12 @@
 
 ``RouterModel`` is the UNet clients call: it picks the build's shape from each request's ``sample``, routes
 each row to the graph of its DSAP stage at that shape, and calls that graph's model through BLS.
+``OnnxRuntimeStageModel`` serves one graph (of one shape) with the project's own onnxruntime backend, for CPU
+servers; on GPU servers each graph is a ``tensorrt_plan`` model instead.
 
 Every version of the router is one build (``deploy --next-version`` adds one, ``rollout`` moves servers to it):
 its manifest lives in its own version folder (``<router>/<version>/build/``), and it calls its graph models at
 that same version, so one request never mixes two builds however the versions are loaded.
-``OnnxRuntimeStageModel`` serves one graph (of one shape) with the project's own onnxruntime backend, for CPU
-servers; on GPU servers each graph is a ``tensorrt_plan`` model instead.
 
 A request the model refuses (a shape the build lacks, a step outside the run, a NaN or infinite input) is
 answered with Triton's
