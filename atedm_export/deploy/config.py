@@ -134,6 +134,12 @@ def model_versions(folder: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
 
 
+def version_manifests(repository: Path, router: str) -> dict[int, Manifest]:
+    """The manifest each version of the router routes by (``<router>/<version>/build/``), by version."""
+    return {version: read_manifest(repository / router / str(version) / BUILD_FOLDER, verify=False)
+            for version in model_versions(repository / router)}
+
+
 def router_config(name: str, manifest: Manifest, instances: int, max_batch: int, queue_delay_us: int) -> Any:
     """The UNet clients call: per-row inputs plus step and step count, batched up to ``max_batch`` rows, at any of
     the build's shapes (``router_tensors``). Only its newest version is loaded; ``manifest`` (the newest's) is
@@ -265,8 +271,7 @@ def check_routes(repository: Path, configs: dict[str, Any], router: str) -> Mani
     config = configs.get(router)
     if config is None or MANIFEST_PARAMETER not in config.parameters:
         raise DeployError(f"the repository has no atedm-export router model '{router}'; it has: {', '.join(configs)}")
-    manifests = {version: read_manifest(repository / router / str(version) / BUILD_FOLDER, verify=False)
-                 for version in model_versions(repository / router)}
+    manifests = version_manifests(repository, router)
     newest = manifests[max(manifests)]
     if parse_manifest(config.parameters[MANIFEST_PARAMETER].string_value) != newest:
         raise DeployError(f"{router}/{CONFIG} publishes another manifest than its newest version's "

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..buildfolder import Manifest, parse_manifest, read_manifest
+from ..buildfolder import Manifest, parse_manifest
 from ..errors import AtedmError, first_line
 from .client import client_module, parse_url
 from .repository import Progress, check_repository, current_record
 from .server import SHELL_CONTROL
-from .layout import BUILD_FOLDER
+from .config import version_manifests
 from .serving import MANIFEST_PARAMETER
 from .versions import retire_old_versions
 
@@ -203,7 +203,7 @@ def rollout(repository: Path, urls: Sequence[str], timeout: float = 600.0,
     record = current_record(repository)
     check_repository(repository, files=False)
     router = record["router"]
-    manifests = {int(v): read_manifest(repository / router / v / BUILD_FOLDER, verify=False) for v in record["versions"]}
+    manifests = version_manifests(repository, router)
     servers: list[ServerControl] = []
     try:
         for url in urls:

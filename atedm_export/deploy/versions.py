@@ -21,10 +21,10 @@ from pathlib import Path
 
 from ..buildfolder import Manifest, check_files, manifest_sha256, read_manifest
 from ..staging import check_apart, exclusive, write_atomically
-from .config import CONFIG, DeployError, model_versions, parse, router_tensors
+from .config import CONFIG, DeployError, model_versions, parse, router_tensors, version_manifests
 from .placement import hidden_folder, staged_version
 from .readme import repository_readme
-from .layout import BUILD_FOLDER, RECORD
+from .layout import RECORD
 from .repository import (DeployRequest, Progress, check_free, model_names, check_repository, current_record,
                          make_record, resolve_variant, version_record, write_version)
 from .serving import MANIFEST_PARAMETER
@@ -128,7 +128,7 @@ def retire_old_versions(repository: Path, progress: Progress = lambda model, eve
             models = _retire(out, aside, record, newest, progress)
         finally:
             shutil.rmtree(aside, ignore_errors=True)
-        manifest = read_manifest(out / record["router"] / str(newest) / BUILD_FOLDER, verify=False)
+        manifest = version_manifests(out, record["router"])[newest]
         record = {**record, "versions": {str(newest): record["versions"][str(newest)]}, "models": models}
         write_atomically(out / RECORD, json.dumps(record, indent=2) + "\n")
         write_atomically(out / record["readme"], repository_readme(record, manifest))
