@@ -141,7 +141,6 @@ def _map_layer_code() -> frozenset[CodeType]:
     from .pruning import atedm, gwpr, recover, select
     from .pruning.attention import attention_with_map, attention_with_map_kernels
 
-    # atedm.select: the kernels' selection takes its k largest scores with a torch topk before the select kernel
     functions = (attention_with_map, attention_with_map_kernels, gwpr.gwpr_scores, gwpr.cross_gwpr_scores,
                  gwpr.mapless_gwpr_scores, select.select_tokens, recover.recovery_sources, atedm.select)
     return frozenset(f.__code__ for f in functions)

@@ -70,9 +70,11 @@ def _framework() -> tuple[SimpleNamespace, dict]:
 #: One static shape per op: batch 2, 300 tokens (remainders in every tile), 2 heads of 32, 111 kept.
 B, N, H, D, KEEP = 2, 300, 2, 32, 111
 SHAPES = {"q": (B, N, H, D), "k": (B, N, H, D), "v": (B, N, H, D), "lse": (B, H, N), "scores": (B, N),
-          "top": (B, KEEP), "attn_map": (B, N, N), "kept": (B, KEEP), "slot_of": (B, N)}
-TYPES = {"lse": DataType.FLOAT, "scores": DataType.FLOAT, "top": DataType.FLOAT, "attn_map": DataType.FLOAT,
+          "attn_map": (B, N, N), "kept": (B, KEEP), "slot_of": (B, N)}
+TYPES = {"lse": DataType.FLOAT, "scores": DataType.FLOAT, "attn_map": DataType.FLOAT,
          "kept": DataType.INT64, "slot_of": DataType.INT64}
+
+ATTRIBUTES = {"scale": 0.125, "keep": KEEP}
 
 
 def main(target: str) -> None:
@@ -83,14 +85,14 @@ def main(target: str) -> None:
         describe, implement = plugin["register"], plugin["aot_impl"]
         params = inspect.signature(describe).parameters
         descs = {p: TensorDesc(SHAPES[p], TYPES.get(p, DataType.HALF)) for p in params if p in SHAPES}
-        attrs = {p: 0.125 for p in params if p not in SHAPES}
+        attrs = {p: ATTRIBUTES[p] for p in params if p not in SHAPES}
         outputs = describe(**descs, **attrs)
         meta = [torch.empty(SHAPES[p], dtype={DataType.HALF: torch.float16, DataType.FLOAT: torch.float32,
                                                DataType.INT64: torch.int64}[TYPES.get(p, DataType.HALF)], device="meta")
                 if p in SHAPES else attrs[p] for p in params]
         expected = [[list(shape), str(dtype)] for shape, dtype in ops.OUTPUTS[name](*meta)]
         kernel, ptx, launch, extra = implement(**descs, **attrs, outputs=outputs, tactic=0)
-        sizes = sizes_of(name, [SHAPES[p] for p in params if p in SHAPES])
+        sizes = sizes_of(name, [SHAPES[p] for p in params if p in SHAPES], attrs)
         metadata = compile_node(name, target, "fp16", sizes, attrs.get("scale")).metadata
         entry = ptx[ptx.index(f".entry {kernel}("):]
         print(json.dumps({

@@ -106,9 +106,8 @@ def test_the_ops_pass_torchs_custom_op_checks():
     attn_map, column_sums = torch.ops.atedm.head_mean_map(q, k, lse, 0.25)
     torch.testing.assert_close(column_sums.sum(dim=1), attn_map.mean(dim=1), atol=1e-6, rtol=1e-5)
     scores = torch.rand(2, 40, generator=gen)
-    top = scores.topk(15, dim=1).values
-    torch.library.opcheck(torch.ops.atedm.select_kept, (scores, top))
-    kept, slot_of = torch.ops.atedm.select_kept(scores, top)
+    torch.library.opcheck(torch.ops.atedm.select_kept, (scores, 15))
+    kept, slot_of = torch.ops.atedm.select_kept(scores, 15)
     assert torch.equal(kept, topk_keep_indices(scores, 15))
     torch.library.opcheck(torch.ops.atedm.recovery_sources, (attn_map, kept, slot_of))
     torch.testing.assert_close(torch.ops.atedm.recovery_sources(attn_map, kept, slot_of), recovery_sources(attn_map, kept))
@@ -123,6 +122,16 @@ def test_the_ops_pass_torchs_custom_op_checks():
 
 
 @has_triton
+def test_each_launcher_takes_its_ops_scalars_in_the_schemas_order():
+    """The launcher pairs an op's scalar arguments with names (``Launch.scalars``): they must be the schema's."""
+    from atedm_export.kernels import ops
+    from atedm_export.kernels.triton_kernels import LAUNCHES
+
+    for name, launch in LAUNCHES.items():
+        assert list(launch.scalars) == ops.tensor_and_scalar_names(name)[1], name
+
+
+@has_triton
 def test_the_selection_kernel_keeps_topks_set_ties_included():
     """Few distinct score values: ties at the k-th largest, which the lower indices win on both paths."""
     gen = torch.Generator().manual_seed(0)
@@ -131,10 +140,32 @@ def test_the_selection_kernel_keeps_topks_set_ties_included():
         keep = int(torch.randint(1, tokens + 1, (1,), generator=gen))
         levels = int(torch.randint(1, 6, (1,), generator=gen))
         scores = torch.randint(0, levels, (2, tokens), generator=gen).float() / levels
-        kept, slot_of = torch.ops.atedm.select_kept(scores, scores.topk(keep, dim=1).values)
+        kept, slot_of = torch.ops.atedm.select_kept(scores, keep)
         assert torch.equal(kept, topk_keep_indices(scores, keep)), (trial, tokens, keep)
         want = torch.full_like(slot_of, -1).scatter(1, kept, torch.arange(keep).expand_as(kept))
         assert torch.equal(slot_of, want), (trial, tokens, keep)
+
+
+def _lowest_index_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The reference kept set for any k: a stable descending sort puts tied tokens in index order."""
+    return scores.sort(dim=1, descending=True, stable=True).indices[:, :keep].sort(dim=1).values
+
+
+@has_triton
+def test_the_selection_kernel_finds_the_kth_largest_itself_past_topks_limit():
+    """SDXL 2048²'s blocks (16,384 tokens, 37% kept: 6,062 > TensorRT's TopK limit of 3,840), with ties, negative
+    scores, infinities and both zeros (−0 equals +0, as the comparison of floats has it)."""
+    gen = torch.Generator().manual_seed(1)
+    tokens = 16384
+    scores = torch.randint(-50, 50, (2, tokens), generator=gen).float() / 7
+    scores[0, :4] = torch.tensor([float("inf"), float("-inf"), -0.0, 0.0])
+    scores[1] = torch.where(torch.rand(tokens, generator=gen) < 0.5, -0.0, 0.0)  # only zeros: keep the lowest indices
+    for keep in (6062, 12000):  # the k-th largest positive, then negative
+        kept, slot_of = torch.ops.atedm.select_kept(scores, keep)
+        assert torch.equal(kept, _lowest_index_top(scores, keep)), keep
+        assert torch.equal(kept[1], torch.arange(keep))
+        want = torch.full_like(slot_of, -1).scatter(1, kept, torch.arange(keep).expand_as(kept))
+        assert torch.equal(slot_of, want), keep
 
 
 @has_triton

@@ -430,14 +430,13 @@ def kernels_part(report: Report, bench: Bench) -> None:
             out, lse = torch.ops.atedm.attention_lse(q, k, v, attn.scale)
             attn_map, column_sums = torch.ops.atedm.head_mean_map(q, k, lse, attn.scale)
             first = column_sums.sum(dim=1)
-            top = first.topk(keep, dim=1).values
-            kept, slot_of = torch.ops.atedm.select_kept(first, top)
+            kept, slot_of = torch.ops.atedm.select_kept(first, keep)
             calls = {
                 "attention_lse (on CUDA: PyTorch's flash)": lambda: torch.ops.atedm.attention_lse(q, k, v, attn.scale),
                 "attention_lse, the Triton flash kernel": lambda: tk.run("attention_lse", q, k, v, attn.scale),
                 "head_mean_map": lambda: torch.ops.atedm.head_mean_map(q, k, lse, attn.scale),
                 "one G-WPR step (bmm over the map)": lambda: first.unsqueeze(1) @ attn_map,
-                "select_kept (after torch.topk)": lambda: torch.ops.atedm.select_kept(first, top),
+                "select_kept (the k-th largest found in the kernel)": lambda: torch.ops.atedm.select_kept(first, keep),
                 "recovery_sources": lambda: torch.ops.atedm.recovery_sources(attn_map, kept, slot_of),
                 "gwpr_step (mapless)": lambda: torch.ops.atedm.gwpr_step(q, k, lse, first, attn.scale),
             }

@@ -8,7 +8,7 @@ backend run the engine with no Python. What each plugin embeds is the op's entry
 launched with the grid PyTorch launches it with: one kernel source for PyTorch and the engine.
 
 The descriptions are built from the op's schema and its output table (``kernels/ops.py`` ``OUTPUTS``), so a plugin
-takes exactly its node's inputs and ``scale`` attribute. An engine is static (one profile, min = opt = max): every
+takes exactly its node's inputs and attributes (``scale``, ``keep``). An engine is static (one profile, min = opt = max): every
 shape a plugin sees is a constant, and its kernel is compiled for it.
 
 Written against the ``tensorrt.plugin`` sources of the TensorRT 11.4 bindings (``tensorrt_cu13_bindings``), whose
@@ -55,14 +55,13 @@ _registered: set[str] = set()
 
 def _signature(name: str, trtp: ModuleType, tail: list[inspect.Parameter], returns: Any) -> inspect.Signature:  # noqa: ANN401
     """``tensorrt.plugin`` reads a plugin's inputs and attributes from its function's annotated signature."""
-    tensors, scalars = ops.tensor_and_scalar_names(name)
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    params = [inspect.Parameter(t, kind, annotation=trtp.TensorDesc) for t in tensors]
-    params += [inspect.Parameter(s, kind, annotation=float) for s in scalars]
+    annotations = {"Tensor": trtp.TensorDesc, "float": float, "int": int}
+    params = [inspect.Parameter(argument, kind, annotation=annotations[typ]) for argument, typ in ops.arguments(name)]
     return inspect.Signature(params + tail, return_annotation=returns)
 
 
-def _probes(name: str, descs: list[Any], scalars: dict[str, float]) -> list[Any]:  # noqa: ANN401
+def _probes(name: str, descs: list[Any], scalars: dict[str, float | int]) -> list[Any]:  # noqa: ANN401
     """The op's arguments as meta tensors of the descriptors' (constant) shapes and types, scalars as given."""
     shapes = iter(descs)
     out = []
@@ -108,7 +107,7 @@ def _ahead_of_time(name: str, trtp: ModuleType, target: str):  # noqa: ANN202
         bound = implement.__signature__.bind(*args, **kwargs)
         descs = [bound.arguments[t] for t in tensors]
         shapes = [tuple(int(d.constant_value()) for d in desc.shape_expr) for desc in descs]
-        sizes = sizes_of(name, shapes)
+        sizes = sizes_of(name, shapes, {s: bound.arguments[s] for s in scalars})
         scale = float(bound.arguments["scale"]) if "scale" in scalars else None
         compiled = compile_node(name, target, dtypes.get(descs[0].dtype.name, "fp32"), sizes, scale)
         params = trtp.KernelLaunchParams()

@@ -65,10 +65,10 @@ def head_mean_map(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
     return KernelCost("matmul", 2 * products * dim + products, _nbytes(q, k, lse, *out), 1, q.dtype == torch.float32)
 
 
-def select_kept(scores: torch.Tensor, top: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor]) -> KernelCost:
-    """``select_kernel`` (the caller's ``torch.topk`` is recorded on its own): the scores and the top k read, the
-    kept tokens and each token's slot written, one launch."""
-    return KernelCost("memory", 0, _nbytes(scores, top, *out), 1, False)
+def select_kept(scores: torch.Tensor, keep: int, *, out: tuple[torch.Tensor, torch.Tensor]) -> KernelCost:
+    """``select_kernel``: the scores read once (its 32 counts that find the k-th largest run on the row in
+    registers), the kept tokens and each token's slot written, one launch."""
+    return KernelCost("memory", 0, _nbytes(scores, *out), 1, False)
 
 
 def recovery_sources(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor, *,

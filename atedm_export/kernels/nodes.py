@@ -59,17 +59,6 @@ def exporting_plugin_form() -> bool:
     return _exporting_plugin_form and torch.onnx.is_in_onnx_export()
 
 
-def attributes(name: str, args: tuple) -> tuple[list[torch.Tensor], dict[str, float | int]]:
-    """The op's tensor inputs, in order, and its scalars by their names in the op's schema (the node's attributes)."""
-    tensors, attrs = [], {}
-    for (argument, kind), value in zip(ops.arguments(name), args, strict=True):
-        if kind == "Tensor":
-            tensors.append(value)
-        else:
-            attrs[argument] = value
-    return tensors, attrs
-
-
 class _Launch:
     """``launch.<op>(...)``: ``torch.ops.atedm.<op>(...)``, or in a plugin-form export that op's ``atedm`` node."""
 
@@ -88,7 +77,7 @@ launch = _Launch()
 
 
 def _node(name: str, args: tuple) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    tensors, attrs = attributes(name, args)
+    tensors, attrs = ops.split_arguments(name, args)
     outputs = OUTPUTS[name](*args)
     shapes = [shape for shape, _ in outputs]
     dtypes = [dtype for _, dtype in outputs]

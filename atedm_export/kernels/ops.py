@@ -43,14 +43,14 @@ def head_mean_map(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
 
 
 @torch.library.custom_op("atedm::select_kept", mutates_args=())
-def select_kept(scores: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``keep`` highest-scoring tokens ``[B, keep]`` in index order (ties to the lower index, the set of
-    ``select.topk_keep_indices``) and each token's slot ``[B, N]``, −1 where it is pruned; ``top``: the ``keep``
-    largest scores ``[B, keep]``, descending (``torch.topk``'s values; a ``TopK`` node in a graph)."""
+def select_kept(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` highest-scoring tokens ``[B, keep]`` (fp32 ``scores`` ``[B, N]``) in index order (ties to the lower
+    index, the set of ``select.topk_keep_indices``) and each token's slot ``[B, N]``, −1 where it is pruned. One
+    kernel finds the k-th largest itself: no ``TopK`` before it, so no limit on ``keep`` (TensorRT's is 3840)."""
     require_runnable(scores.device)
     from . import triton_kernels
 
-    return triton_kernels.run("select_kept", scores, top)
+    return triton_kernels.run("select_kept", scores, keep)
 
 
 
@@ -107,27 +107,38 @@ def arguments(name: str) -> list[tuple[str, str]]:
     return [(argument.name, str(argument.type)) for argument in schema.arguments]
 
 
+def split_arguments(name: str, args: tuple) -> tuple[list[torch.Tensor], dict[str, float | int]]:
+    """Op ``name``'s tensor arguments, in order, and its scalars by their names in its schema (a node's attributes,
+    a plugin's attributes, the launcher's sizes and constants)."""
+    tensors, scalars = [], {}
+    for (argument, kind), value in zip(arguments(name), args, strict=True):
+        if kind == "Tensor":
+            tensors.append(value)
+        else:
+            scalars[argument] = value
+    return tensors, scalars
+
+
 def tensor_and_scalar_names(name: str) -> tuple[list[str], list[str]]:
     """Op ``name``'s tensor inputs and its scalars, by name, each in order."""
     listed = arguments(name)
     return [n for n, kind in listed if kind == "Tensor"], [n for n, kind in listed if kind != "Tensor"]
 
 
-def probe_arguments(name: str, dtype: torch.dtype) -> list[torch.Tensor | float]:
+def probe_arguments(name: str, dtype: torch.dtype) -> list[torch.Tensor | float | int]:
     """Stand-ins for op ``name``'s arguments, projections in ``dtype``: meta tensors of consistent shapes (any) and
     scalars of the right type. What registering the op elsewhere needs: its inputs' and outputs' types, their count."""
     return [_probe(argument, dtype) for argument, _ in arguments(name)]
 
 
-def _probe(argument: str, dtype: torch.dtype) -> torch.Tensor | float:
+def _probe(argument: str, dtype: torch.dtype) -> torch.Tensor | float | int:
     """A stand-in for one argument of an op (by its name in the schema) whose projections are ``dtype``: meta
     tensors of the right dtype (the shapes are any consistent ones), or a scalar of the right type."""
     batch, tokens, heads, dim, keep = 1, 4, 1, 8, 2
     projections = torch.empty(batch, tokens, heads, dim, dtype=dtype, device="meta")
-    probes = {"q": projections, "k": projections, "v": projections, "scale": 1.0,
+    probes = {"q": projections, "k": projections, "v": projections, "scale": 1.0, "keep": keep,
               "lse": torch.empty(batch, heads, tokens, device="meta"),
               "scores": torch.empty(batch, tokens, device="meta"),
-              "top": torch.empty(batch, keep, device="meta"),
               "attn_map": torch.empty(batch, tokens, tokens, device="meta"),
               "kept": torch.empty(batch, keep, dtype=torch.int64, device="meta"),
               "slot_of": torch.empty(batch, tokens, dtype=torch.int64, device="meta")}

@@ -24,8 +24,8 @@ def _head_mean_map_outputs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, 
     return [((batch, tokens, keys), torch.float32), ((batch, row_tiles(tokens), keys), torch.float32)]
 
 
-def _select_kept_outputs(scores: torch.Tensor, top: torch.Tensor) -> Outputs:
-    return [(tuple(top.shape), torch.int64), (tuple(scores.shape), torch.int64)]
+def _select_kept_outputs(scores: torch.Tensor, keep: int) -> Outputs:
+    return [((scores.shape[0], keep), torch.int64), (tuple(scores.shape), torch.int64)]
 
 
 def _recovery_sources_outputs(attn_map: torch.Tensor, kept: torch.Tensor, slot_of: torch.Tensor) -> Outputs:

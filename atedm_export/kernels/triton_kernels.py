@@ -154,20 +154,40 @@ def recovery_sources_kernel(Map, Kept, SlotOf, Sources, N, M, KEEP, BLOCK_M: tl.
 
 
 @triton.jit
-def select_kernel(Scores, Top, Kept, SlotOf, N, KEEP, BLOCK: tl.constexpr):
-    """One batch item's kept tokens, in index order: every score above the k-th largest (the last of ``Top``, the
-    k largest in descending order), then of those equal to it the lowest indices that fill the k slots;
-    ``SlotOf[i]`` is token i's slot, −1 if pruned.
+def _ordered_keys(scores):
+    """Each fp32 score as an int32 whose order is the scores' order (−0 taken as +0, so equal scores get equal keys):
+    the sign bit set flips the other 31, the standard radix-sort key."""
+    bits = tl.where(scores == 0.0, 0.0, scores).to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
-    ``select.topk_keep_indices`` in one pass (its ~17 ops), the same set: which tied tokens are kept depends on
-    the index order alone, never on how the k-th largest was found.
+
+@triton.jit
+def _kth_largest_key(keys, ok, KEEP):
+    """The ``KEEP``-th largest of ``keys`` (among ``ok``): the largest ``t`` with at least ``KEEP`` keys ``≥ t``, found
+    bit by bit from the top, 32 counts over the row in registers. TensorRT's ``TopK`` stops at k = 3840; this does
+    not, and needs no sort."""
+    found = tl.full([], -2147483648, tl.int64)  # every key is ≥ the least int32
+    for bit in range(31, -1, -1):  # a loop, not unrolled: 32 copies of a row-wide count would bloat the cubin
+        candidate = found + (tl.full([], 1, tl.int64) << bit)  # within int32: ``found``'s bits below ``bit`` are 0
+        count = tl.sum(((keys >= candidate.to(tl.int32)) & ok).to(tl.int32), 0)
+        found = tl.where(count >= KEEP, candidate, found)
+    return found.to(tl.int32)
+
+
+@triton.jit
+def select_kernel(Scores, Kept, SlotOf, N, KEEP, BLOCK: tl.constexpr):
+    """One batch item's ``KEEP`` highest-scoring tokens, in index order: every score above the k-th largest, then of
+    those equal to it the lowest indices that fill the k slots; ``SlotOf[i]`` is token i's slot, −1 if pruned.
+
+    ``select.topk_keep_indices``' set in one pass with no ``TopK`` before it: the k-th largest comes from
+    ``_kth_largest_key``, and which tied tokens are kept depends on the index order alone.
     """
     b = tl.program_id(0).to(tl.int64)
     index, ok = _span(0, BLOCK, N)
-    scores = tl.load(Scores + b * N + index, mask=ok, other=float("-inf"))
-    threshold = tl.load(Top + b * KEEP + KEEP - 1)
-    above = (scores > threshold) & ok
-    tied = ((scores == threshold) & ok).to(tl.int32)
+    keys = _ordered_keys(tl.load(Scores + b * N + index, mask=ok, other=0.0))
+    threshold = _kth_largest_key(keys, ok, KEEP)
+    above = (keys > threshold) & ok
+    tied = ((keys == threshold) & ok).to(tl.int32)
     room = KEEP - tl.sum(above.to(tl.int32), 0)
     kept = above | ((tied == 1) & (tl.cumsum(tied, 0) - tied < room))
     slot = tl.cumsum(kept.to(tl.int32), 0) - 1
@@ -265,8 +285,8 @@ def head_mean_map_node(Q, K, Lse, N, M, H, D, Map, ColSum, SCALE: tl.constexpr, 
 
 
 @triton.jit
-def select_kept_node(Scores, Top, N, KEEP, Kept, SlotOf, BLOCK: tl.constexpr):
-    select_kernel(Scores, Top, Kept, SlotOf, N, KEEP, BLOCK)
+def select_kept_node(Scores, N, KEEP, Kept, SlotOf, BLOCK: tl.constexpr):
+    select_kernel(Scores, Kept, SlotOf, N, KEEP, BLOCK)
 
 
 @triton.jit
@@ -297,7 +317,7 @@ class Launch:
     sizes: tuple[str, ...]  # its integer arguments, after the inputs
     grid: Callable[[dict[str, int], Tiles], tuple[int, ...]]  # from the sizes (and ``B``, the batch)
     tiles: Tiles
-    scaled: bool  # takes the scale as the constant SCALE
+    scalars: tuple[str, ...]  # the op's scalar arguments in order (its schema's): ``scale`` a constant, ``keep`` a size
 
     def constexprs(self, sizes: dict[str, int], dtype: torch.dtype, scale: float | None) -> dict[str, object]:
         """The compile-time constants: the scale, the tiles, the head-dim tile and the dot's precision."""
@@ -308,8 +328,9 @@ class Launch:
         return {name: values[name] for name in names if name in values}
 
 
-def sizes_of(name: str, shapes: list[tuple[int, ...]]) -> dict[str, int]:
-    """An op's sizes from its inputs' shapes (``B`` for the grid, the rest the entry's integer arguments)."""
+def sizes_of(name: str, shapes: list[tuple[int, ...]], scalars: dict[str, float | int]) -> dict[str, int]:
+    """An op's sizes from its inputs' shapes and its scalars (``B`` for the grid, the rest the entry's integer
+    arguments)."""
     first = shapes[0]
     if name in ("attention_lse", "head_mean_map", "gwpr_step", "recovery_mapless"):
         sizes = {"B": first[0], "N": first[1], "M": shapes[1][1], "H": first[2], "D": first[3]}
@@ -317,38 +338,38 @@ def sizes_of(name: str, shapes: list[tuple[int, ...]]) -> dict[str, int]:
             sizes["KEEP"] = shapes[3][1]
         return sizes
     if name == "select_kept":
-        return {"B": first[0], "N": first[1], "KEEP": shapes[1][1]}
+        return {"B": first[0], "N": first[1], "KEEP": int(scalars["keep"])}
     return {"B": first[0], "N": first[1], "M": first[2], "KEEP": shapes[1][1]}  # recovery_sources
 
 
 LAUNCHES: dict[str, Launch] = {
     "attention_lse": Launch(attention_lse_node, ("N", "M", "H", "D"),
-                            lambda s, t: (triton.cdiv(s["N"], t.block_m), s["B"] * s["H"]), TILES["attention_lse"], True),
+                            lambda s, t: (triton.cdiv(s["N"], t.block_m), s["B"] * s["H"]), TILES["attention_lse"], ("scale",)),
     "head_mean_map": Launch(head_mean_map_node, ("N", "M", "H", "D"),
                             lambda s, t: (triton.cdiv(s["N"], t.block_m), triton.cdiv(s["M"], t.block_n), s["B"]),
-                            TILES["head_mean_map"], True),
-    "select_kept": Launch(select_kept_node, ("N", "KEEP"), lambda s, t: (s["B"],), TILES["select"], False),
+                            TILES["head_mean_map"], ("scale",)),
+    "select_kept": Launch(select_kept_node, ("N", "KEEP"), lambda s, t: (s["B"],), TILES["select"], ("keep",)),
     "recovery_sources": Launch(recovery_sources_node, ("N", "M", "KEEP"),
-                               lambda s, t: (triton.cdiv(s["N"], t.block_m), s["B"]), TILES["recovery_sources"], False),
+                               lambda s, t: (triton.cdiv(s["N"], t.block_m), s["B"]), TILES["recovery_sources"], ()),
     "gwpr_step": Launch(gwpr_step_node, ("N", "M", "H", "D"),
-                        lambda s, t: (triton.cdiv(s["M"], t.block_m), s["B"] * s["H"]), TILES["gwpr_step"], True),
+                        lambda s, t: (triton.cdiv(s["M"], t.block_m), s["B"] * s["H"]), TILES["gwpr_step"], ("scale",)),
     "recovery_mapless": Launch(recovery_mapless_node, ("N", "M", "H", "D", "KEEP"),
-                               lambda s, t: (triton.cdiv(s["N"], t.block_m), s["B"]), TILES["recovery_mapless"], True),
+                               lambda s, t: (triton.cdiv(s["N"], t.block_m), s["B"]), TILES["recovery_mapless"], ("scale",)),
 }
 
 
-def launch(name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor], scale: float | None = None,
+def launch(name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor], scalars: dict[str, float | int],
            tiles: Tiles | None = None) -> None:
-    """Run op ``name``'s entry kernel on contiguous ``inputs`` into ``outputs`` (``tiles``: other than ``TILES``'s,
-    for a sweep)."""
+    """Run op ``name``'s entry kernel on contiguous ``inputs`` into ``outputs``, its ``scalars`` by name (the scale
+    compiled in, a count passed as a size); ``tiles``: other than ``TILES``'s, for a sweep."""
     spec = LAUNCHES[name]
     if tiles is not None:
         spec = dataclasses.replace(spec, tiles=tiles)
     inputs = [t.contiguous() for t in inputs]
-    sizes = sizes_of(name, [tuple(t.shape) for t in inputs])
+    sizes = sizes_of(name, [tuple(t.shape) for t in inputs], scalars)
     dtype = inputs[0].dtype
     spec.kernel[spec.grid(sizes, spec.tiles)](
-        *inputs, *(sizes[n] for n in spec.sizes), *outputs, **spec.constexprs(sizes, dtype, scale),
+        *inputs, *(sizes[n] for n in spec.sizes), *outputs, **spec.constexprs(sizes, dtype, scalars.get("scale")),
         num_warps=spec.tiles.num_warps, num_stages=spec.tiles.num_stages)
 
 
@@ -365,7 +386,7 @@ def precision(dtype: torch.dtype) -> str:
 def run(name: str, *args: object, tiles: Tiles | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Op ``name`` on its arguments (``ops.py``'s signature): outputs allocated (``outputs.allocate``), one launch."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    scale = next((a for a in args if isinstance(a, float)), None)
+    scalars = dict(zip(LAUNCHES[name].scalars, (a for a in args if not isinstance(a, torch.Tensor)), strict=True))
     outputs = allocate(name, args)
-    launch(name, tensors, list(outputs), scale, tiles)
+    launch(name, tensors, list(outputs), scalars, tiles)
     return outputs[0] if len(outputs) == 1 else outputs

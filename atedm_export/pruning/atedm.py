@@ -40,8 +40,7 @@ def select(self_map: SelfMap, scores: torch.Tensor, keep: int,
     """The kept tokens ``[B, k]`` and, from the kernels' one-pass selection, each token's slot ``[B, N]`` (−1 where
     pruned; None on the explicit path, whose recovery finds the kept positions' slots itself)."""
     if self_map.kernels:
-        scores = scores.float()
-        return launch.select_kept(scores, scores.topk(keep, dim=1).values)  # the k largest: TopK in a graph
+        return launch.select_kept(scores.float(), keep)  # the kernel finds the k-th largest: no TopK, no limit on k
     return select_tokens(scores, keep, opts.selection), None
 
 
