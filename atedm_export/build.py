@@ -35,7 +35,7 @@ from .buildfolder import (MANIFEST, EngineInfo, FileEntry, GraphEntry, LoraEntry
                           file_entry, lora_entry, pipeline_info, tool_versions, write_manifest)
 from .buildfolder.layout import ENGINES_DIR, GRAPHS_DIR, WEIGHTS_FILE, engine_file, graph_file, graph_label
 from .models import PIPELINE_INDEX, attention_blocks, build_unet, pipeline_folder, unet_config
-from .pruning import StagePlan
+from .pruning import AtedmOptions, StagePlan
 from .registry import BUILD_LIBRARIES, ENGINE_LIBRARIES
 from .shapes import Shape
 from .spec import GraphSpec
@@ -142,6 +142,13 @@ def engine_form(library: EngineLibrary, plugin_form: bool) -> dict[str, str | No
     return {"form": "portable", "form_reason": reason}
 
 
+def _cheaper_portable(spec: GraphSpec, form: str) -> str:
+    """A hint where engines carry the portable form one head at a time: the batched form launches fewer kernels."""
+    if form != "portable" or not isinstance(spec.pruning, AtedmOptions) or spec.pruning.map_batch != "head":
+        return ""
+    return "; --map-batch all exports it with every head's map in one product, fewer kernels"
+
+
 def _select_stages(request: BuildRequest) -> list[int]:
     names = [s.name for s in request.spec.dsap.stages]
     unknown = [s for s in request.stages if s not in names]
@@ -218,7 +225,8 @@ def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
                           "but generate needs the pipeline's VAE and text encoders", None)
     if library is not None:
         why = f": {engine_info.form_reason}" if engine_info.form_reason else ""
-        progress("engines", f"built from each graph's {engine_info.form} form{why} (docs/build.md)", None)
+        progress("engines", f"built from each graph's {engine_info.form} form{why}{_cheaper_portable(request.spec, engine_info.form)} "
+                            "(docs/build.md)", None)
     with staged_folder(out) as work:
         return _build_into(work, request, model, library, engine_info, progress)
 

@@ -186,13 +186,16 @@ def main() -> None:
 @click.option("--prune-point", type=click.Choice(["attn1", "layer"]),
               help="Prune right after the first self-attention (attn1) or after the first layer (layer, the paper's "
                    "wording) instead of the spec's choice.")
+@click.option("--map-batch", type=click.Choice(["head", "all"]),
+              help="The exported map layer's per-head maps one head at a time (head) or in one batched product (all: "
+                   "fewer ops, heads times the memory) instead of the spec's choice.")
 @click.option("--precision", type=click.Choice(PRECISION_NAMES), help="Override the spec's precision (what --device prices).")
 @click.option("--device", "devices", multiple=True, type=click.Choice(COST_DEVICES, case_sensitive=False),
               help="Predict each graph's time on this device (repeatable): the cost model's speedup of each stage "
                    "and of the schedule vs the fused baseline, and the map layer's share.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def flops(specs: tuple[str, ...], schedule: str | None, prune_point: str | None, precision: str | None,
-          devices: tuple[str, ...], as_json: bool) -> None:
+def flops(specs: tuple[str, ...], schedule: str | None, prune_point: str | None, map_batch: str | None,
+          precision: str | None, devices: tuple[str, ...], as_json: bool) -> None:
     """FLOPs per image-step of each DSAP stage and the baseline, counted on the patched UNet.
 
     SPECS are graph spec YAML files or built-in spec names (sdxl-base-1024, sdxl-base-1024-tome, sd15, sd21,
@@ -203,7 +206,8 @@ def flops(specs: tuple[str, ...], schedule: str | None, prune_point: str | None,
     from .flops import flops_report
     from .spec import load_spec
 
-    graph_specs = [load_spec(s).with_schedule(schedule).with_prune_point(prune_point) for s in specs]
+    graph_specs = [load_spec(s).with_schedule(schedule).with_prune_point(prune_point).with_map_batch(map_batch)
+                   for s in specs]
     if precision:
         graph_specs = [g.model_copy(update={"precision": precision}) for g in graph_specs]
     # a spec with several shapes: each shape's figures (a keep count is per shape), never the first one's alone
@@ -384,6 +388,9 @@ def _gpu_list(value: str | None) -> tuple[int, ...]:
 @click.option("--schedule", help="DSAP schedule instead of the spec's: a preset (paper, uniform-63, dagger, none) or a "
                                  "YAML file.")
 @click.option("--prune-point", type=click.Choice(["attn1", "layer"]), help="Override the spec's prune point.")
+@click.option("--map-batch", type=click.Choice(["head", "all"]),
+              help="Override the spec's map_batch: the exported map layer's per-head maps one head at a time (head) or "
+                   "in one batched product (all).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Build folder to create [default: build/<spec name>].")
 @click.option("--library", "--backend", "library", type=click.Choice(BUILD_LIBRARIES), default="auto", show_default=True,
               help="Engine library; auto takes tensorrt, else tensorrt-rtx; onnx builds graphs only (--backend: its "
@@ -407,7 +414,7 @@ def _gpu_list(value: str | None) -> tuple[int, ...]:
               help="Also write each pruned graph's plugin form: the map layer as the Triton kernels' atedm nodes "
                    "(dynamo exporter; verify runs it in onnxruntime through the kernels). Engines keep the portable "
                    "form (docs/build.md).")
-def build(spec: str, schedule: str | None, prune_point: str | None, out: Path | None, library: str, target: str | None, precision: str | None, stages: str | None,
+def build(spec: str, schedule: str | None, prune_point: str | None, map_batch: str | None, out: Path | None, library: str, target: str | None, precision: str | None, stages: str | None,
           force: bool, opt_level: int, workspace: float | None, timing_cache: Path | None,
           strip_weights: bool | None, ort_fusion: bool | None, refittable: bool, plugin_form: bool) -> None:
     """Export every DSAP stage of SPEC (and the unpruned baseline) to ONNX and compile engines.
@@ -421,7 +428,7 @@ def build(spec: str, schedule: str | None, prune_point: str | None, out: Path | 
     from .build import build as run_build
     from .spec import load_spec
 
-    graph_spec = load_spec(spec).with_schedule(schedule).with_prune_point(prune_point)
+    graph_spec = load_spec(spec).with_schedule(schedule).with_prune_point(prune_point).with_map_batch(map_batch)
     if precision:
         graph_spec = graph_spec.model_copy(update={"precision": precision})
     out = out or Path("build") / graph_spec.name
@@ -501,13 +508,13 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
               highlight=False)
     from .pruning import AtedmOptions
     from .pruning.methods import summary_of
-    from .pruning.options import MAP_IMPLS
+    from .pruning.options import MAP_BATCHES, MAP_IMPLS
 
     out.print(Text(f"method: {summary_of(spec.method)}"))
     if isinstance(spec.pruning, AtedmOptions):
         plugin = any(e.plugin_onnx for e in manifest.all_graphs())
         out.print(Text(f"map layer in PyTorch: map_impl '{spec.pruning.map_impl}' ({MAP_IMPLS[spec.pruning.map_impl]}); "
-                       "in the graphs: standard ONNX ops (portable form)"
+                       f"in the graphs: standard ONNX ops, {MAP_BATCHES[spec.pruning.map_batch]} (portable form)"
                        + ("; the kernels' atedm nodes (plugin form)" if plugin else "")))
     out.print(_graphs_table(manifest, "graphs"))
     for shaped in views(manifest):

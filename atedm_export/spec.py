@@ -155,12 +155,21 @@ class GraphSpec(BaseModel):
 
     def with_prune_point(self, prune_point: str | None) -> GraphSpec:
         """The same spec pruning at another point (``attn1`` or ``layer``), as ``--prune-point`` asks."""
-        if prune_point is None:
+        return self._with_atedm_option("--prune-point", "prune_point", prune_point)
+
+    def with_map_batch(self, map_batch: str | None) -> GraphSpec:
+        """The same spec with its explicit map layer batched another way (``head`` or ``all``), as ``--map-batch``
+        asks."""
+        return self._with_atedm_option("--map-batch", "map_batch", map_batch)
+
+    def _with_atedm_option(self, flag: str, field: str, value: str | None) -> GraphSpec:
+        """The same spec with one AT-EDM option set from the command line (``flag``); None leaves the spec's."""
+        if value is None:
             return self
         if not isinstance(self.pruning, AtedmOptions):
-            raise SpecError(f"--prune-point is an AT-EDM option; this spec prunes with {self.method}")
+            raise SpecError(f"{flag} is an AT-EDM option; this spec prunes with {self.method}")
         pruning = self.pruning.model_dump()
-        return self.model_copy(update={"pruning": parse_options({**pruning, "prune_point": prune_point})})
+        return self.model_copy(update={"pruning": parse_options({**pruning, field: value})})
 
     def with_schedule(self, schedule: str | None) -> GraphSpec:
         """The same spec on another schedule (a preset name or a YAML file), as ``--schedule`` asks."""

@@ -60,7 +60,8 @@ def self_attention_map(attn: Attention, hidden: torch.Tensor, opts: AtedmOptions
     """The first layer's self-attention output and its head-combined map, as ``impl`` computes them."""
     if impl == "kernels":
         return attention_with_map_kernels(attn, hidden)
-    out, self_map = attention_with_map(attn, hidden, None, opts.heads, opts.map_output, opts.map_pool, grid)
+    out, self_map = attention_with_map(attn, hidden, None, opts.heads, opts.map_output, opts.map_pool, grid,
+                                       opts.map_batch)
     return out, SelfMap(self_map)
 
 

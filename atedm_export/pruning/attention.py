@@ -10,8 +10,10 @@ moves the scale there before it runs the optimizer. PyTorch's SDPA exports with 
 shapes, which the graph cleaner folds into constants, after which neither optimizer's matcher applies.
 
 ``attn1`` of a pruned block's first layer also returns its head-combined probability map ``[B, N, M]``
-(fp32). The map is built one head at a time, so no ``[B, heads, N, M]`` fp32 tensor is ever held, and
-each head's probabilities either also give that head's output (``map_output="reuse"``: no second
+(fp32). By default (``map_batch="head"``) the map is built one head at a time, so no ``[B, heads, N, M]``
+fp32 tensor is ever held; ``map_batch="all"`` builds every head's map in one batched product (the same
+values, a sixth of the ops: what a GPU engine pays per kernel, for ``heads`` times the memory). Each head's
+probabilities either also give that head's output (``map_output="reuse"``: no second
 ``q·kᵀ``) or the output runs through the fused attention (``"fused"``: the map path only reads ``q`` and
 ``k``; a GPU's fused kernel then never writes the output's map to memory).
 
@@ -36,6 +38,7 @@ from ..errors import ModelError
 from ..kernels import ops as kernel_ops  # noqa: F401 - registers torch.ops.atedm.* (no triton until they run)
 from ..kernels.nodes import exporting_plugin_form, launch
 from ..kernels.runnable import auto_takes_kernels, require_runnable
+from .options import MapBatch
 
 _STOCK_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
 HeadReduce = Literal["mean", "max"]
@@ -106,6 +109,7 @@ def fusable_attention(unet: torch.nn.Module) -> Iterator[None]:
 def attention_with_map(
     attn: Attention, hidden: torch.Tensor, context: torch.Tensor | None = None,
     heads: HeadReduce = "mean", map_output: MapOutput = "reuse", pool: int = 1, grid: tuple[int, int] | None = None,
+    batch: MapBatch = "head",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``attn`` as its stock processor would; also return its fp32 probabilities combined over heads.
 
@@ -113,40 +117,86 @@ def attention_with_map(
     renormalizes the rows, so the map stays a transition matrix. ``pool`` > 1 (an approximation, with the
     output ``fused``): the map's rows are the queries averaged over ``pool×pool`` patches of the token
     ``grid`` (height, width), a ``[B, N/pool², M]`` map that costs ``pool²`` times less to build and read.
+    ``batch``: each head's map in turn (``head``) or all at once (``all``), the module docstring's trade.
     """
     if pool > 1 and map_output != "fused":
         raise ValueError("a pooled map has no row per query to take the output from: use map_output 'fused'")
     context = hidden if context is None else context
     query, key, value = attn.to_q(hidden), attn.to_k(context), attn.to_v(context)
-    batch, tokens, inner = query.shape
+    batch_size, tokens, inner = query.shape
     head_dim = inner // attn.heads
     # The logits themselves in fp32, not only the softmax: fp16 rounding of q·kᵀ differs between
     # backends (torch CPU, onnxruntime, TensorRT), and near-equal G-WPR scores then keep other tokens.
-    q32 = (query.float() * attn.scale).view(batch, tokens, attn.heads, head_dim)
+    q32 = (query.float() * attn.scale).view(batch_size, tokens, attn.heads, head_dim)
     if pool > 1:
         q32 = pool_grid(q32, grid, pool, dim=1)
-    k32 = key.float().view(batch, -1, attn.heads, head_dim)
+    k32 = key.float().view(batch_size, -1, attn.heads, head_dim)
     # reuse: each head's fp32 map times v in fp32, so the [B, N, M] map is never cast (a full pass over it)
-    v_heads = value.float().view(batch, -1, attn.heads, head_dim) if map_output == "reuse" else None
-    combined, outs = None, []
-    for h in range(attn.heads):
-        probs = (q32[:, :, h] @ k32[:, :, h].transpose(-1, -2)).softmax(dim=-1)  # [B, N, M], this head only
-        if map_output == "reuse":
-            outs.append(probs @ v_heads[:, :, h])
-        combined = probs if combined is None else (combined + probs if heads == "mean" else torch.maximum(combined, probs))
-    if heads == "mean":
-        combined = combined / attn.heads
-    elif heads == "max":
-        combined = combined / combined.sum(dim=-1, keepdim=True)
+    v32 = value.float().view(batch_size, -1, attn.heads, head_dim) if map_output == "reuse" else None
+    if batch == "all":
+        combined, out = _all_heads_map(q32, k32, v32, heads)
+    elif batch == "head":
+        combined, out = _each_heads_map(q32, k32, v32, heads)
     else:
-        raise ValueError(f"head reduction must be 'mean' or 'max', got {heads!r}")
+        raise ValueError(f"map batch must be 'head' or 'all', got {batch!r}")
+    if heads == "max":
+        combined = combined / combined.sum(dim=-1, keepdim=True)
     if map_output == "reuse":
-        out = torch.cat(outs, dim=-1).to(value.dtype)
+        out = out.to(value.dtype)
     elif map_output == "fused":
         out = fused_attention(attn, query, key, value)
     else:
         raise ValueError(f"map output must be 'reuse' or 'fused', got {map_output!r}")
     return attn.to_out[1](attn.to_out[0](out)), combined
+
+
+def _each_heads_map(q32: torch.Tensor, k32: torch.Tensor, v32: torch.Tensor | None,
+                    heads: HeadReduce) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head-combined map (``max``: not yet renormalized) and, given ``v32``, the fp32 output ``[B, N, H·d]``,
+    one head's ``[B, N, M]`` map at a time: the least memory."""
+    if heads not in ("mean", "max"):
+        raise ValueError(f"head reduction must be 'mean' or 'max', got {heads!r}")
+    combined, outs = None, []
+    for h in range(q32.shape[2]):
+        probs = (q32[:, :, h] @ k32[:, :, h].transpose(-1, -2)).softmax(dim=-1)  # [B, N, M], this head only
+        if v32 is not None:
+            outs.append(probs @ v32[:, :, h])
+        combined = probs if combined is None else (combined + probs if heads == "mean" else torch.maximum(combined, probs))
+    if heads == "mean":
+        combined = combined / q32.shape[2]
+    return combined, torch.cat(outs, dim=-1) if v32 is not None else None
+
+
+#: The most fp32 map bytes ``map_batch="all"`` puts in one product: SDXL's 64×64 blocks at 1024² and batch 2 take
+#: all 10 heads at once (1.3 GB), its 2048² blocks (2.1 GB a head) one at a time, as ``head`` does.
+MAP_BATCH_BYTES = 2 << 30
+
+
+def _all_heads_map(q32: torch.Tensor, k32: torch.Tensor, v32: torch.Tensor | None,
+                   heads: HeadReduce) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``_each_heads_map`` with the heads' maps in ``[B, g, N, M]`` products, softmaxes and reductions: all ``H``
+    heads in one where their maps take at most ``MAP_BATCH_BYTES``, else groups of as many as fit."""
+    if heads not in ("mean", "max"):
+        raise ValueError(f"head reduction must be 'mean' or 'max', got {heads!r}")
+    batch, tokens, count, _ = q32.shape
+    per_head = batch * tokens * k32.shape[1] * 4
+    group = max(1, min(count, MAP_BATCH_BYTES // per_head))
+    q, k = q32.transpose(1, 2), k32.transpose(1, 2)  # [B, H, N, d], [B, H, M, d]
+    v = v32.transpose(1, 2) if v32 is not None else None
+    spans = [slice(None)] if group == count else [slice(start, start + group) for start in range(0, count, group)]
+    combined, outs = None, []
+    for span in spans:  # one span, the whole head axis, where all fit: no slicing in the graph
+        probs = (q[:, span] @ k[:, span].transpose(-1, -2)).softmax(dim=-1)
+        part = probs.amax(dim=1) if heads == "max" else probs.mean(dim=1) if len(spans) == 1 else probs.sum(dim=1)
+        combined = part if combined is None else (combined + part if heads == "mean" else torch.maximum(combined, part))
+        if v is not None:
+            outs.append(probs @ v[:, span])  # [B, g, N, d]
+    if heads == "mean" and len(spans) > 1:
+        combined = combined / count  # the groups' sums, then one division: the mean of all heads
+    if v is None:
+        return combined, None
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return combined, out.transpose(1, 2).reshape(batch, tokens, -1)
 
 
 def resolve_map_impl(choice: str, heads: HeadReduce, pool: int, x: torch.Tensor) -> MapPath:

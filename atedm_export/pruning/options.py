@@ -22,11 +22,17 @@ Selection = Literal["auto", "topk", "rank"]
 HeadReduce = Literal["mean", "max"]
 MapOutput = Literal["reuse", "fused"]
 MapImpl = Literal["auto", "explicit", "kernels"]
+MapBatch = Literal["head", "all"]
 #: What each ``map_impl`` runs, in the words ``inspect`` shows.
 MAP_IMPLS: dict[str, str] = {
     "auto": "Triton kernels on CUDA tensors, torch ops elsewhere",
-    "explicit": "torch ops, one head at a time in fp32 (the reference)",
+    "explicit": "torch ops in fp32, the reference",
     "kernels": "Triton kernels (on CPU tensors in Triton's interpreter)",
+}
+#: What each ``map_batch`` exports, in the words ``inspect`` shows.
+MAP_BATCHES: dict[str, str] = {
+    "head": "each head's map in turn",
+    "all": "every head's map in one product",
 }
 
 #: The method a spec or plan prunes with where it names none.
@@ -63,7 +69,9 @@ class AtedmOptions(_Options):
     ``map_output``: the map layer's output from each head's map (``reuse``: no second ``q·kᵀ``) or through
     the fused attention (``fused``; ``attention.py``). ``map_pool`` > 1 is an approximation, never the
     default: the map's queries pooled over ``map_pool×map_pool`` patches, a map ``map_pool²`` times cheaper.
-    ``map_impl``: how PyTorch runs the map layer. ``explicit`` is the reference and the CPU path (the map built
+    ``map_batch``: the explicit map layer's per-head maps one head at a time (``head``) or in one batched
+    product (``all``, fewer ops for a GPU engine to launch; ``attention.py``). ``map_impl``: how PyTorch runs the
+    map layer. ``explicit`` is the reference and the CPU path (the map built
     one head at a time in fp32 by torch ops, what the ONNX export writes); ``kernels`` runs it as the Triton
     kernels of ``atedm_export/kernels`` (one flash pass for the output and each head's log-sum-exp, the
     head-mean map written once with G-WPR's first step fused, recovery's argmax in one pass), on CUDA
@@ -89,6 +97,10 @@ class AtedmOptions(_Options):
                           "fused attention (fused)")
     map_pool: int = Field(
         1, description="approximate: the map's queries pooled over map_pool x map_pool patches (1 = exact G-WPR)")
+    map_batch: MapBatch = Field(
+        "head", description="the explicit map layer (what graphs export): each head's fp32 map in turn (head, the "
+                            "least memory) or all heads' in one batched product (all: the same values, a sixth of "
+                            "the ops, heads times the memory)")
     map_impl: MapImpl = Field(
         "auto", description="the map layer in PyTorch: Triton kernels (kernels), torch ops (explicit, the reference), "
                             "or kernels on CUDA tensors and explicit elsewhere (auto); exports are always explicit")
