@@ -225,8 +225,8 @@ def build(request: BuildRequest, progress: Progress = _silent) -> Manifest:
                           "but generate needs the pipeline's VAE and text encoders", None)
     if library is not None:
         why = f": {engine_info.form_reason}" if engine_info.form_reason else ""
-        progress("engines", f"built from each graph's {engine_info.form} form{why}{_cheaper_portable(request.spec, engine_info.form)} "
-                            "(docs/build.md)", None)
+        hint = _cheaper_portable(request.spec, engine_info.form)
+        progress("engines", f"built from each graph's {engine_info.form} form{why}{hint} (docs/build.md)", None)
     with staged_folder(out) as work:
         return _build_into(work, request, model, library, engine_info, progress)
 

@@ -244,7 +244,7 @@ def _print_flops(report) -> None:  # noqa: ANN001 - flops.FlopsReport
     out.print(table)
     out.print(_keep_table(report.tokens, {s.name: s.keep for s in report.stages}))
     for prediction in report.predictions:
-        out.print(_prediction_table(prediction, report.batch, report.precision))
+        out.print(_prediction_table(prediction, report.batch, report.precision, report.map_batch))
 
 
 def _budget_table(reports: list) -> Table:
@@ -259,9 +259,13 @@ def _budget_table(reports: list) -> Table:
     return table
 
 
-def _prediction_table(prediction, batch: int, precision: str) -> Table:  # noqa: ANN001 - flops.DevicePrediction
+def _prediction_table(prediction, batch: int, precision: str,  # noqa: ANN001 - flops.DevicePrediction
+                      map_batch: str | None = None) -> Table:
     """One device: each graph's predicted time per call, its speedup vs the fused baseline, the map layer's share;
-    for AT-EDM also the speedup with the map layer on its kernels (what PyTorch runs on a GPU)."""
+    for AT-EDM also the speedup with the map layer on its kernels (what PyTorch runs on a GPU). ``map_batch``: the
+    portable form's (``AtedmOptions.map_batch``), named in the caption."""
+    from .pruning.options import MAP_BATCHES
+
     dev = prediction.device
     kernels = bool(prediction.kernel_stages)
     table = Table(title=Text(f"predicted on {dev.name} ({dev.tflops:.1f} TFLOP/s, fp32 {dev.fp32_tflops:.1f}, "
@@ -280,8 +284,9 @@ def _prediction_table(prediction, batch: int, precision: str) -> Table:  # noqa:
     table.add_section()
     table.add_row("schedule", "", _ratio(prediction.schedule_speedup),
                   *((_ratio(prediction.kernels_schedule_speedup),) if kernels else ()), "", "")
-    table.caption = Text(dev.source + (". vs fused baseline: the portable form (the map layer as standard ops, what "
-                                       "onnxruntime and today's engines run; ms, map layer and share are its); plugin "
+    batched = f", {MAP_BATCHES[map_batch]}" if map_batch else ""
+    table.caption = Text(dev.source + (f". vs fused baseline: the portable form (the map layer as standard ops{batched}, "
+                                       "what onnxruntime and today's engines run; ms, map layer and share are its); plugin "
                                        "form: the map layer on its kernels (its atedm nodes; map_impl 'kernels' in "
                                        "PyTorch)" if kernels else ""))
     return table
@@ -550,7 +555,7 @@ def inspect(build_dir: Path, devices: tuple[str, ...], as_json: bool) -> None:
         out.print(Text(f"LoRA {lora.file} (scale {lora.scale:g}, sha256 {lora.sha256[:12]}…) fused into the weights"))
     out.print(f"total on disk: {_mib(data['total_bytes'])} MiB", highlight=False)
     for prediction in predictions:
-        out.print(_prediction_table(prediction, spec.batch, spec.precision))
+        out.print(_prediction_table(prediction, spec.batch, spec.precision, getattr(spec.pruning, "map_batch", None)))
 
 
 @main.command()

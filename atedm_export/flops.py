@@ -127,6 +127,7 @@ class FlopsReport:
     precision: str = "fp32"
     predictions: list[DevicePrediction] = field(default_factory=list)
     method: str = "atedm"  # the pruning method (pruning.METHODS)
+    map_batch: str | None = None  # AT-EDM: how the portable form's map layer batches its heads (what "explicit" prices)
 
     @property
     def schedule_tflops(self) -> float:
@@ -177,6 +178,7 @@ def flops_report(spec: GraphSpec, devices: tuple[Device, ...] = ()) -> FlopsRepo
         predictions=_predictions(spec, devices, [s.name for s in stages], [s.num_steps for s in stages]) if devices else [],
         spec=spec.name,
         method=spec.method,
+        map_batch=options.map_batch if isinstance(options, AtedmOptions) else None,
         model=spec.model,
         schedule=spec.dsap.name,
         height=spec.height,

@@ -113,7 +113,8 @@ def test_the_exported_batched_form_has_fewer_nodes_and_runs_as_eager(tiny_dir, t
         outputs[batch] = session.run(None, {"hidden": feed[0].numpy(), "context": feed[1].numpy()})[0]
         torch.testing.assert_close(torch.from_numpy(outputs[batch]), eager, atol=1e-5, rtol=1e-4)
     assert counts["all"] < counts["head"], counts
-    torch.testing.assert_close(torch.from_numpy(outputs["all"]), torch.from_numpy(outputs["head"]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(outputs["all"]), torch.from_numpy(outputs["head"]),
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_map_batch_is_a_command_line_override_of_the_spec():

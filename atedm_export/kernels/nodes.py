@@ -1,12 +1,12 @@
 """The map layer's kernels as nodes of a graph: the *plugin form* of a pruned graph.
 
 A pruned graph's portable form (what onnxruntime runs and ``verify`` checks against eager) writes the map layer
-as standard ONNX ops, one head at a time in fp32. Its plugin form is the same graph with the map layer as one
-node per ``torch.ops.atedm`` op, in the ``atedm`` domain: ``AttentionLse``, ``HeadMeanMap``, ``SelectKept`` and
-``RecoverySources`` (``GwprStep`` and ``RecoveryMapless`` where the map would pass ``ops.MAP_BYTES_LIMIT``),
-with G-WPR's remaining steps as standard ``MatMul``s between them. Each node means exactly what its op computes,
-so one kernel source serves PyTorch, the graph and whatever runs the graph's nodes (onnxruntime through
-``onnxruntime_ops.py``; a TensorRT plugin per node, docs/build.md).
+as standard ONNX ops in fp32 (``map_batch``: one head at a time, or all in one product). Its plugin form is the
+same graph with the map layer as one node per ``torch.ops.atedm`` op, in the ``atedm`` domain: ``AttentionLse``,
+``HeadMeanMap``, ``SelectKept`` and ``RecoverySources`` (``GwprStep`` and ``RecoveryMapless`` where the map would
+pass ``ops.MAP_BYTES_LIMIT``), with G-WPR's remaining steps as standard ``MatMul``s between them. Each node means
+exactly what its op computes, so one kernel source serves PyTorch, the graph and whatever runs the graph's nodes
+(onnxruntime through ``onnxruntime_ops.py``; a TensorRT plugin per node, docs/build.md).
 
 Why several nodes and not one: TensorRT's ahead-of-time plugins (``tensorrt.plugin.aot_impl``, TensorRT ≥ 10.9)
 embed exactly one compiled kernel per plugin, launched on the plugin's inputs, then scalar arguments, then its
@@ -59,6 +59,17 @@ def exporting_plugin_form() -> bool:
     return _exporting_plugin_form and torch.onnx.is_in_onnx_export()
 
 
+def attributes(name: str, args: tuple) -> tuple[list[torch.Tensor], dict[str, float | int]]:
+    """The op's tensor inputs, in order, and its scalars by their names in the op's schema (the node's attributes)."""
+    tensors, attrs = [], {}
+    for (argument, kind), value in zip(ops.arguments(name), args, strict=True):
+        if kind == "Tensor":
+            tensors.append(value)
+        else:
+            attrs[argument] = value
+    return tensors, attrs
+
+
 class _Launch:
     """``launch.<op>(...)``: ``torch.ops.atedm.<op>(...)``, or in a plugin-form export that op's ``atedm`` node."""
 
@@ -77,7 +88,7 @@ launch = _Launch()
 
 
 def _node(name: str, args: tuple) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    tensors, attrs = ops.split_arguments(name, args)
+    tensors, attrs = attributes(name, args)
     outputs = OUTPUTS[name](*args)
     shapes = [shape for shape, _ in outputs]
     dtypes = [dtype for _, dtype in outputs]

@@ -107,18 +107,6 @@ def arguments(name: str) -> list[tuple[str, str]]:
     return [(argument.name, str(argument.type)) for argument in schema.arguments]
 
 
-def split_arguments(name: str, args: tuple) -> tuple[list[torch.Tensor], dict[str, float | int]]:
-    """Op ``name``'s tensor arguments, in order, and its scalars by their names in its schema (a node's attributes,
-    a plugin's attributes, the launcher's sizes and constants)."""
-    tensors, scalars = [], {}
-    for (argument, kind), value in zip(arguments(name), args, strict=True):
-        if kind == "Tensor":
-            tensors.append(value)
-        else:
-            scalars[argument] = value
-    return tensors, scalars
-
-
 def tensor_and_scalar_names(name: str) -> tuple[list[str], list[str]]:
     """Op ``name``'s tensor inputs and its scalars, by name, each in order."""
     listed = arguments(name)

@@ -71,12 +71,12 @@ class AtedmOptions(_Options):
     default: the map's queries pooled over ``map_pool×map_pool`` patches, a map ``map_pool²`` times cheaper.
     ``map_batch``: the explicit map layer's per-head maps one head at a time (``head``) or in one batched
     product (``all``, fewer ops for a GPU engine to launch; ``attention.py``). ``map_impl``: how PyTorch runs the
-    map layer. ``explicit`` is the reference and the CPU path (the map built
-    one head at a time in fp32 by torch ops, what the ONNX export writes); ``kernels`` runs it as the Triton
-    kernels of ``atedm_export/kernels`` (one flash pass for the output and each head's log-sum-exp, the
-    head-mean map written once with G-WPR's first step fused, recovery's argmax in one pass), on CUDA
-    tensors, or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``); ``auto`` takes the kernels
-    on CUDA tensors and the explicit path elsewhere. The kernels combine heads by ``mean`` on an unpooled
+    map layer. ``explicit`` is the reference and the CPU path (the map built in fp32 by torch ops, ``map_batch``
+    heads at a time, what the ONNX export writes); ``kernels`` runs it as the Triton kernels of
+    ``atedm_export/kernels`` (one flash pass for the output and each head's log-sum-exp, the head-mean map written
+    once with G-WPR's first step fused, recovery's argmax in one pass), on CUDA tensors, or on CPU tensors in
+    Triton's interpreter (``TRITON_INTERPRET=1``); ``auto`` takes the kernels on CUDA tensors and the explicit
+    path elsewhere. The kernels combine heads by ``mean`` on an unpooled
     map only; an ONNX export is always explicit.
     Unset defaults (``prune_point``, ``map_output``) are written down when the options are made, so a
     manifest says which ones its graphs were built with.
