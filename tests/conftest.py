@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 from atedm_export.buildfolder import FileEntry, first_view, sha256
 from atedm_export.contract import GraphContract
 from atedm_export.models import attention_blocks, load_unet
+from atedm_export.pruning import AtedmOptions, StagePlan, set_plan
 
 TINY_HW = 256
 
@@ -66,6 +67,31 @@ def sample_loop(model, scheduler, contract: GraphContract, steps: int, seed: int
 def run(unet, inputs) -> torch.Tensor:
     with torch.no_grad():
         return unet(**inputs).sample
+
+
+class BlockGraph(torch.nn.Module):
+    """One attention block as a graph: image tokens and text in, the block's output out."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.block(hidden, encoder_hidden_states=context).sample
+
+
+def peaked_block(unet: torch.nn.Module, options: AtedmOptions, peak: float) -> tuple[BlockGraph, int, int]:
+    """The first 16×16 block of the tiny UNet pruned to 95 of 256 tokens with ``options``, its first layer's query and
+    key projections scaled by ``peak`` (peaked maps, on which the ranking matters); with its height and width."""
+    blocks = attention_blocks(unet, 256, 256)
+    chosen = blocks[0]
+    set_plan(unet, StagePlan({chosen.name: 95}, options, {b.name: b.tokens for b in blocks}))
+    block = unet.get_submodule(chosen.name)
+    first = block.transformer_blocks[0].attn1
+    with torch.no_grad():
+        first.to_q.weight.mul_(peak)
+        first.to_k.weight.mul_(peak)
+    return BlockGraph(block).eval(), chosen.height, chosen.width
 
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx_bindings") is not None

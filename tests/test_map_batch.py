@@ -19,15 +19,14 @@ import torch
 from click.testing import CliRunner
 
 from atedm_export.cli import main
-from atedm_export.models import attention_blocks
-from atedm_export.pruning import AtedmOptions, StagePlan, apply_pruning, set_plan
+from atedm_export.pruning import AtedmOptions, StagePlan, apply_pruning
 from atedm_export.pruning import attention
 from atedm_export.pruning.attention import attention_with_map
 from atedm_export.pruning.gwpr import gwpr_scores
 from atedm_export.pruning.recover import recovery_sources
 from atedm_export.pruning.select import select_tokens
 
-from .conftest import run
+from .conftest import peaked_block, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -70,31 +69,12 @@ def test_the_pruned_unet_gives_the_same_output_either_way(tiny_unet, tiny_blocks
     assert torch.equal(got, want)
 
 
-class _Block(torch.nn.Module):
-    def __init__(self, block: torch.nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.block(hidden, encoder_hidden_states=context).sample
-
-
 def _exported(unet: torch.nn.Module, batch: str, path: Path) -> tuple[onnx.ModelProto, torch.Tensor, list]:
-    """The first 16×16 block of the tiny UNet pruned to 95 of 256 tokens, its maps peaked, exported as the build
-    exports (TorchScript); with its eager output and its inputs."""
-    blocks = attention_blocks(unet, 256, 256)
-    chosen = blocks[0]
-    set_plan(unet, StagePlan({chosen.name: 95}, AtedmOptions(map_impl="explicit", map_batch=batch),
-                             {b.name: b.tokens for b in blocks}))
-    block = unet.get_submodule(chosen.name)
-    first = block.transformer_blocks[0].attn1
-    with torch.no_grad():
-        first.to_q.weight.mul_(PEAK)
-        first.to_k.weight.mul_(PEAK)
-    graph = _Block(block).eval()
+    """``conftest.peaked_block`` with ``map_batch`` ``batch`` exported as the build exports (TorchScript); with its
+    eager output and its inputs."""
+    graph, height, width = peaked_block(unet, AtedmOptions(map_impl="explicit", map_batch=batch), PEAK)
     gen = torch.Generator().manual_seed(0)
-    feed = [torch.randn(2, block.in_channels, chosen.height, chosen.width, generator=gen),
-            torch.randn(2, 77, 64, generator=gen)]
+    feed = [torch.randn(2, graph.block.in_channels, height, width, generator=gen), torch.randn(2, 77, 64, generator=gen)]
     with torch.no_grad():
         eager = graph(*feed)
         torch.onnx.export(graph, tuple(feed), str(path), dynamo=False, input_names=["hidden", "context"],

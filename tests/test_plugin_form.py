@@ -29,42 +29,17 @@ from atedm_export.kernels.nodes import DOMAIN, NODE_TYPES, plugin_form
 from atedm_export.kernels.onnxruntime_ops import plugin_nodes, session_model, session_options
 from atedm_export.kernels.runnable import TRITON_INSTALLED
 from atedm_export.buildfolder import first_view, read_manifest, check_files
-from atedm_export.models import attention_blocks
-from atedm_export.pruning import AtedmOptions, StagePlan, set_plan
+from atedm_export.pruning import AtedmOptions
 from atedm_export.pruning import atedm as atedm_module
 
-from .conftest import needs_rtx
+from .conftest import BlockGraph, needs_rtx, peaked_block
 
 PEAK = 6.0
 ROOT = Path(__file__).resolve().parents[1]
 has_triton = pytest.mark.skipif(not TRITON_INSTALLED, reason="triton not installed")
 
 
-class _Block(torch.nn.Module):
-    """One pruned attention block as a graph: image tokens and text in, the block's output out."""
-
-    def __init__(self, block: torch.nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.block(hidden, encoder_hidden_states=context).sample
-
-
-def _peaked_block(unet: torch.nn.Module) -> tuple[_Block, int, int]:
-    """The first 16×16 block of the tiny UNet, pruned to 95 of 256 tokens, its first layer's maps peaked."""
-    blocks = attention_blocks(unet, 256, 256)
-    chosen = blocks[0]
-    set_plan(unet, StagePlan({chosen.name: 95}, AtedmOptions(), {b.name: b.tokens for b in blocks}))
-    block = unet.get_submodule(chosen.name)
-    first = block.transformer_blocks[0].attn1
-    with torch.no_grad():
-        first.to_q.weight.mul_(PEAK)
-        first.to_k.weight.mul_(PEAK)
-    return _Block(block).eval(), chosen.height, chosen.width
-
-
-def _eager_selection(graph: _Block, feed: tuple[torch.Tensor, ...], monkeypatch) -> dict:  # noqa: ANN001
+def _eager_selection(graph: BlockGraph, feed: tuple[torch.Tensor, ...], monkeypatch) -> dict:  # noqa: ANN001
     """The explicit path's kept tokens, recovery sources and map, recorded as the eager block runs."""
     seen: dict = {}
 
@@ -92,7 +67,7 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 @has_triton
 def test_the_plugin_form_keeps_the_explicit_paths_tokens_and_output(tiny_unet, monkeypatch, tmp_path):
-    graph, height, width = _peaked_block(tiny_unet)
+    graph, height, width = peaked_block(tiny_unet, AtedmOptions(), PEAK)
     gen = torch.Generator().manual_seed(0)
     feed = (torch.randn(2, graph.block.in_channels, height, width, generator=gen), torch.randn(2, 77, 64, generator=gen))
     eager = _eager_selection(graph, feed, monkeypatch)
