@@ -9,7 +9,8 @@ fraction of the uniform row's ``log N``). Each variant's kept set is compared wi
 (overlap = shared tokens / k), and the layer's output after selection and copy recovery with the exact
 one's (relative L2 error). ``--inputs smooth`` feeds spatially correlated tokens (a random 1/8-resolution
 grid, bilinearly upsampled, plus 30% noise), closer to a UNet's features than i.i.d. tokens, where any
-two tokens are unrelated and a copy from another source is as far off as a random one. The cost model's predicted schedule speedup on an H100 (sdxl-base-1024,
+two tokens are unrelated and a copy from another source is as far off as a random one. ``exact, heads
+batched`` is ``map_batch: all`` (every head's map in one product), the same method in another order of sums. The cost model's predicted schedule speedup on an H100 (sdxl-base-1024,
 ``paper``) stands beside each variant.
 """
 
@@ -39,13 +40,17 @@ from atedm_export.spec import load_spec  # noqa: E402
 # (grid side, channels, heads): SDXL 1024² (64×64, 32×32), SD 1.5 512² (64×64, 32×32)
 SHAPES = [("SDXL 64x64", 64, 640, 10), ("SDXL 32x32", 32, 1280, 20), ("SD1.5 64x64", 64, 320, 8),
           ("SD1.5 32x32", 32, 640, 8)]
-VARIANTS = {"exact (reuse)": (1, "reuse"), "exact (fused)": (1, "fused"), "pooled 2x2": (2, "fused"),
-            "pooled 4x4": (4, "fused")}
+#: Each variant as (map_pool, map_output, map_batch).
+VARIANTS = {"exact (reuse)": (1, "reuse", "head"), "exact (fused)": (1, "fused", "head"),
+            "exact, heads batched": (1, "reuse", "all"), "exact (fused), heads batched": (1, "fused", "all"),
+            "pooled 2x2": (2, "fused", "head"),
+            "pooled 4x4": (4, "fused", "head")}
 
 
-def run_layer(attn: Attention, x: torch.Tensor, side: int, keep: int, pool: int, output: str):  # noqa: ANN201
+def run_layer(attn: Attention, x: torch.Tensor, side: int, keep: int, pool: int, output: str,  # noqa: ANN201
+              batch: str = "head"):
     grid = (side, side)
-    out, amap = attention_with_map(attn, x, map_output=output, pool=pool, grid=grid)
+    out, amap = attention_with_map(attn, x, map_output=output, pool=pool, grid=grid, batch=batch)
     scores = gwpr_scores(amap) if pool == 1 else pooled_gwpr_scores(amap, grid, pool)
     kept = select_tokens(scores, keep)
     recovered = copy_recover(gather_tokens(out, kept), recovery_sources(amap, kept, _map_rows(grid, pool, x.device)))
@@ -75,8 +80,8 @@ def main() -> int:
     for column in ("block", "row entropy", "variant", "kept overlap", "output rel. error", "H100 schedule (paper)"):
         table.add_column(column, justify="left" if column in ("block", "variant") else "right")
     predicted = {}
-    for name, (pool, output) in VARIANTS.items():
-        pruning = spec.pruning.model_copy(update={"map_pool": pool, "map_output": output})
+    for name, (pool, output, batch) in VARIANTS.items():
+        pruning = spec.pruning.model_copy(update={"map_pool": pool, "map_output": output, "map_batch": batch})
         report = flops_report(spec.model_copy(update={"pruning": pruning}), (DEVICES["h100"],))
         predicted[name] = report.predictions[0].schedule_speedup
     for label, side, channels, heads in SHAPES:
@@ -90,8 +95,8 @@ def main() -> int:
             exact_map, exact_kept, exact_out = run_layer(attn, x, side, keep, 1, "reuse")
             entropy = -(exact_map * exact_map.clamp_min(1e-30).log()).sum(-1).mean().item() / math.log(side * side)
             want = set(exact_kept[0].tolist())
-            for name, (pool, output) in VARIANTS.items():
-                _, kept, out = run_layer(attn, x, side, keep, pool, output)
+            for name, (pool, output, batch) in VARIANTS.items():
+                _, kept, out = run_layer(attn, x, side, keep, pool, output, batch)
                 overlap = len(want & set(kept[0].tolist())) / keep
                 error = ((out - exact_out).norm() / exact_out.norm()).item()
                 table.add_row(label, f"{entropy:.2f}", name, f"{overlap:.1%}", f"{error:.2e}", f"{predicted[name]:.2f}×")
