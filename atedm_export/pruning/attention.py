@@ -12,7 +12,8 @@ shapes, which the graph cleaner folds into constants, after which neither optimi
 ``attn1`` of a pruned block's first layer also returns its head-combined probability map ``[B, N, M]``
 (fp32). By default (``map_batch="head"``) the map is built one head at a time, so no ``[B, heads, N, M]``
 fp32 tensor is ever held; ``map_batch="all"`` builds every head's map in one batched product (the same
-values, a sixth of the ops: what a GPU engine pays per kernel, for ``heads`` times the memory). Each head's
+values to rounding and far fewer ops, which a GPU engine pays per kernel: SDXL's main stage runs 2,445 kernels
+instead of 3,048; for ``heads`` times the memory). Each head's
 probabilities either also give that head's output (``map_output="reuse"``: no second
 ``q·kᵀ``) or the output runs through the fused attention (``"fused"``: the map path only reads ``q`` and
 ``k``; a GPU's fused kernel then never writes the output's map to memory).
@@ -121,6 +122,8 @@ def attention_with_map(
     """
     if pool > 1 and map_output != "fused":
         raise ValueError("a pooled map has no row per query to take the output from: use map_output 'fused'")
+    if heads not in ("mean", "max"):
+        raise ValueError(f"head reduction must be 'mean' or 'max', got {heads!r}")
     context = hidden if context is None else context
     query, key, value = attn.to_q(hidden), attn.to_k(context), attn.to_v(context)
     batch_size, tokens, inner = query.shape
@@ -154,8 +157,6 @@ def _each_heads_map(q32: torch.Tensor, k32: torch.Tensor, v32: torch.Tensor | No
                     heads: HeadReduce) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The head-combined map (``max``: not yet renormalized) and, given ``v32``, the fp32 output ``[B, N, H·d]``,
     one head's ``[B, N, M]`` map at a time: the least memory."""
-    if heads not in ("mean", "max"):
-        raise ValueError(f"head reduction must be 'mean' or 'max', got {heads!r}")
     combined, outs = None, []
     for h in range(q32.shape[2]):
         probs = (q32[:, :, h] @ k32[:, :, h].transpose(-1, -2)).softmax(dim=-1)  # [B, N, M], this head only
@@ -176,8 +177,6 @@ def _all_heads_map(q32: torch.Tensor, k32: torch.Tensor, v32: torch.Tensor | Non
                    heads: HeadReduce) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``_each_heads_map`` with the heads' maps in ``[B, g, N, M]`` products, softmaxes and reductions: all ``H``
     heads in one where their maps take at most ``MAP_BATCH_BYTES``, else groups of as many as fit."""
-    if heads not in ("mean", "max"):
-        raise ValueError(f"head reduction must be 'mean' or 'max', got {heads!r}")
     batch, tokens, count, _ = q32.shape
     per_head = batch * tokens * k32.shape[1] * 4
     group = max(1, min(count, MAP_BATCH_BYTES // per_head))
