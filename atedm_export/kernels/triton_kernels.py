@@ -386,7 +386,8 @@ def precision(dtype: torch.dtype) -> str:
 def run(name: str, *args: object, tiles: Tiles | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Op ``name`` on its arguments (``ops.py``'s signature): outputs allocated (``outputs.allocate``), one launch."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    scalars = dict(zip(LAUNCHES[name].scalars, (a for a in args if not isinstance(a, torch.Tensor)), strict=True))
+    values = [a for a in args if isinstance(a, (float, int))]
+    scalars = dict(zip(LAUNCHES[name].scalars, values, strict=True))
     outputs = allocate(name, args)
     launch(name, tensors, list(outputs), scalars, tiles)
     return outputs[0] if len(outputs) == 1 else outputs
