@@ -8,8 +8,6 @@ validated like a loaded one, and a manifest on disk is never half-written (a tem
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from pydantic import ValidationError
 
 from ..errors import ManifestError, format_validation_error
 from ..shapes import Shape
+from ..staging import write_atomically
 from ..userfiles import load_json
 from .checksums import check_files
 from .consistency import check_consistent
@@ -104,15 +103,7 @@ def _json(fields: dict[str, Any]) -> dict[str, Any]:
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
     """Write ``folder/manifest.json`` whole: a temporary file beside it, renamed over it."""
     path = folder / MANIFEST
-    text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
-    handle, temporary = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return path
 
 

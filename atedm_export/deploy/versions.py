@@ -154,5 +154,3 @@ def _retire(out: Path, aside: Path, record: dict, newest: int, progress: Progres
         prefixes = tuple(f"{model}/{v}/" for v in old)
         models[model] = {**info, "versions": [newest], "files": [f for f in info["files"] if not f["path"].startswith(prefixes)]}
     return models
-
-
