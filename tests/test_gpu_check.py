@@ -47,6 +47,7 @@ def test_dry_run_prints_what_it_would_install_and_run_and_what_it_skips() -> Non
     assert "kept as installed (pip constraints): torch==" in out  # never reinstalled under the bench
     assert "-m pytest -q -m gpu" in out and "timeout 120" in out
     assert f"tools/gpu_bench.py --out gpu-check-out --budget-s" in out and f"--parts {NEW_PARTS}" in out
+    assert "tools/cost_check.py --fit --measured gpu-check-out/gpu-bench.json" in out  # after the measurements
     # the default parts need neither onnxruntime-gpu nor TensorRT-RTX: nothing of theirs is fetched
     assert "onnxruntime-gpu>=" not in out and "skip: onnxruntime-cuda: not in --parts" in out
     assert "skip: tensorrt-rtx: not in --parts" in out
@@ -107,6 +108,11 @@ def test_bench_smoke_on_the_cpu_map_layer_and_stages(tmp_path) -> None:
     table = (tmp_path / "gpu-bench.md").read_text()
     assert table.startswith("**Before**") and "| 41.6 |" in table and "**Now:**" in table
     assert "| stages | paper main stage, explicit |" in table and "map layer explicit, 256 tokens (16×16), keeps 95: " in table
+    # the cost model fitted on what the stages part timed (tools/cost_check.py --fit, which gpu-check.sh runs after it)
+    fit = subprocess.run([sys.executable, str(ROOT / "tools" / "cost_check.py"), "--fit", "--measured",
+                          str(tmp_path / "gpu-bench.json"), "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
+    assert fit.returncode == 0, fit.stderr
+    assert "tiny-sdxl on this machine" in fit.stdout and "paper early stage, explicit" in fit.stdout
 
 
 @pytest.mark.slow

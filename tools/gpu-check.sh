@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a machine with a CUDA GPU: install what the GPU paths need, run the gpu-marked tests,
-# measure SDXL 1024², batch 2, fp16 (tools/gpu_bench.py), and say what was skipped and why.
+# measure SDXL 1024², batch 2, fp16 (tools/gpu_bench.py), refit the cost model on what it timed
+# (tools/cost_check.py --fit: gpu-check-out/cost-fit.txt), and say what was skipped and why.
 #
 #   bash tools/gpu-check.sh                  # on the GPU machine; results in gpu-check-out/
 #   bash tools/gpu-check.sh --dry-run        # anywhere: print what it would install and run
@@ -30,7 +31,7 @@ while [ $# -gt 0 ]; do
     --test-timeout-s) TEST_LIMIT="$2"; shift ;;
     --skip-tests) TESTS=0 ;;
     --skip-bench) BENCH=0 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: unknown option '$1'; expected --dry-run, --out, --python, --wheels, --budget-s, --parts, --test-timeout-s, --skip-tests, --skip-bench" >&2; exit 2 ;;
   esac
   shift
@@ -194,11 +195,22 @@ fi
 
 # ---- the measurements ----------------------------------------------------------------------------
 if [ "$BENCH" = 1 ]; then
-  LIMIT=$(( $(left) > 120 ? $(left) : 120 ))
+  FIT_S=30  # kept back for the cost-model fit after the measurements (about 15 s on a 2-core CPU)
+  LIMIT=$(( $(left) - FIT_S > 120 ? $(left) - FIT_S : 120 ))
   say "measurements: SDXL 1024², batch 2, fp16, random weights, parts $PARTS ($(left) s of budget left)"
   run mkdir -p "$OUT"
   run timeout -k 10 "$LIMIT" "$PY" tools/gpu_bench.py --out "$OUT" --budget-s "$(( LIMIT - 30 ))" --parts "$PARTS" \
     || { STATUS=1; say "measurements FAILED (or ran past $LIMIT s)"; }
+  # the cost model refitted on what the stages part timed: CPU seconds, while the GPU idles
+  if [ "$DRY" = 1 ]; then
+    run timeout 60 "$PY" tools/cost_check.py --fit --measured "$OUT/gpu-bench.json"
+  elif grep -q '"stock UNet"' "$OUT/gpu-bench.json" 2>/dev/null; then
+    say "run: tools/cost_check.py --fit --measured $OUT/gpu-bench.json (> $OUT/cost-fit.txt)"
+    timeout 60 "$PY" tools/cost_check.py --fit --measured "$OUT/gpu-bench.json" > "$OUT/cost-fit.txt" 2>&1 \
+      && cat "$OUT/cost-fit.txt" || say "cost-model fit FAILED: $(tail -n 1 "$OUT/cost-fit.txt")"
+  else
+    skip "cost-model fit: no stages part in $OUT/gpu-bench.json"
+  fi
 else
   skip "measurements: --skip-bench"
 fi
