@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,16 @@ from atedm_export.models import attention_blocks, load_unet
 from atedm_export.pruning import AtedmOptions, StagePlan, set_plan
 
 TINY_HW = 256
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def tool(name: str):  # noqa: ANN201 - a module
+    """``tools/<name>.py`` imported, once (registered before it runs: its dataclasses look their module up by name)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,18 +13,15 @@ import pytest
 from atedm_export.costmodel import device
 from atedm_export.spec import load_spec
 
+from .conftest import tool
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "cost_check.py"
 
 
 @pytest.fixture(scope="module")
 def cost_check():
-    """tools/cost_check.py imported (registered first: its dataclasses look their module up by name)."""
-    if "cost_check" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("cost_check", TOOL)
-        sys.modules["cost_check"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["cost_check"])
-    return sys.modules["cost_check"]
+    return tool("cost_check")
 
 
 def _bench(spec, ms: dict[str, float]) -> dict:

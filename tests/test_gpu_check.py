@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +13,8 @@ import pytest
 
 from atedm_export.kernels.runnable import TRITON_INSTALLED
 
+from .conftest import tool
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu-check.sh"
 BENCH = ROOT / "tools" / "gpu_bench.py"
@@ -22,15 +23,6 @@ NEW_PARTS = "parity,map-layer,kernels,stages,compile,eager"
 
 def _bash(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
-
-
-def _module():
-    """tools/gpu_bench.py imported (registered first: its dataclasses look their module up by name)."""
-    if "gpu_bench" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
-        sys.modules["gpu_bench"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["gpu_bench"])
-    return sys.modules["gpu_bench"]
 
 
 def test_the_script_parses() -> None:
@@ -46,7 +38,7 @@ def test_dry_run_prints_what_it_would_install_and_run_and_what_it_skips() -> Non
     assert "would run: " + sys.executable + " -m pip install" in out  # this torch has no CUDA
     assert "kept as installed (pip constraints): torch==" in out  # never reinstalled under the bench
     assert "-m pytest -q -m gpu" in out and "timeout 120" in out
-    assert f"tools/gpu_bench.py --out gpu-check-out --budget-s" in out and f"--parts {NEW_PARTS}" in out
+    assert "tools/gpu_bench.py --out gpu-check-out --budget-s" in out and f"--parts {NEW_PARTS}" in out
     assert "tools/cost_check.py --fit --measured gpu-check-out/gpu-bench.json" in out  # after the measurements
     # the default parts need neither onnxruntime-gpu nor TensorRT-RTX: nothing of theirs is fetched
     assert "onnxruntime-gpu>=" not in out and "skip: onnxruntime-cuda: not in --parts" in out
@@ -154,7 +146,7 @@ def test_bench_compile_part_stops_what_does_not_compile_in_time(tmp_path) -> Non
 
 def test_predictions_are_read_defensively() -> None:
     """The cost model's per-map_impl speedups wherever the report gives them, '-' (None) where it does not."""
-    bench = _module()
+    bench = tool("gpu_bench")
     assert bench._impl_speedup({"map_impls": {"explicit": 0.8, "kernels": 1.3}}, "kernels", None) == 1.3
     assert bench._impl_speedup({"map_impls": {"kernels": {"predicted_speedup": 1.2}}}, "kernels", None) == 1.2
     assert bench._impl_speedup({"map_impls": {"kernels": {"ms": 20.0}}}, "kernels", 30.0) == 1.5
