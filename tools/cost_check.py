@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atedm_export.costmodel import DEVICES, GPU_LAUNCH_US, OpCost, device, predict, record_ops  # noqa: E402
 from atedm_export.kernels import ops as kernel_ops  # noqa: E402
 from atedm_export.dsap import stage_plan  # noqa: E402
+from atedm_export.errors import AtedmError  # noqa: E402
 from atedm_export.flops import graph_ops, spec_blocks, with_map_impl  # noqa: E402
 from atedm_export.models import build_unet, unet_config  # noqa: E402
 from atedm_export.pruning.atedm import map_layer  # noqa: E402
@@ -192,7 +193,10 @@ def measured_calls(meta: MetaUNet, dev, bench: dict | None) -> list[Call]:  # no
     for fig in figures:  # a plan timed once is listed under each schedule that shares it: price it once
         if fig is stock or fig.get("note", "").startswith(("the plan of", "prunes nothing")):
             continue
-        stage = next(s for s, _ in schedule_stages(meta.spec, fig["schedule"]) if s.name == fig["stage"])
+        stage = next((s for s, _ in schedule_stages(meta.spec, fig.get("schedule")) if s.name == fig.get("stage")), None)
+        if stage is None or fig.get("impl") not in ("explicit", "kernels"):
+            raise SystemExit(f"cost_check: --measured's '{fig.get('what')}' names no stage and map_impl of "
+                             f"{meta.spec.name}; expected a schedule's stage and explicit or kernels, as gpu_bench writes")
         calls.append(priced(fig["what"], meta.stage(stage, fig["impl"]), dev, fig["median_ms"]))
     return calls
 
@@ -317,7 +321,11 @@ def main() -> None:
         spec = load_spec(args.spec)
         if bench:
             spec = load_spec(bench["spec"]).model_copy(update={"batch": bench["batch"], "precision": bench["precision"]})
-        Console(width=200).print(fit_table(spec, device(fit_device(args.device, bench, parser)), bench))
+        try:
+            table = fit_table(spec, device(fit_device(args.device, bench, parser)), bench)
+        except AtedmError as exc:  # a spec, schedule or device the report names that is not here
+            raise SystemExit(f"cost_check: --measured {args.measured}: {exc}") from None
+        Console(width=200).print(table)
         return
     spec = load_spec(args.spec)
     ops = recorded(spec)
