@@ -114,6 +114,13 @@ def device(name: str) -> Device:
     return DEVICES[key]
 
 
+def entry_for(gpu: str) -> str | None:
+    """The key of ``DEVICES`` that a GPU's name stands for, as torch names it ("NVIDIA H100 80GB HBM3") or as a
+    prediction names its device ("H200 SXM"); None for a GPU the model has no entry for."""
+    squeezed = gpu.lower().replace(" ", "").replace("-", "")
+    return next((key for key in DEVICES if key in squeezed), None)
+
+
 @dataclass(frozen=True)
 class OpCost:
     op: str

@@ -34,7 +34,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atedm_export.costmodel import DEVICES, GPU_LAUNCH_US, OpCost, device, predict, record_ops  # noqa: E402
+from atedm_export.costmodel import GPU_LAUNCH_US, OpCost, device, entry_for, predict, record_ops  # noqa: E402
 from atedm_export.kernels import ops as kernel_ops  # noqa: E402
 from atedm_export.dsap import stage_plan  # noqa: E402
 from atedm_export.errors import AtedmError  # noqa: E402
@@ -214,14 +214,10 @@ def fit_device(asked: str | None, bench: dict | None, parser: argparse.ArgumentP
 
 
 def device_key(bench: dict) -> str | None:
-    """The cost model's entry for the GPU a report ran on: by its predictions' device (a name of ``DEVICES``), else
-    by the GPU's own name (as tools/gpu_bench.py matches it); None for one the model has no entry for."""
-    for label in (bench.get("cost_device"), bench.get("gpu")):
-        squeezed = str(label or "").lower().replace(" ", "")
-        key = next((d.key for d in DEVICES.values() if label == d.name or (squeezed and d.key in squeezed)), None)
-        if key:
-            return key
-    return None
+    """The cost model's entry for the GPU a report ran on: its predictions' device, else the GPU's own name; None
+    for one the model has no entry for."""
+    return next((key for label in (bench.get("cost_device"), bench.get("gpu")) if label and (key := entry_for(label))),
+                None)
 
 
 def read_bench(path: Path) -> dict:
@@ -269,10 +265,9 @@ def fit_table(spec, dev, bench: dict | None) -> Table:  # noqa: ANN001
     error and what it predicts for the kernels' main stage and whole schedule of ``FIT_SCHEDULE``."""
     meta = MetaUNet(spec)
     calls = measured_calls(meta, dev, bench)
-    stages = [(priced(stage.name, meta.stage(stage, "kernels"), dev), steps)
-              for stage, steps in schedule_stages(spec, FIT_SCHEDULE)]
-    main_stage = next((stage for stage, _ in schedule_stages(spec, FIT_SCHEDULE) if stage.name == "main"),
-                      schedule_stages(spec, FIT_SCHEDULE)[-1][0])
+    schedule = schedule_stages(spec, FIT_SCHEDULE)
+    stages = [(priced(stage.name, meta.stage(stage, "kernels"), dev), steps) for stage, steps in schedule]
+    main_stage = next((stage for stage, _ in schedule if stage.name == "main"), schedule[-1][0])
     main = next(c for c, _ in stages if c.what == main_stage.name)
     free = priced("map layer free", meta.map_layer_free(main_stage), dev)
     fits = fit_rows(calls)

@@ -742,10 +742,9 @@ def collect_predictions(report: Report, pending: Predictions | None, main_schedu
 
 def cost_device_for(gpu: str) -> str | None:
     """The cost model's entry for the GPU torch names (H100, H200, A100, L40S, RTX 4090), else None."""
-    from atedm_export.costmodel import DEVICES
+    from atedm_export.costmodel import entry_for
 
-    label = gpu.lower().replace(" ", "")
-    return next((key for key in DEVICES if key in label), None)
+    return entry_for(gpu)
 
 
 # ---- 5. the earlier parts: eager with ToMe beside it, onnxruntime, engines ---------------------------------------
