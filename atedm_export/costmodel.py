@@ -106,7 +106,7 @@ def _best(call, budget: float) -> float:  # noqa: ANN001
 
 def device(name: str) -> Device:
     """A device of ``registry.COST_DEVICES`` by name (``cpu`` is measured now)."""
-    key = name.lower().replace(" ", "").replace("-", "")
+    key = _squeezed(name)
     if key == "cpu":
         return measure_this_machine()
     if key not in DEVICES:
@@ -117,8 +117,13 @@ def device(name: str) -> Device:
 def entry_for(gpu: str) -> str | None:
     """The key of ``DEVICES`` that a GPU's name stands for, as torch names it ("NVIDIA H100 80GB HBM3") or as a
     prediction names its device ("H200 SXM"); None for a GPU the model has no entry for."""
-    squeezed = gpu.lower().replace(" ", "").replace("-", "")
+    squeezed = _squeezed(gpu)
     return next((key for key in DEVICES if key in squeezed), None)
+
+
+def _squeezed(name: str) -> str:
+    """A device's name as the keys of ``DEVICES`` spell it: lower case, no spaces or dashes."""
+    return name.lower().replace(" ", "").replace("-", "")
 
 
 @dataclass(frozen=True)

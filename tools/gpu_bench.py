@@ -66,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atedm_export.bench import percentile, time_calls, time_ms  # noqa: E402
+from atedm_export.costmodel import entry_for  # noqa: E402
 from atedm_export.dsap import stage_plan  # noqa: E402
 from atedm_export.models import attention_blocks, load_unet  # noqa: E402
 from atedm_export.pruning import parse_options, set_plan  # noqa: E402
@@ -740,13 +741,6 @@ def collect_predictions(report: Report, pending: Predictions | None, main_schedu
                         for name, s in result.get(main_schedule, {}).get("stages", {}).items()}
 
 
-def cost_device_for(gpu: str) -> str | None:
-    """The cost model's entry for the GPU torch names (H100, H200, A100, L40S, RTX 4090), else None."""
-    from atedm_export.costmodel import entry_for
-
-    return entry_for(gpu)
-
-
 # ---- 5. the earlier parts: eager with ToMe beside it, onnxruntime, engines ---------------------------------------
 
 
@@ -1122,7 +1116,7 @@ def main(argv: list[str] | None = None) -> int:
     report.impls = impls
 
     pending = None
-    cost_device = args.cost_device or (cost_device_for(report.gpu) if cuda else "cpu")
+    cost_device = args.cost_device or (entry_for(report.gpu) if cuda else "cpu")
     if not set(parts) & {"stages", "compile", "eager"}:
         pass  # no figure of these parts has a prediction beside it
     elif cost_device and cost_device.lower() != "none":
